@@ -1,0 +1,306 @@
+"""Run configuration: three dataclasses, loaded from defaults < YAML < command line.
+
+    cfg = load_config("configs/ptb-small.yaml", overrides=["model.dropout=0.5"])
+
+Every field carries a comment saying what it does. Unknown keys and bad values
+are errors, and all problems of one config are reported together in a single
+`ConfigError` that names the offending keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lstm_lm.errors import ConfigError
+
+FORMAT_VERSION = 1  # bumped when config.json / the checkpoint layout changes
+
+
+@dataclass
+class DataConfig:
+    # Where the text comes from: "demo" (built-in corpus), a directory with
+    # train.txt/valid.txt/test.txt, one text file (split by the fractions below),
+    # or a Hugging Face hub dataset "NAME:CONFIG" / "hf:NAME" (needs network).
+    source: str = "demo"
+    # "word" (whitespace-separated words), "char" (characters) or "bpe" (byte-pair encoding).
+    tokenizer: str = "word"
+    # Lowercase the text before tokenizing (case is kept by default).
+    lowercase: bool = False
+    # Word tokenizer only: split punctuation off words ("John," -> "John" ","). Off for
+    # pre-tokenized corpora such as PTB, whose tokens ("u.s.", "<unk>") must stay whole.
+    split_punctuation: bool = False
+    # Word/char tokenizer: keep only tokens seen at least this often in the train split.
+    min_freq: int = 1
+    # Word/char tokenizer: keep at most this many of the most frequent tokens (null: all).
+    max_size: int | None = None
+    # BPE tokenizer: size of the vocabulary to learn, special tokens included.
+    vocab_size: int = 8000
+    # Single-file sources: fractions of the lines used for validation and test
+    # (contiguous blocks at the end of the file, in that order).
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    # Demo corpus: number of generated biographies and the generator's seed.
+    demo_size: int = 6000
+    demo_seed: int = 0
+    # Where encoded token ids are cached (null: $LSTM_LM_CACHE or ~/.cache/lstm-lm).
+    cache_dir: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    # LSTM engine: "custom" (hand-written cell), "cudnn" (torch.nn.LSTM, cuDNN on a GPU)
+    # or "auto" (nn.LSTM unless a feature needs the hand-written cell).
+    impl: str = "auto"
+    # Size of the word vectors.
+    embedding_size: int = 200
+    # Units in each LSTM layer.
+    hidden_size: int = 200
+    # Number of stacked LSTM layers.
+    num_layers: int = 2
+    # Dropout on the embeddings, between layers and on the last layer's output.
+    dropout: float = 0.2
+    # Share the input embedding with the output projection (Press & Wolf 2017,
+    # Inan et al. 2017); needs embedding_size == hidden_size.
+    tie_weights: bool = True
+
+
+@dataclass
+class TrainConfig:
+    # Passes over the training split.
+    epochs: int = 6
+    # Stop after this many optimizer steps (null: run all epochs).
+    max_steps: int | None = None
+    # Parallel token streams per batch (the B of the truncated-BPTT layout).
+    batch_size: int = 20
+    # Time steps per chunk; gradients flow back at most this far.
+    bptt: int = 35
+    # "sgd" or "adamw".
+    optimizer: str = "sgd"
+    # Learning rate (20 is the classic value for plain SGD on PTB; ~1e-3 for AdamW).
+    lr: float = 20.0
+    # AdamW weight decay (decoupled, Loshchilov & Hutter 2019); SGD ignores it.
+    weight_decay: float = 0.0
+    # Divide the learning rate by this when validation loss stops improving (1: never).
+    lr_decay: float = 4.0
+    # Clip the global gradient norm to this (0: no clipping).
+    clip: float = 0.25
+    # Streams used for validation and test (the classic value is 10).
+    eval_batch_size: int = 10
+    # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
+    device: str = "auto"
+    # Seed for weights, dropout and sampling.
+    seed: int = 1111
+    # Update the progress bar's loss every this many steps (each update syncs the device).
+    log_interval: int = 50
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+CHOICES = {
+    "data.tokenizer": ("word", "char", "bpe"),
+    "model.impl": ("auto", "custom", "cudnn"),
+    "train.optimizer": ("sgd", "adamw"),
+}
+
+# `lstm-lm train` with no --config and no --data trains this: a small model on the
+# demo corpus that finishes in about a minute on a laptop CPU. configs/demo.yaml
+# holds the same values (a test checks that they agree).
+DEMO_PRESET: dict[str, dict[str, Any]] = {
+    "data": {"source": "demo", "tokenizer": "word", "split_punctuation": True},
+    "model": {"embedding_size": 128, "hidden_size": 128, "num_layers": 1, "dropout": 0.1},
+    "train": {"epochs": 15, "batch_size": 32, "bptt": 35, "optimizer": "adamw", "lr": 0.01,
+              "lr_decay": 4.0, "clip": 1.0},
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str, from_string: bool) -> Any:
+    """Check `value` against a field type; strings from the command line are parsed as YAML."""
+    if from_string and isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            pass
+    optional = False
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(typ))
+        typ = args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key}: must not be null")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, problems: list[str], from_string: bool):
+    cls = SECTIONS[section]
+    types_ = _field_types(cls)
+    if key not in types_:
+        problems.append(f"{section}.{key}: unknown key (known: {', '.join(types_)})")
+        return
+    try:
+        setattr(getattr(cfg, section), key, _coerce(value, types_[key], f"{section}.{key}", from_string))
+    except ValueError as e:
+        problems.append(str(e))
+
+
+def _resolve_key(key: str) -> tuple[str, str] | None:
+    """'model.hidden_size' -> ('model', 'hidden_size'); a bare 'hidden_size' if it is unique."""
+    if "." in key:
+        section, _, name = key.partition(".")
+        return (section, name) if section in SECTIONS else None
+    owners = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
+    return (owners[0], key) if len(owners) == 1 else None
+
+
+def validate(cfg: Config) -> list[str]:
+    """Range and consistency checks; returns every problem found."""
+    p: list[str] = []
+    for dotted, allowed in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            p.append(f"{dotted}: must be one of {', '.join(allowed)}, got {value!r}")
+    d, m, t = cfg.data, cfg.model, cfg.train
+    positive = {
+        "data.min_freq": d.min_freq, "data.vocab_size": d.vocab_size, "data.demo_size": d.demo_size,
+        "model.embedding_size": m.embedding_size, "model.hidden_size": m.hidden_size,
+        "model.num_layers": m.num_layers, "train.epochs": t.epochs, "train.batch_size": t.batch_size,
+        "train.bptt": t.bptt, "train.eval_batch_size": t.eval_batch_size,
+        "train.log_interval": t.log_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            p.append(f"{key}: must be at least 1, got {value}")
+    if d.max_size is not None and d.max_size < 3:
+        p.append(f"data.max_size: must be at least 3 (room for <unk>, <eos> and a word), got {d.max_size}")
+    if t.max_steps is not None and t.max_steps < 1:
+        p.append(f"train.max_steps: must be at least 1 or null, got {t.max_steps}")
+    if d.tokenizer == "bpe" and d.vocab_size < 3:
+        p.append(f"data.vocab_size: must be at least 3 for bpe, got {d.vocab_size}")
+    for key, value in {"data.valid_fraction": d.valid_fraction, "data.test_fraction": d.test_fraction}.items():
+        if not 0.0 < value < 0.5:
+            p.append(f"{key}: must be between 0 and 0.5 (exclusive), got {value}")
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.tie_weights and m.embedding_size != m.hidden_size:
+        p.append(
+            f"model.tie_weights: tied weights need embedding_size == hidden_size, got "
+            f"{m.embedding_size} and {m.hidden_size} (set model.tie_weights=false or make them equal)"
+        )
+    if not t.lr > 0:
+        p.append(f"train.lr: must be positive, got {t.lr}")
+    if t.lr_decay < 1.0:
+        p.append(f"train.lr_decay: must be at least 1 (1 turns the decay off), got {t.lr_decay}")
+    if t.clip < 0:
+        p.append(f"train.clip: must be 0 (off) or positive, got {t.clip}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must not be negative, got {t.weight_decay}")
+    dev = t.device
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        p.append(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    return p
+
+
+def config_from_dict(raw: dict[str, Any], base: Config | None = None, origin: str = "config") -> Config:
+    """Apply a nested {section: {key: value}} dict onto `base` (defaults if None)."""
+    cfg = base if base is not None else Config()
+    problems: list[str] = []
+    _merge(cfg, raw, problems, origin, from_string=False)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, origin)
+    return cfg
+
+
+def _merge(cfg: Config, raw: Any, problems: list[str], origin: str, from_string: bool) -> None:
+    if not isinstance(raw, dict):
+        problems.append(f"{origin}: expected a mapping with sections {', '.join(SECTIONS)}")
+        return
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{section}: expected a mapping of keys to values")
+            continue
+        for key, value in values.items():
+            _apply(cfg, section, str(key), value, problems, from_string)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults < `preset` < YAML file < `overrides` ("section.key=value" or a unique "key=value")."""
+    cfg = Config()
+    problems: list[str] = []
+    if preset:
+        _merge(cfg, preset, problems, "preset", from_string=False)
+    origin = "command line"
+    if path is not None:
+        origin = str(path)
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"], origin)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError([f"{path} is not valid YAML: {str(e).splitlines()[0]}"], origin) from None
+        _merge(cfg, raw or {}, problems, origin, from_string=False)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        resolved = _resolve_key(key.strip()) if sep else None
+        if resolved is None:
+            problems.append(
+                f"--set {item!r}: expected section.key=value or a unique key=value "
+                f"(sections: {', '.join(SECTIONS)})"
+            )
+            continue
+        _apply(cfg, *resolved, value.strip(), problems, from_string=True)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, origin)
+    return cfg

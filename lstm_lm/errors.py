@@ -1,0 +1,25 @@
+"""Exceptions for problems the user can fix. The CLI prints them as one `error: ...` line."""
+
+
+class LSTMLMError(Exception):
+    """Base class: a message that says what went wrong and what to do about it."""
+
+
+class ConfigError(LSTMLMError, ValueError):
+    """One or more bad config values; all of them are listed in one message."""
+
+    def __init__(self, problems: list[str], origin: str = "config"):
+        self.problems = list(problems)
+        super().__init__(f"bad config ({origin}): " + "; ".join(self.problems))
+
+
+class DataError(LSTMLMError):
+    """Missing, empty or unreadable corpus."""
+
+
+class CheckpointError(LSTMLMError):
+    """Missing or unreadable checkpoint directory."""
+
+
+class PromptError(LSTMLMError):
+    """A prompt the model cannot continue (empty, for example)."""

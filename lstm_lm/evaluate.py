@@ -1,0 +1,72 @@
+"""Perplexity of a model on a split: the one function used by validation and `lstm-lm eval`.
+
+    result = evaluate(model, batchify(ids, 10), bptt=35)   # {"loss": ..., "perplexity": ..., "tokens": ...}
+
+Perplexity is exp of the mean negative log-likelihood per token over the whole
+split, `<eos>` counted as a token, with the hidden state carried from chunk to
+chunk through the split (each of the B streams reads its stretch of the text).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lstm_lm.data import batchify, get_batch, load_corpus, to_tensor
+from lstm_lm.errors import DataError
+from lstm_lm.model import LSTMLanguageModel
+
+
+@torch.no_grad()
+def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int) -> dict[str, float]:
+    """Mean loss (nats per token), perplexity and token count over `data` (T, B)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    tokens = 0
+    state = model.init_state(data.size(1), data.device)
+    for i in range(0, data.size(0) - 1, bptt):
+        x, y = get_batch(data, i, bptt)
+        logits, state = model(x, state)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        tokens += y.numel()
+    model.train(was_training)
+    loss = total.item() / max(tokens, 1)  # one host sync for the whole split
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, source: str | None = None, split: str = "test",
+    batch_size: int | None = None, device: str = "auto",
+) -> dict[str, Any]:
+    """`lstm-lm eval`: load a checkpoint, encode `split` of its corpus (or `source`), evaluate."""
+    from lstm_lm.checkpoint import load_checkpoint
+    from lstm_lm.train import pick_device
+
+    if split not in ("test", "valid"):
+        raise DataError(f"--split must be test or valid, got {split!r}")
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    dev = pick_device(device)
+    model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
+    corpus = load_corpus(cfg.data, tokenizer=tokenizer, source=source)
+    ids = corpus.splits[split]
+    bsz = batch_size or cfg.train.eval_batch_size
+    if len(ids) < 2 * bsz:
+        raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
+    result = evaluate(model, batchify(to_tensor(ids, dev), bsz), cfg.train.bptt)
+    out: dict[str, Any] = {
+        "split": split,
+        "perplexity": result["perplexity"],
+        "loss": result["loss"],
+        "tokens": result["tokens"],
+    }
+    if cfg.data.tokenizer == "char":
+        out["bits_per_char"] = result["loss"] / math.log(2)
+    out |= {"batch_size": bsz, "bptt": cfg.train.bptt, "data": corpus.source.spec,
+            "checkpoint": str(Path(checkpoint))}
+    return out

@@ -1,0 +1,128 @@
+"""Continue a prompt with a trained model, or list its most likely next words.
+
+    text = complete(model, tokenizer, "word", "My name is John, I am from Tamilnadu and I speak")
+    pairs = next_words(model, tokenizer, "I am from Kerala and I speak", k=5)  # [(word, p), ...]
+
+The prompt is read after an `<eos>`, as every line of the training text was, so
+the model sees it as the start of a sentence.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from tokenizers import Tokenizer
+
+from lstm_lm.data import EOS, UNK, detokenize
+from lstm_lm.errors import PromptError
+from lstm_lm.model import LSTMLanguageModel, State
+
+MAX_PROMPT_TOKENS = 4096
+SENTENCE_END = re.compile(r"[.!?]$")
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """<eos> + the prompt's ids; refuses prompts the model cannot read."""
+    if not prompt.strip():
+        raise PromptError("the prompt is empty; give some words to continue, e.g. \"I am from Kerala and I speak\"")
+    ids = tokenizer.encode(prompt.strip(), add_special_tokens=False).ids
+    if len(ids) > MAX_PROMPT_TOKENS:
+        raise PromptError(f"the prompt has {len(ids)} tokens; the limit is {MAX_PROMPT_TOKENS}")
+    unk = tokenizer.token_to_id(UNK)
+    if ids and all(i == unk for i in ids):
+        raise PromptError("none of the prompt's words are in the model's vocabulary")
+    return [tokenizer.token_to_id(EOS)] + ids
+
+
+@torch.no_grad()
+def _read_prompt(model: LSTMLanguageModel, ids: list[int]) -> tuple[torch.Tensor, State]:
+    device = model.embedding.weight.device
+    x = torch.tensor(ids, device=device).unsqueeze(1)  # (T, 1)
+    logits, state = model(x)
+    return logits[-1, 0].float().cpu(), state  # (V,) scores for the next token, picked on the CPU
+
+
+def next_words(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely next tokens and their probabilities, most likely first."""
+    if k < 1:
+        raise PromptError(f"--top-k must be at least 1, got {k}")
+    model.eval()
+    logits, _ = _read_prompt(model, encode_prompt(tokenizer, prompt))
+    probs = torch.softmax(logits, dim=-1)
+    top = torch.topk(probs, min(k, probs.numel()))
+    return [(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2020): the smallest set of tokens whose
+        # probabilities add up to top_p.
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def complete(
+    model: LSTMLanguageModel, tokenizer: Tokenizer, kind: str, prompt: str, words: int = 20,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+) -> str:
+    """The continuation of `prompt` (without the prompt), up to the end of the sentence or `words` words.
+
+    Greedy by default; with a temperature above 0 (or top-k / top-p) it samples.
+    """
+    if words < 1:
+        raise PromptError(f"--words must be at least 1, got {words}")
+    if temperature < 0:
+        raise PromptError(f"--temperature must not be negative, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise PromptError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise PromptError(f"--top-k must be at least 1, got {top_k}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        temperature = 1.0  # asking for top-k / top-p means asking to sample
+    model.eval()
+    device = model.embedding.weight.device
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    eos, unk = tokenizer.token_to_id(EOS), tokenizer.token_to_id(UNK)
+    logits, state = _read_prompt(model, encode_prompt(tokenizer, prompt))
+    out: list[int] = []
+    max_tokens = words * (40 if kind == "char" else 8)
+    text = ""
+    for _ in range(max_tokens):
+        logits[unk] = float("-inf")  # a completion never says "<unk>"
+        nxt = _pick(logits, temperature, top_k, top_p, generator)
+        if nxt == eos:
+            break
+        out.append(nxt)
+        text = detokenize(tokenizer, out, kind)
+        n_words = len(text.split())
+        if kind == "word" and (n_words >= words or SENTENCE_END.search(text)):
+            break
+        if kind != "word":
+            if n_words > words:  # a word beyond the limit has begun: cut it off
+                text = text[: _end_of_nth_word(text, words)]
+                break
+            if SENTENCE_END.search(text):
+                break
+        step_logits, state = model(torch.tensor([[nxt]], device=device), state)
+        logits = step_logits[-1, 0].float().cpu()
+    return text.strip()
+
+
+def _end_of_nth_word(text: str, n: int) -> int:
+    return [m.end() for m in re.finditer(r"\S+", text)][n - 1]
