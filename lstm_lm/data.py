@@ -12,6 +12,7 @@ skips tokenization.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ def log(msg: str) -> None:
 class Source:
     kind: str  # "demo", "dir", "file" or "hub"
     spec: str  # what the user wrote
-    files: dict[str, Path] | None = None  # local files by split ("all" for a single file)
+    files: dict[str, Path] | None = None  # local files by split ("text" for a single file)
 
     def fingerprint(self, cfg: DataConfig) -> str:
         """Changes whenever the text would: file contents, demo settings or the hub name."""
@@ -86,7 +87,7 @@ def resolve_source(spec: str) -> Source:
         return Source("dir", spec, files)
     if path.is_file():
         _check_file(path)
-        return Source("file", spec, {"all": path})
+        return Source("file", spec, {"text": path})
     if spec.startswith("hf:") or (":" in spec and "/" not in spec.split(":")[0] and not path.suffix):
         return Source("hub", spec)
     raise DataError(
@@ -115,11 +116,29 @@ def read_source(source: Source, cfg: DataConfig) -> dict[str, list[str]]:
     try:
         ds = datasets.load_dataset("text", data_files=files)
     except Exception as e:  # datasets wraps decode errors and the like in its own types
+        for path in source.files.values():
+            offset = _first_bad_utf8(path)
+            if offset is not None:
+                raise DataError(f"{path} is not UTF-8 text: invalid byte at offset {offset}") from e
         raise DataError(f"could not read {', '.join(files.values())}: {_root_cause(e)}") from e
     lines = {split: list(ds[split]["text"]) for split in ds}
     if source.kind == "file":
-        return _split_lines(lines["all"], cfg, str(source.files["all"]))
+        return _split_lines(lines["text"], cfg, str(source.files["text"]))
     return lines
+
+
+def _first_bad_utf8(path: Path) -> int | None:
+    """Byte offset of the first invalid UTF-8 sequence in a file, or None if it decodes."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return offset - pending + e.start
+            offset += len(block)
+    return None
 
 
 def _root_cause(e: BaseException) -> str:

@@ -1,0 +1,60 @@
+"""Shared fixtures: a private token cache per session, tiny corpora, offline Hugging Face."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before `datasets` / `huggingface_hub` are imported: they read these at import time.
+_HF_HOME = tempfile.mkdtemp(prefix="lstm-lm-hf-")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_HF_HOME, "datasets"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_TRAIN = [
+    "the cat sat on the mat",
+    "the dog sat on the log",
+    "a cat and a dog met on the mat",
+    "the bird sang on the log",
+] * 30
+TINY_VALID = ["the cat sat on the log", "the dog sat on the mat"] * 10
+TINY_TEST = ["a bird sat on the mat", "the cat met the dog"] * 10
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own encoded-ids cache, so cache hits are only the test's own."""
+    monkeypatch.setenv("LSTM_LM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    """A directory in the PTB layout: train.txt, valid.txt, test.txt."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    for name, lines in (("train", TINY_TRAIN), ("valid", TINY_VALID), ("test", TINY_TEST)):
+        (d / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d
+
+
+def tiny_overrides(data: Path) -> list[str]:
+    """A model small enough to train in a second or two."""
+    return [
+        f"data.source={data}", "model.embedding_size=16", "model.hidden_size=16", "model.num_layers=1",
+        "model.dropout=0.0", "train.epochs=2", "train.batch_size=4", "train.bptt=8",
+        "train.eval_batch_size=2", "train.optimizer=adamw", "train.lr=0.01", "train.clip=1.0",
+        "train.device=cpu",
+    ]
+
+
+requires_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "ptb" / "train.txt").is_file(), reason="../shared/data is not present"
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,99 @@
+"""Checkpoint directories: the exact files, round trips, and clear refusals."""
+
+import json
+
+import pytest
+import torch
+
+from lstm_lm.checkpoint import (
+    load_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint, save_training_state,
+)
+from lstm_lm.config import Config, ModelConfig
+from lstm_lm.data import build_tokenizer
+from lstm_lm.errors import CheckpointError
+from lstm_lm.model import LSTMLanguageModel
+from lstm_lm.train import make_optimizer
+
+
+@pytest.fixture
+def saved(tmp_path):
+    cfg = Config(model=ModelConfig(embedding_size=16, hidden_size=16, num_layers=2, dropout=0.0))
+    tok = build_tokenizer(cfg.data, ["the cat sat on the mat", "a dog"])
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(cfg.model, tok.get_vocab_size())
+    save_checkpoint(tmp_path / "ckpt", model, tok, cfg)
+    return tmp_path / "ckpt", model, tok, cfg
+
+
+def test_checkpoint_holds_exactly_these_files(saved):
+    path, *_ = saved
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["format_version"] == 1 and meta["vocab_size"] == 9
+    assert set(meta) >= {"data", "model", "train"}
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "custom"])
+def test_round_trip_gives_the_same_logits_on_either_engine(saved, impl):
+    path, model, tok, _ = saved
+    loaded, loaded_tok, cfg = load_checkpoint(path, impl=impl)
+    assert loaded.decoder.weight is loaded.embedding.weight  # tying survives the round trip
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    ids = torch.randint(0, 9, (7, 3))
+    model.eval()
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_missing_checkpoint_and_missing_files(tmp_path, saved):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*lstm-lm train"):
+        resolve_checkpoint(tmp_path / "nothing")
+    path, *_ = saved
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="missing tokenizer.json"):
+        load_checkpoint(path)
+
+
+def test_newer_format_and_broken_weights_are_refused(saved):
+    path, *_ = saved
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(meta | {"format_version": 99}))
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(path)
+    (path / "config.json").write_text(json.dumps(meta))
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_checkpoint(path)
+
+
+def test_vocab_mismatch_is_refused(saved):
+    path, *_ = saved
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(meta | {"vocab_size": 50}))
+    with pytest.raises(CheckpointError, match="vocab_size 50 but tokenizer.json has 9"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_training_state_round_trip(saved, optimizer):
+    path, model, tok, cfg = saved
+    cfg.train.optimizer = optimizer
+    opt = make_optimizer(cfg, model)
+    ids = torch.randint(0, 9, (5, 2))
+    model(ids)[0].sum().backward()
+    opt.step()
+    hidden = (torch.randn(2, 2, 16), torch.randn(2, 2, 16))
+    save_training_state(path, model, opt, {"step": 3, "lr": 0.5}, hidden)
+
+    torch.manual_seed(123)
+    fresh = LSTMLanguageModel(cfg.model, 9)
+    fresh_opt = make_optimizer(cfg, fresh)
+    state, restored = load_training_state(path, fresh, fresh_opt, torch.device("cpu"))
+    assert state == {"step": 3, "lr": 0.5}
+    torch.testing.assert_close(restored[0], hidden[0])
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    assert fresh.decoder.weight is fresh.embedding.weight
+    for a, b in zip(opt.state.values(), fresh_opt.state.values()):
+        for k in a:
+            torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]))

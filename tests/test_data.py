@@ -1,0 +1,174 @@
+"""Sources, tokenizers, the token-id cache and the truncated-BPTT layout."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, TINY_TRAIN, requires_shared_data
+from lstm_lm import data as data_mod
+from lstm_lm.config import DataConfig
+from lstm_lm.data import (
+    EOS, UNK, batchify, build_tokenizer, detokenize, encode_lines, get_batch, load_corpus, resolve_source,
+    smallest_uint,
+)
+from lstm_lm.demo import REGION_LANGUAGE, SEED_ANSWER, SEED_PROMPT, demo_corpus, demo_splits
+from lstm_lm.errors import DataError
+
+
+def test_word_tokenizer_round_trip_and_eos():
+    tok = build_tokenizer(DataConfig(tokenizer="word"), ["the cat sat", "the dog"])
+    ids = encode_lines(tok, ["the cat sat", "the dog"]).tolist()
+    assert [tok.id_to_token(i) for i in ids] == ["the", "cat", "sat", EOS, "the", "dog", EOS]
+    assert detokenize(tok, ids[:3], "word") == "the cat sat"
+    assert tok.token_to_id(UNK) == 0 and tok.token_to_id(EOS) == 1
+
+
+def test_word_vocabulary_comes_from_train_only(tiny_corpus):
+    (tiny_corpus / "valid.txt").write_text("the zebra sat\n", encoding="utf-8")
+    corpus = load_corpus(DataConfig(source=str(tiny_corpus)))
+    assert corpus.tokenizer.token_to_id("zebra") is None
+    valid = [corpus.tokenizer.id_to_token(int(i)) for i in corpus.splits["valid"]]
+    assert valid == ["the", UNK, "sat", EOS]
+
+
+def test_min_freq_max_size_and_lowercase():
+    lines = ["A a a a b b c", "A d"]
+    tok = build_tokenizer(DataConfig(min_freq=2), lines)
+    assert set(tok.get_vocab()) == {UNK, EOS, "a", "A", "b"}
+    tok = build_tokenizer(DataConfig(max_size=3), lines)
+    assert set(tok.get_vocab()) == {UNK, EOS, "a"}  # the most frequent word wins
+    tok = build_tokenizer(DataConfig(lowercase=True), lines)
+    assert tok.get_vocab()["a"] == 2 and "A" not in tok.get_vocab()
+    assert encode_lines(tok, ["A"]).tolist() == [tok.token_to_id("a"), 1]
+
+
+def test_literal_unk_in_text_maps_to_the_one_unk_id():
+    """PTB writes unknown words as '<unk>'; they must not get a second id."""
+    tok = build_tokenizer(DataConfig(), ["a <unk> b <unk>", "b"])
+    assert tok.get_vocab_size() == 4
+    assert encode_lines(tok, ["<unk> a"]).tolist() == [0, tok.token_to_id("a"), 1]
+
+
+def test_split_punctuation_detaches_commas_and_full_stops():
+    tok = build_tokenizer(DataConfig(split_punctuation=True), ["My name is John, I speak Tamil."])
+    enc = tok.encode("My name is John, I speak Tamil.", add_special_tokens=False)
+    assert enc.tokens == ["My", "name", "is", "John", ",", "I", "speak", "Tamil", "."]
+    assert detokenize(tok, enc.ids, "word") == "My name is John, I speak Tamil."
+
+
+def test_char_tokenizer_round_trip():
+    text = "To be, or not to be: é!"
+    tok = build_tokenizer(DataConfig(tokenizer="char"), [text])
+    ids = encode_lines(tok, [text]).tolist()
+    assert len(ids) == len(text) + 1 and ids[-1] == 1
+    assert detokenize(tok, ids, "char") == text
+
+
+def test_bpe_tokenizer_round_trip():
+    lines = ["the quick brown fox jumps over the lazy dog"] * 20 + ["a fox is quick"] * 5
+    tok = build_tokenizer(DataConfig(tokenizer="bpe", vocab_size=60), lines)
+    assert tok.get_vocab_size() <= 60
+    ids = encode_lines(tok, ["the lazy fox"]).tolist()
+    assert detokenize(tok, ids, "bpe") == "the lazy fox"
+
+
+def test_smallest_integer_type():
+    assert smallest_uint(200) == np.uint8
+    assert smallest_uint(256) == np.uint8
+    assert smallest_uint(257) == np.uint16
+    assert smallest_uint(70_000) == np.uint32
+
+
+def test_second_run_uses_the_cache_without_tokenizing(tiny_corpus, monkeypatch, capsys):
+    cfg = DataConfig(source=str(tiny_corpus))
+    first = load_corpus(cfg)
+    assert "cached token ids in" in capsys.readouterr().err
+
+    def fail(*a, **k):
+        raise AssertionError("the text was read again")
+
+    monkeypatch.setattr(data_mod, "read_source", fail)
+    monkeypatch.setattr(data_mod, "encode_lines", fail)
+    second = load_corpus(cfg)
+    assert "no tokenization needed" in capsys.readouterr().err
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(first.splits[split], second.splits[split])
+        assert second.splits[split].dtype == np.uint8
+
+
+def test_cache_key_follows_file_contents_and_settings(tiny_corpus, capsys):
+    load_corpus(DataConfig(source=str(tiny_corpus)))
+    capsys.readouterr()
+    load_corpus(DataConfig(source=str(tiny_corpus), lowercase=True))
+    assert "tokenizing" in capsys.readouterr().err
+    with open(tiny_corpus / "train.txt", "a", encoding="utf-8") as f:
+        f.write("a new line\n")
+    corpus = load_corpus(DataConfig(source=str(tiny_corpus)))
+    assert "tokenizing" in capsys.readouterr().err
+    assert corpus.tokenizer.token_to_id("new") is not None
+
+
+def test_single_file_is_split_by_fractions(tmp_path):
+    f = tmp_path / "book.txt"
+    f.write_text("\n".join(f"line {i}" for i in range(100)) + "\n", encoding="utf-8")
+    corpus = load_corpus(DataConfig(source=str(f), valid_fraction=0.1, test_fraction=0.2))
+    lens = {s: int((a == 1).sum()) for s, a in corpus.splits.items()}  # one <eos> per line
+    assert lens == {"train": 70, "valid": 10, "test": 20}
+
+
+def test_demo_corpus_is_deterministic_and_covers_the_seed_sentence():
+    assert demo_corpus(200, seed=3) == demo_corpus(200, seed=3)
+    assert demo_corpus(200, seed=3) != demo_corpus(200, seed=4)
+    assert len(REGION_LANGUAGE) >= 25
+    lines = demo_corpus(2000)
+    assert f"{SEED_PROMPT} {SEED_ANSWER}." in lines
+    for line in lines:  # every stated region is followed by its own language
+        for region, lang in REGION_LANGUAGE.items():
+            if f"from {region}" in line:
+                assert f"speak {lang}." in line, line
+    splits = demo_splits(400)
+    assert not set(splits["test"]) & {l for l in splits["train"] if l.count(" ") > 12}
+
+
+def test_batchify_layout_streams_are_columns():
+    ids = torch.arange(23)
+    data = batchify(ids, 4)  # 5 rows x 4 streams, 3 tokens dropped
+    assert data.shape == (5, 4)
+    assert data[:, 1].tolist() == [5, 6, 7, 8, 9]  # stream 1 reads a contiguous stretch
+    x, y = get_batch(data, 0, 3)
+    assert x.shape == y.shape == (3, 4)
+    assert torch.equal(y[:-1], x[1:]) and torch.equal(y[-1], data[3])
+    x, y = get_batch(data, 3, 3)  # the last chunk is shorter
+    assert x.shape == (1, 4) and torch.equal(y[0], data[4])
+
+
+def test_missing_path_empty_file_and_missing_split_are_clear(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_source(str(tmp_path / "nope"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        resolve_source(str(tmp_path / "empty.txt"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.txt").write_text("a b\n")
+    with pytest.raises(DataError, match="missing valid.txt, test.txt"):
+        resolve_source(str(tmp_path / "d"))
+
+
+def test_not_utf8_is_reported(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(b"good line\n" * 50 + "caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8 text: invalid byte at offset 503"):
+        load_corpus(DataConfig(source=str(f)))
+
+
+def test_hub_dataset_offline_says_to_pass_local_files():
+    with pytest.raises(DataError, match="pass local files"):
+        load_corpus(DataConfig(source="wikitext:wikitext-2-raw-v1"))
+
+
+@requires_shared_data
+def test_ptb_has_the_standard_10k_vocabulary():
+    corpus = load_corpus(DataConfig(source=str(SHARED_DATA / "ptb")))
+    assert corpus.vocab_size == 10_000
+    assert len(corpus.splits["train"]) == 887_521 + 42_068  # words + one <eos> per line
+    assert corpus.splits["train"].dtype == np.uint16

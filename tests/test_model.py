@@ -1,0 +1,109 @@
+"""The hand-written LSTM against torch.nn.LSTM, state carry, and learning on tiny data."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lstm_lm.config import ModelConfig
+from lstm_lm.model import LSTM, LSTMLanguageModel, lstm_cell
+
+
+def _pair(input_size=7, hidden=11, layers=2, dropout=0.0):
+    torch.manual_seed(0)
+    ref = nn.LSTM(input_size, hidden, layers, dropout=dropout)
+    ours = LSTM(input_size, hidden, layers, dropout=dropout)
+    ours.load_state_dict(ref.state_dict())  # same names and shapes, so this is exact
+    return ref, ours
+
+
+def test_parameter_names_and_shapes_match_nn_lstm():
+    ref, ours = _pair(layers=3)
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_custom_matches_nn_lstm_outputs_state_and_gradients(layers):
+    ref, ours = _pair(layers=layers)
+    x = torch.randn(9, 4, 7)
+    h0, c0 = torch.randn(layers, 4, 11), torch.randn(layers, 4, 11)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, (h_ref, c_ref) = ref(x_ref, (h0, c0))
+    out_ours, (h_ours, c_ours) = ours(x_ours, (h0, c0))
+    torch.testing.assert_close(out_ours, out_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_ours, h_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c_ours, c_ref, atol=1e-5, rtol=0)
+
+    # The same scalar of all outputs, so every gradient path (through h and c) is exercised.
+    w = torch.randn_like(out_ref)
+    ((out_ref * w).sum() + h_ref.sum() + c_ref.sum()).backward()
+    ((out_ours * w).sum() + h_ours.sum() + c_ours.sum()).backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=0)
+    ours_params = dict(ours.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(ours_params[name].grad, p.grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_cell_gates_follow_nn_lstm_order():
+    """One step of the cell equals nn.LSTMCell with the same weights (gate order i, f, g, o)."""
+    torch.manual_seed(1)
+    cell = nn.LSTMCell(5, 6)
+    x, h, c = torch.randn(3, 5), torch.randn(3, 6), torch.randn(3, 6)
+    h_ref, c_ref = cell(x, (h, c))
+    x_proj = F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
+    h_ours, c_ours = lstm_cell(x_proj, h, c, cell.weight_hh)
+    torch.testing.assert_close(h_ours, h_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_ours, c_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["custom", "cudnn"])
+def test_state_carry_whole_equals_two_halves(impl):
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl), 20).eval()
+    ids = torch.randint(0, 20, (12, 3))
+    whole, (h, c) = model(ids)
+    first, state = model(ids[:5])
+    second, (h2, c2) = model(ids[5:], state)
+    torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h2, h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c2, c, atol=1e-5, rtol=0)
+
+
+def test_one_state_dict_runs_on_both_engines():
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_size=10, hidden_size=10, num_layers=2, dropout=0.0)
+    fast = LSTMLanguageModel(cfg, 30, impl="cudnn").eval()
+    hand = LSTMLanguageModel(cfg, 30, impl="custom").eval()
+    assert fast.state_dict().keys() == hand.state_dict().keys()
+    hand.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, 30, (6, 2))
+    torch.testing.assert_close(hand(ids)[0], fast(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_weight_tying_shares_the_embedding():
+    model = LSTMLanguageModel(ModelConfig(embedding_size=12, hidden_size=12, tie_weights=True), 50)
+    assert model.decoder.weight is model.embedding.weight
+    untied = LSTMLanguageModel(ModelConfig(embedding_size=12, hidden_size=12, tie_weights=False), 50)
+    assert untied.num_parameters() == model.num_parameters() + 50 * 12
+
+
+def test_default_impl_is_the_fast_path():
+    assert isinstance(LSTMLanguageModel(ModelConfig(), 10).rnn, nn.LSTM)
+    assert isinstance(LSTMLanguageModel(ModelConfig(impl="custom"), 10).rnn, LSTM)
+
+
+@pytest.mark.parametrize("impl", ["custom", "cudnn"])
+def test_overfits_one_batch(impl):
+    """A tiny model memorises one batch of random tokens: loss from ~ln(30)=3.4 to below 0.1."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(ModelConfig(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, impl=impl), 30)
+    ids = torch.randint(0, 30, (11, 4))
+    x, y = ids[:-1], ids[1:]
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
