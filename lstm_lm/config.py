@@ -154,6 +154,11 @@ def _coerce(value: Any, typ: Any, key: str, from_string: bool) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if typ in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = float(value.strip())
+        except ValueError:
+            pass
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -227,8 +232,8 @@ def validate(cfg: Config) -> list[str]:
             f"model.tie_weights: tied weights need embedding_size == hidden_size, got "
             f"{m.embedding_size} and {m.hidden_size} (set model.tie_weights=false or make them equal)"
         )
-    if not t.lr > 0:
-        p.append(f"train.lr: must be positive, got {t.lr}")
+    if not 0 < t.lr < float("inf"):
+        p.append(f"train.lr: must be a positive number, got {t.lr}")
     if t.lr_decay < 1.0:
         p.append(f"train.lr_decay: must be at least 1 (1 turns the decay off), got {t.lr_decay}")
     if t.clip < 0:

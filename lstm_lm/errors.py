@@ -23,3 +23,7 @@ class CheckpointError(LSTMLMError):
 
 class PromptError(LSTMLMError):
     """A prompt the model cannot continue (empty, for example)."""
+
+
+class TrainingError(LSTMLMError):
+    """Training cannot go on (the loss stopped being a finite number, for example)."""

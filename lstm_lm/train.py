@@ -28,7 +28,7 @@ from lstm_lm.checkpoint import (
 )
 from lstm_lm.config import Config
 from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, log, to_tensor
-from lstm_lm.errors import CheckpointError, ConfigError, DataError
+from lstm_lm.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lstm_lm.evaluate import evaluate
 from lstm_lm.model import LSTMLanguageModel
 
@@ -111,6 +111,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         state, hidden = load_training_state(run_dir, model, optimizer, device)
+        if state["epoch"] > t.epochs or (t.max_steps is not None and state["step"] >= t.max_steps):
+            raise ConfigError([
+                f"nothing to resume: {run_dir} already ran {state['step']} steps into epoch {state['epoch']}; "
+                "raise --epochs or --max-steps (or --set train.max_steps=null)"
+            ])
         log(f"resuming {run_dir} at epoch {state['epoch']}, step {state['step']}")
     else:
         (run_dir / METRICS).unlink(missing_ok=True)
@@ -175,6 +180,12 @@ def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hid
     t = cfg.train
     val = evaluate(model, valid_data, t.bptt)
     train_loss = state["epoch_loss_sum"] / max(state["epoch_tokens"], 1)
+    if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
+        where = f"the last good checkpoint is in {run_dir}" if (run_dir / WEIGHTS).exists() else "nothing was saved"
+        raise TrainingError(
+            f"the loss is not finite (train {train_loss}, valid {val['loss']}) in epoch {state['epoch']} "
+            f"by step {state['step']}; {where}. Lower the learning rate or set train.clip"
+        )
     tok_s = state["epoch_tokens"] / max(state["train_time_s"], 1e-9)
     record = {
         "epoch": state["epoch"], "step": state["step"], "lr": state["lr"],
@@ -187,15 +198,15 @@ def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hid
         state["best_val_loss"] = val["loss"]
         save_checkpoint(run_dir, model, corpus.tokenizer, cfg)
         update_latest(run_dir)
-    elif t.lr_decay > 1:
+    elif t.lr_decay > 1 and finished_epoch:  # decide only at epoch ends, so a stop-and-resume matches
         state["lr"] /= t.lr_decay  # validation got worse: anneal (Zaremba et al. 2014 style)
         for group in optimizer.param_groups:
             group["lr"] = state["lr"]
     record["best"] = improved
     _append_metrics(run_dir, record)
     log(
-        f"epoch {record['epoch']} | step {record['step']} | train ppl {record['train_ppl']:.2f} | "
-        f"valid ppl {record['val_ppl']:.2f}{' (best)' if improved else ''} | lr {record['lr']:.4g} | "
+        f"epoch {record['epoch']} | step {record['step']} | train ppl {record['train_ppl']:.6g} | "
+        f"valid ppl {record['val_ppl']:.6g}{' (best)' if improved else ''} | lr {record['lr']:.4g} | "
         f"{tok_s:,.0f} tok/s | {state['train_time_s']:.1f} s"
     )
     if finished_epoch:
@@ -217,13 +228,13 @@ def _finish(cfg, run_dir, corpus, device, state, started) -> dict[str, Any]:
         "epochs": state["epoch"] - 1 if state["batch"] == 0 else state["epoch"],
         "steps": state["step"],
         "best_valid_loss": best_val,
-        "best_valid_perplexity": math.exp(best_val) if best_val is not None else None,
+        "best_valid_perplexity": math.exp(min(best_val, 700)) if best_val is not None else None,
         "test_loss": test["loss"] if test else None,
         "test_perplexity": test["perplexity"] if test else None,
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    log(f"best model in {run_dir}: valid ppl {summary['best_valid_perplexity']:.2f}"
-        + (f", test ppl {summary['test_perplexity']:.2f}" if test else ""))
+    log(f"best model in {run_dir}: valid ppl {summary['best_valid_perplexity']:.6g}"
+        + (f", test ppl {summary['test_perplexity']:.6g}" if test else ""))
     return summary
 
 

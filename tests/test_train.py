@@ -1,0 +1,116 @@
+"""Training on tiny data: it learns, keeps the best model, logs metrics and resumes exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from lstm_lm.checkpoint import load_checkpoint
+from lstm_lm.config import load_config
+from lstm_lm.errors import ConfigError, DataError, TrainingError
+from lstm_lm.train import train
+
+
+def _cfg(corpus, *extra):
+    return load_config(None, tiny_overrides(corpus) + list(extra))
+
+
+def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    summary = train(_cfg(tiny_corpus, "train.epochs=3"), run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["val_ppl"] < records[0]["val_ppl"] < 13  # vocab 13: ppl 13 is chance
+    assert records[-1]["val_ppl"] < 4
+    assert summary["best_valid_perplexity"] == pytest.approx(min(r["val_ppl"] for r in records))
+    assert summary["test_perplexity"] is not None and summary["steps"] == records[-1]["step"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json", "metrics.jsonl", "model.safetensors", "tokenizer.json", "training_state.safetensors",
+    ]
+    latest = tmp_path / "runs" / "latest"
+    assert latest.resolve() == run.resolve()
+
+
+def test_learning_rate_is_divided_when_validation_stops_improving(tiny_corpus, tmp_path, monkeypatch):
+    import lstm_lm.train as train_mod
+
+    scripted = iter([3.0, 2.0, 2.5, 1.5, 1.6, 1.7, 1.0])  # validation losses, epoch by epoch
+    real_evaluate = train_mod.evaluate
+
+    def fake_evaluate(model, data, bptt):
+        out = real_evaluate(model, data, bptt)
+        return out | {"loss": next(scripted, out["loss"])}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    run = tmp_path / "r"
+    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=8", "train.epochs=7"), run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["best"] for r in records] == [True, True, False, True, False, False, True]
+    assert [r["lr"] for r in records] == [8, 8, 8, 2, 2, 0.5, 0.125]
+
+
+def test_diverging_run_stops_without_saving_nan_weights(tiny_corpus, tmp_path, monkeypatch):
+    import lstm_lm.train as train_mod
+
+    real_ce, calls = train_mod.F.cross_entropy, []
+
+    def exploding_ce(*args, **kwargs):  # the 40th training step (in epoch 2) goes to NaN
+        calls.append(1)
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 40 else loss
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", exploding_ce)
+    run = tmp_path / "r"
+    with pytest.raises(TrainingError, match="not finite .* epoch 2 .*last good checkpoint"):
+        train(_cfg(tiny_corpus, "train.epochs=3"), run)
+    model, _, _ = load_checkpoint(run)  # the epoch-1 checkpoint is still there, and finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_max_steps_stops_mid_epoch(tiny_corpus, tmp_path):
+    summary = train(_cfg(tiny_corpus, "train.max_steps=5"), tmp_path / "r")
+    assert summary["steps"] == 5
+
+
+@pytest.mark.parametrize("optimizer, dropout", [("adamw", "0.0"), ("sgd", "0.3")])
+def test_resume_continues_the_same_run(tiny_corpus, tmp_path, optimizer, dropout):
+    """Stopped after 7 steps (mid-epoch) and resumed = never stopped: same weights, same losses."""
+    extra = [f"train.optimizer={optimizer}", f"model.dropout={dropout}", "train.epochs=3", "train.lr=0.5"]
+    if optimizer == "adamw":
+        extra[-1] = "train.lr=0.01"
+    whole = tmp_path / "whole"
+    train(_cfg(tiny_corpus, *extra), whole)
+
+    parts = tmp_path / "parts"
+    train(_cfg(tiny_corpus, *extra, "train.max_steps=7"), parts)
+    # The rest of the run, as `lstm-lm train --out parts --resume` does it: the run's own config.
+    train(_cfg(tiny_corpus, *extra), parts, resume=True)
+
+    a = load_file(str(whole / "training_state.safetensors"))
+    b = load_file(str(parts / "training_state.safetensors"))
+    for key in a:
+        if key.startswith(("model.", "optim.")):
+            assert torch.equal(a[key], b[key]), key
+    rec_a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    rec_b = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
+    rec_b = [r for r in rec_b if r["complete_epoch"]]  # drop the record of the stop at step 7
+    assert [r["val_loss"] for r in rec_a] == [r["val_loss"] for r in rec_b]
+    for ra, rb in zip(rec_a, rec_b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-6)
+
+
+def test_resume_with_nothing_left_to_do_says_so(tiny_corpus, tmp_path):
+    train(_cfg(tiny_corpus, "train.epochs=1"), tmp_path / "r")
+    with pytest.raises(ConfigError, match="raise --epochs"):
+        train(_cfg(tiny_corpus, "train.epochs=1"), tmp_path / "r", resume=True)
+
+
+def test_corpus_smaller_than_a_batch_is_refused(tmp_path):
+    d = tmp_path / "small"
+    d.mkdir()
+    for split in ("train", "valid", "test"):
+        (d / f"{split}.txt").write_text("one two\n")
+    with pytest.raises(DataError, match="fewer than two per stream"):
+        train(_cfg(d, "train.batch_size=64"), tmp_path / "r")
