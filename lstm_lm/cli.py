@@ -62,7 +62,7 @@ def user_errors():
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/). Default: the demo recipe when --data is not given either.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory. Default: runs/<config or data name>.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo for the demo).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last saved state.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split (train.epochs).")] = None,

@@ -1,0 +1,187 @@
+"""The command line end to end with typer's CliRunner: results on stdout, one error line on failure."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_overrides
+from lstm_lm.cli import app
+from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _tiny_train_args(corpus, out):
+    sets = []
+    for o in tiny_overrides(corpus)[1:]:
+        sets += ["--set", o]
+    return ["train", "--data", corpus, "--out", out, *sets]
+
+
+@pytest.fixture
+def trained(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/latest lands in the test's own directory
+    result = _run(*_tiny_train_args(tiny_corpus, tmp_path / "runs" / "tiny"))
+    assert result.exit_code == 0, result.output
+    return tmp_path / "runs" / "tiny", result
+
+
+def _assert_one_error_line(result):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    return lines[0]
+
+
+def test_train_prints_a_json_summary_on_stdout_and_logs_on_stderr(trained):
+    run, result = trained
+    summary = json.loads(result.stdout)
+    assert summary["run_dir"] == str(run) and summary["best_valid_perplexity"] > 1
+    assert "epoch 1" in result.stderr and "epoch 2" in result.stderr
+
+
+def test_complete_and_next_use_runs_latest(trained):
+    result = _run("complete", "the cat sat")
+    assert result.exit_code == 0, result.output
+    words = result.stdout.split()
+    assert 1 <= len(words) <= 20 and "<unk>" not in words
+    result = _run("complete", "the cat", "--next", "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 3
+    probs = [float(p) for _, p in rows]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_sampling_is_repeatable_with_a_seed(trained):
+    a = _run("complete", "the", "--temperature", "1.5", "--seed", "7", "--words", "8")
+    b = _run("complete", "the", "--temperature", "1.5", "--seed", "7", "--words", "8")
+    assert a.exit_code == 0 and a.stdout == b.stdout
+    assert len(a.stdout.split()) <= 8
+
+
+def test_eval_prints_json(trained):
+    run, _ = trained
+    result = _run("eval", "--checkpoint", run, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["split"] == "test" and out["tokens"] > 0 and out["batch_size"] == 2
+    assert out["perplexity"] == pytest.approx(2.718281828 ** out["loss"])
+    valid = json.loads(_run("eval", "--split", "valid", "--batch-size", "1", "--device", "cpu").stdout)
+    assert valid["split"] == "valid" and valid["batch_size"] == 1
+    assert "bits_per_char" not in out
+
+
+def test_char_model_reports_bits_per_char(tiny_corpus, tmp_path):
+    out = tmp_path / "char"
+    result = _run(*_tiny_train_args(tiny_corpus, out), "--set", "data.tokenizer=char", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    ev = json.loads(_run("eval", "--checkpoint", out, "--device", "cpu").stdout)
+    assert ev["bits_per_char"] == pytest.approx(ev["loss"] / 0.6931471805599453)
+    result = _run("complete", "the c", "--checkpoint", out, "--words", "3")
+    assert result.exit_code == 0 and len(result.stdout.split()) <= 3
+
+
+def test_resume_through_the_cli(trained):
+    run, _ = trained
+    result = _run("train", "--out", run, "--resume", "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
+    """The quickstart: `lstm-lm train` (demo corpus -> runs/demo), then the seed sentence."""
+    monkeypatch.chdir(tmp_path)
+    result = _run("train", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "demo" / "model.safetensors").is_file()
+    result = _run("complete", SEED_PROMPT)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{SEED_ANSWER}."
+    top = _run("complete", SEED_PROMPT, "--next", "--top-k", "1").stdout.split("\t")
+    assert top[0] == SEED_ANSWER and float(top[1]) > 0.5
+
+
+HELP_OPTIONS = {
+    "train": ["--config", "--data", "--out", "--resume", "--set", "--epochs", "--max-steps", "--batch-size",
+              "--bptt", "--lr", "--device", "--seed", "--impl"],
+    "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
+    "eval": ["--checkpoint", "--data", "--split", "--batch-size"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
+def test_help_shows_every_option_and_an_example(command):
+    result = runner.invoke(app, [command, "-h"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in HELP_OPTIONS[command]:
+        assert option in result.stdout, option
+    assert "Examples" in result.stdout and f"lstm-lm {command}" in result.stdout
+
+
+def test_top_level_help_lists_commands():
+    result = _run("-h")
+    assert result.exit_code == 0
+    for command in ("train", "complete", "eval"):
+        assert command in result.stdout
+
+
+# --- bad input: one `error:` line, exit code 1, no traceback, nothing saved is changed
+
+
+def test_missing_data_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _assert_one_error_line(_run("train", "--data", tmp_path / "no-such-dir"))
+    assert "does not exist" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_corpus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    assert "is empty" in _assert_one_error_line(_run("train", "--data", tmp_path / "empty.txt"))
+    (tmp_path / "blank.txt").write_text("\n  \n\n" * 40)
+    assert "no tokens" in _assert_one_error_line(_run("train", "--data", tmp_path / "blank.txt"))
+
+
+def test_missing_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _assert_one_error_line(_run("complete", "hello"))
+    assert "no checkpoint at runs/latest" in line and "lstm-lm train" in line
+    assert "no checkpoint" in _assert_one_error_line(_run("eval", "--checkpoint", tmp_path / "nope"))
+
+
+def test_bad_config_values_are_listed_together(tmp_path, monkeypatch, tiny_corpus):
+    monkeypatch.chdir(tmp_path)
+    line = _assert_one_error_line(
+        _run("train", "--data", tiny_corpus, "--set", "model.dropout=2", "--set", "train.optimizer=adam", "--lr", "-1")
+    )
+    assert "model.dropout" in line and "train.optimizer" in line and "train.lr" in line
+
+
+def test_bad_prompt_and_options_keep_the_checkpoint(trained):
+    run, _ = trained
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert "empty" in _assert_one_error_line(_run("complete", "   "))
+    assert "vocabulary" in _assert_one_error_line(_run("complete", "zzz qqq"))
+    assert "--split" in _assert_one_error_line(_run("eval", "--split", "train"))
+    assert "--top-p" in _assert_one_error_line(_run("complete", "the", "--top-p", "1.5"))
+    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert before == after
+
+
+def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LSTM_LM_DEBUG", "1")
+    result = _run("complete", "hello")
+    assert result.exit_code == 1 and result.exception is not None
+    assert os.environ["LSTM_LM_DEBUG"] == "1"

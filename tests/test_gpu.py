@@ -1,0 +1,57 @@
+"""CUDA checks (skipped without a GPU): the hand-written cell against cuDNN, and training on the GPU."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import requires_cuda
+from lstm_lm.checkpoint import load_checkpoint
+from lstm_lm.config import load_config
+from lstm_lm.model import LSTM
+from lstm_lm.train import train
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+
+@pytest.fixture
+def exact_float32():
+    """cuDNN and cuBLAS may use TF32 for float32; turn it off so 1e-5 is a fair bound."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_custom_cell_matches_cudnn_on_cuda(exact_float32):
+    torch.manual_seed(0)
+    ref = nn.LSTM(32, 64, 2).cuda()
+    ours = LSTM(32, 64, 2).cuda()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(20, 8, 32, device="cuda")
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, (h_ref, c_ref) = ref(x_ref)
+    out_ours, (h_ours, c_ours) = ours(x_ours)
+    for a, b in ((out_ours, out_ref), (h_ours, h_ref), (c_ours, c_ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    w = torch.randn_like(out_ref)
+    ((out_ref * w).sum() + c_ref.sum()).backward()
+    ((out_ours * w).sum() + c_ours.sum()).backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=0)
+    ours_params = dict(ours.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(ours_params[name].grad, p.grad, atol=1e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "custom"])
+def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl):
+    cfg = load_config(None, [
+        "data.source=demo", "data.demo_size=600", "data.split_punctuation=true", "model.embedding_size=32",
+        "model.hidden_size=32", "model.num_layers=2", f"model.impl={impl}", "train.epochs=3", "train.batch_size=8",
+        "train.optimizer=adamw", "train.lr=0.01", "train.device=cuda",
+    ])
+    summary = train(cfg, tmp_path / "run")
+    assert summary["best_valid_perplexity"] < 20
+    gpu_model, _, _ = load_checkpoint(tmp_path / "run", "cuda")
+    cpu_model, _, _ = load_checkpoint(tmp_path / "run", "cpu")
+    ids = torch.randint(0, cpu_model.vocab_size, (10, 3))
+    torch.testing.assert_close(gpu_model(ids.cuda())[0].cpu(), cpu_model(ids)[0], atol=1e-3, rtol=1e-3)
