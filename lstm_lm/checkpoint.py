@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from lstm_lm import __version__
@@ -63,9 +63,28 @@ def write_json(path: Path, obj: Any) -> None:
     _replace(tmp, path)
 
 
-def save_weights(path: Path, model: torch.nn.Module) -> None:
+def weights_to_save(model: LSTMLanguageModel) -> dict[str, torch.Tensor]:
+    """The state dict as separate CPU tensors, the tied decoder weight left out.
+
+    Copies are needed: on a GPU nn.LSTM keeps its weights as views of one flat cuDNN
+    buffer, and safetensors refuses tensors that share storage.
+    """
+    return {
+        name: t.detach().to("cpu", copy=True).contiguous()
+        for name, t in model.state_dict().items()
+        if not (name == "decoder.weight" and model.cfg.tie_weights)
+    }
+
+
+def load_weights(model: LSTMLanguageModel, weights: dict[str, torch.Tensor]) -> None:
+    if model.cfg.tie_weights and "embedding.weight" in weights:
+        weights = weights | {"decoder.weight": weights["embedding.weight"]}
+    model.load_state_dict(weights, strict=True)  # copies in place: the tying survives
+
+
+def save_weights(path: Path, model: LSTMLanguageModel) -> None:
     tmp = _tmp(path)
-    save_model(model, str(tmp))  # handles the tied embedding/decoder weight
+    save_file(weights_to_save(model), str(tmp))
     _replace(tmp, path)
 
 
@@ -143,7 +162,7 @@ def load_checkpoint(
         )
     model = LSTMLanguageModel(cfg.model, vocab_size, impl=impl)
     try:
-        load_model(model, str(path / WEIGHTS), strict=True)
+        load_weights(model, load_file(str(path / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot load {path / WEIGHTS}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer, cfg
@@ -158,10 +177,7 @@ def save_training_state(
     state: dict[str, Any], hidden: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
     """Latest weights, optimizer, RNG and hidden state as tensors; `state` (JSON) in the metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name != "decoder.weight" or not model.cfg.tie_weights:
-            tensors[f"model.{name}"] = t
+    tensors = {f"model.{name}": t for name, t in weights_to_save(model).items()}
     opt = optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for idx, pstate in opt["state"].items():
@@ -199,10 +215,7 @@ def load_training_state(
         tensors = load_file(str(path))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    if model.cfg.tie_weights:
-        weights["decoder.weight"] = weights["embedding.weight"]
-    model.load_state_dict(weights)
+    load_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
