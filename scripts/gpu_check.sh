@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]
 #
 # Writes into DIR: pytest.log, ptb-small-cudnn.json, ptb-small-custom.json (each the
-# `lstm-lm train` summary plus the per-epoch metrics) and env.txt.
+# `lstm-lm train` summary plus the per-epoch metrics), eval.jsonl (`lstm-lm eval` of
+# each run on CUDA) and env.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,9 @@ summary["metrics"] = [json.loads(line) for line in open(sys.argv[2])]
 print(json.dumps(summary, indent=2))
 PY
       cat "$OUT/ptb-small-$impl.json"
+      echo "== eval and complete on CUDA ($impl)" >&2
+      "$PY" -m lstm_lm eval --checkpoint "$runs/ptb-small-$impl" --device cuda | tee -a "$OUT/eval.jsonl" || status=1
+      "$PY" -m lstm_lm complete "the company said" --checkpoint "$runs/ptb-small-$impl" --device cuda || status=1
     else
       status=1
     fi
