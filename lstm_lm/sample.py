@@ -20,6 +20,7 @@ from lstm_lm.model import LSTMLanguageModel, State
 
 MAX_PROMPT_TOKENS = 4096
 SENTENCE_END = re.compile(r"[.!?]$")
+SENTENCE_END_TOKENS = {".", "!", "?"}
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -111,7 +112,9 @@ def complete(
         out.append(nxt)
         text = detokenize(tokenizer, out, kind)
         n_words = len(text.split())
-        if kind == "word" and (n_words >= words or SENTENCE_END.search(text)):
+        # A word model's sentence ends at a "." token ("u.s." is a word in PTB); a char or
+        # BPE model's when the text does.
+        if kind == "word" and (n_words >= words or tokenizer.id_to_token(nxt) in SENTENCE_END_TOKENS):
             break
         if kind != "word":
             if n_words > words:  # a word beyond the limit has begun: cut it off

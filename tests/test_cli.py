@@ -185,3 +185,17 @@ def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
     result = _run("complete", "hello")
     assert result.exit_code == 1 and result.exception is not None
     assert os.environ["LSTM_LM_DEBUG"] == "1"
+
+
+def test_a_word_ending_in_a_full_stop_does_not_end_the_sentence(tmp_path, monkeypatch):
+    """PTB writes "u.s." as one word; a completion goes on past it to the end of the sentence."""
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "abbrev"
+    d.mkdir()
+    text = "\n".join(["the u.s. company said it will buy the firm"] * 60) + "\n"
+    for split in ("train", "valid", "test"):
+        (d / f"{split}.txt").write_text(text)
+    result = _run(*_tiny_train_args(d, tmp_path / "runs" / "abbrev"), "--epochs", "6")
+    assert result.exit_code == 0, result.output
+    result = _run("complete", "the")
+    assert result.stdout.strip() == "u.s. company said it will buy the firm"

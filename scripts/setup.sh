@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up lstm-lm in a virtual environment, .venv, at the repository root.
+#
+#   bash scripts/setup.sh           # lstm-lm and what it needs
+#   bash scripts/setup.sh --test    # ... plus pytest
+#
+# torch is installed first and pinned to 2.13.0 when it is missing: pyproject.toml asks
+# only for torch>=2.4, and an open range with no torch installed pulls a multi-GB CUDA
+# build. Set PYTHON to choose the interpreter (default: python3, 3.10 or newer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+extras=""
+case "${1:-}" in
+  --test) extras="[test]" ;;
+  "") ;;
+  *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version)" >&2
+  "$PYTHON" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0" >&2
+  "${pip[@]}" torch==2.13.0
+fi
+echo "setup: installing lstm-lm$extras and its dependencies" >&2
+"${pip[@]}" --editable ".$extras"
+echo "setup: done; run 'source .venv/bin/activate' to use lstm-lm directly" >&2
