@@ -30,6 +30,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm train                     # the demo model, about 30 s on a laptop CPU\n\n"
+        '    lstm-lm complete "My name is John, I am from Tamilnadu and I speak"\n\n'
+        "    lstm-lm eval                      # perplexity of the last run's test split"
+    ),
 )
 
 DEFAULT_CHECKPOINT = Path("runs/latest")

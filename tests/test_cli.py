@@ -133,6 +133,7 @@ def test_top_level_help_lists_commands():
     assert result.exit_code == 0
     for command in ("train", "complete", "eval"):
         assert command in result.stdout
+    assert "Examples" in result.stdout and "lstm-lm complete" in result.stdout
 
 
 # --- bad input: one `error:` line, exit code 1, no traceback, nothing saved is changed
