@@ -17,10 +17,12 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -165,17 +167,34 @@ def _split_lines(lines: list[str], cfg: DataConfig, name: str) -> dict[str, list
     }
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the Hugging Face hub ($HF_ENDPOINT)?"""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _read_hub(spec: str, cfg: DataConfig) -> dict[str, list[str]]:
     name, _, config = spec.removeprefix("hf:").partition(":")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+    if offline:
+        # Without this, huggingface_hub retries for half a minute before giving up; offline
+        # it answers from the local cache at once (read when the hub libraries are imported).
+        os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
 
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(name, config or None)
     except Exception as e:
+        why = "the hub is unreachable and it is not in the local cache" if offline else _root_cause(e)[:200]
         raise DataError(
-            f"could not load hub dataset {spec!r} ({_root_cause(e)[:200]}); without network, "
-            "pass local files instead: --data DIR (with train.txt, valid.txt, test.txt) or --data FILE.txt"
+            f"could not load hub dataset {spec!r} ({why}); without network, pass local files "
+            "instead: --data DIR (with train.txt, valid.txt, test.txt) or --data FILE.txt"
         ) from e
     column = next((c for c, f in ds["train"].features.items() if getattr(f, "dtype", "") == "string"), None)
     if column is None:

@@ -1,5 +1,7 @@
 """Sources, tokenizers, the token-id cache and the truncated-BPTT layout."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,16 @@ def test_not_utf8_is_reported(tmp_path):
 def test_hub_dataset_offline_says_to_pass_local_files():
     with pytest.raises(DataError, match="pass local files"):
         load_corpus(DataConfig(source="wikitext:wikitext-2-raw-v1"))
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert not data_mod.hub_reachable()
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="unreachable .* pass local files"):
+        load_corpus(DataConfig(source="hf:someone/some-corpus"))
+    assert time.perf_counter() - start < 10
 
 
 @requires_shared_data
