@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -119,7 +118,7 @@ def complete(
     from lstm_lm.checkpoint import load_checkpoint
     from lstm_lm.sample import complete as complete_prompt
     from lstm_lm.sample import next_words
-    from lstm_lm.train import pick_device
+    from lstm_lm.utils import pick_device
 
     with user_errors():
         model, tokenizer, cfg = load_checkpoint(checkpoint, pick_device(device))

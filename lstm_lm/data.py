@@ -18,7 +18,6 @@ import json
 import os
 import re
 import socket
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +30,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lstm_lm.config import DataConfig
 from lstm_lm.demo import demo_splits
 from lstm_lm.errors import DataError
+from lstm_lm.utils import log
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIAL_TOKENS = [UNK, EOS]  # ids 0 and 1 in every tokenizer
 SPLITS = ("train", "valid", "test")
 CACHE_VERSION = "1"  # bump when the encoding of a corpus changes
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------

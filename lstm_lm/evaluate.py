@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lstm_lm.data import batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import DataError
 from lstm_lm.model import LSTMLanguageModel
+from lstm_lm.utils import pick_device
 
 
 @torch.no_grad()
@@ -45,7 +46,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """`lstm-lm eval`: load a checkpoint, encode `split` of its corpus (or `source`), evaluate."""
     from lstm_lm.checkpoint import load_checkpoint
-    from lstm_lm.train import pick_device
 
     if split not in ("test", "valid"):
         raise DataError(f"--split must be test or valid, got {split!r}")

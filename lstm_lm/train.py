@@ -27,27 +27,13 @@ from lstm_lm.checkpoint import (
     save_training_state,
 )
 from lstm_lm.config import Config
-from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, log, to_tensor
+from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lstm_lm.evaluate import evaluate
 from lstm_lm.model import LSTMLanguageModel
+from lstm_lm.utils import log, pick_device
 
 METRICS = "metrics.jsonl"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> CUDA, then MPS, then CPU; anything else is checked to exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError([f"train.device: {name} asked for, but no CUDA device is available (use cpu or auto)"])
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(["train.device: mps asked for, but MPS is not available (use cpu or auto)"])
-    return torch.device(name)
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -200,3 +200,10 @@ def test_a_word_ending_in_a_full_stop_does_not_end_the_sentence(tmp_path, monkey
     assert result.exit_code == 0, result.output
     result = _run("complete", "the")
     assert result.stdout.strip() == "u.s. company said it will buy the firm"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu(tmp_path, monkeypatch, tiny_corpus):
+    monkeypatch.chdir(tmp_path)
+    line = _assert_one_error_line(_run("train", "--data", tiny_corpus, "--device", "cuda"))
+    assert "no CUDA device" in line

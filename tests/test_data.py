@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY_TRAIN, requires_shared_data
+from conftest import SHARED_DATA, requires_shared_data
 from lstm_lm import data as data_mod
 from lstm_lm.config import DataConfig
 from lstm_lm.data import (
