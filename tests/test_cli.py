@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_overrides
+from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.cli import app
-from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT
+from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT, demo_splits
+from lstm_lm.sample import next_words
 
 runner = CliRunner()
 
@@ -109,6 +112,14 @@ def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
     assert result.stdout.strip() == f"{SEED_ANSWER}."
     top = _run("complete", SEED_PROMPT, "--next", "--top-k", "1").stdout.split("\t")
     assert top[0] == SEED_ANSWER and float(top[1]) > 0.5
+
+    # Beyond the seed sentence: held-out biographies, the language after "I speak".
+    model, tokenizer, cfg = load_checkpoint(tmp_path / "runs" / "latest")
+    cases = [m.groups() for line in demo_splits(cfg.data.demo_size, cfg.data.demo_seed)["test"]
+             if (m := re.match(r"(.*?\bI speak) (\w+)\.", line))]
+    assert len(cases) > 100
+    right = sum(next_words(model, tokenizer, prompt, k=1)[0][0] == lang for prompt, lang in cases)
+    assert right / len(cases) >= 0.95
 
 
 HELP_OPTIONS = {
