@@ -53,7 +53,12 @@ def evaluate_checkpoint(
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     dev = pick_device(device)
     model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
-    corpus = load_corpus(cfg.data, tokenizer=tokenizer, source=source)
+    try:
+        corpus = load_corpus(cfg.data, tokenizer=tokenizer, source=source)
+    except DataError as e:
+        if source is not None:
+            raise
+        raise DataError(f"{e} (the corpus this model was trained on; pass --data to use another copy)") from None
     ids = corpus.splits[split]
     bsz = batch_size or cfg.train.eval_batch_size
     if len(ids) < 2 * bsz:

@@ -83,6 +83,16 @@ def test_eval_prints_json(trained):
     assert "bits_per_char" not in out
 
 
+def test_eval_on_moved_data_says_to_pass_data(trained, tiny_corpus):
+    run, _ = trained
+    moved = tiny_corpus.with_name("moved")
+    tiny_corpus.rename(moved)
+    line = _assert_one_error_line(_run("eval", "--checkpoint", run))
+    assert "does not exist" in line and "pass --data" in line
+    result = _run("eval", "--checkpoint", run, "--data", moved, "--device", "cpu")
+    assert result.exit_code == 0 and json.loads(result.stdout)["tokens"] > 0
+
+
 def test_char_model_reports_bits_per_char(tiny_corpus, tmp_path):
     out = tmp_path / "char"
     result = _run(*_tiny_train_args(tiny_corpus, out), "--set", "data.tokenizer=char", "--epochs", "1")
