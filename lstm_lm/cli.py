@@ -123,7 +123,7 @@ def complete(
     with user_errors():
         model, tokenizer, cfg = load_checkpoint(checkpoint, pick_device(device))
         if next_:
-            for word, p in next_words(model, tokenizer, prompt, k=top_k or 5):
+            for word, p in next_words(model, tokenizer, prompt, k=top_k or 5, kind=cfg.data.tokenizer):
                 typer.echo(f"{word}\t{p:.4f}")
             return
         text = complete_prompt(model, tokenizer, cfg.data.tokenizer, prompt, words=words,

@@ -28,7 +28,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lstm_lm.config import DataConfig
-from lstm_lm.demo import demo_splits
+from lstm_lm.demo import DEMO_VERSION, demo_splits
 from lstm_lm.errors import DataError
 from lstm_lm.utils import log
 
@@ -53,7 +53,7 @@ class Source:
         """Changes whenever the text would: file contents, demo settings or the hub name."""
         h = hashlib.sha256(f"{CACHE_VERSION}|{self.kind}".encode())
         if self.kind == "demo":
-            h.update(f"{cfg.demo_size}|{cfg.demo_seed}".encode())
+            h.update(f"{DEMO_VERSION}|{cfg.demo_size}|{cfg.demo_seed}".encode())
         elif self.kind == "hub":
             h.update(self.spec.encode())
         else:
@@ -86,7 +86,7 @@ def resolve_source(spec: str) -> Source:
     if path.is_file():
         _check_file(path)
         return Source("file", spec, {"text": path})
-    if spec.startswith("hf:") or (":" in spec and "/" not in spec.split(":")[0] and not path.suffix):
+    if ":" in spec:  # "wikitext:wikitext-2-raw-v1", "org/name:config", "hf:org/name"
         return Source("hub", spec)
     raise DataError(
         f"data path {spec} does not exist (pass a directory with train.txt/valid.txt/test.txt, "

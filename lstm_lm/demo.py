@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 
+DEMO_VERSION = 1  # bump when the generator changes, so cached encodings are not reused
 SEED_PROMPT = "My name is John, I am from Tamilnadu and I speak"
 SEED_ANSWER = "Tamil"
 

@@ -23,11 +23,16 @@ SENTENCE_END = re.compile(r"[.!?]$")
 SENTENCE_END_TOKENS = {".", "!", "?"}
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """<eos> + the prompt's ids; refuses prompts the model cannot read."""
+def encode_prompt(tokenizer: Tokenizer, prompt: str, kind: str = "word") -> list[int]:
+    """<eos> + the prompt's ids; refuses prompts the model cannot read.
+
+    A character or BPE model sees the prompt as given: a trailing space tells it
+    that the next word starts.
+    """
     if not prompt.strip():
         raise PromptError("the prompt is empty; give some words to continue, e.g. \"I am from Kerala and I speak\"")
-    ids = tokenizer.encode(prompt.strip(), add_special_tokens=False).ids
+    text = prompt.strip() if kind == "word" else prompt.lstrip()
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) > MAX_PROMPT_TOKENS:
         raise PromptError(f"the prompt has {len(ids)} tokens; the limit is {MAX_PROMPT_TOKENS}")
     unk = tokenizer.token_to_id(UNK)
@@ -44,12 +49,14 @@ def _read_prompt(model: LSTMLanguageModel, ids: list[int]) -> tuple[torch.Tensor
     return logits[-1, 0].float().cpu(), state  # (V,) scores for the next token, picked on the CPU
 
 
-def next_words(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+def next_words(
+    model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5, kind: str = "word"
+) -> list[tuple[str, float]]:
     """The k most likely next tokens and their probabilities, most likely first."""
     if k < 1:
         raise PromptError(f"--top-k must be at least 1, got {k}")
     model.eval()
-    logits, _ = _read_prompt(model, encode_prompt(tokenizer, prompt))
+    logits, _ = _read_prompt(model, encode_prompt(tokenizer, prompt, kind))
     probs = torch.softmax(logits, dim=-1)
     top = torch.topk(probs, min(k, probs.numel()))
     return [(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
@@ -100,7 +107,7 @@ def complete(
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else torch.seed())
     eos, unk = tokenizer.token_to_id(EOS), tokenizer.token_to_id(UNK)
-    logits, state = _read_prompt(model, encode_prompt(tokenizer, prompt))
+    logits, state = _read_prompt(model, encode_prompt(tokenizer, prompt, kind))
     out: list[int] = []
     max_tokens = words * (40 if kind == "char" else 8)
     text = ""
