@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -39,18 +39,19 @@ CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE = (
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """Flush `tmp` to disk, give it the usual permissions and rename it over `path`."""
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call `write(tmp)`, flush tmp to disk, give it the usual permissions, rename it to `path`.
+
+    A reader (or a crash) sees the old file or the new one, never half of one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files readable by the owner only
@@ -58,9 +59,7 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    _replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def weights_to_save(model: LSTMLanguageModel) -> dict[str, torch.Tensor]:
@@ -82,20 +81,13 @@ def load_weights(model: LSTMLanguageModel, weights: dict[str, torch.Tensor]) -> 
     model.load_state_dict(weights, strict=True)  # copies in place: the tying survives
 
 
-def save_weights(path: Path, model: LSTMLanguageModel) -> None:
-    tmp = _tmp(path)
-    save_file(weights_to_save(model), str(tmp))
-    _replace(tmp, path)
-
-
 def save_checkpoint(run_dir: str | Path, model: LSTMLanguageModel, tokenizer: Tokenizer, cfg: Config) -> None:
     """Write config.json, model.safetensors and tokenizer.json into `run_dir`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(run_dir / WEIGHTS, model)
-    tmp = _tmp(run_dir / TOKENIZER)
-    tokenizer.save(str(tmp))
-    _replace(tmp, run_dir / TOKENIZER)
+    weights = weights_to_save(model)
+    write_atomically(run_dir / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
+    write_atomically(run_dir / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
     meta = {"format_version": FORMAT_VERSION, "lstm_lm_version": __version__, "vocab_size": model.vocab_size}
     write_json(run_dir / CONFIG, meta | cfg.to_dict())
 
@@ -112,6 +104,20 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}; {hint}")
     return path
+
+
+def update_latest(run_dir: Path) -> None:
+    """Point `<parent>/latest` at this run: a relative symlink, or a pointer file where links fail."""
+    latest = run_dir.parent / "latest"
+    if latest.is_dir() and not latest.is_symlink():
+        raise CheckpointError(f"{latest} is a real directory; move it away so it can point at the latest run")
+    tmp = run_dir.parent / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+    except OSError:
+        tmp.write_text(run_dir.name + "\n", encoding="utf-8")
+    os.replace(tmp, latest)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -131,7 +137,9 @@ def load_config_json(path: Path) -> tuple[Config, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path / CONFIG} is not a JSON object")
     version = raw.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path / CONFIG} has no format_version: it was not written by lstm-lm")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {version!r}, this lstm-lm reads format {FORMAT_VERSION} "
             "and older; upgrade lstm-lm"
@@ -193,11 +201,9 @@ def save_training_state(
     if hidden is not None:
         tensors["hidden.h"], tensors["hidden.c"] = hidden
     meta = {"state": state, "param_groups": opt["param_groups"], "optim_scalars": opt_scalars}
-    path = run_dir / TRAINING_STATE
-    tmp = _tmp(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"json": json.dumps(meta)})
-    _replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(run_dir / TRAINING_STATE,
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)}))
 
 
 def load_training_state(

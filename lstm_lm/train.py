@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lstm_lm.checkpoint import (
     CONFIG, TRAINING_STATE, WEIGHTS, load_config_json, load_training_state, save_checkpoint,
-    save_training_state,
+    save_training_state, update_latest,
 )
 from lstm_lm.config import Config
 from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, to_tensor
@@ -41,23 +40,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     if t.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=t.lr)
-
-
-def update_latest(run_dir: Path) -> None:
-    """Point `<parent>/latest` at this run: a relative symlink, or a pointer file where links fail."""
-    latest = run_dir.parent / "latest"
-    if latest.resolve() == run_dir.resolve() and latest.exists():
-        return
-    tmp = run_dir.parent / ".latest.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    try:
-        tmp.symlink_to(run_dir.name, target_is_directory=True)
-    except OSError:
-        tmp.write_text(run_dir.name + "\n", encoding="utf-8")
-    if latest.is_dir() and not latest.is_symlink():
-        raise CheckpointError(f"{latest} is a real directory; move it away so it can point at the latest run")
-    os.replace(tmp, latest)
 
 
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from lstm_lm.checkpoint import (
     load_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint, save_training_state,
+    update_latest,
 )
 from lstm_lm.config import Config, ModelConfig
 from lstm_lm.data import build_tokenizer
@@ -113,3 +114,13 @@ def test_weights_that_share_one_buffer_are_saved(saved, tmp_path):
     loaded, _, _ = load_checkpoint(tmp_path / "flat")
     ids = torch.randint(0, 9, (4, 2))
     torch.testing.assert_close(loaded(ids)[0], model.eval()(ids)[0], atol=1e-6, rtol=0)
+
+
+def test_latest_is_a_link_or_a_pointer_file(saved):
+    path, *_ = saved
+    update_latest(path)
+    latest = path.parent / "latest"
+    assert latest.is_symlink() and resolve_checkpoint(latest) == latest
+    latest.unlink()
+    latest.write_text("ckpt\n")  # what update_latest writes where symlinks are not allowed
+    assert resolve_checkpoint(latest) == path
