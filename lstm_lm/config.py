@@ -240,10 +240,14 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.clip: must be 0 (off) or positive, got {t.clip}")
     if t.weight_decay < 0:
         p.append(f"train.weight_decay: must not be negative, got {t.weight_decay}")
-    dev = t.device
-    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        p.append(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    if not is_device_name(t.device):
+        p.append(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     return p
+
+
+def is_device_name(name: str) -> bool:
+    """auto, cpu, cuda, cuda:N or mps."""
+    return name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 def config_from_dict(raw: dict[str, Any], base: Config | None = None, origin: str = "config") -> Config:

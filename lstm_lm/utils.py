@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from lstm_lm.config import is_device_name
 from lstm_lm.errors import ConfigError
 
 
@@ -23,6 +24,8 @@ def _mps_available() -> bool:
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` -> CUDA, then MPS, then CPU; anything else is checked to exist."""
+    if not is_device_name(name):
+        raise ConfigError([f"device: must be auto, cpu, cuda, cuda:N or mps, got {name!r}"])
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,6 +36,4 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError([f"device: {name} asked for, but there are {torch.cuda.device_count()} CUDA devices"])
     if name == "mps" and not _mps_available():
         raise ConfigError(["device: mps asked for, but MPS is not available (use cpu or auto)"])
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise ConfigError([f"device: must be auto, cpu, cuda, cuda:N or mps, got {name!r}"])
     return torch.device(name)

@@ -228,3 +228,8 @@ def test_asking_for_cuda_without_a_gpu(tmp_path, monkeypatch, tiny_corpus):
     monkeypatch.chdir(tmp_path)
     line = _assert_one_error_line(_run("train", "--data", tiny_corpus, "--device", "cuda"))
     assert "no CUDA device" in line
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_bad_device_name_for_complete(trained, device):
+    assert "cuda:N" in _assert_one_error_line(_run("complete", "the", "--device", device))
