@@ -95,6 +95,13 @@ class TrainConfig:
     eval_batch_size: int = 10
     # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
     device: str = "auto"
+    # Arithmetic: "fp32", "bf16" (matrix products in bfloat16 under torch.autocast, the
+    # loss and the weights in float32) or "auto" (bf16 where the hardware does it
+    # natively: a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).
+    precision: str = "auto"
+    # torch.compile the model (the hand-written cell's time loop with it). Pays a
+    # compilation of a minute or more once per run (reported); see README "Speed".
+    compile: bool = False
     # Seed for weights, dropout and sampling.
     seed: int = 1111
     # Update the progress bar's loss every this many steps (each update syncs the device).
@@ -116,6 +123,7 @@ CHOICES = {
     "data.tokenizer": ("word", "char", "bpe"),
     "model.impl": ("auto", "custom", "cudnn"),
     "train.optimizer": ("sgd", "adamw"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 
 # `lstm-lm train` with no --config and no --data trains this: a small model on the

@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lstm_lm.data import batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import DataError
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.utils import pick_device
+from lstm_lm.utils import autocast, pick_device, pick_precision
 
 
 @torch.no_grad()
-def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int) -> dict[str, float]:
-    """Mean loss (nats per token), perplexity and token count over `data` (T, B)."""
+def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str = "fp32") -> dict[str, float]:
+    """Mean loss (nats per token), perplexity and token count over `data` (T, B).
+
+    precision "bf16" runs the matrix products in bf16; the loss is summed in float32/64.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=data.device)
@@ -32,8 +34,9 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int) -> dict[st
     state = model.init_state(data.size(1), data.device)
     for i in range(0, data.size(0) - 1, bptt):
         x, y = get_batch(data, i, bptt)
-        logits, state = model(x, state)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        with autocast(data.device, precision):
+            loss, state = model.loss(x, y, state, reduction="sum")
+        total += loss
         tokens += y.numel()
     model.train(was_training)
     loss = total.item() / max(tokens, 1)  # one host sync for the whole split
@@ -42,7 +45,7 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int) -> dict[st
 
 def evaluate_checkpoint(
     checkpoint: str | Path, source: str | None = None, split: str = "test",
-    batch_size: int | None = None, device: str = "auto",
+    batch_size: int | None = None, device: str = "auto", precision: str | None = None,
 ) -> dict[str, Any]:
     """`lstm-lm eval`: load a checkpoint, encode `split` of its corpus (or `source`), evaluate."""
     from lstm_lm.checkpoint import load_checkpoint
@@ -63,7 +66,8 @@ def evaluate_checkpoint(
     bsz = batch_size or cfg.train.eval_batch_size
     if len(ids) < 2 * bsz:
         raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
-    result = evaluate(model, batchify(to_tensor(ids, dev), bsz), cfg.train.bptt)
+    prec = pick_precision(precision or cfg.train.precision, dev)
+    result = evaluate(model, batchify(to_tensor(ids, dev), bsz), cfg.train.bptt, prec)
     out: dict[str, Any] = {
         "split": split,
         "perplexity": result["perplexity"],
@@ -72,6 +76,6 @@ def evaluate_checkpoint(
     }
     if cfg.data.tokenizer == "char":
         out["bits_per_char"] = result["loss"] / math.log(2)
-    out |= {"batch_size": bsz, "bptt": cfg.train.bptt, "data": corpus.source.spec,
+    out |= {"batch_size": bsz, "bptt": cfg.train.bptt, "precision": prec, "data": corpus.source.spec,
             "checkpoint": str(Path(checkpoint))}
     return out

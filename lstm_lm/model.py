@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_lm.config import ModelConfig
+from lstm_lm.loss import linear_cross_entropy
 
 State = tuple[Tensor, Tensor]  # (h, c), each (num_layers, B, H) as in nn.LSTM
 
 
 def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> State:
     """One time step. `x_proj` is the input's contribution W_ih x + b_ih + b_hh, (B, 4H)."""
-    gates = x_proj + h @ weight_hh.t()  # (B, 4H): the four gates' pre-activations side by side
+    gates = torch.addmm(x_proj, h, weight_hh.t())  # x_proj + h W_hh^T, (B, 4H): the four gates side by side
     i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's order
 
     forget_gate = torch.sigmoid(f)  # how much of the old memory to keep
@@ -74,8 +75,8 @@ class LSTM(nn.Module):
             x_proj = F.linear(x, w_ih, b)  # (T, B, 4H)
             h, c = state[0][k], state[1][k]  # (B, H)
             outputs = []
-            for t in range(T):
-                h, c = lstm_cell(x_proj[t], h, c, w_hh)
+            for x_t in x_proj.unbind(0):  # unbind, not x_proj[t]: its backward writes all T grads at once
+                h, c = lstm_cell(x_t, h, c, w_hh)
                 outputs.append(h)
             x = torch.stack(outputs)  # (T, B, H)
             if k < self.num_layers - 1 and self.dropout > 0:
@@ -122,13 +123,31 @@ class LSTMLanguageModel(nn.Module):
         zeros = torch.zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_size, device=device)
         return zeros, zeros.clone()
 
-    def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """ids (T, B) -> logits (T, B, V) and the final (h, c)."""
+    def features(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """ids (T, B) -> the last layer's output after dropout (T, B, H), the input of the decoder."""
         if state is None:
             state = self.init_state(ids.size(1), ids.device)
         x = self.drop(self.embedding(ids))  # (T, B, E)
         out, state = self.rnn(x, state)  # (T, B, H)
-        return self.decoder(self.drop(out)), state
+        return self.drop(out), state
+
+    def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """ids (T, B) -> logits (T, B, V) and the final (h, c)."""
+        out, state = self.features(ids, state)
+        return self.decoder(out), state
+
+    def loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
+             reduction: str = "mean") -> tuple[Tensor, State]:
+        """Cross-entropy (float32) of predicting `targets` (T, B) from `ids` (T, B), and the final state.
+
+        The same value as `F.cross_entropy(forward(ids)[0].flatten(0, 1), targets.flatten())`,
+        computed without keeping the (T, B, V) logits (see loss.py): what training and
+        evaluation use.
+        """
+        out, state = self.features(ids, state)
+        loss = linear_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias,
+                                    targets.flatten(), reduction)
+        return loss, state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once

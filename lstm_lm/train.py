@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lstm_lm.checkpoint import (
@@ -29,10 +28,37 @@ from lstm_lm.config import Config
 from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lstm_lm.evaluate import evaluate
-from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.utils import log, pick_device
+from lstm_lm.model import LSTMLanguageModel, State
+from lstm_lm.utils import autocast, log, pick_device, pick_precision
 
 METRICS = "metrics.jsonl"
+
+
+def train_step(
+    model: LSTMLanguageModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    hidden: State, clip: float, precision: str = "fp32",
+) -> tuple[torch.Tensor, State]:
+    """One step of truncated BPTT: forward, backward, clip, update. Returns the loss (on the device) and (h, c)."""
+    # The memory (h, c) carries on from the previous chunk, but the gradient stops here;
+    # otherwise backward would run through the whole epoch.
+    hidden = tuple(h.detach() for h in hidden)
+    with autocast(x.device, precision):  # bf16 matrix products; the loss stays float32
+        loss, hidden = model.loss(x, y, hidden)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.detach(), hidden
+
+
+def compile_model(model: LSTMLanguageModel) -> None:
+    """torch.compile the LSTM stack in place (for the hand-written cell: its whole time loop).
+
+    `Module.compile()` keeps the parameter names, so checkpoints look the same.
+    Compilation happens on the first step; the trainer reports how long it took.
+    """
+    model.rnn.compile()
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -70,6 +96,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     n_batches = math.ceil((train_data.size(0) - 1) / t.bptt)
 
     model = LSTMLanguageModel(cfg.model, corpus.vocab_size).to(device)
+    precision = pick_precision(t.precision, device)
+    if t.compile:
+        compile_model(model)
+    first_step = True
     optimizer = make_optimizer(cfg, model)
     state: dict[str, Any] = {
         "epoch": 1, "batch": 0, "step": 0, "lr": t.lr, "best_val_loss": None,
@@ -92,7 +122,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
         group["lr"] = state["lr"]
     log(
         f"model: {model.num_parameters():,} parameters, impl {model.impl}, vocab {corpus.vocab_size:,}, "
-        f"device {device}; data: {len(train_ids):,} train tokens, {n_batches:,} batches of "
+        f"device {device}, precision {precision}{', compiled' if t.compile else ''}; data: {len(train_ids):,} train tokens, {n_batches:,} batches of "
         f"{t.batch_size}x{t.bptt} per epoch"
     )
 
@@ -110,17 +140,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
                    file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)
         while state["batch"] < n_batches and not out_of_steps():
             x, y = get_batch(train_data, state["batch"] * t.bptt, t.bptt)
-            # Truncated BPTT: the memory (h, c) carries on from the previous chunk, but the
-            # gradient stops here; otherwise backward would run through the whole epoch.
-            hidden = tuple(h.detach() for h in hidden)
-            logits, hidden = model(x, hidden)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # float32 loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-            optimizer.step()
-            loss_sum += loss.detach() * y.numel()
+            step_start = time.perf_counter()
+            loss, hidden = train_step(model, optimizer, x, y, hidden, t.clip, precision)
+            if first_step:
+                first_step = False
+                if t.compile:
+                    loss.item()  # wait for the step, so the time is the compilation's
+                    log(f"compiled the model in {time.perf_counter() - step_start:.1f} s (first step included)")
+            loss_sum += loss * y.numel()
             state["epoch_tokens"] += y.numel()
             state["step"] += 1
             state["batch"] += 1
@@ -146,7 +173,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
 def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hidden, finished_epoch) -> None:
     """Validate, keep the best model, decay the learning rate on a plateau, save the state."""
     t = cfg.train
-    val = evaluate(model, valid_data, t.bptt)
+    val = evaluate(model, valid_data, t.bptt, pick_precision(t.precision, valid_data.device))
     train_loss = state["epoch_loss_sum"] / max(state["epoch_tokens"], 1)
     if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
         where = f"the last good checkpoint is in {run_dir}" if (run_dir / WEIGHTS).exists() else "nothing was saved"
@@ -189,7 +216,7 @@ def _finish(cfg, run_dir, corpus, device, state, started) -> dict[str, Any]:
 
     best, _, _ = load_checkpoint(run_dir, device)
     test_data = batchify(to_tensor(corpus.splits["test"], device), cfg.train.eval_batch_size)
-    test = evaluate(best, test_data, cfg.train.bptt) if test_data.size(0) > 1 else None
+    test = evaluate(best, test_data, cfg.train.bptt, pick_precision(cfg.train.precision, device)) if test_data.size(0) > 1 else None
     best_val = state["best_val_loss"]
     summary = {
         "run_dir": str(run_dir),

@@ -1,12 +1,17 @@
-"""Small helpers shared by the commands: stderr logging and device choice.
+"""Small helpers shared by the commands: stderr logging, device and precision choice.
 
-    device = pick_device("auto")   # CUDA, then MPS, then CPU
-    log("reading corpus ...")      # to stderr: stdout carries results only
+    device = pick_device("auto")                 # CUDA, then MPS, then CPU
+    precision = pick_precision("auto", device)   # "bf16" where the hardware runs it natively
+    with autocast(device, precision): ...
+    log("reading corpus ...")                    # to stderr: stdout carries results only
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,3 +42,47 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "mps" and not _mps_available():
         raise ConfigError(["device: mps asked for, but MPS is not available (use cpu or auto)"])
     return torch.device(name)
+
+
+# CPU flags of the instructions that do bf16 arithmetic natively: AMX (Sapphire Rapids
+# and later) and AVX-512 BF16 (Cooper Lake, Zen 4 and later). Without them bf16 matrix
+# products are emulated and slower than float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matrix products natively (so faster than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+    return False
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """`auto` -> "bf16" where `device` does bf16 natively, else "fp32"; `bf16` where it cannot is an error."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "bf16" and device.type == "mps":
+        raise ConfigError(["precision: bf16 autocast is not supported on mps; use fp32 or auto"])
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `precision` is "bf16"; a no-op context for "fp32"."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -1,0 +1,113 @@
+"""The output projection and the cross-entropy loss in one pass, without keeping the logits.
+
+    loss = linear_cross_entropy(h, decoder.weight, decoder.bias, targets)   # h (N, H), targets (N,)
+
+For a small LSTM the output layer is most of the cost: at PTB size (10k words,
+200 units, 700 tokens a step) the logits are a (700, 10000) matrix, and the
+textbook `F.cross_entropy(decoder(h), y)` writes it, reads it for log-softmax,
+writes the log-probabilities, and in backward fills a zero gradient of the same
+size, scatters into it and reads both again. Here each block of rows computes its
+logits, their log-softmax in float32, the loss and, while the block is still in
+cache, the gradient `softmax - onehot` and its two matrix products (the same idea
+as the fused linear-cross-entropy kernels of Liger and Apple's Cut Cross-Entropy).
+Under bf16 autocast the matrix products run in bf16 and the softmax and loss in
+float32 ("bf16 logits, float32 loss").
+
+Without gradients (evaluation) the same blocks compute the loss only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Rows per block: the (rows, V) float32 block stays around 64 MiB at most, so the
+# whole of a PTB-size step is one block and a 50k vocabulary is cut in a few.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The matrix-product dtype: autocast's where it is on (bf16 training), else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _blocks(n: int, vocab: int):
+    rows = max(1, BLOCK_ELEMENTS // vocab)
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """h W^T + b in h's dtype, returned in float32. (A separate .float() then a float32
+    log-softmax is several times faster on a CPU than log_softmax(bf16, dtype=float32).)"""
+    logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+    return logits.float()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of -log softmax(h W^T + b)[target] over rows; gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype) -> Tensor:
+        hc, wc = h.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start, end in _blocks(h.size(0), weight.size(0)):
+            h_blk, y = hc[start:end], targets[start:end]
+            logits = _logits(h_blk, wc, bc)  # (n, V) float32
+            log_probs = torch.log_softmax(logits, dim=1)
+            total -= log_probs.gather(1, y[:, None]).sum()
+            # d(loss)/d(logits) = softmax - onehot(target)
+            grad_logits = torch.softmax(logits, dim=1)
+            grad_logits.scatter_add_(1, y[:, None], grad_logits.new_full((end - start, 1), -1.0))
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0)
+            grad_logits = grad_logits.to(dtype)
+            grad_h[start:end] = grad_logits @ wc  # (n, H)
+            grad_w += (grad_logits.t() @ h_blk).float()  # (V, H)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h = grad_h * grad_total.to(grad_h.dtype)
+        grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
+        grad_b = grad_b * grad_total if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of `h @ weight.T + bias` against `targets`, in float32.
+
+    h (N, H), weight (V, H), bias (V,), targets (N,) -> a float32 scalar, the mean
+    (or with reduction="sum" the sum) of the per-row negative log-likelihoods.
+    Equal to `F.cross_entropy(F.linear(h, weight, bias).float(), targets)`.
+    """
+    dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):  # casts are explicit here
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = _LinearCrossEntropy.apply(h, weight, bias, targets, dtype)
+        else:
+            total = _forward_only(h, weight, bias, targets, dtype)
+    return total / targets.numel() if reduction == "mean" else total
+
+
+def _forward_only(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype) -> Tensor:
+    hc, wc = h.to(dtype), weight.to(dtype)
+    bc = bias.to(dtype) if bias is not None else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start, end in _blocks(h.size(0), weight.size(0)):
+        h_blk, y = hc[start:end], targets[start:end]
+        log_probs = torch.log_softmax(_logits(h_blk, wc, bc), dim=1)
+        total -= log_probs.gather(1, y[:, None]).sum()
+    return total
