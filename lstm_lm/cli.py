@@ -61,7 +61,8 @@ def user_errors():
         "    lstm-lm train                     # demo corpus -> runs/demo\n\n"
         "    lstm-lm train --config configs/ptb-small.yaml --data ../shared/data/ptb\n\n"
         "    lstm-lm train --data corpus.txt --set data.tokenizer=char --epochs 3\n\n"
-        "    lstm-lm train --out runs/ptb-small --resume --epochs 10"
+        "    lstm-lm train --out runs/ptb-small --resume --epochs 10\n\n"
+        "    lstm-lm train --config configs/ptb-small.yaml --precision bf16 --compile   # fastest on a CPU"
     )
 )
 def train(
@@ -78,6 +79,8 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (train.device).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
     impl: Annotated[Optional[str], typer.Option(help="LSTM engine: auto, custom (hand-written cell) or cudnn (nn.LSTM) (model.impl).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where the hardware does it natively), fp32 or bf16 (train.precision).")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes a minute or so once (train.compile).")] = None,
 ) -> None:
     """Train a language model; the best model by validation loss is saved in the run directory.
 
@@ -88,6 +91,7 @@ def train(
     options = {
         "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
         "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.impl": impl,
+        "train.precision": precision, "train.compile": compile_,
     }
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
     with user_errors():
@@ -145,12 +149,13 @@ def eval_(
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object."""
     from lstm_lm.evaluate import evaluate_checkpoint
 
     with user_errors():
-        result = evaluate_checkpoint(checkpoint, data, split, batch_size, device)
+        result = evaluate_checkpoint(checkpoint, data, split, batch_size, device, precision)
     typer.echo(json.dumps(result))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lstm_lm.data import batchify, get_batch, load_corpus, to_tensor
-from lstm_lm.errors import DataError
+from lstm_lm.errors import ConfigError, DataError
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast, pick_device, pick_precision
 
@@ -66,6 +66,8 @@ def evaluate_checkpoint(
     bsz = batch_size or cfg.train.eval_batch_size
     if len(ids) < 2 * bsz:
         raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
+    if precision is not None and precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError([f"--precision must be auto, fp32 or bf16, got {precision!r}"], origin="command line")
     prec = pick_precision(precision or cfg.train.precision, dev)
     result = evaluate(model, batchify(to_tensor(ids, dev), bsz), cfg.train.bptt, prec)
     out: dict[str, Any] = {

@@ -136,6 +136,24 @@ class LSTMLanguageModel(nn.Module):
         out, state = self.features(ids, state)
         return self.decoder(out), state
 
+    def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """One time step for inference: ids (B,) -> logits (B, V) and the new (h, c).
+
+        Runs the textbook cell on the weights of either engine (they have the same
+        names): for batch-1 generation this is several times cheaper than a call of
+        nn.LSTM, whose oneDNN set-up costs more than the arithmetic of one step.
+        Dropout is left out, as in eval mode.
+        """
+        x = self.embedding(ids)  # (B, E)
+        h_n, c_n = [], []
+        for k in range(self.cfg.num_layers):
+            w = {name: getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            x_proj = F.linear(x, w["weight_ih"], w["bias_ih"] + w["bias_hh"])  # (B, 4H)
+            x, c = lstm_cell(x_proj, state[0][k], state[1][k], w["weight_hh"])
+            h_n.append(x)
+            c_n.append(c)
+        return self.decoder(x), (torch.stack(h_n), torch.stack(c_n))
+
     def loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
              reduction: str = "mean") -> tuple[Tensor, State]:
         """Cross-entropy (float32) of predicting `targets` (T, B) from `ids` (T, B), and the final state.

@@ -9,7 +9,9 @@ the model sees it as the start of a sentence.
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 
 import torch
 from tokenizers import Tokenizer
@@ -100,20 +102,17 @@ def complete(
         raise PromptError(f"--top-k must be at least 1, got {top_k}")
     if temperature == 0 and (top_k is not None or top_p is not None):
         temperature = 1.0  # asking for top-k / top-p means asking to sample
-    model.eval()
-    device = model.embedding.weight.device
     generator = None
     if temperature > 0:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else torch.seed())
-    eos, unk = tokenizer.token_to_id(EOS), tokenizer.token_to_id(UNK)
-    logits, state = _read_prompt(model, encode_prompt(tokenizer, prompt, kind))
+    eos = tokenizer.token_to_id(EOS)
+    tokens = generate(model, encode_prompt(tokenizer, prompt, kind), temperature, top_k, top_p, generator,
+                      banned=[tokenizer.token_to_id(UNK)])  # a completion never says "<unk>"
     out: list[int] = []
     max_tokens = words * (40 if kind == "char" else 8)
     text = ""
-    for _ in range(max_tokens):
-        logits[unk] = float("-inf")  # a completion never says "<unk>"
-        nxt = _pick(logits, temperature, top_k, top_p, generator)
+    for nxt in itertools.islice(tokens, max_tokens):
         if nxt == eos:
             break
         out.append(nxt)
@@ -129,9 +128,28 @@ def complete(
                 break
             if SENTENCE_END.search(text):
                 break
-        step_logits, state = model(torch.tensor([[nxt]], device=device), state)
-        logits = step_logits[-1, 0].float().cpu()
     return text.strip()
+
+
+def generate(
+    model: LSTMLanguageModel, ids: list[int], temperature: float = 0.0, top_k: int | None = None,
+    top_p: float | None = None, generator: torch.Generator | None = None, banned: list[int] = (),
+) -> Iterator[int]:
+    """The ids that continue `ids`, one at a time, for as long as the caller takes them.
+
+    One step of the model per token (batch 1), carrying (h, c): the prompt is read once.
+    """
+    model.eval()
+    device = model.embedding.weight.device
+    logits, state = _read_prompt(model, ids)
+    token = torch.empty(1, dtype=torch.long, device=device)  # (B=1,), refilled each step
+    while True:
+        logits[banned] = float("-inf")
+        nxt = _pick(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        with torch.no_grad():
+            step_logits, state = model.step(token.fill_(nxt), state)
+        logits = step_logits[0].float().cpu()
 
 
 def _end_of_nth_word(text: str, n: int) -> int:

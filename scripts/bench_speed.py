@@ -1,0 +1,390 @@
+"""How fast lstm-lm trains, evaluates and generates, side by side with a textbook baseline.
+
+    .venv/bin/python scripts/bench_speed.py --quick --json bench.json     # < 3 min on a 2-core CPU
+    .venv/bin/python scripts/bench_speed.py                               # every combination
+    python scripts/bench_speed.py --quick --device cuda --json gpu.json   # on a GPU
+
+Rows, all in one process on the same machine:
+- baseline: the shape of PyTorch's classic word_language_model example (embedding ->
+  nn.LSTM -> linear, log_softmax + NLLLoss in float32, plain SGD written as
+  `p.data.add_(-lr * grad)`, `.item()` on every evaluation batch);
+- lstm-lm's own training step (`lstm_lm.train.train_step`) and evaluation
+  (`lstm_lm.evaluate.evaluate`) for each impl x precision x compile.
+Sizes are Penn Treebank's: 10k vocabulary, batch 20, bptt 35 (evaluation batch 10),
+ptb-small 2x200, ptb-medium 2x650, ptb-large 2x1500 (GPU only by default).
+
+The rows are timed in turns (a few steps of each row, then the next row, round after
+round) and each row's median is reported, so a slow spell of a shared machine hits
+all rows alike. FLOP/s count the matrix products (3x the forward for a training
+step) and are given as a share of the float32 / bf16 peak measured at the start.
+
+Also measured: batch-1 generation (tokens/s, ptb-small, model in memory) and the wall
+time of `lstm-lm complete` on the demo model from the shell (torch import included).
+The table goes to stderr; --json writes one record per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lstm_lm.config import ModelConfig  # noqa: E402
+from lstm_lm.evaluate import evaluate  # noqa: E402
+from lstm_lm.model import LSTMLanguageModel  # noqa: E402
+from lstm_lm.sample import generate  # noqa: E402
+from lstm_lm.train import compile_loss, train_step  # noqa: E402
+from lstm_lm.utils import native_bf16, pick_device  # noqa: E402
+
+VOCAB, BATCH, BPTT, EVAL_BATCH = 10_000, 20, 35, 10
+SIZES = {  # name: (layers, units, dropout), as in configs/ptb-*.yaml
+    "small": (2, 200, 0.2),
+    "medium": (2, 650, 0.5),
+    "large": (2, 1500, 0.65),
+}
+SEED_PROMPT = "My name is John, I am from Tamilnadu and I speak"
+
+
+def log(msg: str = "") -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- peak
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """FLOP/s of a large square matrix product, the machine's practical peak."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:  # best of short bursts: the machine's peak, not its average
+        start, k = time.perf_counter(), 0
+        while k < 5 or time.perf_counter() - start < 0.05:
+            a @ b
+            k += 1
+        sync(device)
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - start))
+    return best
+
+
+# ----------------------------------------------------------------------- baseline
+
+
+class TextbookLSTM(nn.Module):
+    """The classic example's model: embedding -> dropout -> nn.LSTM -> dropout -> linear (tied)."""
+
+    def __init__(self, layers: int, units: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(VOCAB, units)
+        self.rnn = nn.LSTM(units, units, layers, dropout=dropout)
+        self.decoder = nn.Linear(units, VOCAB)
+        self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x, hidden):
+        out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return F.log_softmax(self.decoder(self.drop(out)).view(-1, VOCAB), dim=1), hidden
+
+
+# -------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    size: str
+    name: str  # "baseline" or "impl/precision[/compile]"
+    impl: str
+    precision: str
+    compiled: bool
+    train_step: object  # callable(i) -> None, one training step on chunk i
+    eval_pass: object  # callable() -> tokens evaluated
+    first_step_s: float = 0.0
+    train_times: list | None = None
+    eval_times: list | None = None
+
+
+def fwd_flops_per_token(layers: int, units: int) -> int:
+    lstm = layers * 2 * 4 * units * (units + units)  # W_ih x and W_hh h for each layer
+    return lstm + 2 * units * VOCAB  # + the output projection
+
+
+def make_baseline(size: str, device: torch.device, data: torch.Tensor, eval_data: torch.Tensor) -> Row:
+    layers, units, dropout = SIZES[size]
+    torch.manual_seed(0)
+    model = TextbookLSTM(layers, units, dropout).to(device)
+    criterion, lr, clip = nn.NLLLoss(), 1.0, 0.25
+    hidden = [None]
+
+    def fresh_state(batch):
+        return (torch.zeros(layers, batch, units, device=device), torch.zeros(layers, batch, units, device=device))
+
+    def step(i: int) -> None:
+        x, y = data[i * BPTT:(i + 1) * BPTT], data[i * BPTT + 1:(i + 1) * BPTT + 1]
+        model.train()
+        h = hidden[0] or fresh_state(BATCH)
+        h = tuple(t.detach() for t in h)
+        model.zero_grad()
+        out, h = model(x, h)
+        loss = criterion(out, y.reshape(-1))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-lr)
+        hidden[0] = h
+
+    @torch.no_grad()
+    def eval_pass() -> int:
+        model.eval()
+        h, total, n = fresh_state(EVAL_BATCH), 0.0, 0
+        for i in range(0, eval_data.size(0) - 1, BPTT):
+            x, y = eval_data[i:i + BPTT], eval_data[i + 1:i + 1 + BPTT]
+            out, h = model(x, h)
+            total += len(x) * criterion(out, y.reshape(-1)).item()
+            n += y.numel()
+        return n
+
+    return Row(size, "baseline", "nn.LSTM", "fp32", False, step, eval_pass)
+
+
+def make_project_row(size: str, impl: str, precision: str, compiled: bool, device: torch.device,
+                     data: torch.Tensor, eval_data: torch.Tensor) -> Row:
+    layers, units, dropout = SIZES[size]
+    torch.manual_seed(0)
+    cfg = ModelConfig(impl=impl, embedding_size=units, hidden_size=units, num_layers=layers, dropout=dropout,
+                      tie_weights=True)
+    model = LSTMLanguageModel(cfg, VOCAB).to(device)
+    loss_fn = compile_loss(model) if compiled else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    hidden = [model.init_state(BATCH, device)]
+
+    def step(i: int) -> None:
+        x, y = data[i * BPTT:(i + 1) * BPTT], data[i * BPTT + 1:(i + 1) * BPTT + 1]
+        model.train()
+        _, hidden[0] = train_step(model, optimizer, x, y, hidden[0], clip=0.25, precision=precision, loss_fn=loss_fn)
+
+    def eval_pass() -> int:
+        return evaluate(model, eval_data, BPTT, precision)["tokens"]
+
+    name = f"{impl}/{precision}" + ("/compile" if compiled else "")
+    return Row(size, name, impl, precision, compiled, step, eval_pass)
+
+
+def plan(size: str, quick: bool, device: torch.device) -> list[tuple[str, str, bool]]:
+    """The (impl, precision, compile) combinations measured at this size."""
+    combos = [(impl, prec, comp) for impl in ("cudnn", "custom") for prec in ("fp32", "bf16") for comp in (False, True)]
+    if not quick:
+        return combos
+    # the engines in both precisions, the fastest setting, and the compile target's row
+    keep = {("cudnn", "fp32", False), ("cudnn", "bf16", False), ("custom", "fp32", False), ("cudnn", "bf16", True)}
+    if size == "small":
+        keep |= {("custom", "bf16", False), ("custom", "fp32", True)}
+    return [c for c in combos if c in keep]
+
+
+def run_size(size: str, args, device: torch.device) -> list[Row]:
+    steps, rounds = args.steps, args.rounds
+    chunks = steps * rounds + args.warmup
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
+    eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
+    rows = [make_baseline(size, device, data, eval_data)]
+    rows += [make_project_row(size, impl, prec, comp, device, data, eval_data) for impl, prec, comp in plan(size, args.quick, device)]
+    for row in rows:  # warm-up; the first step carries any compilation
+        start = time.perf_counter()
+        row.train_step(0)
+        sync(device)
+        row.first_step_s = time.perf_counter() - start
+        for i in range(1, args.warmup):
+            row.train_step(i)
+        row.eval_pass()
+        sync(device)
+        row.train_times, row.eval_times = [], []
+    chunk = args.warmup
+    for _ in range(rounds):  # in turns: each round runs `steps` consecutive steps of every row
+        for row in rows:
+            sync(device)
+            start = time.perf_counter()
+            for i in range(steps):
+                row.train_step(chunk + i)
+            sync(device)
+            row.train_times.append((time.perf_counter() - start) / steps)
+        chunk += steps
+    for _ in range(rounds):  # then evaluation passes, in turns too
+        for row in rows:
+            sync(device)
+            start = time.perf_counter()
+            row.eval_pass()
+            sync(device)
+            row.eval_times.append(time.perf_counter() - start)
+    return rows
+
+
+# ---------------------------------------------------------------- generation, CLI
+
+
+def generation_speed(device: torch.device, tokens: int) -> dict:
+    """Batch-1 greedy generation with a ptb-small-sized model, after it is loaded."""
+    layers, units, _ = SIZES["small"]
+    out = {}
+    for impl in ("cudnn", "custom"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(impl=impl, embedding_size=units, hidden_size=units, num_layers=layers)
+        model = LSTMLanguageModel(cfg, VOCAB).to(device)
+        ids = torch.randint(2, VOCAB, (20,)).tolist()
+        stream = generate(model, ids)
+        list(itertools.islice(stream, 20))  # warm-up
+        start = time.perf_counter()
+        list(itertools.islice(stream, tokens))
+        out[impl] = tokens / (time.perf_counter() - start)
+    return out
+
+
+def complete_wall(checkpoint: Path | None, repeats: int) -> dict:
+    """Wall time of `python -m lstm_lm complete` on the demo model, from process start to exit."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = None
+        if checkpoint is None:
+            checkpoint, start = Path(tmp) / "demo", time.perf_counter()
+            log("training the demo model for the complete-wall measurement (lstm-lm train) ...")
+            subprocess.run([sys.executable, "-m", "lstm_lm", "train", "--out", str(checkpoint)], check=True,
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            trained = time.perf_counter() - start
+        cmd = [sys.executable, "-m", "lstm_lm", "complete", SEED_PROMPT, "--checkpoint", str(checkpoint)]
+        walls, text = [], ""
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run = subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+            walls.append(time.perf_counter() - start)
+            text = run.stdout.strip()
+    return {"wall_s": statistics.median(walls), "runs": walls, "completion": text, "demo_train_s": trained}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "native_bf16": native_bf16(device), "python": platform.python_version()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+        info["name"] = f"{model}, {os.cpu_count()} cores"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rows and steps: under 3 minutes on a 2-core CPU")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--json", type=Path, help="write one JSON record per row to this file")
+    p.add_argument("--sizes", help="comma-separated from small,medium,large (default small,medium; +large on CUDA)")
+    p.add_argument("--steps", type=int, help="training steps per row per round")
+    p.add_argument("--rounds", type=int, help="rounds of turns")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (the first carries compilation)")
+    p.add_argument("--eval-chunks", type=int, default=4, help="bptt chunks per evaluation pass")
+    p.add_argument("--gen-tokens", type=int, default=500, help="tokens for the generation measurement (0: skip)")
+    p.add_argument("--demo-checkpoint", type=Path, help="demo model for the complete-wall measurement "
+                   "(default: train one first, about 30 s)")
+    p.add_argument("--skip-complete", action="store_true", help="skip the `lstm-lm complete` wall measurement")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    if args.sizes is None:
+        args.sizes = "small,medium" + (",large" if device.type == "cuda" else "")
+    sizes = args.sizes.split(",")
+    if unknown := [s for s in sizes if s not in SIZES]:
+        p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+    args.steps = args.steps or (4 if args.quick else 6)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    started = time.perf_counter()
+
+    info = machine(device)
+    log(f"machine: {info['name']}; torch {info['torch']}, {info['threads']} threads, native bf16: {info['native_bf16']}")
+    peak = {"fp32": matmul_peak(device, torch.float32, 1.0 if args.quick else 2.0),
+            "bf16": matmul_peak(device, torch.bfloat16, 1.0 if args.quick else 2.0)}
+    log(f"matrix-product peak: fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s "
+        f"({peak['bf16'] / peak['fp32']:.1f}x)")
+
+    records = []
+    for size in sizes:
+        layers, units, _ = SIZES[size]
+        log(f"\nptb-{size} ({layers}x{units}, vocab {VOCAB:,}, batch {BATCH}, bptt {BPTT}): measuring ...")
+        rows = run_size(size, args, device)
+        base = rows[0]
+        base_train, base_eval = statistics.median(base.train_times), statistics.median(base.eval_times)
+        eval_tokens = args.eval_chunks * BPTT * EVAL_BATCH
+        log(f"{'row':<22}{'train tok/s':>12}{'x base':>8}{'eval tok/s':>12}{'x base':>8}"
+            f"{'TFLOP/s':>9}{'% peak':>8}{'1st step s':>11}")
+        for row in rows:
+            t, e = statistics.median(row.train_times), statistics.median(row.eval_times)
+            flops = 3 * fwd_flops_per_token(layers, units) * BATCH * BPTT / t
+            rec = {
+                "size": f"ptb-{size}", "row": row.name, "impl": row.impl, "precision": row.precision,
+                "compile": row.compiled, "layers": layers, "units": units,
+                "tokens_per_s": BATCH * BPTT / t, "ratio_vs_baseline": base_train / t,
+                "step_ms": 1000 * t, "step_ms_all": [round(1000 * x, 2) for x in row.train_times],
+                "eval_tokens_per_s": eval_tokens / e, "eval_ratio_vs_baseline": base_eval / e,
+                "tflops": flops / 1e12, "peak_share": flops / peak[row.precision],
+                "first_step_s": row.first_step_s,
+            }
+            records.append(rec)
+            log(f"{row.name:<22}{rec['tokens_per_s']:>12,.0f}{rec['ratio_vs_baseline']:>8.2f}"
+                f"{rec['eval_tokens_per_s']:>12,.0f}{rec['eval_ratio_vs_baseline']:>8.2f}"
+                f"{rec['tflops']:>9.3f}{100 * rec['peak_share']:>7.1f}%{row.first_step_s:>11.1f}")
+
+    extra = {}
+    if args.gen_tokens > 0:
+        gen = generation_speed(device, args.gen_tokens)
+        extra["generation_tokens_per_s"] = gen
+        log(f"\ngeneration, batch 1, ptb-small model in memory: "
+            + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in gen.items()))
+        records += [{"size": "ptb-small", "row": f"generate/{k}", "impl": k, "tokens_per_s": v} for k, v in gen.items()]
+    if not args.skip_complete and device.type == "cpu":
+        wall = complete_wall(args.demo_checkpoint, repeats=3)
+        extra["complete"] = wall
+        log(f"`lstm-lm complete` on the demo model: {wall['wall_s']:.2f} s wall (median of 3) -> {wall['completion']!r}")
+        records.append({"size": "demo", "row": "complete-wall", "wall_s": wall["wall_s"], "runs_s": wall["runs"],
+                        "completion": wall["completion"]})
+
+    total = time.perf_counter() - started
+    log(f"\nbenchmark wall time {total:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "peak_flops": peak, "quick": args.quick,
+                                         "wall_s": total, "rows": records}, indent=1) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
