@@ -193,13 +193,18 @@ def make_project_row(size: str, impl: str, precision: str, compiled: bool, devic
     def eval_pass() -> int:
         return evaluate(model, eval_data, BPTT, precision)["tokens"]
 
-    name = f"{impl}/{precision}" + ("/compile" if compiled else "")
-    return Row(size, name, impl, precision, compiled, step, eval_pass)
+    return Row(size, row_name(impl, precision, compiled), impl, precision, compiled, step, eval_pass)
 
 
-def plan(size: str, quick: bool, device: torch.device) -> list[tuple[str, str, bool]]:
+def row_name(impl: str, precision: str, compiled: bool) -> str:
+    return f"{impl}/{precision}" + ("/compile" if compiled else "")
+
+
+def plan(size: str, quick: bool, only: list[str] | None) -> list[tuple[str, str, bool]]:
     """The (impl, precision, compile) combinations measured at this size."""
     combos = [(impl, prec, comp) for impl in ("cudnn", "custom") for prec in ("fp32", "bf16") for comp in (False, True)]
+    if only is not None:
+        return [c for c in combos if row_name(*c) in only]
     if not quick:
         return combos
     # the engines in both precisions, the fastest setting, and the compile target's row
@@ -216,7 +221,7 @@ def run_size(size: str, args, device: torch.device) -> list[Row]:
     data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
     eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
     rows = [make_baseline(size, device, data, eval_data)]
-    rows += [make_project_row(size, impl, prec, comp, device, data, eval_data) for impl, prec, comp in plan(size, args.quick, device)]
+    rows += [make_project_row(size, impl, prec, comp, device, data, eval_data) for impl, prec, comp in plan(size, args.quick, args.rows)]
     for row in rows:  # warm-up; the first step carries any compilation
         start = time.perf_counter()
         row.train_step(0)
@@ -288,6 +293,44 @@ def complete_wall(checkpoint: Path | None, repeats: int) -> dict:
     return {"wall_s": statistics.median(walls), "runs": walls, "completion": text, "demo_train_s": trained}
 
 
+# ------------------------------------------------------------------------ targets
+
+
+def check_targets(records: list[dict], extra: dict, device: torch.device) -> list[dict]:
+    """The issue's speed targets, computed from this run's rows (those it measured)."""
+    def tok_s(size: str, row: str) -> float | None:
+        return next((r["tokens_per_s"] for r in records if r["size"] == size and r["row"] == row), None)
+
+    out = []
+
+    def target(name: str, value: float | None, op: str, threshold: float) -> None:
+        if value is not None:
+            out.append({"target": name, "value": value, "op": op, "threshold": threshold,
+                        "met": value >= threshold if op == ">=" else value < threshold})
+
+    for size, need in (("ptb-small", 1.6), ("ptb-medium", 1.5)):
+        project = [r for r in records if r["size"] == size and "ratio_vs_baseline" in r and r["row"] != "baseline"]
+        if project and device.type == "cpu":
+            best = max(project, key=lambda r: r["ratio_vs_baseline"])
+            target(f"{size}: best setting ({best['row']}) vs baseline", best["ratio_vs_baseline"], ">=", need)
+    fp32 = tok_s("ptb-small", "cudnn/fp32")
+    for row, need in (("custom/fp32/compile", 0.9), ("custom/fp32", 0.7)):
+        if fp32 and (mine := tok_s("ptb-small", row)):
+            target(f"ptb-small: {row} vs cudnn/fp32", mine / fp32, ">=", need)
+    if device.type == "cuda":
+        slow = tok_s("ptb-medium", "custom/fp32")
+        fast = tok_s("ptb-medium", "cudnn/bf16")
+        if slow and fast:
+            target("ptb-medium: cudnn/bf16 vs custom/fp32 (eager), same GPU", fast / slow, ">=", 20)
+    if device.type == "cpu":
+        gen = extra.get("generation_tokens_per_s", {})
+        if gen:
+            target("generation, batch 1, ptb-small (tok/s)", min(gen.values()), ">=", 1000)
+        if "complete" in extra:
+            target("`lstm-lm complete` on the demo model (s wall)", extra["complete"]["wall_s"], "<", 3)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -309,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--json", type=Path, help="write one JSON record per row to this file")
     p.add_argument("--sizes", help="comma-separated from small,medium,large (default small,medium; +large on CUDA)")
+    p.add_argument("--rows", help="comma-separated rows to measure besides the baseline, e.g. cudnn/bf16,custom/fp32/compile "
+                   "(default: all; with --quick a subset)")
     p.add_argument("--steps", type=int, help="training steps per row per round")
     p.add_argument("--rounds", type=int, help="rounds of turns")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (the first carries compilation)")
@@ -322,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes is None:
         args.sizes = "small,medium" + (",large" if device.type == "cuda" else "")
     sizes = args.sizes.split(",")
+    args.rows = args.rows.split(",") if args.rows else None
+    known = {row_name(*c) for c in plan("small", quick=False, only=None)}
+    if args.rows and (unknown := [r for r in args.rows if r not in known]):
+        p.error(f"unknown row(s) {unknown}; choose from {sorted(known)}")
     if unknown := [s for s in sizes if s not in SIZES]:
         p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
     args.steps = args.steps or (4 if args.quick else 6)
@@ -376,12 +425,18 @@ def main(argv: list[str] | None = None) -> int:
         records.append({"size": "demo", "row": "complete-wall", "wall_s": wall["wall_s"], "runs_s": wall["runs"],
                         "completion": wall["completion"]})
 
+    targets = check_targets(records, extra, device)
+    if targets:
+        log("\ntargets:")
+        for t in targets:
+            log(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.2f} (needs {t['op']} {t['threshold']})")
+
     total = time.perf_counter() - started
     log(f"\nbenchmark wall time {total:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "peak_flops": peak, "quick": args.quick,
-                                         "wall_s": total, "rows": records}, indent=1) + "\n")
+                                         "wall_s": total, "rows": records, "targets": targets}, indent=1) + "\n")
         log(f"wrote {args.json}")
     return 0
 

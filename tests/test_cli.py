@@ -81,6 +81,20 @@ def test_eval_prints_json(trained):
     valid = json.loads(_run("eval", "--split", "valid", "--batch-size", "1", "--device", "cpu").stdout)
     assert valid["split"] == "valid" and valid["batch_size"] == 1
     assert "bits_per_char" not in out
+    # the run's own precision by default; --precision overrides it, and the two agree closely
+    fp32 = json.loads(_run("eval", "--checkpoint", run, "--device", "cpu", "--precision", "fp32").stdout)
+    bf16 = json.loads(_run("eval", "--checkpoint", run, "--device", "cpu", "--precision", "bf16").stdout)
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.01)
+
+
+def test_train_precision_and_compile_options_reach_the_config(tiny_corpus, tmp_path):
+    out = tmp_path / "r"
+    result = _run(*_tiny_train_args(tiny_corpus, out), "--precision", "fp32", "--no-compile", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    assert "precision fp32" in result.stderr
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["precision"] == "fp32" and saved["compile"] is False
 
 
 def test_eval_on_moved_data_says_to_pass_data(trained, tiny_corpus):
@@ -134,9 +148,9 @@ def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
 
 HELP_OPTIONS = {
     "train": ["--config", "--data", "--out", "--resume", "--set", "--epochs", "--max-steps", "--batch-size",
-              "--bptt", "--lr", "--device", "--seed", "--impl"],
+              "--bptt", "--lr", "--device", "--seed", "--impl", "--precision", "--compile"],
     "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
-    "eval": ["--checkpoint", "--data", "--split", "--batch-size"],
+    "eval": ["--checkpoint", "--data", "--split", "--batch-size", "--precision"],
 }
 
 
@@ -185,9 +199,10 @@ def test_missing_checkpoint(tmp_path, monkeypatch):
 def test_bad_config_values_are_listed_together(tmp_path, monkeypatch, tiny_corpus):
     monkeypatch.chdir(tmp_path)
     line = _assert_one_error_line(
-        _run("train", "--data", tiny_corpus, "--set", "model.dropout=2", "--set", "train.optimizer=adam", "--lr", "-1")
+        _run("train", "--data", tiny_corpus, "--set", "model.dropout=2", "--set", "train.optimizer=adam", "--lr", "-1",
+             "--precision", "fp16")
     )
-    assert "model.dropout" in line and "train.optimizer" in line and "train.lr" in line
+    assert "model.dropout" in line and "train.optimizer" in line and "train.lr" in line and "train.precision" in line
 
 
 def test_bad_prompt_and_options_keep_the_checkpoint(trained):
@@ -197,6 +212,7 @@ def test_bad_prompt_and_options_keep_the_checkpoint(trained):
     assert "vocabulary" in _assert_one_error_line(_run("complete", "zzz qqq"))
     assert "--split" in _assert_one_error_line(_run("eval", "--split", "train"))
     assert "--top-p" in _assert_one_error_line(_run("complete", "the", "--top-p", "1.5"))
+    assert "--precision" in _assert_one_error_line(_run("eval", "--precision", "fp16"))
     after = {p.name: p.read_bytes() for p in run.iterdir()}
     assert before == after
 

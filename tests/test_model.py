@@ -107,3 +107,43 @@ def test_overfits_one_batch(impl):
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+def _lm(impl, tie=True):
+    torch.manual_seed(0)
+    cfg = ModelConfig(impl=impl, embedding_size=12, hidden_size=12, num_layers=2, dropout=0.0, tie_weights=tie)
+    return LSTMLanguageModel(cfg, vocab_size=30)
+
+
+@pytest.mark.parametrize("impl", ["custom", "cudnn"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(impl, tie):
+    model = _lm(impl, tie)
+    x, y = torch.randint(0, 30, (6, 3)), torch.randint(0, 30, (6, 3))
+    logits, _ = model(x)
+    ref = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss, state = model.loss(x, y)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    for n, p in model.named_parameters():  # the tied embedding collects both of its gradients
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert state[0].shape == (2, 3, 12)
+
+
+@pytest.mark.parametrize("impl", ["custom", "cudnn"])
+def test_step_by_step_generation_path_equals_the_full_forward(impl):
+    model = _lm(impl).eval()
+    ids = torch.randint(0, 30, (7, 2))
+    with torch.no_grad():
+        logits, (h, c) = model(ids)
+        state = model.init_state(2)
+        steps = []
+        for t in range(7):
+            step_logits, state = model.step(ids[t], state)
+            steps.append(step_logits)
+    torch.testing.assert_close(torch.stack(steps), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state[0], h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(state[1], c, atol=1e-6, rtol=0)

@@ -117,3 +117,24 @@ def test_corpus_smaller_than_a_batch_is_refused(tmp_path):
         (d / f"{split}.txt").write_text("one two\n")
     with pytest.raises(DataError, match="fewer than two per stream"):
         train(_cfg(d, "train.batch_size=64"), tmp_path / "r")
+
+
+def test_bf16_training_learns_as_well_as_float32(tiny_corpus, tmp_path):
+    results = {}
+    for precision in ("fp32", "bf16"):
+        summary = train(_cfg(tiny_corpus, "train.epochs=3", f"train.precision={precision}"), tmp_path / precision)
+        results[precision] = summary["best_valid_perplexity"]
+        assert json.loads((tmp_path / precision / "config.json").read_text())["train"]["precision"] == precision
+    assert results["bf16"] < 4 and results["fp32"] < 4
+    assert results["bf16"] == pytest.approx(results["fp32"], rel=0.05)
+    assert results["bf16"] != results["fp32"]  # bf16 really ran
+
+
+def test_compiled_training_gives_the_eager_losses(tiny_corpus, tmp_path, capfd):
+    extra = ["model.impl=custom", "train.max_steps=12", "train.precision=fp32", "train.epochs=1"]
+    eager = train(_cfg(tiny_corpus, *extra), tmp_path / "eager")
+    compiled = train(_cfg(tiny_corpus, *extra, "train.compile=true"), tmp_path / "compiled")
+    assert "compiled the model in" in capfd.readouterr().err
+    assert compiled["best_valid_loss"] == pytest.approx(eager["best_valid_loss"], abs=1e-4)
+    model, _, cfg = load_checkpoint(tmp_path / "compiled")  # a plain checkpoint: same names as any other
+    assert cfg.train.compile is True and not any("_orig_mod" in k for k in model.state_dict())

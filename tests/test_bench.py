@@ -1,0 +1,47 @@
+"""scripts/bench_speed.py runs end to end on a few rows and writes the records it promises."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_speed"] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_speed"]
+
+
+def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--sizes", "small", "--rows", "cudnn/fp32,custom/bf16", "--steps", "1", "--rounds", "2",
+                     "--warmup", "1", "--eval-chunks", "1", "--gen-tokens", "5", "--skip-complete", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {r["row"]: r for r in result["rows"] if r["size"] == "ptb-small"}
+    assert set(rows) == {"baseline", "cudnn/fp32", "custom/bf16", "generate/cudnn", "generate/custom"}
+    assert rows["baseline"]["ratio_vs_baseline"] == 1.0
+    for name in ("baseline", "cudnn/fp32", "custom/bf16"):
+        r = rows[name]
+        assert r["tokens_per_s"] > 0 and r["eval_tokens_per_s"] > 0 and 0 < r["peak_share"]
+        assert len(r["step_ms_all"]) == 2  # one median over two rounds
+    assert rows["custom/bf16"]["precision"] == "bf16" and not rows["custom/bf16"]["compile"]
+    assert result["peak_flops"]["fp32"] > 0 and result["peak_flops"]["bf16"] > 0
+    # the targets that these rows allow are checked, with their figures
+    names = [t["target"] for t in result["targets"]]
+    assert any("best setting" in n for n in names) and any("generation" in n for n in names)
+    table = capsys.readouterr().err
+    assert "train tok/s" in table and "baseline" in table and "targets:" in table
+
+
+def test_bench_refuses_unknown_rows(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--rows", "cudnn/fp16"])

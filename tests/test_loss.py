@@ -1,0 +1,76 @@
+"""The fused output layer + cross-entropy against F.cross_entropy of F.linear, in float32 and bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lstm_lm.loss as loss_mod
+from lstm_lm.loss import linear_cross_entropy
+
+
+def _inputs(n=37, hidden=12, vocab=50, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.5).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.1).requires_grad_() if bias else None
+    y = torch.randint(0, vocab, (n,), generator=g)
+    return h, w, b, y
+
+
+def _grads(*tensors):
+    return [t.grad.clone() for t in tensors if t is not None]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("block_rows", [1000, 8, 5])  # one block; several; several with a ragged last one
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_cross_entropy_of_linear_in_float32(monkeypatch, bias, block_rows, reduction):
+    monkeypatch.setattr(loss_mod, "BLOCK_ELEMENTS", block_rows * 50)
+    h, w, b, y = _inputs(bias=bias)
+    ref = F.cross_entropy(F.linear(h, w, b), y, reduction=reduction)
+    ref.backward()
+    ref_grads = _grads(h, w, b)
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    ours = linear_cross_entropy(h, w, b, y, reduction)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+    ours.backward()
+    for got, want in zip(_grads(h, w, b), ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_scales_with_the_upstream_gradient():
+    h, w, b, y = _inputs()
+    (3.0 * F.cross_entropy(F.linear(h, w, b), y)).backward()
+    ref = _grads(h, w, b)
+    h.grad = w.grad = b.grad = None
+    (3.0 * linear_cross_entropy(h, w, b, y)).backward()
+    for got, want in zip(_grads(h, w, b), ref):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_without_gradients_gives_the_same_loss():
+    h, w, b, y = _inputs()
+    with torch.no_grad():
+        ours = linear_cross_entropy(h, w, b, y, "sum")
+        ref = F.cross_entropy(F.linear(h, w, b), y, reduction="sum")
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-6)
+
+
+def test_bf16_autocast_products_float32_loss_close_to_float32():
+    h, w, b, y = _inputs(n=64, hidden=32, vocab=200)
+    ref = linear_cross_entropy(h, w, b, y)
+    ref.backward()
+    ref_grads = _grads(h, w, b)
+    h.grad = w.grad = b.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, b, y)
+    assert ours.dtype == torch.float32  # the loss itself is float32 ...
+    ours.backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32  # ... and so are the weights' gradients
+    assert abs(ours.item() - ref.item()) < 0.02 * ref.item()  # ... of bf16 products: close, not equal
+    assert ours.item() != ref.item()
+    for got, want in zip(_grads(h, w, b), ref_grads):
+        assert (got - want).norm() < 0.03 * want.norm()

@@ -1,0 +1,45 @@
+"""Device and precision choice: CPU flags decide whether `auto` means bf16."""
+
+import contextlib
+
+import pytest
+import torch
+
+import lstm_lm.utils as utils
+from lstm_lm.errors import ConfigError
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert utils.cpu_flags.__wrapped__(str(info)) >= {"avx512_bf16", "avx512f", "amx_tile"}
+    assert utils.cpu_flags.__wrapped__(str(tmp_path / "missing")) == frozenset()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512f", "avx512_bf16"}, "bf16"),  # Cooper Lake, Zen 4 and later
+    ({"amx_bf16", "amx_tile"}, "bf16"),  # Sapphire Rapids and later
+    ({"avx2", "avx512f"}, "fp32"),  # bf16 would be emulated: slower than float32
+    (set(), "fp32"),  # not Linux, or no flags
+])
+def test_auto_picks_bf16_only_where_the_cpu_does_it_natively(monkeypatch, flags, expected):
+    monkeypatch.setattr(utils, "cpu_flags", lambda: frozenset(flags))
+    assert utils.pick_precision("auto", torch.device("cpu")) == expected
+    assert utils.pick_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice is kept
+    assert utils.pick_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_auto_is_fp32_on_mps_and_bf16_there_is_refused():
+    assert utils.pick_precision("auto", torch.device("mps")) == "fp32"
+    with pytest.raises(ConfigError, match="mps"):
+        utils.pick_precision("bf16", torch.device("mps"))
+
+
+def test_autocast_is_bf16_for_bf16_and_nothing_for_fp32():
+    a = torch.randn(4, 4)
+    with utils.autocast(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    ctx = utils.autocast(torch.device("cpu"), "fp32")
+    assert isinstance(ctx, contextlib.nullcontext)
+    with ctx:
+        assert (a @ a).dtype == torch.float32
