@@ -14,8 +14,9 @@ Sizes are Penn Treebank's: 10k vocabulary, batch 20, bptt 35 (evaluation batch 1
 ptb-small 2x200, ptb-medium 2x650, ptb-large 2x1500 (GPU only by default).
 
 The rows are timed in turns (a few steps of each row, then the next row, round after
-round) and each row's median is reported, so a slow spell of a shared machine hits
-all rows alike. FLOP/s count the matrix products (3x the forward for a training
+round): tokens/s is a row's median over rounds, and its ratio to the baseline the
+median of the per-round ratios, so a slow spell of a shared machine hits both sides
+of a ratio alike. FLOP/s count the matrix products (3x the forward for a training
 step) and are given as a share of the float32 / bf16 peak measured at the start.
 
 Also measured: batch-1 generation (tokens/s, ptb-small, model in memory) and the wall
@@ -129,6 +130,11 @@ class Row:
     first_step_s: float = 0.0
     train_times: list | None = None
     eval_times: list | None = None
+
+
+def paired_ratio(base_times: list[float], row_times: list[float]) -> float:
+    """Median over rounds of baseline time / row time, each pair measured moments apart."""
+    return statistics.median(b / r for b, r in zip(base_times, row_times))
 
 
 def fwd_flops_per_token(layers: int, units: int) -> int:
@@ -390,7 +396,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"\nptb-{size} ({layers}x{units}, vocab {VOCAB:,}, batch {BATCH}, bptt {BPTT}): measuring ...")
         rows = run_size(size, args, device)
         base = rows[0]
-        base_train, base_eval = statistics.median(base.train_times), statistics.median(base.eval_times)
         eval_tokens = args.eval_chunks * BPTT * EVAL_BATCH
         log(f"{'row':<22}{'train tok/s':>12}{'x base':>8}{'eval tok/s':>12}{'x base':>8}"
             f"{'TFLOP/s':>9}{'% peak':>8}{'1st step s':>11}")
@@ -400,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             rec = {
                 "size": f"ptb-{size}", "row": row.name, "impl": row.impl, "precision": row.precision,
                 "compile": row.compiled, "layers": layers, "units": units,
-                "tokens_per_s": BATCH * BPTT / t, "ratio_vs_baseline": base_train / t,
+                "tokens_per_s": BATCH * BPTT / t, "ratio_vs_baseline": paired_ratio(base.train_times, row.train_times),
                 "step_ms": 1000 * t, "step_ms_all": [round(1000 * x, 2) for x in row.train_times],
-                "eval_tokens_per_s": eval_tokens / e, "eval_ratio_vs_baseline": base_eval / e,
+                "eval_tokens_per_s": eval_tokens / e, "eval_ratio_vs_baseline": paired_ratio(base.eval_times, row.eval_times),
                 "tflops": flops / 1e12, "peak_share": flops / peak[row.precision],
                 "first_step_s": row.first_step_s,
             }

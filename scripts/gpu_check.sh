@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU checks for lstm-lm: the suite's CUDA tests and one epoch of ptb-small on CUDA with
+# GPU checks for lstm-lm: the suite's CUDA tests (custom vs cuDNN equivalence, fp32 and
+# bf16 training), the speed benchmark on CUDA, and one epoch of ptb-small on CUDA with
 # each engine. Under 5 minutes on an H100.
 #
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]
 #
-# Writes into DIR: pytest.log, ptb-small-cudnn.json, ptb-small-custom.json (each the
-# `lstm-lm train` summary plus the per-epoch metrics), eval.jsonl (`lstm-lm eval` of
-# each run on CUDA) and env.txt.
+# Writes into DIR: env.txt, pytest.log, bench_gpu.json (scripts/bench_speed.py --quick
+# --device cuda) with its table in bench_gpu.log, ptb-small-cudnn.json and
+# ptb-small-custom.json (each the `lstm-lm train` summary plus the per-epoch metrics)
+# and eval.jsonl (`lstm-lm eval` of each run on CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,11 @@ status=0
   2>&1 | tee "$OUT/env.txt"
 
 echo "== CUDA tests" >&2
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py 2>&1 | tee "$OUT/pytest.log"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py tests/test_loss.py 2>&1 | tee "$OUT/pytest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== speed benchmark on CUDA (ptb-small, ptb-medium, ptb-large)" >&2
+"$PY" scripts/bench_speed.py --quick --device cuda --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ -f "$DATA/train.txt" ]; then

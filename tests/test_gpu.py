@@ -42,12 +42,32 @@ def test_custom_cell_matches_cudnn_on_cuda(exact_float32):
         torch.testing.assert_close(ours_params[name].grad, p.grad, atol=1e-4, rtol=1e-5, msg=name)
 
 
+def test_fused_loss_matches_cross_entropy_on_cuda(exact_float32):
+    from lstm_lm.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(70, 32, device="cuda", requires_grad=True)
+    w = torch.randn(500, 32, device="cuda", requires_grad=True)
+    b = torch.randn(500, device="cuda", requires_grad=True)
+    y = torch.randint(0, 500, (70,), device="cuda")
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y)
+    ref.backward()
+    grads = [t.grad.clone() for t in (h, w, b)]
+    h.grad = w.grad = b.grad = None
+    ours = linear_cross_entropy(h, w, b, y)
+    ours.backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+    for t, g in zip((h, w, b), grads):
+        torch.testing.assert_close(t.grad, g, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["cudnn", "custom"])
-def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl, precision):
     cfg = load_config(None, [
         "data.source=demo", "data.demo_size=600", "data.split_punctuation=true", "model.embedding_size=32",
         "model.hidden_size=32", "model.num_layers=2", f"model.impl={impl}", "train.epochs=3", "train.batch_size=8",
-        "train.optimizer=adamw", "train.lr=0.01", "train.device=cuda",
+        "train.optimizer=adamw", "train.lr=0.01", "train.device=cuda", f"train.precision={precision}",
     ])
     summary = train(cfg, tmp_path / "run")
     assert summary["best_valid_perplexity"] < 20
