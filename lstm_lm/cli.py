@@ -122,16 +122,18 @@ def complete(
     from lstm_lm.checkpoint import load_checkpoint
     from lstm_lm.sample import complete as complete_prompt
     from lstm_lm.sample import next_words
-    from lstm_lm.utils import pick_device
+    from lstm_lm.utils import pick_device, pick_precision
 
     with user_errors():
-        model, tokenizer, cfg = load_checkpoint(checkpoint, pick_device(device))
+        dev = pick_device(device)
+        model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
         if next_:
             for word, p in next_words(model, tokenizer, prompt, k=top_k or 5, kind=cfg.data.tokenizer):
                 typer.echo(f"{word}\t{p:.4f}")
             return
         text = complete_prompt(model, tokenizer, cfg.data.tokenizer, prompt, words=words,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               precision=pick_precision(cfg.train.precision, dev))
     typer.echo(text)
 
 

@@ -137,7 +137,12 @@ class LSTMLanguageModel(nn.Module):
         return self.decoder(out), state
 
     def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """One time step for inference: ids (B,) -> logits (B, V) and the new (h, c).
+        """One time step for inference: ids (B,) -> logits (B, V) and the new (h, c)."""
+        h, state = self.step_hidden(ids, state)
+        return self.decoder(h), state
+
+    def step_hidden(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """One time step for inference: ids (B,) -> the last layer's h (B, H) and the new (h, c).
 
         Runs the textbook cell on the weights of either engine (they have the same
         names): for batch-1 generation this is several times cheaper than a call of
@@ -152,7 +157,7 @@ class LSTMLanguageModel(nn.Module):
             x, c = lstm_cell(x_proj, state[0][k], state[1][k], w["weight_hh"])
             h_n.append(x)
             c_n.append(c)
-        return self.decoder(x), (torch.stack(h_n), torch.stack(c_n))
+        return x, (torch.stack(h_n), torch.stack(c_n))
 
     def loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
              reduction: str = "mean") -> tuple[Tensor, State]:

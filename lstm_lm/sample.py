@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lstm_lm.data import EOS, UNK, detokenize
@@ -87,6 +88,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
 def complete(
     model: LSTMLanguageModel, tokenizer: Tokenizer, kind: str, prompt: str, words: int = 20,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    precision: str = "fp32",
 ) -> str:
     """The continuation of `prompt` (without the prompt), up to the end of the sentence or `words` words.
 
@@ -108,7 +110,7 @@ def complete(
         generator.manual_seed(seed if seed is not None else torch.seed())
     eos = tokenizer.token_to_id(EOS)
     tokens = generate(model, encode_prompt(tokenizer, prompt, kind), temperature, top_k, top_p, generator,
-                      banned=[tokenizer.token_to_id(UNK)])  # a completion never says "<unk>"
+                      banned=[tokenizer.token_to_id(UNK)], precision=precision)  # never says "<unk>"
     out: list[int] = []
     max_tokens = words * (40 if kind == "char" else 8)
     text = ""
@@ -133,23 +135,32 @@ def complete(
 
 def generate(
     model: LSTMLanguageModel, ids: list[int], temperature: float = 0.0, top_k: int | None = None,
-    top_p: float | None = None, generator: torch.Generator | None = None, banned: list[int] = (),
+    top_p: float | None = None, generator: torch.Generator | None = None, banned: Sequence[int] = (),
+    precision: str = "fp32",
 ) -> Iterator[int]:
     """The ids that continue `ids`, one at a time, for as long as the caller takes them.
 
     One step of the model per token (batch 1), carrying (h, c): the prompt is read once.
+    With precision "bf16" the output layer runs on a bf16 copy of its weights: each
+    token reads the whole (V, H) matrix, so half the bytes is nearly half the time of
+    the step's largest part (the scores are then exact to about 3 significant digits).
     """
     model.eval()
     device = model.embedding.weight.device
     logits, state = _read_prompt(model, ids)
+    out_w, out_b = model.decoder.weight.detach(), model.decoder.bias.detach()
+    if precision == "bf16":
+        out_w, out_b = out_w.to(torch.bfloat16), out_b.to(torch.bfloat16)
+    banned = list(banned)  # (logits[()] would be every element)
     token = torch.empty(1, dtype=torch.long, device=device)  # (B=1,), refilled each step
     while True:
-        logits[banned] = float("-inf")
+        if banned:
+            logits[banned] = float("-inf")
         nxt = _pick(logits, temperature, top_k, top_p, generator)
         yield nxt
         with torch.no_grad():
-            step_logits, state = model.step(token.fill_(nxt), state)
-        logits = step_logits[0].float().cpu()
+            h, state = model.step_hidden(token.fill_(nxt), state)
+            logits = F.linear(h.to(out_w.dtype), out_w, out_b)[0].float().cpu()
 
 
 def _end_of_nth_word(text: str, n: int) -> int:

@@ -39,3 +39,27 @@ def test_greedy_top_k_and_top_p():
     assert picks == {1, 2}  # 0.5 < 0.6, so the token that crosses 0.6 (p=0.3) is kept
     picks = {_pick(logits, 1.0, None, 0.5, g) for _ in range(100)}
     assert picks == {1}
+
+
+@pytest.mark.parametrize("impl", ["custom", "cudnn"])
+def test_generation_continues_like_the_full_forward_in_fp32_and_bf16(impl):
+    import itertools
+
+    from lstm_lm.config import ModelConfig
+    from lstm_lm.model import LSTMLanguageModel
+    from lstm_lm.sample import generate
+
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(ModelConfig(impl=impl, embedding_size=16, hidden_size=16, num_layers=2), 40).eval()
+    with torch.no_grad():
+        model.decoder.weight.mul_(20)  # well-separated scores, so bf16 rounding cannot swap the best two
+    prompt = [1, 5, 9, 3]
+    # greedy decoding by re-reading the whole sequence each time with the full forward
+    seq, want = list(prompt), []
+    for _ in range(12):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor(seq).unsqueeze(1))
+        want.append(int(logits[-1, 0].argmax()))
+        seq.append(want[-1])
+    for precision in ("fp32", "bf16"):
+        assert list(itertools.islice(generate(model, prompt, precision=precision), 12)) == want, precision
