@@ -147,3 +147,19 @@ def test_step_by_step_generation_path_equals_the_full_forward(impl):
     torch.testing.assert_close(torch.stack(steps), logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(state[0], h, atol=1e-6, rtol=0)
     torch.testing.assert_close(state[1], c, atol=1e-6, rtol=0)
+
+
+def test_dropout_zeroes_p_of_the_elements_and_scales_the_rest():
+    from lstm_lm.model import Dropout, dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200, 50, 10, requires_grad=True)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the same mask
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+    module = Dropout(0.3).eval()
+    assert module(x) is x and "p=0.3" in repr(module)
