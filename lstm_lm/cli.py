@@ -80,7 +80,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
     impl: Annotated[Optional[str], typer.Option(help="LSTM engine: auto, custom (hand-written cell) or cudnn (nn.LSTM) (model.impl).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where the hardware does it natively), fp32 or bf16 (train.precision).")] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes a minute or so once (train.compile).")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes 20 s to 1.5 min once per run (train.compile).")] = None,
 ) -> None:
     """Train a language model; the best model by validation loss is saved in the run directory.
 

@@ -99,8 +99,8 @@ class TrainConfig:
     # loss and the weights in float32) or "auto" (bf16 where the hardware does it
     # natively: a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).
     precision: str = "auto"
-    # torch.compile the model (the hand-written cell's time loop with it). Pays a
-    # compilation of a minute or more once per run (reported); see README "Speed".
+    # torch.compile the training step (for the hand-written cell, its time loop with
+    # it). Compiling takes 20 s to 1.5 min once per run (reported); see README "Speed".
     compile: bool = False
     # Seed for weights, dropout and sampling.
     seed: int = 1111
