@@ -124,3 +124,12 @@ def test_latest_is_a_link_or_a_pointer_file(saved):
     latest.unlink()
     latest.write_text("ckpt\n")  # what update_latest writes where symlinks are not allowed
     assert resolve_checkpoint(latest) == path
+
+
+def test_config_saved_before_precision_and_compile_existed_loads_with_their_defaults(saved):
+    ckpt, *_ = saved
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["train"]["precision"], cfg["train"]["compile"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    _, _, loaded = load_checkpoint(ckpt)
+    assert loaded.train.precision == "auto" and loaded.train.compile is False
