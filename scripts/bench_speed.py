@@ -229,15 +229,22 @@ def run_size(size: str, args, device: torch.device) -> list[Row]:
     eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
     rows = [make_baseline(size, device, data, eval_data)]
     rows += [make_project_row(size, impl, prec, comp, device, data, eval_data) for impl, prec, comp in plan(size, args.quick, args.rows)]
-    for row in rows:  # warm-up; the first step carries any compilation
+    for row in list(rows):  # warm-up; the first step carries any compilation
         start = time.perf_counter()
-        row.train_step(0)
-        sync(device)
-        row.first_step_s = time.perf_counter() - start
-        for i in range(1, args.warmup):
-            row.train_step(i)
-        row.eval_pass()
-        sync(device)
+        try:
+            row.train_step(0)
+            sync(device)
+            row.first_step_s = time.perf_counter() - start
+            for i in range(1, args.warmup):
+                row.train_step(i)
+            row.eval_pass()
+            sync(device)
+        except Exception as e:  # e.g. torch.compile without a working compiler: measure the rest
+            if row.name == "baseline":
+                raise
+            log(f"{row.name}: skipped, it failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            rows.remove(row)
+            continue
         row.train_times, row.eval_times = [], []
     chunk = args.warmup
     for _ in range(rounds):  # in turns: each round runs `steps` consecutive steps of every row
