@@ -6,10 +6,11 @@ For a small LSTM the output layer is most of the cost: at PTB size (10k words,
 200 units, 700 tokens a step) the logits are a (700, 10000) matrix, and the
 textbook `F.cross_entropy(decoder(h), y)` writes it, reads it for log-softmax,
 writes the log-probabilities, and in backward fills a zero gradient of the same
-size, scatters into it and reads both again. Here each block of rows computes its
-logits, their log-softmax in float32, the loss and, while the block is still in
-cache, the gradient `softmax - onehot` and its two matrix products (the same idea
-as the fused linear-cross-entropy kernels of Liger and Apple's Cut Cross-Entropy).
+size, scatters into it and reads both again. Here each block of rows (a whole
+PTB-size step is one block) computes its logits, their log-softmax in float32, the
+loss and at once the gradient `softmax - onehot` and its two matrix products, so
+nothing of the logits is kept for backward (the idea of the fused
+linear-cross-entropy kernels of Liger and of Apple's Cut Cross-Entropy).
 Under bf16 autocast the matrix products run in bf16 and the softmax and loss in
 float32 ("bf16 logits, float32 loss").
 

@@ -14,8 +14,8 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,11 +57,11 @@ def train_step(
 
 
 def compile_loss(model: LSTMLanguageModel) -> Callable:
-    """`model.loss` compiled with torch.compile: embedding, dropout, the LSTM (for the
-    hand-written cell, its whole time loop) and the fused output layer + loss, forward
-    and backward, as one graph. Inductor fuses the element-wise work (the gates, the
-    dropout masks, the softmax), which is where a CPU spends the time matrix products
-    do not.
+    """`model.loss` compiled with torch.compile: embedding, dropout, the LSTM and the
+    fused output layer + loss, forward and backward. With the hand-written cell that is
+    one graph, its whole time loop included; nn.LSTM cannot be traced, so the graph
+    breaks around it. Inductor fuses the element-wise work (the gates, the dropout
+    masks, the softmax), which is where a CPU spends the time matrix products do not.
 
     Compilation happens on the first call and again for each new input shape; the
     model itself is unchanged, so checkpoints are the same.
@@ -129,8 +129,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
         group["lr"] = state["lr"]
     log(
         f"model: {model.num_parameters():,} parameters, impl {model.impl}, vocab {corpus.vocab_size:,}, "
-        f"device {device}, precision {precision}{', compiled' if t.compile else ''}; data: {len(train_ids):,} train tokens, {n_batches:,} batches of "
-        f"{t.batch_size}x{t.bptt} per epoch"
+        f"device {device}, precision {precision}{', compiled' if t.compile else ''}; "
+        f"data: {len(train_ids):,} train tokens, {n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
     )
 
     def out_of_steps() -> bool:
