@@ -48,31 +48,42 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return logits.float()
 
 
+def _blocked_loss(
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype, with_grads: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None] | None]:
+    """The summed loss block by block, and with `with_grads` the gradients of that sum
+    with respect to h, weight and bias (float32 for the weights)."""
+    hc, wc = h.to(dtype), weight.to(dtype)
+    bc = bias.to(dtype) if bias is not None else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    if with_grads:
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+    for start, end in _blocks(h.size(0), weight.size(0)):
+        h_blk, y = hc[start:end], targets[start:end]
+        logits = _logits(h_blk, wc, bc)  # (n, V) float32
+        total -= torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum()
+        if not with_grads:
+            continue
+        # d(loss)/d(logits) = softmax - onehot(target)
+        grad_logits = torch.softmax(logits, dim=1)
+        grad_logits.scatter_add_(1, y[:, None], grad_logits.new_full((end - start, 1), -1.0))
+        if grad_b is not None:
+            grad_b += grad_logits.sum(0)
+        grad_logits = grad_logits.to(dtype)
+        grad_h[start:end] = grad_logits @ wc  # (n, H)
+        grad_w += (grad_logits.t() @ h_blk).float()  # (V, H)
+    return total, ((grad_h, grad_w, grad_b) if with_grads else None)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of -log softmax(h W^T + b)[target] over rows; gradients computed in forward."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype) -> Tensor:
-        hc, wc = h.to(dtype), weight.to(dtype)
-        bc = bias.to(dtype) if bias is not None else None
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start, end in _blocks(h.size(0), weight.size(0)):
-            h_blk, y = hc[start:end], targets[start:end]
-            logits = _logits(h_blk, wc, bc)  # (n, V) float32
-            log_probs = torch.log_softmax(logits, dim=1)
-            total -= log_probs.gather(1, y[:, None]).sum()
-            # d(loss)/d(logits) = softmax - onehot(target)
-            grad_logits = torch.softmax(logits, dim=1)
-            grad_logits.scatter_add_(1, y[:, None], grad_logits.new_full((end - start, 1), -1.0))
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0)
-            grad_logits = grad_logits.to(dtype)
-            grad_h[start:end] = grad_logits @ wc  # (n, H)
-            grad_w += (grad_logits.t() @ h_blk).float()  # (V, H)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        total, grads = _blocked_loss(h, weight, bias, targets, dtype, with_grads=True)
+        ctx.save_for_backward(*grads)
         ctx.weight_dtype = weight.dtype
         return total
 
@@ -99,16 +110,5 @@ def linear_cross_entropy(
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = _LinearCrossEntropy.apply(h, weight, bias, targets, dtype)
         else:
-            total = _forward_only(h, weight, bias, targets, dtype)
+            total, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=False)
     return total / targets.numel() if reduction == "mean" else total
-
-
-def _forward_only(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype) -> Tensor:
-    hc, wc = h.to(dtype), weight.to(dtype)
-    bc = bias.to(dtype) if bias is not None else None
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start, end in _blocks(h.size(0), weight.size(0)):
-        h_blk, y = hc[start:end], targets[start:end]
-        log_probs = torch.log_softmax(_logits(h_blk, wc, bc), dim=1)
-        total -= log_probs.gather(1, y[:, None]).sum()
-    return total
