@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lstm_lm.config import CHOICES
 from lstm_lm.data import batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import ConfigError, DataError
 from lstm_lm.model import LSTMLanguageModel
@@ -54,6 +55,9 @@ def evaluate_checkpoint(
         raise DataError(f"--split must be test or valid, got {split!r}")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision is not None and precision not in CHOICES["train.precision"]:
+        raise ConfigError([f"--precision must be one of {', '.join(CHOICES['train.precision'])}, got {precision!r}"],
+                          origin="command line")
     dev = pick_device(device)
     model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
     try:
@@ -66,8 +70,6 @@ def evaluate_checkpoint(
     bsz = batch_size or cfg.train.eval_batch_size
     if len(ids) < 2 * bsz:
         raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
-    if precision is not None and precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError([f"--precision must be auto, fp32 or bf16, got {precision!r}"], origin="command line")
     prec = pick_precision(precision or cfg.train.precision, dev)
     result = evaluate(model, batchify(to_tensor(ids, dev), bsz), cfg.train.bptt, prec)
     out: dict[str, Any] = {

@@ -173,15 +173,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
         state["epoch_loss_sum"] += loss_sum.item()
         state["train_time_s"] += time.perf_counter() - epoch_start
         finished_epoch = state["batch"] >= n_batches
-        _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hidden, finished_epoch)
+        _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hidden, finished_epoch, precision)
 
-    return _finish(cfg, run_dir, corpus, device, state, started)
+    return _finish(cfg, run_dir, corpus, device, precision, state, started)
 
 
-def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hidden, finished_epoch) -> None:
+def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hidden, finished_epoch, precision) -> None:
     """Validate, keep the best model, decay the learning rate on a plateau, save the state."""
     t = cfg.train
-    val = evaluate(model, valid_data, t.bptt, pick_precision(t.precision, valid_data.device))
+    val = evaluate(model, valid_data, t.bptt, precision)
     train_loss = state["epoch_loss_sum"] / max(state["epoch_tokens"], 1)
     if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
         where = f"the last good checkpoint is in {run_dir}" if (run_dir / WEIGHTS).exists() else "nothing was saved"
@@ -218,13 +218,13 @@ def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hid
     save_training_state(run_dir, model, optimizer, state, hidden)
 
 
-def _finish(cfg, run_dir, corpus, device, state, started) -> dict[str, Any]:
+def _finish(cfg, run_dir, corpus, device, precision, state, started) -> dict[str, Any]:
     """Evaluate the best model on the test split and summarise the run."""
     from lstm_lm.checkpoint import load_checkpoint
 
     best, _, _ = load_checkpoint(run_dir, device)
     test_data = batchify(to_tensor(corpus.splits["test"], device), cfg.train.eval_batch_size)
-    test = evaluate(best, test_data, cfg.train.bptt, pick_precision(cfg.train.precision, device)) if test_data.size(0) > 1 else None
+    test = evaluate(best, test_data, cfg.train.bptt, precision) if test_data.size(0) > 1 else None
     best_val = state["best_val_loss"]
     summary = {
         "run_dir": str(run_dir),
