@@ -182,9 +182,13 @@ def load_checkpoint(
 
 def save_training_state(
     run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    state: dict[str, Any], hidden: tuple[torch.Tensor, torch.Tensor] | None,
+    state: dict[str, Any], hidden: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Latest weights, optimizer, RNG and hidden state as tensors; `state` (JSON) in the metadata."""
+    """Latest weights, optimizer, RNG and hidden state as tensors; `state` (JSON) in the metadata.
+
+    `extra` tensors (the NT-ASGD weight average) are stored under their own names.
+    """
     tensors = {f"model.{name}": t for name, t in weights_to_save(model).items()}
     opt = optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
@@ -198,8 +202,10 @@ def save_training_state(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    if hidden is not None:
-        tensors["hidden.h"], tensors["hidden.c"] = hidden
+    for k, (h, c) in enumerate(hidden or []):
+        tensors[f"hidden.{k}.h"], tensors[f"hidden.{k}.c"] = h, c
+    for name, t in (extra or {}).items():
+        tensors[f"extra.{name}"] = t
     meta = {"state": state, "param_groups": opt["param_groups"], "optim_scalars": opt_scalars}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_atomically(run_dir / TRAINING_STATE,
@@ -208,8 +214,9 @@ def save_training_state(
 
 def load_training_state(
     run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
-    """Restore what `save_training_state` wrote; returns the JSON state and the hidden state."""
+) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]] | None, dict[str, torch.Tensor]]:
+    """Restore what `save_training_state` wrote; returns the JSON state, the hidden state
+    and the `extra` tensors."""
     path = run_dir / TRAINING_STATE
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} does not exist (was the run started with this --out?)")
@@ -236,6 +243,10 @@ def load_training_state(
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     hidden = None
-    if "hidden.h" in tensors:
-        hidden = (tensors["hidden.h"].to(device), tensors["hidden.c"].to(device))
-    return meta["state"], hidden
+    if "hidden.h" in tensors:  # format 1 before per-layer sizes: (L, B, H) stacks
+        hidden = list(zip(tensors["hidden.h"].to(device).unbind(0), tensors["hidden.c"].to(device).unbind(0)))
+    elif "hidden.0.h" in tensors:
+        layers = sum(1 for k in tensors if k.startswith("hidden.") and k.endswith(".h"))
+        hidden = [(tensors[f"hidden.{k}.h"].to(device), tensors[f"hidden.{k}.c"].to(device)) for k in range(layers)]
+    extra = {k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
+    return meta["state"], hidden, extra

@@ -55,8 +55,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # LSTM engine: "custom" (hand-written cell), "cudnn" (torch.nn.LSTM, cuDNN on a GPU)
-    # or "auto" (nn.LSTM unless a feature needs the hand-written cell).
+    # LSTM engine: "custom" (hand-written cell), "cudnn" (the kernel behind torch.nn.LSTM,
+    # cuDNN on a GPU) or "auto" (cudnn; every feature below works with either engine).
     impl: str = "auto"
     # Size of the word vectors.
     embedding_size: int = 200
@@ -64,11 +64,43 @@ class ModelConfig:
     hidden_size: int = 200
     # Number of stacked LSTM layers.
     num_layers: int = 2
-    # Dropout on the embeddings, between layers and on the last layer's output.
+    # Units of each layer, one entry per layer, overriding hidden_size (null: all
+    # hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last layer matches the
+    # embedding so that the weights can be tied.
+    hidden_sizes: list[int] | None = None
+    # Dropout on the embeddings, between layers and on the last layer's output; the
+    # three fields after it set each of those on its own (null: this value).
     dropout: float = 0.2
+    # Dropout on the embedding output, the first layer's input (AWD-LSTM's dropouti).
+    dropout_input: float | None = None
+    # Dropout between stacked layers (AWD-LSTM's dropouth).
+    dropout_hidden: float | None = None
+    # Dropout on the last layer's output, the decoder's input (AWD-LSTM's dropout).
+    dropout_output: float | None = None
+    # The three dropouts above as locked (variational) dropout: one mask per sequence,
+    # the same at every time step (Gal & Ghahramani 2016), instead of a new one per step.
+    locked_dropout: bool = False
+    # Embedding dropout: drop whole words, the same words everywhere in a batch
+    # (Gal & Ghahramani 2016; AWD-LSTM's dropoute).
+    dropout_embedding: float = 0.0
+    # Weight drop: DropConnect (Wan et al. 2013) on the hidden-to-hidden matrices, one
+    # mask per batch shared by every time step (AWD-LSTM's wdrop).
+    weight_drop: float = 0.0
     # Share the input embedding with the output projection (Press & Wolf 2017,
-    # Inan et al. 2017); needs embedding_size == hidden_size.
+    # Inan et al. 2017); needs embedding_size == the last layer's size.
     tie_weights: bool = True
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Units of each layer."""
+        return list(self.hidden_sizes) if self.hidden_sizes else [self.hidden_size] * self.num_layers
+
+    def dropouts(self) -> dict[str, float]:
+        """The rate of each dropout site, the null ones filled in from `dropout`."""
+        pick = lambda v: self.dropout if v is None else v  # noqa: E731
+        return {"input": pick(self.dropout_input), "hidden": pick(self.dropout_hidden),
+                "output": pick(self.dropout_output), "embedding": self.dropout_embedding,
+                "weight": self.weight_drop}
 
 
 @dataclass
@@ -87,8 +119,35 @@ class TrainConfig:
     lr: float = 20.0
     # AdamW weight decay (decoupled, Loshchilov & Hutter 2019); SGD ignores it.
     weight_decay: float = 0.0
-    # Divide the learning rate by this when validation loss stops improving (1: never).
+    # Learning-rate schedule: "plateau" (divide by lr_decay when validation stops
+    # improving), "cosine" (after the warm-up, follow a cosine from lr down to min_lr
+    # over the run: its epochs, max_steps or time_budget) or "constant".
+    schedule: str = "plateau"
+    # plateau: divide the learning rate by this when validation loss stops improving (1: never).
     lr_decay: float = 4.0
+    # Raise the learning rate linearly from 0 over the first this many steps (0: no warm-up).
+    warmup_steps: int = 0
+    # cosine: the learning rate at the end of the run.
+    min_lr: float = 0.0
+    # Non-monotonically triggered averaged SGD (Merity et al. 2017; needs optimizer sgd):
+    # once validation loss is worse than the best of all but the last `nonmono` epochs,
+    # keep a running average of the weights from then on; validation, the saved model
+    # and the test use the averaged weights.
+    nt_asgd: bool = False
+    nonmono: int = 5
+    # Activation regularization: add ar * mean(h^2) of the last layer's (dropped-out)
+    # output to the loss, and temporal activation regularization: tar * mean((h_t -
+    # h_{t-1})^2) of its raw output (Merity et al. 2017; AWD-LSTM uses 2 and 1).
+    ar: float = 0.0
+    tar: float = 0.0
+    # Variable-length BPTT (Merity et al. 2017): each chunk's length is drawn around
+    # bptt (N(bptt, 5), or N(bptt/2, 5) one time in 20, at least 5) and the learning
+    # rate scaled by length / bptt, so that every token starts a chunk in some epoch.
+    variable_bptt: bool = False
+    # Stop after this many minutes of wall time, evaluation included (null: no limit).
+    # The cosine schedule is planned against this budget rather than the epoch count,
+    # and the run ends with a full validation and a test evaluation inside it.
+    time_budget: float | None = None
     # Clip the global gradient norm to this (0: no clipping).
     clip: float = 0.25
     # Streams used for validation and test (the classic value is 10).
@@ -123,6 +182,7 @@ CHOICES = {
     "data.tokenizer": ("word", "char", "bpe"),
     "model.impl": ("auto", "custom", "cudnn"),
     "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("plateau", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
 }
 
@@ -162,6 +222,11 @@ def _coerce(value: Any, typ: Any, key: str, from_string: bool) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if typing.get_origin(typ) is list:
+        item = typing.get_args(typ)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", from_string=False) for i, v in enumerate(value)]
     if typ in (int, float) and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
             value = float(value.strip())
@@ -233,12 +298,22 @@ def validate(cfg: Config) -> list[str]:
     for key, value in {"data.valid_fraction": d.valid_fraction, "data.test_fraction": d.test_fraction}.items():
         if not 0.0 < value < 0.5:
             p.append(f"{key}: must be between 0 and 0.5 (exclusive), got {value}")
-    if not 0.0 <= m.dropout < 1.0:
-        p.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.tie_weights and m.embedding_size != m.hidden_size:
+    rates = {"model.dropout": m.dropout, "model.dropout_input": m.dropout_input,
+             "model.dropout_hidden": m.dropout_hidden, "model.dropout_output": m.dropout_output,
+             "model.dropout_embedding": m.dropout_embedding, "model.weight_drop": m.weight_drop}
+    for key, value in rates.items():
+        if value is not None and not 0.0 <= value < 1.0:
+            p.append(f"{key}: must be in [0, 1), got {value}")
+    if m.hidden_sizes is not None:
+        if len(m.hidden_sizes) != m.num_layers:
+            p.append(f"model.hidden_sizes: has {len(m.hidden_sizes)} entries but model.num_layers is "
+                     f"{m.num_layers}; give one size per layer")
+        if any(size < 1 for size in m.hidden_sizes):
+            p.append(f"model.hidden_sizes: every size must be at least 1, got {m.hidden_sizes}")
+    if m.tie_weights and m.num_layers >= 1 and m.layer_sizes and m.embedding_size != m.layer_sizes[-1]:
         p.append(
-            f"model.tie_weights: tied weights need embedding_size == hidden_size, got "
-            f"{m.embedding_size} and {m.hidden_size} (set model.tie_weights=false or make them equal)"
+            f"model.tie_weights: tied weights need embedding_size == the last layer's size, got "
+            f"{m.embedding_size} and {m.layer_sizes[-1]} (set model.tie_weights=false or make them equal)"
         )
     if not 0 < t.lr < float("inf"):
         p.append(f"train.lr: must be a positive number, got {t.lr}")
@@ -246,6 +321,22 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.lr_decay: must be at least 1 (1 turns the decay off), got {t.lr_decay}")
     if t.clip < 0:
         p.append(f"train.clip: must be 0 (off) or positive, got {t.clip}")
+    if t.warmup_steps < 0:
+        p.append(f"train.warmup_steps: must not be negative, got {t.warmup_steps}")
+    if t.lr > 0 and not 0.0 <= t.min_lr < t.lr:
+        p.append(f"train.min_lr: must be at least 0 and below train.lr ({t.lr}), got {t.min_lr}")
+    if t.nonmono < 1:
+        p.append(f"train.nonmono: must be at least 1, got {t.nonmono}")
+    if t.nt_asgd and t.optimizer != "sgd":
+        p.append(f"train.nt_asgd: averages SGD's iterates; needs train.optimizer=sgd, got {t.optimizer}")
+    for key, value in {"train.ar": t.ar, "train.tar": t.tar}.items():
+        if value < 0:
+            p.append(f"{key}: must not be negative, got {value}")
+    if t.time_budget is not None and not 0 < t.time_budget < float("inf"):
+        p.append(f"train.time_budget: must be a positive number of minutes or null, got {t.time_budget}")
+    if t.variable_bptt and t.compile:
+        p.append("train.variable_bptt: does not combine with train.compile (every new chunk length would "
+                 "compile anew); turn one of them off")
     if t.weight_decay < 0:
         p.append(f"train.weight_decay: must not be negative, got {t.weight_decay}")
     if not is_device_name(t.device):

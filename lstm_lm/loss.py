@@ -14,7 +14,8 @@ linear-cross-entropy kernels of Liger and of Apple's Cut Cross-Entropy).
 Under bf16 autocast the matrix products run in bf16 and the softmax and loss in
 float32 ("bf16 logits, float32 loss").
 
-Without gradients (evaluation) the same blocks compute the loss only.
+Without gradients (evaluation) the same blocks compute the loss only, or with
+`linear_cross_entropy_and_hits` also how often the target is among the top k.
 """
 
 from __future__ import annotations
@@ -112,3 +113,28 @@ def linear_cross_entropy(
         else:
             total, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=False)
     return total / targets.numel() if reduction == "mean" else total
+
+
+@torch.no_grad()
+def linear_cross_entropy_and_hits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ks: tuple[int, ...] = (1, 5),
+) -> tuple[Tensor, Tensor]:
+    """For evaluation: the summed cross-entropy (as linear_cross_entropy with
+    reduction="sum") and, for each k in `ks`, the number of rows whose target is
+    among the k highest-scoring tokens (top-k accuracy = hits / rows), from the same
+    logits blocks."""
+    dtype = _compute_dtype(h)
+    hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    kmax = min(max(ks), weight.size(0))
+    with torch.autocast(h.device.type, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        for start, end in _blocks(h.size(0), weight.size(0)):
+            y = targets[start:end, None]
+            logits = _logits(hc[start:end], wc, bc)
+            total -= torch.log_softmax(logits, dim=1).gather(1, y).sum()
+            found = logits.topk(kmax, dim=1).indices == y  # (n, kmax): where the target ranks
+            for i, k in enumerate(ks):
+                hits[i] += found[:, :k].any(dim=1).sum()
+    return total, hits

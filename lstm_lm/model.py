@@ -4,17 +4,25 @@
     logits, state = model(ids)            # ids (T, B) -> logits (T, B, V)
     logits, state = model(ids2, state)    # carry the memory into the next chunk
 
-Two engines share one set of weights: `LSTM` below, a hand-written stack whose
-cell reads like the textbook explanation of the gates, and `torch.nn.LSTM` (cuDNN
-on a GPU, oneDNN on a CPU). Both hold parameters named `weight_ih_l{k}` (4H, I),
-`weight_hh_l{k}` (4H, H), `bias_ih_l{k}`, `bias_hh_l{k}` (4H,), with the gates in
-nn.LSTM's order (input, forget, candidate, output), so a state dict saved from
-one loads into the other.
+Two engines share one set of weights. `LSTM` below holds the parameters under
+nn.LSTM's names, `weight_ih_l{k}` (4H, I), `weight_hh_l{k}` (4H, H), `bias_ih_l{k}`,
+`bias_hh_l{k}` (4H,), with the gates in nn.LSTM's order (input, forget, candidate,
+output), and runs them either through a hand-written cell that reads like the
+textbook explanation of the gates ("custom") or through the fused kernel behind
+`torch.nn.LSTM` ("cudnn": cuDNN on a GPU, oneDNN on a CPU). A state dict saved
+with one engine loads into the other, and into `nn.LSTM`.
+
+The regularization of AWD-LSTM (Merity et al. 2017) works with both engines,
+because both read the weights afresh at every call: embedding dropout (whole
+words), locked dropout (one mask for all time steps) on the embedding output,
+between layers and on the output, and weight drop (DropConnect on W_hh).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +31,17 @@ from torch import Tensor, nn
 from lstm_lm.config import ModelConfig
 from lstm_lm.loss import linear_cross_entropy
 
-State = tuple[Tensor, Tensor]  # (h, c), each (num_layers, B, H) as in nn.LSTM
+# Per layer (h, c), each (B, H_k): layers may differ in size (AWD-LSTM's last layer is smaller).
+State = list[tuple[Tensor, Tensor]]
+
+# cuDNN copies weights that are not one flat buffer into one before each call and warns
+# about it; here the weights are fresh tensors at every call by design (weight drop).
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+
+
+def detach_state(state: State) -> State:
+    """The same memory with the gradient history cut (truncated BPTT)."""
+    return [(h.detach(), c.detach()) for h, c in state]
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -55,7 +73,23 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> State:
+def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Locked (variational) dropout (Gal & Ghahramani 2016) on x (T, B, H): one mask per
+    sequence, (1, B, H), the same units dropped at every time step."""
+    if not training or p == 0:
+        return x
+    return x * dropout(x.new_ones(1, *x.shape[1:]), p, training)
+
+
+def embedding_dropout(weight: Tensor, p: float, training: bool) -> Tensor:
+    """Drop whole words (Gal & Ghahramani 2016): zero whole rows of the embedding matrix
+    (V, E), scale the others by 1/(1-p). A dropped word is a zero vector wherever it occurs."""
+    if not training or p == 0:
+        return weight
+    return weight * dropout(weight.new_ones(weight.size(0), 1), p, training)
+
+
+def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> tuple[Tensor, Tensor]:
     """One time step. `x_proj` is the input's contribution W_ih x + b_ih + b_hh, (B, 4H)."""
     gates = torch.addmm(x_proj, h, weight_hh.t())  # x_proj + h W_hh^T, (B, 4H): the four gates side by side
     i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's order
@@ -69,54 +103,96 @@ def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> State:
     return h, c
 
 
-class LSTM(nn.Module):
-    """A hand-written multi-layer LSTM, a drop-in for `nn.LSTM(I, H, L, dropout=p)` (time-major)."""
+ENGINES = ("custom", "cudnn")
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+
+class LSTM(nn.Module):
+    """A multi-layer LSTM with nn.LSTM's parameters, run by either engine (time-major).
+
+    `LSTM(I, H, L, dropout=p)` computes what `nn.LSTM(I, H, L, dropout=p)` does. Beyond it:
+    a size per layer (`hidden_size=[1150, 1150, 400]`), locked dropout between layers
+    and weight drop on the hidden-to-hidden matrices.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int | Sequence[int], num_layers: int = 1,
+                 dropout: float = 0.0, *, engine: str = "custom", weight_drop: float = 0.0,
+                 locked_dropout: bool = False):
         super().__init__()
-        self.input_size, self.hidden_size, self.num_layers, self.dropout = (
-            input_size, hidden_size, num_layers, dropout,
-        )
-        for k in range(num_layers):
-            layer_in = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size, layer_in)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size)))
-            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * hidden_size)))
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        sizes = [hidden_size] * num_layers if isinstance(hidden_size, int) else list(hidden_size)
+        assert len(sizes) == num_layers, "one hidden size per layer"
+        self.input_size, self.sizes, self.num_layers = input_size, sizes, num_layers
+        self.dropout, self.weight_drop, self.locked_dropout, self.engine = dropout, weight_drop, locked_dropout, engine
+        for k, H in enumerate(sizes):
+            layer_in = input_size if k == 0 else sizes[k - 1]
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * H, layer_in)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * H, H)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * H)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * H)))
         self.reset_parameters()
 
+    @property
+    def hidden_size(self) -> int:
+        return self.sizes[-1]
+
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)  # nn.LSTM's initialisation
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        for k, H in enumerate(self.sizes):  # nn.LSTM's initialisation: uniform(+-1/sqrt(H))
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                nn.init.uniform_(getattr(self, f"{name}_l{k}"), -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
+
+    def layer_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Layer k's (W_ih, W_hh, b_ih, b_hh) as this call uses them: in training with
+        weight drop, W_hh with a fresh DropConnect mask, shared by all time steps."""
+        w_hh = getattr(self, f"weight_hh_l{k}")
+        if self.training and self.weight_drop > 0:
+            w_hh = dropout(w_hh, self.weight_drop, True)
+        return getattr(self, f"weight_ih_l{k}"), w_hh, getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+
+    def zero_state(self, batch_size: int, like: Tensor) -> State:
+        return [(like.new_zeros(batch_size, H), like.new_zeros(batch_size, H)) for H in self.sizes]
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        T, B, _ = x.shape  # (T, B, I)
+        """x (T, B, I) and per-layer (h, c) -> the last layer's output (T, B, H) and the new state."""
         if state is None:
-            zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
-            state = (zeros, zeros)
-        h_n, c_n = [], []
+            state = self.zero_state(x.size(1), x)
+        weights = [self.layer_weights(k) for k in range(self.num_layers)]
+        one_size = len(set(self.sizes)) == 1
+        if self.engine == "cudnn" and one_size and not (self.locked_dropout and self.dropout > 0):
+            # All layers in one kernel call, nn.LSTM's own dropout between them: what
+            # nn.LSTM.forward does, and on a GPU cuDNN overlaps the layers.
+            h0 = torch.stack([h for h, _ in state])
+            c0 = torch.stack([c for _, c in state])
+            out, h_n, c_n = torch.lstm(x, (h0, c0), [w for ws in weights for w in ws], True,
+                                       self.num_layers, self.dropout, self.training, False, False)
+            return out, list(zip(h_n.unbind(0), c_n.unbind(0)))
+        new_state = []
         for k in range(self.num_layers):
-            w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
-            b = getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
-            # The input half of every gate for all T steps in one matrix product; only
-            # the recurrent half has to wait for the previous step.
-            x_proj = F.linear(x, w_ih, b)  # (T, B, 4H)
-            h, c = state[0][k], state[1][k]  # (B, H)
-            outputs = []
-            for x_t in x_proj.unbind(0):  # unbind, not x_proj[t]: its backward writes all T grads at once
-                h, c = lstm_cell(x_t, h, c, w_hh)
-                outputs.append(h)
-            x = torch.stack(outputs)  # (T, B, H)
-            if k < self.num_layers - 1 and self.dropout > 0:
-                x = dropout(x, self.dropout, self.training)  # between layers, as nn.LSTM does
-            h_n.append(h)
-            c_n.append(c)
-        return x, (torch.stack(h_n), torch.stack(c_n))
+            if k > 0 and self.dropout > 0:  # between layers
+                x = (locked_dropout if self.locked_dropout else dropout)(x, self.dropout, self.training)
+            x, hc = self._layer(x, state[k], weights[k])
+            new_state.append(hc)
+        return x, new_state
+
+    def _layer(self, x: Tensor, state: tuple[Tensor, Tensor], weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        w_ih, w_hh, b_ih, b_hh = weights
+        h, c = state
+        if self.engine == "cudnn":
+            out, h_n, c_n = torch.lstm(x, (h[None], c[None]), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0,
+                                       self.training, False, False)
+            return out, (h_n[0], c_n[0])
+        # The input half of every gate for all T steps in one matrix product; only the
+        # recurrent half has to wait for the previous step.
+        x_proj = F.linear(x, w_ih, b_ih + b_hh)  # (T, B, 4H)
+        outputs = []
+        for x_t in x_proj.unbind(0):  # unbind, not x_proj[t]: its backward writes all T grads at once
+            h, c = lstm_cell(x_t, h, c, w_hh)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)  # (T, B, H)
 
 
 def resolve_impl(cfg: ModelConfig) -> str:
-    """`auto` -> the fast path: no feature of this model needs the hand-written cell."""
+    """`auto` -> the fast path: every feature of this model works with it."""
     return "cudnn" if cfg.impl == "auto" else cfg.impl
 
 
@@ -127,12 +203,12 @@ class LSTMLanguageModel(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.impl = impl or resolve_impl(cfg)
-        E, H, L = cfg.embedding_size, cfg.hidden_size, cfg.num_layers
-        self.embedding = nn.Embedding(vocab_size, E)
-        self.drop = Dropout(cfg.dropout)
-        rnn_cls = nn.LSTM if self.impl == "cudnn" else LSTM
-        self.rnn = rnn_cls(E, H, L, dropout=cfg.dropout if L > 1 else 0.0)
-        self.decoder = nn.Linear(H, vocab_size)
+        self.p = cfg.dropouts()  # rate per site: input, hidden, output, embedding, weight
+        sizes = cfg.layer_sizes
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
+        self.rnn = LSTM(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], engine=self.impl,
+                        weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout)
+        self.decoder = nn.Linear(sizes[-1], vocab_size)
         if cfg.tie_weights:
             # Weight tying (Press & Wolf 2017; Inan et al. 2017): the output projection
             # reuses the input embedding, saving V*H parameters and improving perplexity.
@@ -149,57 +225,78 @@ class LSTMLanguageModel(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         device = device or self.embedding.weight.device
-        zeros = torch.zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_size, device=device)
-        return zeros, zeros.clone()
+        return [(torch.zeros(batch_size, H, device=device), torch.zeros(batch_size, H, device=device))
+                for H in self.rnn.sizes]
 
-    def features(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """ids (T, B) -> the last layer's output after dropout (T, B, H), the input of the decoder."""
+    def _drop(self, x: Tensor, p: float) -> Tensor:
+        return (locked_dropout if self.cfg.locked_dropout else dropout)(x, p, self.training)
+
+    def features(self, ids: Tensor, state: State | None = None, raw: bool = False):
+        """ids (T, B) -> the last layer's output after dropout (T, B, H), the input of the
+        decoder, and the new state; with `raw`, also that output before dropout."""
         if state is None:
             state = self.init_state(ids.size(1), ids.device)
-        x = self.drop(self.embedding(ids))  # (T, B, E)
+        weight = embedding_dropout(self.embedding.weight, self.p["embedding"], self.training)
+        x = self._drop(F.embedding(ids, weight), self.p["input"])  # (T, B, E)
         out, state = self.rnn(x, state)  # (T, B, H)
-        return self.drop(out), state
+        dropped = self._drop(out, self.p["output"])
+        return (dropped, state, out) if raw else (dropped, state)
 
     def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """ids (T, B) -> logits (T, B, V) and the final (h, c)."""
+        """ids (T, B) -> logits (T, B, V) and the final state."""
         out, state = self.features(ids, state)
         return self.decoder(out), state
 
     def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """One time step for inference: ids (B,) -> logits (B, V) and the new (h, c)."""
+        """One time step for inference: ids (B,) -> logits (B, V) and the new state."""
         h, state = self.step_hidden(ids, state)
         return self.decoder(h), state
 
     def step_hidden(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """One time step for inference: ids (B,) -> the last layer's h (B, H) and the new (h, c).
+        """One time step for inference: ids (B,) -> the last layer's h (B, H) and the new state.
 
-        Runs the textbook cell on the weights of either engine (they have the same
-        names): for batch-1 generation this is several times cheaper than a call of
-        nn.LSTM, whose oneDNN set-up costs more than the arithmetic of one step.
+        Runs the textbook cell on the weights of either engine (they are the same):
+        for batch-1 generation this is several times cheaper than a call of the fused
+        kernel, whose oneDNN set-up costs more than the arithmetic of one step.
         Dropout is left out, as in eval mode.
         """
         x = self.embedding(ids)  # (B, E)
-        h_n, c_n = [], []
-        for k in range(self.cfg.num_layers):
-            w = {name: getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-            x_proj = F.linear(x, w["weight_ih"], w["bias_ih"] + w["bias_hh"])  # (B, 4H)
-            x, c = lstm_cell(x_proj, state[0][k], state[1][k], w["weight_hh"])
-            h_n.append(x)
-            c_n.append(c)
-        return x, (torch.stack(h_n), torch.stack(c_n))
+        new_state = []
+        for k in range(self.rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            x, c = lstm_cell(F.linear(x, w_ih, b_ih + b_hh), *state[k], w_hh)
+            new_state.append((x, c))
+        return x, new_state
 
     def loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
              reduction: str = "mean") -> tuple[Tensor, State]:
         """Cross-entropy (float32) of predicting `targets` (T, B) from `ids` (T, B), and the final state.
 
         The same value as `F.cross_entropy(forward(ids)[0].flatten(0, 1), targets.flatten())`,
-        computed without keeping the (T, B, V) logits (see loss.py): what training and
-        evaluation use.
+        computed without keeping the (T, B, V) logits (see loss.py): what evaluation uses.
         """
         out, state = self.features(ids, state)
         loss = linear_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias,
                                     targets.flatten(), reduction)
         return loss, state
+
+    def training_loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
+                      ar: float = 0.0, tar: float = 0.0) -> tuple[Tensor, Tensor, State]:
+        """The objective training minimises, the cross-entropy alone (for the logs) and the state.
+
+        objective = cross-entropy + ar * mean(dropped output^2) + tar * mean((h_t - h_{t-1})^2),
+        the activation and temporal activation regularization of Merity et al. (2017),
+        on the last layer: AR keeps its activations small, TAR keeps them from jumping
+        between time steps.
+        """
+        out, state, raw = self.features(ids, state, raw=True)
+        ce = linear_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias, targets.flatten())
+        objective = ce
+        if ar > 0:
+            objective = objective + ar * out.float().pow(2).mean()
+        if tar > 0 and raw.size(0) > 1:
+            objective = objective + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+        return objective, ce, state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once

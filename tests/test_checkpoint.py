@@ -13,7 +13,7 @@ from lstm_lm.config import Config, ModelConfig
 from lstm_lm.data import build_tokenizer
 from lstm_lm.errors import CheckpointError
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.train import make_optimizer
+from lstm_lm.optim import make_optimizer
 
 
 @pytest.fixture
@@ -83,15 +83,17 @@ def test_training_state_round_trip(saved, optimizer):
     ids = torch.randint(0, 9, (5, 2))
     model(ids)[0].sum().backward()
     opt.step()
-    hidden = (torch.randn(2, 2, 16), torch.randn(2, 2, 16))
-    save_training_state(path, model, opt, {"step": 3, "lr": 0.5}, hidden)
+    hidden = [(torch.randn(2, 16), torch.randn(2, 16)) for _ in range(2)]
+    extra = {"average.0": torch.randn(3, 4)}
+    save_training_state(path, model, opt, {"step": 3, "lr": 0.5}, hidden, extra)
 
     torch.manual_seed(123)
     fresh = LSTMLanguageModel(cfg.model, 9)
     fresh_opt = make_optimizer(cfg, fresh)
-    state, restored = load_training_state(path, fresh, fresh_opt, torch.device("cpu"))
+    state, restored, restored_extra = load_training_state(path, fresh, fresh_opt, torch.device("cpu"))
     assert state == {"step": 3, "lr": 0.5}
-    torch.testing.assert_close(restored[0], hidden[0])
+    torch.testing.assert_close(restored, hidden)
+    torch.testing.assert_close(restored_extra, extra)
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         torch.testing.assert_close(a, b, msg=n)
     assert fresh.decoder.weight is fresh.embedding.weight

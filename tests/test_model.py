@@ -9,12 +9,17 @@ from lstm_lm.config import ModelConfig
 from lstm_lm.model import LSTM, LSTMLanguageModel, lstm_cell
 
 
-def _pair(input_size=7, hidden=11, layers=2, dropout=0.0):
+def _pair(input_size=7, hidden=11, layers=2, dropout=0.0, engine="custom"):
     torch.manual_seed(0)
     ref = nn.LSTM(input_size, hidden, layers, dropout=dropout)
-    ours = LSTM(input_size, hidden, layers, dropout=dropout)
+    ours = LSTM(input_size, hidden, layers, dropout=dropout, engine=engine)
     ours.load_state_dict(ref.state_dict())  # same names and shapes, so this is exact
     return ref, ours
+
+
+def _stack(state):
+    """Our per-layer [(h, c), ...] -> nn.LSTM's (h, c), each (L, B, H)."""
+    return torch.stack([h for h, _ in state]), torch.stack([c for _, c in state])
 
 
 def test_parameter_names_and_shapes_match_nn_lstm():
@@ -22,14 +27,16 @@ def test_parameter_names_and_shapes_match_nn_lstm():
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
 
 
+@pytest.mark.parametrize("engine", ["custom", "cudnn"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
-def test_custom_matches_nn_lstm_outputs_state_and_gradients(layers):
-    ref, ours = _pair(layers=layers)
+def test_both_engines_match_nn_lstm_outputs_state_and_gradients(layers, engine):
+    ref, ours = _pair(layers=layers, engine=engine)
     x = torch.randn(9, 4, 7)
     h0, c0 = torch.randn(layers, 4, 11), torch.randn(layers, 4, 11)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, (h_ref, c_ref) = ref(x_ref, (h0, c0))
-    out_ours, (h_ours, c_ours) = ours(x_ours, (h0, c0))
+    out_ours, state = ours(x_ours, list(zip(h0, c0)))
+    h_ours, c_ours = _stack(state)
     torch.testing.assert_close(out_ours, out_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(h_ours, h_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(c_ours, c_ref, atol=1e-5, rtol=0)
@@ -61,12 +68,11 @@ def test_state_carry_whole_equals_two_halves(impl):
     torch.manual_seed(0)
     model = LSTMLanguageModel(ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl), 20).eval()
     ids = torch.randint(0, 20, (12, 3))
-    whole, (h, c) = model(ids)
+    whole, state_whole = model(ids)
     first, state = model(ids[:5])
-    second, (h2, c2) = model(ids[5:], state)
+    second, state_halves = model(ids[5:], state)
     torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h2, h, atol=1e-5, rtol=0)
-    torch.testing.assert_close(c2, c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_stack(state_halves), _stack(state_whole), atol=1e-5, rtol=0)
 
 
 def test_one_state_dict_runs_on_both_engines():
@@ -88,8 +94,8 @@ def test_weight_tying_shares_the_embedding():
 
 
 def test_default_impl_is_the_fast_path():
-    assert isinstance(LSTMLanguageModel(ModelConfig(), 10).rnn, nn.LSTM)
-    assert isinstance(LSTMLanguageModel(ModelConfig(impl="custom"), 10).rnn, LSTM)
+    assert LSTMLanguageModel(ModelConfig(), 10).rnn.engine == "cudnn"
+    assert LSTMLanguageModel(ModelConfig(impl="custom"), 10).rnn.engine == "custom"
 
 
 @pytest.mark.parametrize("impl", ["custom", "cudnn"])
@@ -130,7 +136,7 @@ def test_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(impl, t
     loss.backward()
     for n, p in model.named_parameters():  # the tied embedding collects both of its gradients
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
-    assert state[0].shape == (2, 3, 12)
+    assert len(state) == 2 and state[0][0].shape == (3, 12)
 
 
 @pytest.mark.parametrize("impl", ["custom", "cudnn"])

@@ -54,17 +54,16 @@ def test_learning_rate_is_divided_when_validation_stops_improving(tiny_corpus, t
 def test_diverging_run_stops_without_saving_nan_weights(tiny_corpus, tmp_path, monkeypatch):
     from lstm_lm.model import LSTMLanguageModel
 
-    real_loss, calls = LSTMLanguageModel.loss, []
+    real_loss, calls = LSTMLanguageModel.training_loss, []
 
     def exploding_loss(self, *args, **kwargs):  # the 40th training step (in epoch 2) goes to NaN
-        loss, state = real_loss(self, *args, **kwargs)
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 40:
-                loss = loss * float("nan")
-        return loss, state
+        objective, loss, state = real_loss(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 40:
+            objective, loss = objective * float("nan"), loss * float("nan")
+        return objective, loss, state
 
-    monkeypatch.setattr(LSTMLanguageModel, "loss", exploding_loss)
+    monkeypatch.setattr(LSTMLanguageModel, "training_loss", exploding_loss)
     run = tmp_path / "r"
     with pytest.raises(TrainingError, match="not finite .* epoch 2 .*last good checkpoint"):
         train(_cfg(tiny_corpus, "train.epochs=3"), run)
