@@ -62,7 +62,8 @@ def user_errors():
         "    lstm-lm train --config configs/ptb-small.yaml --data ../shared/data/ptb\n\n"
         "    lstm-lm train --data corpus.txt --set data.tokenizer=char --epochs 3\n\n"
         "    lstm-lm train --out runs/ptb-small --resume --epochs 10\n\n"
-        "    lstm-lm train --config configs/ptb-small.yaml --precision bf16 --compile   # fastest on a CPU"
+        "    lstm-lm train --config configs/ptb-small.yaml --precision bf16 --compile   # fastest on a CPU\n\n"
+        "    lstm-lm train --config configs/ptb-cpu-30min.yaml --time-budget 10   # the best model in 10 minutes"
     )
 )
 def train(
@@ -81,6 +82,7 @@ def train(
     impl: Annotated[Optional[str], typer.Option(help="LSTM engine: auto, custom (hand-written cell) or cudnn (nn.LSTM) (model.impl).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where the hardware does it natively), fp32 or bf16 (train.precision).")] = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes 20 s to 1.5 min once per run (train.compile).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help="Stop after this many minutes of wall time, final validation and test included; the cosine schedule is planned against it (train.time_budget).")] = None,
 ) -> None:
     """Train a language model; the best model by validation loss is saved in the run directory.
 
@@ -91,7 +93,7 @@ def train(
     options = {
         "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
         "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.impl": impl,
-        "train.precision": precision, "train.compile": compile_,
+        "train.precision": precision, "train.compile": compile_, "train.time_budget": time_budget,
     }
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
     with user_errors():

@@ -117,14 +117,19 @@ class TrainConfig:
     optimizer: str = "sgd"
     # Learning rate (20 is the classic value for plain SGD on PTB; ~1e-3 for AdamW).
     lr: float = 20.0
-    # AdamW weight decay (decoupled, Loshchilov & Hutter 2019); SGD ignores it.
+    # Weight decay: decoupled for AdamW (Loshchilov & Hutter 2019), an L2 penalty for
+    # SGD (AWD-LSTM uses 1.2e-6).
     weight_decay: float = 0.0
     # Learning-rate schedule: "plateau" (divide by lr_decay when validation stops
-    # improving), "cosine" (after the warm-up, follow a cosine from lr down to min_lr
-    # over the run: its epochs, max_steps or time_budget) or "constant".
+    # improving), "exponential" (divide by lr_decay after every epoch from
+    # decay_start on, as Zaremba et al. 2014), "cosine" (after the warm-up, follow a
+    # cosine from lr down to min_lr over the run: its epochs, max_steps or
+    # time_budget) or "constant".
     schedule: str = "plateau"
-    # plateau: divide the learning rate by this when validation loss stops improving (1: never).
+    # plateau / exponential: the divisor (1: never decay).
     lr_decay: float = 4.0
+    # exponential: the first epoch after which the learning rate is divided.
+    decay_start: int = 1
     # Raise the learning rate linearly from 0 over the first this many steps (0: no warm-up).
     warmup_steps: int = 0
     # cosine: the learning rate at the end of the run.
@@ -182,7 +187,7 @@ CHOICES = {
     "data.tokenizer": ("word", "char", "bpe"),
     "model.impl": ("auto", "custom", "cudnn"),
     "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("plateau", "cosine", "constant"),
+    "train.schedule": ("plateau", "exponential", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
 }
 
@@ -325,6 +330,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.warmup_steps: must not be negative, got {t.warmup_steps}")
     if t.lr > 0 and not 0.0 <= t.min_lr < t.lr:
         p.append(f"train.min_lr: must be at least 0 and below train.lr ({t.lr}), got {t.min_lr}")
+    if t.decay_start < 1:
+        p.append(f"train.decay_start: must be at least 1, got {t.decay_start}")
     if t.nonmono < 1:
         p.append(f"train.nonmono: must be at least 1, got {t.nonmono}")
     if t.nt_asgd and t.optimizer != "sgd":

@@ -106,6 +106,17 @@ def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> tuple[
 ENGINES = ("custom", "cudnn")
 
 
+@torch.compiler.disable
+def fused_lstm(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], num_layers: int, dropout: float,
+               training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel nn.LSTM.forward calls (cuDNN on a GPU, oneDNN on a CPU), on the given weights.
+
+    Kept out of torch.compile's graph, as nn.LSTM is: traced, it decomposes into one
+    small graph node per time step, which took minutes to compile and ran no faster.
+    """
+    return torch.lstm(x, (h0, c0), weights, True, num_layers, dropout, training, False, False)
+
+
 class LSTM(nn.Module):
     """A multi-layer LSTM with nn.LSTM's parameters, run by either engine (time-major).
 
@@ -163,8 +174,8 @@ class LSTM(nn.Module):
             # nn.LSTM.forward does, and on a GPU cuDNN overlaps the layers.
             h0 = torch.stack([h for h, _ in state])
             c0 = torch.stack([c for _, c in state])
-            out, h_n, c_n = torch.lstm(x, (h0, c0), [w for ws in weights for w in ws], True,
-                                       self.num_layers, self.dropout, self.training, False, False)
+            out, h_n, c_n = fused_lstm(x, h0, c0, [w for ws in weights for w in ws], self.num_layers,
+                                       self.dropout, self.training)
             return out, list(zip(h_n.unbind(0), c_n.unbind(0)))
         new_state = []
         for k in range(self.num_layers):
@@ -178,8 +189,7 @@ class LSTM(nn.Module):
         w_ih, w_hh, b_ih, b_hh = weights
         h, c = state
         if self.engine == "cudnn":
-            out, h_n, c_n = torch.lstm(x, (h[None], c[None]), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0,
-                                       self.training, False, False)
+            out, h_n, c_n = fused_lstm(x, h[None], c[None], [w_ih, w_hh, b_ih, b_hh], 1, 0.0, self.training)
             return out, (h_n[0], c_n[0])
         # The input half of every gate for all T steps in one matrix product; only the
         # recurrent half has to wait for the previous step.

@@ -29,7 +29,7 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=0.0)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
 def scheduled_lr(t: TrainConfig, base_lr: float, step: int, progress: float) -> float:

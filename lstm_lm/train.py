@@ -276,11 +276,13 @@ def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hid
             state["averaging_since"] = state["step"]
             log(f"NT-ASGD: validation stopped improving; averaging the weights from step {state['step']} on")
         elif t.schedule == "plateau" and not improved and t.lr_decay > 1 and average is None:
-            state["lr"] /= t.lr_decay  # validation got worse: anneal (Zaremba et al. 2014 style)
+            state["lr"] /= t.lr_decay  # validation got worse: anneal
+        if t.schedule == "exponential" and state["epoch"] >= t.decay_start:
+            state["lr"] /= t.lr_decay  # Zaremba et al. 2014: a fixed decay every epoch
     _append_metrics(run_dir, record)
     log(
         f"epoch {record['epoch']} | step {record['step']} | train ppl {record['train_ppl']:.6g} | "
-        f"valid ppl {record['val_ppl']:.6g}{' (best)' if improved else ''}{' (averaged)' if average else ''} | "
+        f"valid ppl {record['val_ppl']:.6g}{' (best)' if improved else ''}{' (averaged)' if record['averaged'] else ''} | "
         f"lr {record['lr']:.4g} | {tok_s:,.0f} tok/s | {state['train_time_s']:.1f} s"
         + (f" | {clock.elapsed() / 60:.1f} of {t.time_budget:g} min" if t.time_budget else "")
     )

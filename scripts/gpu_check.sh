@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # GPU checks for lstm-lm: the suite's CUDA tests (custom vs cuDNN equivalence, fp32 and
-# bf16 training), the speed benchmark on CUDA, and one epoch of ptb-small on CUDA with
-# each engine. Under 5 minutes on an H100.
+# bf16 training), the speed benchmark on CUDA, one epoch of ptb-small on CUDA with
+# each engine and the first two epochs of ptb-awd. About 7 minutes on an H100.
 #
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]
 #
 # Writes into DIR: env.txt, pytest.log, bench_gpu.json (scripts/bench_speed.py --quick
 # --device cuda) with its table in bench_gpu.log, ptb-small-cudnn.json and
 # ptb-small-custom.json (each the `lstm-lm train` summary plus the per-epoch metrics)
-# and eval.jsonl (`lstm-lm eval` of each run on CUDA).
+# eval.jsonl (`lstm-lm eval` of each run on CUDA) and ptb-awd-2-epochs.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,7 +58,20 @@ PY
       status=1
     fi
   done
+  echo "== ptb-awd, first 2 epochs, CUDA (AWD-LSTM's regularization on cuDNN)" >&2
+  if "$PY" -m lstm_lm train --config configs/ptb-awd.yaml --data "$DATA" --epochs 2 --device cuda \
+       --out "$runs/ptb-awd" > "$runs/awd-summary.json"; then
+    "$PY" - "$runs/awd-summary.json" "$runs/ptb-awd/metrics.jsonl" > "$OUT/ptb-awd-2-epochs.json" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+summary["metrics"] = [json.loads(line) for line in open(sys.argv[2])]
+print(json.dumps(summary, indent=2))
+PY
+    cat "$OUT/ptb-awd-2-epochs.json"
+  else
+    status=1
+  fi
 else
-  echo "no PTB at $DATA: skipping the ptb-small runs (pass --data DIR)" >&2
+  echo "no PTB at $DATA: skipping the ptb-small and ptb-awd runs (pass --data DIR)" >&2
 fi
 exit $status

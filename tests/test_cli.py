@@ -78,6 +78,7 @@ def test_eval_prints_json(trained):
     out = json.loads(result.stdout)
     assert out["split"] == "test" and out["tokens"] > 0 and out["batch_size"] == 2
     assert out["perplexity"] == pytest.approx(2.718281828 ** out["loss"])
+    assert 0 < out["top1_accuracy"] <= out["top5_accuracy"] <= 1
     valid = json.loads(_run("eval", "--split", "valid", "--batch-size", "1", "--device", "cpu").stdout)
     assert valid["split"] == "valid" and valid["batch_size"] == 1
     assert "bits_per_char" not in out
@@ -95,6 +96,16 @@ def test_train_precision_and_compile_options_reach_the_config(tiny_corpus, tmp_p
     assert "precision fp32" in result.stderr
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["precision"] == "fp32" and saved["compile"] is False
+
+
+def test_time_budget_option_reaches_the_config_and_bad_values_are_one_error(tiny_corpus, tmp_path):
+    out = tmp_path / "r"
+    result = _run(*_tiny_train_args(tiny_corpus, out), "--time-budget", "0.05", "--epochs", "1000")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["train"]["time_budget"] == 0.05
+    assert json.loads(result.stdout)["wall_s"] < 0.05 * 60 + 2
+    line = _assert_one_error_line(_run(*_tiny_train_args(tiny_corpus, tmp_path / "s"), "--time-budget", "-1"))
+    assert "train.time_budget" in line
 
 
 def test_eval_on_moved_data_says_to_pass_data(trained, tiny_corpus):
@@ -148,7 +159,7 @@ def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
 
 HELP_OPTIONS = {
     "train": ["--config", "--data", "--out", "--resume", "--set", "--epochs", "--max-steps", "--batch-size",
-              "--bptt", "--lr", "--device", "--seed", "--impl", "--precision", "--compile"],
+              "--bptt", "--lr", "--device", "--seed", "--impl", "--precision", "--compile", "--time-budget"],
     "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
     "eval": ["--checkpoint", "--data", "--split", "--batch-size", "--precision"],
 }

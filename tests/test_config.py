@@ -75,3 +75,43 @@ def test_missing_and_malformed_config_files(tmp_path):
     f.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(f)
+
+
+def test_per_layer_sizes_from_yaml_and_the_command_line(tmp_path):
+    f = tmp_path / "awd.yaml"
+    f.write_text("model:\n  num_layers: 3\n  hidden_sizes: [1150, 1150, 400]\n  embedding_size: 400\n")
+    cfg = load_config(f)
+    assert cfg.model.layer_sizes == [1150, 1150, 400]
+    cfg = load_config(f, ["model.hidden_sizes=[64, 64, 400]"])
+    assert cfg.model.layer_sizes == [64, 64, 400]
+    assert load_config(None, ["model.num_layers=3"]).model.layer_sizes == [200, 200, 200]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.hidden_sizes=[100, 200]", "model.hidden_sizes"),  # 2 sizes for 2 layers, but tied to 200: ok below
+    ("model.hidden_sizes=[200]", "model.hidden_sizes"),  # 1 size, 2 layers
+    ("model.hidden_sizes=[0, 200]", "model.hidden_sizes"),
+    ("model.hidden_sizes=big", "model.hidden_sizes"),
+    ("model.hidden_sizes=[200, 100]", "model.tie_weights"),
+    ("model.weight_drop=1", "model.weight_drop"),
+    ("model.dropout_input=-0.1", "model.dropout_input"),
+    ("train.schedule=linear", "train.schedule"),
+    ("train.min_lr=50", "train.min_lr"),
+    ("train.nonmono=0", "train.nonmono"),
+    ("train.time_budget=0", "train.time_budget"),
+    ("train.ar=-1", "train.ar"),
+    ("train.warmup_steps=-5", "train.warmup_steps"),
+])
+def test_regularization_and_schedule_values_are_checked(override, key):
+    if override == "model.hidden_sizes=[100, 200]":
+        assert load_config(None, [override]).model.layer_sizes == [100, 200]
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_incompatible_training_options_are_refused():
+    with pytest.raises(ConfigError, match="nt_asgd.*sgd"):
+        load_config(None, ["train.nt_asgd=true", "train.optimizer=adamw"])
+    with pytest.raises(ConfigError, match="variable_bptt.*compile"):
+        load_config(None, ["train.variable_bptt=true", "train.compile=true"])

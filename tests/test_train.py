@@ -76,12 +76,19 @@ def test_max_steps_stops_mid_epoch(tiny_corpus, tmp_path):
     assert summary["steps"] == 5
 
 
-@pytest.mark.parametrize("optimizer, dropout", [("adamw", "0.0"), ("sgd", "0.3")])
-def test_resume_continues_the_same_run(tiny_corpus, tmp_path, optimizer, dropout):
+AWD_OPTIONS = ("model.weight_drop=0.3", "model.locked_dropout=true", "model.dropout_embedding=0.1",
+               "train.variable_bptt=true", "train.nt_asgd=true", "train.nonmono=1", "train.ar=1", "train.tar=1",
+               "train.schedule=constant")
+
+
+@pytest.mark.parametrize("optimizer, dropout, options", [
+    ("adamw", "0.0", ()), ("sgd", "0.3", ()), ("sgd", "0.3", AWD_OPTIONS),
+])
+def test_resume_continues_the_same_run(tiny_corpus, tmp_path, optimizer, dropout, options):
     """Stopped after 7 steps (mid-epoch) and resumed = never stopped: same weights, same losses."""
-    extra = [f"train.optimizer={optimizer}", f"model.dropout={dropout}", "train.epochs=3", "train.lr=0.5"]
+    extra = [f"train.optimizer={optimizer}", f"model.dropout={dropout}", "train.epochs=3", "train.lr=0.5", *options]
     if optimizer == "adamw":
-        extra[-1] = "train.lr=0.01"
+        extra[3] = "train.lr=0.01"
     whole = tmp_path / "whole"
     train(_cfg(tiny_corpus, *extra), whole)
 
@@ -93,7 +100,7 @@ def test_resume_continues_the_same_run(tiny_corpus, tmp_path, optimizer, dropout
     a = load_file(str(whole / "training_state.safetensors"))
     b = load_file(str(parts / "training_state.safetensors"))
     for key in a:
-        if key.startswith(("model.", "optim.")):
+        if key.startswith(("model.", "optim.", "extra.")):
             assert torch.equal(a[key], b[key]), key
     rec_a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     rec_b = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
@@ -137,3 +144,78 @@ def test_compiled_training_gives_the_eager_losses(tiny_corpus, tmp_path, capfd):
     assert compiled["best_valid_loss"] == pytest.approx(eager["best_valid_loss"], abs=1e-4)
     model, _, cfg = load_checkpoint(tmp_path / "compiled")  # a plain checkpoint: same names as any other
     assert cfg.train.compile is True and not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_nt_asgd_evaluates_and_saves_the_averaged_weights(tiny_corpus, tmp_path, monkeypatch):
+    import lstm_lm.train as train_mod
+
+    # Validation losses, epoch by epoch: with nonmono=1, epoch 4's 2.6 is worse than the
+    # best before the last epoch (2.0), so averaging starts there; epoch 5 is the best.
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    real_evaluate = train_mod.evaluate
+    evaluated = []
+
+    def fake_evaluate(model, data, bptt, *args):
+        evaluated.append(model.embedding.weight.detach().clone())
+        out = real_evaluate(model, data, bptt, *args)
+        return out | {"loss": next(scripted, out["loss"])}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    run = tmp_path / "r"
+    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=0.5", "train.epochs=5", "train.nt_asgd=true",
+               "train.nonmono=1", "train.schedule=constant"), run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["averaged"] for r in records] == [False, False, False, False, True]
+    assert [r["lr"] for r in records] == [0.5] * 5  # no plateau decay while averaging
+
+    state = load_file(str(run / "training_state.safetensors"))
+    saved = load_file(str(run / "model.safetensors"))
+    # Epoch 5 validated and saved the average of epoch 5's iterates, not the last weights.
+    assert torch.equal(evaluated[4], state["extra.average.0"])
+    for i, (name, _) in enumerate(load_checkpoint(run)[0].named_parameters()):
+        assert torch.equal(saved[name], state[f"extra.average.{i}"]), name
+    assert not torch.equal(saved["embedding.weight"], state["model.embedding.weight"])
+
+
+def test_time_budget_ends_the_run_inside_it_with_a_validation_and_a_test(tiny_corpus, tmp_path):
+    budget_s = 4.0
+    summary = train(_cfg(tiny_corpus, "train.epochs=100000", f"train.time_budget={budget_s / 60}",
+                         "train.schedule=cosine", "train.optimizer=sgd", "train.lr=1.0"), tmp_path / "r")
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) > 3 and summary["test_perplexity"] is not None
+    assert records[-1]["elapsed_s"] <= budget_s
+    assert summary["wall_s"] <= budget_s + 1.0  # the reserve for the test can be off by a little
+    lrs = [r["lr"] for r in records]  # the cosine follows the clock: down from 1 to near 0
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.15
+
+
+def test_cosine_over_epochs_anneals_to_min_lr(tiny_corpus, tmp_path):
+    train(_cfg(tiny_corpus, "train.epochs=4", "train.schedule=cosine", "train.optimizer=sgd", "train.lr=1.0",
+               "train.min_lr=0.1", "train.warmup_steps=3"), tmp_path / "r")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] < 1.0 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_variable_bptt_draws_lengths_around_bptt_and_covers_each_epoch(tiny_corpus, tmp_path):
+    from lstm_lm.config import TrainConfig
+    from lstm_lm.train import chunk_length
+
+    t = TrainConfig(bptt=35, variable_bptt=True)
+    lengths = [chunk_length(t, step) for step in range(4000)]
+    assert lengths == [chunk_length(t, step) for step in range(4000)]  # a function of (seed, step)
+    assert min(lengths) >= 5 and 33 < sum(lengths) / len(lengths) < 35  # a few halves pull the mean down
+    assert len(set(lengths)) > 15 and sum(n < 25 for n in lengths) > 100
+    assert chunk_length(TrainConfig(bptt=35), 7) == 35
+
+    fixed = train(_cfg(tiny_corpus, "train.epochs=2"), tmp_path / "fixed")
+    varied = train(_cfg(tiny_corpus, "train.epochs=2", "train.variable_bptt=true"), tmp_path / "varied")
+    assert varied["epochs"] == fixed["epochs"] == 2 and varied["steps"] != fixed["steps"]
+    assert varied["test_perplexity"] < 13
+
+
+def test_exponential_schedule_divides_after_every_epoch_from_decay_start(tiny_corpus, tmp_path):
+    train(_cfg(tiny_corpus, "train.epochs=5", "train.schedule=exponential", "train.optimizer=sgd", "train.lr=1.0",
+               "train.lr_decay=2", "train.decay_start=2"), tmp_path / "r")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1.0, 1.0, 0.5, 0.25, 0.125]
