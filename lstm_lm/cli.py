@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -88,6 +89,7 @@ def train(
 
     Prints a JSON summary of the run on stdout when it ends.
     """
+    started = time.perf_counter()  # --time-budget counts from here, torch's import included
     from lstm_lm.train import run_training
 
     options = {
@@ -97,7 +99,7 @@ def train(
     }
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
     with user_errors():
-        summary = run_training(config, data, out, resume, overrides)
+        summary = run_training(config, data, out, resume, overrides, started)
     typer.echo(json.dumps(summary))
 
 

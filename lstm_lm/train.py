@@ -99,9 +99,9 @@ class Clock:
     time they are expected to take (from the last validation), is kept free.
     """
 
-    def __init__(self, budget_min: float | None, elapsed_before: float = 0.0):
+    def __init__(self, budget_min: float | None, elapsed_before: float = 0.0, start: float | None = None):
         self.budget_s = budget_min * 60 if budget_min else None
-        self.before, self.start = elapsed_before, time.perf_counter()
+        self.before, self.start = elapsed_before, start if start is not None else time.perf_counter()
         self.reserve_s = 0.0
 
     def elapsed(self) -> float:
@@ -115,11 +115,16 @@ class Clock:
         return self.budget_s is not None and self.elapsed() + self.reserve_s >= self.budget_s
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus | None = None) -> dict[str, Any]:
-    """Train (or with `resume`, continue) a run in `out_dir`; returns a summary of the run."""
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus | None = None,
+          started: float | None = None) -> dict[str, Any]:
+    """Train (or with `resume`, continue) a run in `out_dir`; returns a summary of the run.
+
+    `started` (a time.perf_counter() value, default now) is when the run's clock starts:
+    the command line passes the moment the command began, before torch was imported.
+    """
     run_dir = Path(out_dir)
     t = cfg.train
-    clock = Clock(t.time_budget)
+    clock = Clock(t.time_budget, start=started)
     device = pick_device(t.device)
     torch.manual_seed(t.seed)
 
@@ -265,7 +270,8 @@ def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hid
     record = {
         "epoch": state["epoch"], "step": state["step"], "lr": state["last_lr"],
         "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 700)),
-        "val_loss": val["loss"], "val_ppl": val["perplexity"], "averaged": average is not None,
+        "val_loss": val["loss"], "val_ppl": val["perplexity"], "val_top1": val["top1_accuracy"],
+        "val_top5": val["top5_accuracy"], "averaged": average is not None,
         "tokens_per_s": tok_s, "epoch_time_s": state["train_time_s"], "elapsed_s": round(clock.elapsed(), 2),
         "complete_epoch": finished_epoch, "best": improved,
     }
@@ -314,6 +320,8 @@ def _finish(cfg, run_dir, corpus, device, precision, state, clock) -> dict[str, 
         "best_valid_perplexity": math.exp(min(best_val, 700)) if best_val is not None else None,
         "test_loss": test["loss"] if test else None,
         "test_perplexity": test["perplexity"] if test else None,
+        "test_top1_accuracy": test["top1_accuracy"] if test else None,
+        "test_top5_accuracy": test["top5_accuracy"] if test else None,
         "wall_s": round(clock.elapsed(), 2),
     }
     log(f"best model in {run_dir}: valid ppl {summary['best_valid_perplexity']:.6g}"
@@ -323,7 +331,7 @@ def _finish(cfg, run_dir, corpus, device, precision, state, clock) -> dict[str, 
 
 def run_training(
     config: str | Path | None, data: str | None, out: str | Path | None, resume: bool,
-    overrides: list[str],
+    overrides: list[str], started: float | None = None,
 ) -> dict[str, Any]:
     """What `lstm-lm train` does: build the config (or reload the run's own), then train."""
     from lstm_lm.config import DEMO_PRESET, load_config
@@ -340,10 +348,10 @@ def run_training(
             raise CheckpointError(f"cannot resume: {run_dir} holds no checkpoint (start it without --resume)")
         cfg, _ = load_config_json(run_dir)
         cfg = load_config(None, overrides, preset=cfg.to_dict())
-        return train(cfg, run_dir, resume=True)
+        return train(cfg, run_dir, resume=True, started=started)
     preset = DEMO_PRESET if config is None and data is None else None
     cfg = load_config(config, overrides, preset=preset)
     if out is None:
         name = Path(config).stem if config is not None else ("demo" if cfg.data.source == "demo" else Path(cfg.data.source).stem)
         out = Path("runs") / name
-    return train(cfg, out)
+    return train(cfg, out, started=started)

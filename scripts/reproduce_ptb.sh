@@ -51,6 +51,8 @@ out = {
     "config": os.environ["CONFIG"],
     "valid_perplexity": s["best_valid_perplexity"],
     "test_perplexity": s["test_perplexity"],
+    "test_top1_accuracy": s.get("test_top1_accuracy"),
+    "test_top5_accuracy": s.get("test_top5_accuracy"),
     "wall_s": round(float(os.environ["ENDED"]) - float(os.environ["STARTED"]), 1),
     "train_wall_s": s["wall_s"],
     "epochs": s["epochs"],
