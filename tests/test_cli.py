@@ -108,6 +108,25 @@ def test_time_budget_option_reaches_the_config_and_bad_values_are_one_error(tiny
     assert "train.time_budget" in line
 
 
+def test_an_awd_style_model_trains_completes_and_evaluates(tiny_corpus, tmp_path):
+    """Per-layer sizes and every regularizer through the commands: the checkpoint
+    round-trips its list-valued config, and complete and eval run on it."""
+    out = tmp_path / "awd"
+    awd = ["model.num_layers=2", "model.hidden_sizes=[24, 16]", "model.locked_dropout=true",
+           "model.dropout_embedding=0.1", "model.weight_drop=0.3", "train.ar=2", "train.tar=1",
+           "train.nt_asgd=true", "train.optimizer=sgd", "train.lr=1", "train.variable_bptt=true"]
+    args = _tiny_train_args(tiny_corpus, out)
+    for item in awd:
+        args += ["--set", item]
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model"]["hidden_sizes"] == [24, 16]
+    completion = _run("complete", "the cat", "--checkpoint", out, "--words", "3")
+    assert completion.exit_code == 0 and completion.stdout.strip()
+    ev = json.loads(_run("eval", "--checkpoint", out, "--device", "cpu").stdout)
+    assert ev["perplexity"] < 13 and ev["top5_accuracy"] >= ev["top1_accuracy"]
+
+
 def test_eval_on_moved_data_says_to_pass_data(trained, tiny_corpus):
     run, _ = trained
     moved = tiny_corpus.with_name("moved")
