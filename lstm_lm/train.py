@@ -159,8 +159,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         saved, hidden, extra = load_training_state(run_dir, model, optimizer, device)
+        saved.setdefault("pos", saved["batch"] * t.bptt)  # a state saved before variable_bptt existed
         state |= saved
-        state.setdefault("pos", state["batch"] * t.bptt)  # a state saved before variable_bptt existed
         if state["averaging_since"] is not None:
             average = WeightAverage(model, count=int(extra["average.count"].item()),
                                     averages=[extra[f"average.{i}"] for i in range(len(list(model.parameters())))])
