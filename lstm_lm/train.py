@@ -96,13 +96,18 @@ class Clock:
     """Wall time of the run (earlier sessions of a resumed run included) against its budget.
 
     The budget covers the final validation and test evaluation too: `reserve_s`, the
-    time they are expected to take (from the last validation), is kept free.
+    time they are expected to take, is kept free. `time_reserve` sets it from a timed
+    evaluation: a short probe before training, then each full validation.
     """
 
     def __init__(self, budget_min: float | None, elapsed_before: float = 0.0, start: float | None = None):
         self.budget_s = budget_min * 60 if budget_min else None
         self.before, self.start = elapsed_before, start if start is not None else time.perf_counter()
         self.reserve_s = 0.0
+
+    def time_reserve(self, seconds: float, tokens: int, eval_tokens: int) -> None:
+        """Evaluating `tokens` took `seconds`: reserve enough for `eval_tokens`, with a margin."""
+        self.reserve_s = 1.2 * seconds * eval_tokens / max(tokens, 1) + 1.0
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.start
@@ -192,6 +197,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     def should_stop() -> bool:
         return (t.max_steps is not None and state["step"] >= t.max_steps) or clock.out_of_time()
 
+    if t.time_budget:
+        _probe_evaluation_time(model, valid_data, t.bptt, precision, clock, len(valid_ids) + len(corpus.splits["test"]))
+
     while state["epoch"] <= t.epochs and not should_stop():
         model.train()
         if hidden is None or state["pos"] == 0:
@@ -243,6 +251,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     return _finish(cfg, run_dir, corpus, device, precision, state, clock)
 
 
+def _probe_evaluation_time(model, valid_data, bptt, precision, clock, eval_tokens) -> None:
+    """Time the evaluation of a few chunks of the validation split, so that a time budget
+    keeps room for the final validation and test even before the first validation."""
+    probe = valid_data[: 4 * bptt + 1]
+    evaluate(model, probe[: bptt + 1], bptt, precision)  # the first call pays one-off set-up costs
+    start = time.perf_counter()
+    result = evaluate(model, probe, bptt, precision)
+    clock.time_reserve(time.perf_counter() - start, result["tokens"], eval_tokens)
+
+
 def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hidden, finished_epoch,
                   precision, average, clock) -> WeightAverage | None:
     """Validate (the averaged weights once NT-ASGD has triggered), keep the best model,
@@ -264,8 +282,7 @@ def _end_of_epoch(cfg, run_dir, model, optimizer, corpus, valid_data, state, hid
             save_checkpoint(run_dir, model, corpus.tokenizer, cfg)
             update_latest(run_dir)
     # What the final validation and test will cost, kept free under a time budget.
-    test_tokens = len(corpus.splits["test"])
-    clock.reserve_s = 1.2 * (time.perf_counter() - val_start) * (1 + test_tokens / max(len(corpus.splits["valid"]), 1)) + 1.0
+    clock.time_reserve(time.perf_counter() - val_start, val["tokens"], val["tokens"] + len(corpus.splits["test"]))
     tok_s = state["epoch_tokens"] / max(state["train_time_s"], 1e-9)
     record = {
         "epoch": state["epoch"], "step": state["step"], "lr": state["last_lr"],

@@ -1,16 +1,17 @@
 """Training on tiny data: it learns, keeps the best model, logs metrics and resumes exactly."""
 
 import json
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID, tiny_overrides
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import load_config
 from lstm_lm.errors import ConfigError, DataError, TrainingError
-from lstm_lm.train import train
+from lstm_lm.train import Clock, train
 
 
 def _cfg(corpus, *extra):
@@ -187,6 +188,32 @@ def test_time_budget_ends_the_run_inside_it_with_a_validation_and_a_test(tiny_co
     assert summary["wall_s"] <= budget_s + 1.0  # the reserve for the test can be off by a little
     lrs = [r["lr"] for r in records]  # the cosine follows the clock: down from 1 to near 0
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.15
+
+
+def test_a_budget_shorter_than_an_epoch_still_keeps_time_for_the_final_evaluation(tmp_path):
+    # Before the first validation the reserve comes from the training speed; here the
+    # validation and test are a good share of the budget, so without it the run overshoots.
+    d = tmp_path / "big"
+    d.mkdir()
+    for name, lines in (("train", TINY_TRAIN * 200), ("valid", TINY_VALID * 150), ("test", TINY_TEST * 150)):
+        (d / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    budget_s = 4.0
+    summary = train(_cfg(d, "train.epochs=1", f"train.time_budget={budget_s / 60}", "train.log_interval=5"),
+                    tmp_path / "r")
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and not records[0]["complete_epoch"]  # stopped inside epoch 1
+    assert summary["test_perplexity"] is not None
+    assert summary["wall_s"] <= budget_s + 0.5
+
+
+def test_clock_keeps_the_timed_evaluation_free_and_plans_the_schedule_without_it():
+    clock = Clock(1.0, elapsed_before=10.0, start=time.perf_counter())
+    clock.time_reserve(seconds=2.0, tokens=1_000, eval_tokens=5_000)  # 10 s for 5x the tokens, +20%, +1 s
+    assert clock.reserve_s == pytest.approx(13.0)
+    assert clock.progress() == pytest.approx(10.0 / 47.0, abs=1e-3)
+    assert not clock.out_of_time()
+    clock.before = 47.0
+    assert clock.out_of_time()
 
 
 def test_cosine_over_epochs_anneals_to_min_lr(tiny_corpus, tmp_path):
