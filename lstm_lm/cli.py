@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lstm_lm.errors import LSTMLMError
+from lstm_lm.errors import Interrupted, LSTMLMError
 
 app = typer.Typer(
     name="lstm-lm",
@@ -46,6 +46,9 @@ def user_errors():
     """Known problems -> one `error:` line on stderr and exit code 1, no traceback."""
     try:
         yield
+    except Interrupted as e:  # a checkpoint was saved: say where, and how to go on
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.exit_code) from None
     except LSTMLMError as e:
         if os.environ.get("LSTM_LM_DEBUG") == "1":
             raise
@@ -71,7 +74,8 @@ def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/). Default: the demo recipe when --data is not given either.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo for the demo).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last saved state.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last saved checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in an --out that already holds a run, deleting that run.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split (train.epochs).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (train.max_steps).")] = None,
@@ -85,9 +89,10 @@ def train(
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes 20 s to 1.5 min once per run (train.compile).")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help="Stop after this many minutes of wall time, final validation and test included; the cosine schedule is planned against it (train.time_budget).")] = None,
 ) -> None:
-    """Train a language model; the best model by validation loss is saved in the run directory.
+    """Train a language model; the best model by validation loss is kept in the run directory.
 
-    Prints a JSON summary of the run on stdout when it ends.
+    Prints a JSON summary of the run on stdout when it ends. Ctrl-C (or SIGTERM) stops
+    after the current step with a checkpoint that --resume continues (exit code 130 or 143).
     """
     started = time.perf_counter()  # --time-budget counts from here, torch's import included
     from lstm_lm.train import run_training
@@ -99,7 +104,7 @@ def train(
     }
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
     with user_errors():
-        summary = run_training(config, data, out, resume, overrides, started)
+        summary = run_training(config, data, out, resume, overrides, started, overwrite=overwrite)
     typer.echo(json.dumps(summary))
 
 

@@ -168,8 +168,18 @@ class TrainConfig:
     compile: bool = False
     # Seed for weights, dropout and sampling.
     seed: int = 1111
-    # Update the progress bar's loss every this many steps (each update syncs the device).
+    # Update the progress bar's loss, and write a line to steps.jsonl, every this many
+    # steps (each update syncs the device).
     log_interval: int = 50
+    # Besides the one after each validation, save a resumable checkpoint
+    # (checkpoints/step-N/) every this many steps and every this many minutes (null: not).
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = 10.0
+    # Keep the newest this many step checkpoints; the best one is always kept as well.
+    keep_last: int = 2
+    # A step whose loss or gradient is not a finite number: stop with a message (false),
+    # or skip its update and count it (true; costs one device sync per step).
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -289,7 +299,7 @@ def validate(cfg: Config) -> list[str]:
         "model.embedding_size": m.embedding_size, "model.hidden_size": m.hidden_size,
         "model.num_layers": m.num_layers, "train.epochs": t.epochs, "train.batch_size": t.batch_size,
         "train.bptt": t.bptt, "train.eval_batch_size": t.eval_batch_size,
-        "train.log_interval": t.log_interval,
+        "train.log_interval": t.log_interval, "train.keep_last": t.keep_last,
     }
     for key, value in positive.items():
         if value < 1:
@@ -344,6 +354,10 @@ def validate(cfg: Config) -> list[str]:
     if t.variable_bptt and t.compile:
         p.append("train.variable_bptt: does not combine with train.compile (every new chunk length would "
                  "compile anew); turn one of them off")
+    if t.checkpoint_every is not None and t.checkpoint_every < 1:
+        p.append(f"train.checkpoint_every: must be at least 1 step or null, got {t.checkpoint_every}")
+    if t.checkpoint_minutes is not None and not 0 < t.checkpoint_minutes < float("inf"):
+        p.append(f"train.checkpoint_minutes: must be a positive number of minutes or null, got {t.checkpoint_minutes}")
     if t.weight_decay < 0:
         p.append(f"train.weight_decay: must not be negative, got {t.weight_decay}")
     if not is_device_name(t.device):

@@ -27,3 +27,12 @@ class PromptError(LSTMLMError):
 
 class TrainingError(LSTMLMError):
     """Training cannot go on (the loss stopped being a finite number, for example)."""
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving a checkpoint; not an error. The CLI
+    prints the message and exits with `exit_code` (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -51,12 +51,16 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _blocked_loss(
     h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype, with_grads: bool,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None] | None]:
-    """The summed loss block by block, and with `with_grads` the gradients of that sum
-    with respect to h, weight and bias (float32 for the weights)."""
+    ks: tuple[int, ...] = (),
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None] | None, Tensor]:
+    """The summed loss block by block; with `with_grads` the gradients of that sum with
+    respect to h, weight and bias (float32 for the weights); for each k in `ks`, how
+    many rows have their target among the k highest logits."""
     hc, wc = h.to(dtype), weight.to(dtype)
     bc = bias.to(dtype) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
+    hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
+    kmax = min(max(ks, default=1), weight.size(0))
     if with_grads:
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
@@ -65,6 +69,10 @@ def _blocked_loss(
         h_blk, y = hc[start:end], targets[start:end]
         logits = _logits(h_blk, wc, bc)  # (n, V) float32
         total -= torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum()
+        if ks:
+            found = logits.topk(kmax, dim=1).indices == y[:, None]  # (n, kmax): where the target ranks
+            for i, k in enumerate(ks):
+                hits[i] += found[:, :k].any(dim=1).sum()
         if not with_grads:
             continue
         # d(loss)/d(logits) = softmax - onehot(target)
@@ -75,7 +83,7 @@ def _blocked_loss(
         grad_logits = grad_logits.to(dtype)
         grad_h[start:end] = grad_logits @ wc  # (n, H)
         grad_w += (grad_logits.t() @ h_blk).float()  # (V, H)
-    return total, ((grad_h, grad_w, grad_b) if with_grads else None)
+    return total, ((grad_h, grad_w, grad_b) if with_grads else None), hits
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -83,7 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype) -> Tensor:
-        total, grads = _blocked_loss(h, weight, bias, targets, dtype, with_grads=True)
+        total, grads, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=True)
         ctx.save_for_backward(*grads)
         ctx.weight_dtype = weight.dtype
         return total
@@ -111,7 +119,7 @@ def linear_cross_entropy(
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = _LinearCrossEntropy.apply(h, weight, bias, targets, dtype)
         else:
-            total, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=False)
+            total, _, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=False)
     return total / targets.numel() if reduction == "mean" else total
 
 
@@ -123,18 +131,6 @@ def linear_cross_entropy_and_hits(
     reduction="sum") and, for each k in `ks`, the number of rows whose target is
     among the k highest-scoring tokens (top-k accuracy = hits / rows), from the same
     logits blocks."""
-    dtype = _compute_dtype(h)
-    hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    kmax = min(max(ks), weight.size(0))
     with torch.autocast(h.device.type, enabled=False):
-        hc, wc = h.to(dtype), weight.to(dtype)
-        bc = bias.to(dtype) if bias is not None else None
-        for start, end in _blocks(h.size(0), weight.size(0)):
-            y = targets[start:end, None]
-            logits = _logits(hc[start:end], wc, bc)
-            total -= torch.log_softmax(logits, dim=1).gather(1, y).sum()
-            found = logits.topk(kmax, dim=1).indices == y  # (n, kmax): where the target ranks
-            for i, k in enumerate(ks):
-                hits[i] += found[:, :k].any(dim=1).sum()
+        total, _, hits = _blocked_loss(h, weight, bias, targets, _compute_dtype(h), with_grads=False, ks=ks)
     return total, hits

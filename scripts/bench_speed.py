@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gen_tokens > 0:
         gen = generation_speed(device, args.gen_tokens)
         extra["generation_tokens_per_s"] = gen
-        log(f"\ngeneration, batch 1, ptb-small model in memory, output layer in "
+        log("\ngeneration, batch 1, ptb-small model in memory, output layer in "
             + ", ".join(f"{k}: {v:,.0f} tok/s" for k, v in gen.items()))
         records += [{"size": "ptb-small", "row": f"generate/{k}", "precision": k, "tokens_per_s": v}
                     for k, v in gen.items()]

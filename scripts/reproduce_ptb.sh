@@ -40,7 +40,7 @@ import json, math, os, platform
 import torch
 
 s = json.loads(os.environ["SUMMARY"])
-cfg = json.load(open(os.path.join(s["run_dir"], "config.json")))
+cfg = json.load(open(os.path.join(s["best_checkpoint"], "config.json")))
 if torch.cuda.is_available() and cfg["train"]["device"] != "cpu":
     machine = torch.cuda.get_device_name()
 else:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_overrides
-from lstm_lm.checkpoint import load_checkpoint
+from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT, demo_splits
 from lstm_lm.sample import next_words
@@ -94,7 +94,7 @@ def test_train_precision_and_compile_options_reach_the_config(tiny_corpus, tmp_p
     result = _run(*_tiny_train_args(tiny_corpus, out), "--precision", "fp32", "--no-compile", "--max-steps", "3")
     assert result.exit_code == 0, result.output
     assert "precision fp32" in result.stderr
-    saved = json.loads((out / "config.json").read_text())["train"]
+    saved = json.loads((resolve_checkpoint(out) / "config.json").read_text())["train"]
     assert saved["precision"] == "fp32" and saved["compile"] is False
 
 
@@ -102,7 +102,7 @@ def test_time_budget_option_reaches_the_config_and_bad_values_are_one_error(tiny
     out = tmp_path / "r"
     result = _run(*_tiny_train_args(tiny_corpus, out), "--time-budget", "0.05", "--epochs", "1000")
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "config.json").read_text())["train"]["time_budget"] == 0.05
+    assert json.loads((resolve_checkpoint(out) / "config.json").read_text())["train"]["time_budget"] == 0.05
     assert json.loads(result.stdout)["wall_s"] < 0.05 * 60 + 2
     line = _assert_one_error_line(_run(*_tiny_train_args(tiny_corpus, tmp_path / "s"), "--time-budget", "-1"))
     assert "train.time_budget" in line
@@ -120,7 +120,7 @@ def test_an_awd_style_model_trains_completes_and_evaluates(tiny_corpus, tmp_path
         args += ["--set", item]
     result = _run(*args)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "config.json").read_text())["model"]["hidden_sizes"] == [24, 16]
+    assert json.loads((resolve_checkpoint(out) / "config.json").read_text())["model"]["hidden_sizes"] == [24, 16]
     completion = _run("complete", "the cat", "--checkpoint", out, "--words", "3")
     assert completion.exit_code == 0 and completion.stdout.strip()
     ev = json.loads(_run("eval", "--checkpoint", out, "--device", "cpu").stdout)
@@ -160,7 +160,7 @@ def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = _run("train", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "runs" / "demo" / "model.safetensors").is_file()
+    assert (resolve_checkpoint(tmp_path / "runs" / "demo") / "model.safetensors").is_file()
     result = _run("complete", SEED_PROMPT)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"{SEED_ANSWER}."
@@ -237,13 +237,13 @@ def test_bad_config_values_are_listed_together(tmp_path, monkeypatch, tiny_corpu
 
 def test_bad_prompt_and_options_keep_the_checkpoint(trained):
     run, _ = trained
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert "empty" in _assert_one_error_line(_run("complete", "   "))
     assert "vocabulary" in _assert_one_error_line(_run("complete", "zzz qqq"))
     assert "--split" in _assert_one_error_line(_run("eval", "--split", "train"))
     assert "--top-p" in _assert_one_error_line(_run("complete", "the", "--top-p", "1.5"))
     assert "--precision" in _assert_one_error_line(_run("eval", "--precision", "fp16"))
-    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    after = {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert before == after
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID, tiny_overrides
-from lstm_lm.checkpoint import load_checkpoint
+from lstm_lm.checkpoint import last_checkpoint, load_checkpoint, resolve_checkpoint
 from lstm_lm.config import load_config
 from lstm_lm.errors import ConfigError, DataError, TrainingError
 from lstm_lm.train import Clock, train
@@ -27,8 +27,9 @@ def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
     assert records[-1]["val_ppl"] < 4
     assert summary["best_valid_perplexity"] == pytest.approx(min(r["val_ppl"] for r in records))
     assert summary["test_perplexity"] is not None and summary["steps"] == records[-1]["step"]
-    assert sorted(p.name for p in run.iterdir()) == [
-        "config.json", "metrics.jsonl", "model.safetensors", "tokenizer.json", "training_state.safetensors",
+    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "metrics.jsonl", "steps.jsonl"]
+    assert sorted(p.name for p in resolve_checkpoint(run).iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "training_state.safetensors",
     ]
     latest = tmp_path / "runs" / "latest"
     assert latest.resolve() == run.resolve()
@@ -66,7 +67,7 @@ def test_diverging_run_stops_without_saving_nan_weights(tiny_corpus, tmp_path, m
 
     monkeypatch.setattr(LSTMLanguageModel, "training_loss", exploding_loss)
     run = tmp_path / "r"
-    with pytest.raises(TrainingError, match="not finite .* epoch 2 .*last good checkpoint"):
+    with pytest.raises(TrainingError, match="not a finite number at step 40 .*epoch 2.*last good checkpoint"):
         train(_cfg(tiny_corpus, "train.epochs=3"), run)
     model, _, _ = load_checkpoint(run)  # the epoch-1 checkpoint is still there, and finite
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -98,8 +99,8 @@ def test_resume_continues_the_same_run(tiny_corpus, tmp_path, optimizer, dropout
     # The rest of the run, as `lstm-lm train --out parts --resume` does it: the run's own config.
     train(_cfg(tiny_corpus, *extra), parts, resume=True)
 
-    a = load_file(str(whole / "training_state.safetensors"))
-    b = load_file(str(parts / "training_state.safetensors"))
+    a = load_file(str(last_checkpoint(whole) / "training_state.safetensors"))
+    b = load_file(str(last_checkpoint(parts) / "training_state.safetensors"))
     for key in a:
         if key.startswith(("model.", "optim.", "extra.")):
             assert torch.equal(a[key], b[key]), key
@@ -122,7 +123,7 @@ def test_corpus_smaller_than_a_batch_is_refused(tmp_path):
     d.mkdir()
     for split in ("train", "valid", "test"):
         (d / f"{split}.txt").write_text("one two\n")
-    with pytest.raises(DataError, match="fewer than two per stream"):
+    with pytest.raises(DataError, match="fewer than one batch"):
         train(_cfg(d, "train.batch_size=64"), tmp_path / "r")
 
 
@@ -131,7 +132,7 @@ def test_bf16_training_learns_as_well_as_float32(tiny_corpus, tmp_path):
     for precision in ("fp32", "bf16"):
         summary = train(_cfg(tiny_corpus, "train.epochs=3", f"train.precision={precision}"), tmp_path / precision)
         results[precision] = summary["best_valid_perplexity"]
-        assert json.loads((tmp_path / precision / "config.json").read_text())["train"]["precision"] == precision
+        assert json.loads((resolve_checkpoint(tmp_path / precision) / "config.json").read_text())["train"]["precision"] == precision
     assert results["bf16"] < 4 and results["fp32"] < 4
     assert results["bf16"] == pytest.approx(results["fp32"], rel=0.05)
     assert results["bf16"] != results["fp32"]  # bf16 really ran
@@ -169,8 +170,8 @@ def test_nt_asgd_evaluates_and_saves_the_averaged_weights(tiny_corpus, tmp_path,
     assert [r["averaged"] for r in records] == [False, False, False, False, True]
     assert [r["lr"] for r in records] == [0.5] * 5  # no plateau decay while averaging
 
-    state = load_file(str(run / "training_state.safetensors"))
-    saved = load_file(str(run / "model.safetensors"))
+    state = load_file(str(last_checkpoint(run) / "training_state.safetensors"))
+    saved = load_file(str(resolve_checkpoint(run) / "model.safetensors"))
     # Epoch 5 validated and saved the average of epoch 5's iterates, not the last weights.
     assert torch.equal(evaluated[4], state["extra.average.0"])
     for i, (name, _) in enumerate(load_checkpoint(run)[0].named_parameters()):

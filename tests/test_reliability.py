@@ -1,0 +1,502 @@
+"""Nothing lost on interruption, exact resume, and every bad input answered with one line.
+
+Signals and SIGKILL need a real process: those tests run `python -m lstm_lm train` as
+a subprocess on tiny data. Everything else goes through typer's CliRunner in-process.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import TINY_TRAIN, tiny_overrides
+from lstm_lm import checkpoint as ckpt_mod
+from lstm_lm.checkpoint import (
+    CHECKPOINTS, TRAINING_STATE, last_checkpoint, load_checkpoint, load_training_state,
+    resolve_checkpoint, save_checkpoint, save_step_checkpoint, step_checkpoints,
+)
+from lstm_lm.cli import app
+from lstm_lm.config import load_config
+from lstm_lm.model import LSTMLanguageModel
+from lstm_lm.optim import make_optimizer
+from lstm_lm.errors import Interrupted
+from lstm_lm.train import STEPS, StopSignals, train
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _sets(corpus, *extra):
+    args = []
+    for o in tiny_overrides(corpus)[1:] + list(extra):
+        args += ["--set", o]
+    return args
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` (links followed) and its SHA-256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _assert_one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    return errors[0]
+
+
+def _assert_resumable(run_dir: Path) -> Path:
+    """The newest checkpoint of a run loads as a model and as a training state."""
+    last = last_checkpoint(run_dir)
+    assert last is not None
+    model, _, cfg = load_checkpoint(last)
+    fresh = LSTMLanguageModel(cfg.model, model.vocab_size)
+    load_training_state(last, fresh, make_optimizer(cfg, fresh), torch.device("cpu"))
+    return last
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A trained run, and a place where each test makes its own broken copies."""
+    root = tmp_path_factory.mktemp("reliability")
+    corpus = root / "tiny"
+    corpus.mkdir()
+    from conftest import TINY_TEST, TINY_VALID
+    for name, lines in (("train", TINY_TRAIN), ("valid", TINY_VALID), ("test", TINY_TEST)):
+        (corpus / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = root / "runs" / "tiny"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = _run("train", "--data", corpus, "--out", run, *_sets(corpus))
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return root, corpus, run
+
+
+# --- the table of bad inputs ----------------------------------------------------------
+
+
+def _copy_best(run: Path, dest: Path) -> Path:
+    """A copy of the run's best checkpoint directory, to break."""
+    shutil.copytree(resolve_checkpoint(run), dest)
+    return dest
+
+
+def _file(tmp, name, data: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _broken(run, tmp, edit) -> Path:
+    path = _copy_best(run, tmp / "broken")
+    edit(path)
+    return path
+
+
+def _edit_json(path: Path, **changes):
+    raw = json.loads((path / "config.json").read_text())
+    raw.update(changes)
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+def _write_evil_pickle(path: Path, marker: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path.write_bytes(pickle.dumps(Evil(), protocol=4))
+
+
+# Each case: prepare(root, corpus, run, tmp) -> the command line, and a text its error must contain.
+BAD_INPUTS = {
+    # data
+    "data path missing": (lambda r, c, run, t: ["train", "--data", t / "nope", "--out", t / "o"], "does not exist"),
+    "data file empty": (lambda r, c, run, t: ["train", "--data", _file(t, "e.txt", b""), "--out", t / "o"], "empty"),
+    "data not UTF-8": (lambda r, c, run, t: ["train", "--data", _file(t, "b.txt", b"good words\nbad \xff\xfe here\n" * 50),
+                                             "--out", t / "o"], "offset"),
+    "data smaller than one batch": (lambda r, c, run, t: ["train", "--data", _file(t, "s.txt", b"a few words only\n" * 20),
+                                                          "--out", t / "o", "--batch-size", "32", "--bptt", "35"],
+                                    "fewer than one batch"),
+    "data split file missing": (lambda r, c, run, t: ["train", "--data", _ptb_like_without_test(t), "--out", t / "o"],
+                                "test"),
+    # config
+    "config file missing": (lambda r, c, run, t: ["train", "--config", t / "none.yaml", "--data", c], "does not exist"),
+    "config not YAML": (lambda r, c, run, t: ["train", "--config", _file(t, "x.yaml", b"model: [unclosed\n"),
+                                              "--data", c], "not valid YAML"),
+    "config unknown key": (lambda r, c, run, t: ["train", "--data", c, "--set", "model.hidden=3"], "unknown key"),
+    "config tied sizes differ": (lambda r, c, run, t: ["train", "--data", c, "--set", "model.tie_weights=true",
+                                                       "--set", "model.embedding_size=8"], "tie_weights"),
+    "config negative learning rate": (lambda r, c, run, t: ["train", "--data", c, "--lr", "-1"], "train.lr"),
+    "config keep_last zero": (lambda r, c, run, t: ["train", "--data", c, "--set", "train.keep_last=0"], "keep_last"),
+    "config wrong type": (lambda r, c, run, t: ["train", "--data", c, "--set", "train.batch_size=many"], "integer"),
+    "config incompatible options": (lambda r, c, run, t: ["train", "--data", c, "--set", "train.nt_asgd=true",
+                                                          "--set", "train.optimizer=adamw"], "nt_asgd"),
+    # runs and checkpoints
+    "resume without --out": (lambda r, c, run, t: ["train", "--resume"], "--out"),
+    "resume of nothing": (lambda r, c, run, t: ["train", "--resume", "--out", t / "empty-run"], "cannot resume"),
+    "train over a saved run": (lambda r, c, run, t: ["train", "--data", c, "--out", run], "--overwrite"),
+    "resume from a truncated training state": (lambda r, c, run, t: ["train", "--resume", "--out", _truncated_state(run, t)],
+                                               "cannot resume"),
+    "checkpoint missing": (lambda r, c, run, t: ["complete", "the", "--checkpoint", t / "nothing"], "no checkpoint"),
+    "checkpoint without weights": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
+                                                         _broken(run, t, lambda p: (p / "model.safetensors").unlink())],
+                                   "missing model.safetensors"),
+    "checkpoint truncated": (lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, _truncate_weights)],
+                             "cannot load"),
+    "checkpoint corrupted": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _garble_weights)],
+                             "cannot load"),
+    "checkpoint vocabulary disagrees": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
+                                                              _broken(run, t, lambda p: _edit_json(p, vocab_size=99))],
+                                       "vocab_size"),
+    "checkpoint format newer": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
+                                                      _broken(run, t, lambda p: _edit_json(p, format_version=99))],
+                                "upgrade lstm-lm"),
+    "checkpoint config not JSON": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
+                                                         _broken(run, t, lambda p: (p / "config.json").write_text("{"))],
+                                   "not valid JSON"),
+    "checkpoint holding a pickle": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
+                                                          _broken(run, t, lambda p: _write_evil_pickle(p / "model.pt", t / "pwned"))],
+                                    "pickle"),
+    # prompts and options
+    "prompt empty": (lambda r, c, run, t: ["complete", "   ", "--checkpoint", run], "empty"),
+    "prompt all unknown words": (lambda r, c, run, t: ["complete", "zzz qqq", "--checkpoint", run], "vocabulary"),
+    "prompt too long": (lambda r, c, run, t: ["complete", "the cat " * 6000, "--checkpoint", run], "limit"),
+    "words zero": (lambda r, c, run, t: ["complete", "the", "--words", "0", "--checkpoint", run], "--words"),
+    "temperature negative": (lambda r, c, run, t: ["complete", "the", "--temperature", "-1", "--checkpoint", run],
+                             "--temperature"),
+    "eval split unknown": (lambda r, c, run, t: ["eval", "--split", "train", "--checkpoint", run], "--split"),
+    "eval batch size zero": (lambda r, c, run, t: ["eval", "--batch-size", "0", "--checkpoint", run], "--batch-size"),
+    "device without a GPU": (lambda r, c, run, t: ["eval", "--device", "cuda:7", "--checkpoint", run], "cuda"),
+}
+
+
+def _ptb_like_without_test(tmp: Path) -> Path:
+    d = tmp / "no-test"
+    d.mkdir()
+    for name in ("train", "valid"):
+        (d / f"{name}.txt").write_text("\n".join(TINY_TRAIN) + "\n")
+    return d
+
+
+def _truncate_weights(path: Path) -> None:
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _garble_weights(path: Path) -> None:
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
+
+
+def _truncated_state(run: Path, tmp: Path) -> Path:
+    copy = tmp / "copied-run"
+    shutil.copytree(run, copy, symlinks=True)
+    last = last_checkpoint(copy)
+    data = (last / TRAINING_STATE).read_bytes()
+    (last / TRAINING_STATE).write_bytes(data[:100])
+    return copy
+
+
+def test_the_table_covers_at_least_twenty_cases():
+    assert len(BAD_INPUTS) >= 20
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_error_line_and_changes_nothing_saved(case, saved_run, tmp_path, monkeypatch):
+    if case == "device without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    root, corpus, run = saved_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty-run").mkdir()
+    prepare, expected = BAD_INPUTS[case]
+    args = prepare(root, corpus, run, tmp_path)
+    before = _snapshot(root)
+    line = _assert_one_error_line(_run(*args))
+    assert expected in line, line
+    assert _snapshot(root) == before  # the saved run is untouched
+    assert not (tmp_path / "pwned").exists()  # no pickle was ever loaded
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def test_a_run_keeps_the_last_checkpoints_and_the_best(tiny_corpus, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_corpus) + ["train.epochs=4", "train.checkpoint_every=5",
+                                                          "train.keep_last=2"])
+    run = tmp_path / "r"
+    summary = train(cfg, run)
+    assert summary["steps"] > 4 * 5  # many more saves than are kept
+    steps = [d.resolve() for d in step_checkpoints(run)]
+    assert 2 <= len(steps) <= 3  # the newest two, and the best where it is older
+    assert resolve_checkpoint(run).resolve() in steps
+    assert last_checkpoint(run).resolve() == steps[-1]
+    assert Path(summary["best_checkpoint"]).resolve() == resolve_checkpoint(run).resolve()
+    assert not list((run / CHECKPOINTS).glob(".*"))  # no leftovers of writes
+    _assert_resumable(run)
+
+
+def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(saved_run, tmp_path, monkeypatch):
+    """Crash (an exception no code catches) at each file-system step of a save in turn."""
+    _, _, run = saved_run
+    model, tokenizer, cfg = load_checkpoint(run)
+    optimizer = make_optimizer(cfg, model)
+    point = 0
+    while True:
+        point += 1
+        copy = tmp_path / f"run{point}"
+        shutil.copytree(run, copy, symlinks=True)
+        previous = last_checkpoint(copy)
+        before = _snapshot(previous)
+        calls = {"n": 0}
+
+        class Crash(BaseException):
+            pass
+
+        def crashing(real):
+            def op(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == point:
+                    raise Crash
+                return real(*args, **kwargs)
+            return op
+
+        def fill(folder):
+            save_checkpoint(folder, model, tokenizer, cfg)
+            ckpt_mod.save_training_state(folder, model, optimizer, {"step": 999}, None)
+
+        with monkeypatch.context() as m:
+            for name in ("replace", "rename", "fsync"):
+                m.setattr(os, name, crashing(getattr(os, name)))
+            m.setattr(ckpt_mod, "save_file", crashing(ckpt_mod.save_file))
+            try:
+                save_step_checkpoint(copy, 999, fill, best=True, keep_last=1)
+                finished = True
+            except Crash:
+                finished = False
+        last = _assert_resumable(copy)
+        load_checkpoint(copy)  # the best still loads too
+        if finished:
+            assert last.name == "step-00000999"
+            break
+        assert last == previous or last.name == "step-00000999", (point, last)
+        if last == previous:
+            assert _snapshot(previous) == before
+    assert point > 8  # every write, flush and rename of a save was tried
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "r"
+    assert _run("train", "--data", tiny_corpus, "--out", run, *_sets(tiny_corpus)).exit_code == 0
+    before = _snapshot(run / CHECKPOINTS)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    line = _assert_one_error_line(_run("train", "--resume", "--out", run, "--epochs", "3"))
+    assert "disk is full" in line and "unchanged" in line
+    monkeypatch.undo()
+    assert _snapshot(run / CHECKPOINTS) == before
+    assert not list((run / CHECKPOINTS).glob(".*"))
+    _assert_resumable(run)
+
+
+def test_a_pickle_is_refused_and_never_unpickled(saved_run, tmp_path):
+    _, _, run = saved_run
+    marker = tmp_path / "created-by-unpickling"
+    _write_evil_pickle(tmp_path / "probe.pkl", marker)
+    pickle.loads((tmp_path / "probe.pkl").read_bytes())  # the pickle does what it says when loaded ...
+    assert marker.exists()
+    marker.unlink()
+    copy = _copy_best(run, tmp_path / "ckpt")
+    _write_evil_pickle(copy / "notes", marker)  # ... under any name
+    line = _assert_one_error_line(_run("complete", "the", "--checkpoint", copy))
+    assert "pickle" in line and not marker.exists()
+    copied_run = tmp_path / "run"
+    shutil.copytree(run, copied_run, symlinks=True)
+    _write_evil_pickle(last_checkpoint(copied_run) / "optimizer.pt", marker)
+    line = _assert_one_error_line(_run("train", "--resume", "--out", copied_run))
+    assert "pickle" in line and not marker.exists()
+
+
+def test_no_code_path_unpickles():
+    source = "\n".join(p.read_text() for p in Path(ckpt_mod.__file__).parent.glob("*.py"))
+    assert "torch.load(" not in source and "pickle.load" not in source
+
+
+# --- non-finite losses ----------------------------------------------------------------
+
+
+def _poison(monkeypatch, steps: set[int]):
+    """Make the training loss NaN at the given (1-based) steps."""
+    real = LSTMLanguageModel.training_loss
+    calls = {"n": 0}
+
+    def training_loss(self, *args, **kwargs):
+        objective, loss, state = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in steps:
+            objective, loss = objective * float("nan"), loss * float("nan")
+        return objective, loss, state
+
+    monkeypatch.setattr(LSTMLanguageModel, "training_loss", training_loss)
+
+
+def test_a_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "r"
+    assert _run("train", "--data", tiny_corpus, "--out", run, *_sets(tiny_corpus)).exit_code == 0
+    before = _snapshot(run / CHECKPOINTS)
+    steps_before = len(step_checkpoints(run))
+    _poison(monkeypatch, {3})
+    line = _assert_one_error_line(_run("train", "--resume", "--out", run, "--epochs", "4",
+                                       "--set", "train.log_interval=1"))
+    assert "step" in line and "not a finite" in line and "checkpoint" in line
+    assert len(step_checkpoints(run)) == steps_before and _snapshot(run / CHECKPOINTS) == before
+    model, _, _ = load_checkpoint(_assert_resumable(run))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_skips_and_counts_those_steps(tiny_corpus, tmp_path, monkeypatch):
+    _poison(monkeypatch, {2, 5, 6})
+    cfg = load_config(None, tiny_overrides(tiny_corpus) + ["train.skip_nonfinite=true"])
+    summary = train(cfg, tmp_path / "r")
+    assert summary["skipped_steps"] == 3 and summary["test_perplexity"] < 13
+    model, _, _ = load_checkpoint(tmp_path / "r")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --- exact resume ---------------------------------------------------------------------
+
+
+def _step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / STEPS).read_text().splitlines())}
+
+
+def _saved_state(ckpt: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / TRAINING_STATE), framework="pt") as f:
+        return json.loads(f.metadata()["json"])["state"]
+
+
+@pytest.mark.parametrize("stop_at", [7, 29, 40])  # inside epoch 1, its last step, inside epoch 2
+def test_a_run_stopped_by_ctrl_c_and_resumed_repeats_every_loss_bitwise(tiny_corpus, tmp_path, monkeypatch,
+                                                                         stop_at):
+    cfg = tiny_overrides(tiny_corpus) + [
+        "train.epochs=3", "train.log_interval=1", "model.dropout=0.3", "train.optimizer=sgd", "train.lr=1.0",
+        "train.seed=7",
+    ]
+    whole = tmp_path / "whole"
+    train(load_config(None, cfg), whole)
+
+    real, calls = LSTMLanguageModel.training_loss, {"n": 0}
+
+    def interrupted_at_stop_at(self, *args, **kwargs):  # Ctrl-C arrives during step `stop_at`
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    parts = tmp_path / "parts"
+    with monkeypatch.context() as m:
+        m.setattr(LSTMLanguageModel, "training_loss", interrupted_at_stop_at)
+        with pytest.raises(Interrupted) as stopped:
+            train(load_config(None, cfg), parts)
+    assert stopped.value.exit_code == 130 and f"at step {stop_at} " in str(stopped.value)
+    assert _saved_state(last_checkpoint(parts))["step"] == stop_at
+    train(load_config(None, cfg), parts, resume=True)
+
+    expected, got = _step_losses(whole), _step_losses(parts)
+    assert max(expected) > stop_at and sorted(got) == sorted(expected)
+    assert got == expected  # every step's loss, bit for bit
+    val = [json.loads(x)["val_loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(x)["val_loss"] for x in (parts / "metrics.jsonl").read_text().splitlines()] == val
+
+
+def test_a_second_signal_quits_at_once():
+    stop = StopSignals()
+    stop._handle(signal.SIGINT, None)  # the first asks for a stop after the step
+    assert stop.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    with pytest.raises(SystemExit) as exited:
+        stop._handle(signal.SIGTERM, None)
+    assert exited.value.code == 143
+
+
+# --- signals and SIGKILL (a real process) ---------------------------------------------
+
+
+def _spawn(corpus: Path, run: Path, *extra: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lstm_lm", "train", "--data", str(corpus), "--out", str(run), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=run.parent,
+    )
+
+
+def _wait_for(predicate, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_resumable_checkpoint_and_exits_with_its_code(tiny_corpus, tmp_path, sig, code):
+    run = tmp_path / "r"
+    proc = _spawn(tiny_corpus, run, *_sets(tiny_corpus, "train.epochs=100000", "train.log_interval=1"))
+    _wait_for(lambda: (run / STEPS).is_file() and len((run / STEPS).read_text().splitlines()) > 40)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert out == "" and "Traceback" not in err
+    assert f"resume with: lstm-lm train --out {run} --resume" in err
+    _assert_resumable(run)
+    result = _run("train", "--resume", "--out", run, "--max-steps", str(max(_step_losses(run)) + 3))
+    assert result.exit_code == 0, result.output
+
+
+def test_sigkill_at_any_moment_leaves_a_checkpoint_that_loads_and_resumes(tiny_corpus, tmp_path):
+    run = tmp_path / "r"
+    opts = _sets(tiny_corpus, "train.epochs=100000", "train.checkpoint_every=1", "train.keep_last=2")
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = _spawn(tiny_corpus, run, *opts, *(["--resume"] if attempt else []))
+        start = time.monotonic()
+        seen = {d.name for d in step_checkpoints(run)}
+        _wait_for(lambda: {d.name for d in step_checkpoints(run)} - seen)  # it has saved at least once more
+        time.sleep(rng.uniform(0.0, 0.3))  # then die anywhere: in a step, in a write, in a rename
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        for d in step_checkpoints(run):  # whatever is visible under a step name is whole
+            load_checkpoint(d)
+        _assert_resumable(run)
+        assert time.monotonic() - start < 60
+    result = _run("train", "--resume", "--out", run, "--epochs", str(_saved_state(last_checkpoint(run))["epoch"] + 1))
+    assert result.exit_code == 0, result.output
