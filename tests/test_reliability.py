@@ -500,3 +500,19 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_loads_and_resumes(tiny_c
         assert time.monotonic() - start < 60
     result = _run("train", "--resume", "--out", run, "--epochs", str(_saved_state(last_checkpoint(run))["epoch"] + 1))
     assert result.exit_code == 0, result.output
+
+
+def test_a_run_saved_before_step_directories_loads_and_resumes(tiny_corpus, tmp_path):
+    """Earlier versions kept one checkpoint in the run directory itself."""
+    run = tmp_path / "r"
+    cfg = tiny_overrides(tiny_corpus) + ["train.epochs=1"]
+    train(load_config(None, cfg), run)
+    last = last_checkpoint(run)
+    for f in last.iterdir():
+        shutil.copy2(f, run / f.name)
+    shutil.rmtree(run / CHECKPOINTS)
+    (run / "best").unlink()
+    assert last_checkpoint(run) == run and resolve_checkpoint(run) == run
+    summary = train(load_config(None, tiny_overrides(tiny_corpus) + ["train.epochs=2"]), run, resume=True)
+    assert summary["epochs"] == 2 and last_checkpoint(run).parent.name == CHECKPOINTS
+    load_checkpoint(run)
