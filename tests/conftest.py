@@ -1,11 +1,14 @@
 """Shared fixtures: a private token cache per session, tiny corpora, offline Hugging Face."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Set before `datasets` / `huggingface_hub` are imported: they read these at import time.
 _HF_HOME = tempfile.mkdtemp(prefix="lstm-lm-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_HF_HOME, "datasets"))
 os.environ["HF_HUB_OFFLINE"] = "1"
