@@ -41,18 +41,25 @@ app = typer.Typer(
 DEFAULT_CHECKPOINT = Path("runs/latest")
 
 
+def _main_process() -> bool:
+    """False in the processes of a torchrun run other than rank 0, which stay quiet."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def user_errors():
     """Known problems -> one `error:` line on stderr and exit code 1, no traceback."""
     try:
         yield
     except Interrupted as e:  # a checkpoint was saved: say where, and how to go on
-        typer.echo(str(e), err=True)
+        if _main_process():
+            typer.echo(str(e), err=True)
         raise typer.Exit(e.exit_code) from None
     except LSTMLMError as e:
         if os.environ.get("LSTM_LM_DEBUG") == "1":
             raise
-        typer.echo(f"error: {e}", err=True)
+        if _main_process():
+            typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
@@ -105,7 +112,8 @@ def train(
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
     with user_errors():
         summary = run_training(config, data, out, resume, overrides, started, overwrite=overwrite)
-    typer.echo(json.dumps(summary))
+    if _main_process():
+        typer.echo(json.dumps(summary))
 
 
 @app.command(

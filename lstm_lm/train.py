@@ -14,6 +14,7 @@ a resumable checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -28,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from lstm_lm import distributed, utils
+
 from lstm_lm.checkpoint import (
-    BEST, CHECKPOINTS, CONFIG, TOKENIZER, TRAINING_STATE, WEIGHTS, last_checkpoint, load_config_json,
+    BEST, CHECKPOINTS, CONFIG, LAST, TOKENIZER, TRAINING_STATE, WEIGHTS, last_checkpoint, load_config_json,
     load_training_state, save_checkpoint, save_step_checkpoint, save_training_state, update_latest,
     write_atomically,
 )
@@ -144,7 +148,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
             f"{run_dir} already holds a run; continue it with --resume, start it again with --overwrite "
             "(which deletes it), or choose another --out"
         )
-    return Trainer(cfg, run_dir, corpus, started).run(resume)
+    try:
+        return Trainer(cfg, run_dir, corpus, started).run(resume)
+    finally:
+        distributed.teardown()
 
 
 class StopSignals:
@@ -182,7 +189,9 @@ class Trainer:
         self.cfg, self.t, self.run_dir = cfg, cfg.train, run_dir
         t = self.t
         self.clock = Clock(t.time_budget, start=started)
-        self.device = pick_device(t.device)
+        self.world = distributed.setup(t.device)  # a single process unless started by torchrun
+        utils.QUIET = not self.world.main
+        self.device = pick_device(distributed.device_for(self.world, t.device))
         torch.manual_seed(t.seed)
 
         self.corpus = corpus or load_corpus(cfg.data)
@@ -196,8 +205,11 @@ class Trainer:
             )
         if len(valid_ids) < t.eval_batch_size * 2:
             raise DataError(f"the valid split has {len(valid_ids)} tokens, too few for eval_batch_size {t.eval_batch_size}")
-        self.train_data = batchify(to_tensor(train_ids, self.device), t.batch_size)  # (T, B), kept on the device
-        self.valid_data = batchify(to_tensor(valid_ids, self.device), t.eval_batch_size)
+        # (T, B), kept on the device; in a distributed run this rank's streams only.
+        self.train_data = batchify(to_tensor(train_ids, self.device), t.batch_size)[
+            :, self.world.share(t.batch_size, "train.batch_size")]
+        self.valid_data = batchify(to_tensor(valid_ids, self.device), t.eval_batch_size)[
+            :, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
         self.rows = self.train_data.size(0) - 1  # positions a chunk can start from
         self.n_batches = math.ceil(self.rows / t.bptt)  # per epoch (about that many with variable_bptt)
 
@@ -205,6 +217,14 @@ class Trainer:
         self.precision = pick_precision(t.precision, self.device)
         self.compiled_loss = compile_loss(self.model) if t.compile else None
         self.optimizer = make_optimizer(cfg, self.model)
+        self.ddp: DistributedDataParallel | None = None
+        if self.world.enabled:
+            # DistributedDataParallel averages the gradients across ranks during backward.
+            self.ddp = DistributedDataParallel(
+                _TrainingLoss(self.model, self.compiled_loss),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+            torch.manual_seed(t.seed + self.world.rank)  # the same weights, but each rank its own dropout
         self.state: dict[str, Any] = {
             "epoch": 1, "batch": 0, "pos": 0, "step": 0, "lr": t.lr, "last_lr": t.lr, "best_val_loss": None,
             "epoch_loss_sum": 0.0, "epoch_tokens": 0, "train_time_s": 0.0, "elapsed_s": 0.0,
@@ -267,7 +287,8 @@ class Trainer:
         names = [METRICS, STEPS]
         if _holds_a_run(self.run_dir):
             names += [CHECKPOINTS, BEST, *RUN_FILES_BEFORE_STEP_CHECKPOINTS]
-        for name in names:
+        self.world.barrier()  # every rank has looked before rank 0 deletes
+        for name in names if self.world.main else []:
             p = self.run_dir / name
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -281,6 +302,8 @@ class Trainer:
             raise CheckpointError(f"cannot resume: {self.run_dir} holds no saved training state "
                                   "(start it without --resume)")
         saved, self.hidden, extra = load_training_state(ckpt, self.model, self.optimizer, self.device)
+        if self.world.enabled:
+            self._take_share(extra)
         saved.setdefault("pos", saved["batch"] * t.bptt)  # a state saved before variable_bptt existed
         state |= saved
         if (ckpt / CONFIG).is_file() and load_config_json(ckpt)[0].train.lr != t.lr:
@@ -299,10 +322,31 @@ class Trainer:
             _truncate_log(self.run_dir / name, state["step"])
         log(f"resuming {self.run_dir} from {ckpt} at epoch {state['epoch']}, step {state['step']}")
 
+    def _take_share(self, extra: dict[str, torch.Tensor]) -> None:
+        """A distributed resume: this rank's streams of the saved state, and its own RNG."""
+        if self.hidden is not None:
+            rows = self.world.share(self.hidden[0][0].size(0), "the saved hidden state's batch")
+            self.hidden = [(h[rows], c[rows]) for h, c in self.hidden]
+        ranks = extra.get("rng.ranks")
+        if ranks is not None and ranks.size(0) == self.world.size:
+            torch.set_rng_state(ranks[self.world.rank].cpu().clone())  # a row of its own
+            if self.device.type == "cuda" and "rng.cuda_ranks" in extra:
+                torch.cuda.set_rng_state(extra["rng.cuda_ranks"][self.world.rank].cpu().clone())
+        else:  # saved by a run with another number of processes: fresh dropout streams
+            log(f"the checkpoint holds no RNG state for {self.world.size} processes; seeding each anew")
+            torch.manual_seed(self.t.seed + self.state["step"] + self.world.rank)
+
     def _should_stop(self) -> bool:
+        """Time to stop: steps, time or a signal. Every rank of a distributed run stops together."""
         t = self.t
-        return ((t.max_steps is not None and self.state["step"] >= t.max_steps) or self.clock.out_of_time()
-                or self.stop.signum is not None)
+        done = (t.max_steps is not None and self.state["step"] >= t.max_steps) or self.clock.out_of_time()
+        if not self.world.enabled:
+            return done or self.stop.signum is not None
+        # One collective: a signal that reached any rank (its number) or any rank's "done".
+        shared = self.world.max(((self.stop.signum or 0) << 1) | int(done))
+        if shared >> 1:
+            self.stop.signum = shared >> 1
+        return shared > 0
 
     def _progress(self) -> float:
         """How far through the run: the schedule's clock."""
@@ -319,7 +363,7 @@ class Trainer:
             self.hidden = self.model.init_state(t.batch_size, self.device)
         self.segment_start = time.perf_counter()
         bar = tqdm(total=self.n_batches, initial=state["batch"], desc=f"epoch {state['epoch']}", unit="batch",
-                   file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)
+                   file=sys.stderr, disable=None if self.world.main else True, dynamic_ncols=True, leave=False)
         while state["pos"] < self.rows and not self._should_stop():
             self._step()
             bar.update(1)
@@ -340,6 +384,8 @@ class Trainer:
         step_start = time.perf_counter()
         # A chunk of another length (the epoch's last) runs eagerly rather than compiling anew.
         loss_fn = self.compiled_loss if x.size(0) == t.bptt else None
+        if self.ddp is not None:
+            loss_fn = functools.partial(self.ddp, compiled=loss_fn is not None)
         loss, self.hidden = train_step(self.model, self.optimizer, x, y, self.hidden, t.clip, self.precision,
                                        loss_fn, t.ar, t.tar, skip_nonfinite=t.skip_nonfinite)
         state["step"] += 1
@@ -352,7 +398,7 @@ class Trainer:
             return
         if self.average is not None:
             self.average.update()
-        if not self.compiled and loss_fn is not None:
+        if not self.compiled and loss_fn is not None and t.compile:
             self.compiled = True
             loss.item()  # wait for the step, so the time is the compilation's
             log(f"compiled the model in {time.perf_counter() - step_start:.1f} s (first step included)")
@@ -360,16 +406,17 @@ class Trainer:
         # Remember the first step whose loss is not finite, without a host sync.
         self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~torch.isfinite(loss),
                                            state["step"], self.first_nonfinite)
-        state["epoch_tokens"] += y.numel()
+        tokens = y.numel() * self.world.size  # the global batch's: every rank runs the same shape
+        state["epoch_tokens"] += tokens
         self.interval["steps"] += 1
-        self.interval["tokens"] += y.numel()
+        self.interval["tokens"] += tokens
 
     def _sync(self) -> None:
         """Fold what the device summed into the state (one host sync), stop on a non-finite
         loss, and count the training time so far."""
-        summed = self.loss_sum.item()
+        (summed,) = self.world.sum([self.loss_sum.item()])  # the global batch's loss
         self.loss_sum.zero_()
-        bad = int(self.first_nonfinite.item())
+        bad = self.world.max(int(self.first_nonfinite.item()))
         if bad >= 0:
             last = last_checkpoint(self.run_dir)
             where = (f"the last good checkpoint is {last} (continue from it with: lstm-lm train --out "
@@ -395,17 +442,33 @@ class Trainer:
             avg = state["epoch_loss_sum"] / max(state["epoch_tokens"], 1)
             bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{state['last_lr']:.3g}",
                             tok_s=f"{tok_s:,.0f}")
-            _append_jsonl(self.run_dir / STEPS, {
+            self._append(STEPS, {
                 "step": state["step"], "epoch": state["epoch"], "lr": state["last_lr"], "loss": loss,
                 "tokens_per_s": tok_s, "elapsed_s": round(self.clock.elapsed(), 2),
             })
         self.interval = {"steps": 0, "tokens": 0, "loss": 0.0}
 
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        if self.world.main:
+            _append_jsonl(self.run_dir / name, record)
+
+    def _evaluate(self, data: torch.Tensor, model: LSTMLanguageModel | None = None) -> dict[str, float]:
+        """`evaluate` on this rank's streams, summed over ranks: the whole split's result."""
+        out = evaluate(model or self.model, data, self.t.bptt, self.precision)
+        n = out["tokens"]
+        loss, tokens, top1, top5 = self.world.sum(
+            [out["loss"] * n, n, out["top1_accuracy"] * n, out["top5_accuracy"] * n])
+        loss /= max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
+                "top1_accuracy": top1 / max(tokens, 1), "top5_accuracy": top5 / max(tokens, 1)}
+
     def _checkpoint_due(self) -> bool:
         t = self.t
         if t.checkpoint_every is not None and self.state["step"] % t.checkpoint_every == 0:
             return True
-        return t.checkpoint_minutes is not None and time.perf_counter() - self.last_save >= 60 * t.checkpoint_minutes
+        if t.checkpoint_minutes is None:
+            return False
+        return self.world.any(time.perf_counter() - self.last_save >= 60 * t.checkpoint_minutes)  # clocks differ
 
     # -- validation, checkpoints and the end --------------------------------------------
 
@@ -419,7 +482,7 @@ class Trainer:
         t, state = self.t, self.state
         val_start = time.perf_counter()
         with self._eval_weights():
-            val = evaluate(self.model, self.valid_data, t.bptt, self.precision)
+            val = self._evaluate(self.valid_data)
         train_loss = state["epoch_loss_sum"] / max(state["epoch_tokens"], 1)
         if not math.isfinite(val["loss"]):
             last = last_checkpoint(self.run_dir)
@@ -454,7 +517,7 @@ class Trainer:
                 state["lr"] /= t.lr_decay  # validation got worse: anneal
             if t.schedule == "exponential" and state["epoch"] >= t.decay_start:
                 state["lr"] /= t.lr_decay  # Zaremba et al. 2014: a fixed decay every epoch
-        _append_jsonl(self.run_dir / METRICS, record)
+        self._append(METRICS, record)
         log(
             f"epoch {record['epoch']} | step {record['step']} | train ppl {record['train_ppl']:.6g} | "
             f"valid ppl {record['val_ppl']:.6g}{' (best)' if improved else ''}"
@@ -481,14 +544,23 @@ class Trainer:
         if self.average is not None:
             extra = {f"average.{i}": a for i, a in enumerate(self.average.averages)}
             extra["average.count"] = torch.tensor(self.average.count)
+        hidden = self.hidden
+        if self.world.enabled:  # the whole batch's state and every rank's RNG, gathered to all
+            hidden = [(self.world.gather(h), self.world.gather(c)) for h, c in hidden] if hidden else None
+            extra["rng.ranks"] = self.world.gather(torch.get_rng_state()[None])
+            if self.device.type == "cuda":
+                extra["rng.cuda_ranks"] = self.world.gather(torch.cuda.get_rng_state()[None])
 
         def fill(folder: Path) -> None:
             with self._eval_weights():
                 save_checkpoint(folder, self.model, self.corpus.tokenizer, self.cfg)
-            save_training_state(folder, self.model, self.optimizer, state, self.hidden, extra)
+            save_training_state(folder, self.model, self.optimizer, state, hidden, extra)
 
-        saved = save_step_checkpoint(self.run_dir, state["step"], fill, best, self.t.keep_last)
-        update_latest(self.run_dir)
+        saved = self.run_dir / CHECKPOINTS / LAST
+        if self.world.main:  # rank 0 alone writes
+            saved = save_step_checkpoint(self.run_dir, state["step"], fill, best, self.t.keep_last)
+            update_latest(self.run_dir)
+        self.world.barrier()  # no rank reads a checkpoint before it is whole
         self.last_save = time.perf_counter()
         self.saved = (state["step"], saved)
         return saved
@@ -512,7 +584,10 @@ class Trainer:
         best_dir = resolve_checkpoint(self.run_dir)
         best, _, _ = load_checkpoint(best_dir, self.device)
         test_data = batchify(to_tensor(self.corpus.splits["test"], self.device), t.eval_batch_size)
-        test = evaluate(best, test_data, t.bptt, self.precision) if test_data.size(0) > 1 else None
+        test_data = test_data[:, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
+        test = None
+        if test_data.size(0) > 1:
+            test = self._evaluate(test_data, best)
         best_val = state["best_val_loss"]
         summary = {
             "run_dir": str(self.run_dir),
@@ -531,6 +606,20 @@ class Trainer:
         log(f"best model in {best_dir}: valid ppl {summary['best_valid_perplexity']:.6g}"
             + (f", test ppl {summary['test_perplexity']:.6g}" if test else ""))
         return summary
+
+
+class _TrainingLoss(torch.nn.Module):
+    """`model.training_loss` (or its compiled version) as a module's forward, so that
+    DistributedDataParallel, which hooks a module's forward, can wrap it."""
+
+    def __init__(self, model: LSTMLanguageModel, compiled: Callable | None):
+        super().__init__()
+        self.model = model
+        self.compiled = compiled
+
+    def forward(self, x, y, hidden, ar=0.0, tar=0.0, compiled=False):
+        return (self.compiled if compiled and self.compiled is not None else self.model.training_loss)(
+            x, y, hidden, ar, tar)
 
 
 # A run directory written before checkpoints were step directories was itself the checkpoint.

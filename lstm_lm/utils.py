@@ -19,8 +19,12 @@ from lstm_lm.config import is_device_name
 from lstm_lm.errors import ConfigError
 
 
+QUIET = False  # set in the processes of a distributed run other than rank 0
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not QUIET:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _mps_available() -> bool:

@@ -1,0 +1,125 @@
+"""Data-parallel training across processes with torchrun: the process group, each rank's
+share of the batch, and the few collectives the training loop needs.
+
+    torchrun --nproc-per-node 2 -m lstm_lm train --config configs/ptb-small.yaml
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op
+and the run is an ordinary single-process one. The backend follows the device: NCCL
+for CUDA, gloo for the CPU.
+
+The BPTT layout makes the split natural: the global batch is B parallel streams of
+text, and rank r owns streams [r*B/W, (r+1)*B/W). Its hidden state stays with its own
+streams, so nothing but gradients (averaged by DistributedDataParallel), a few sums
+and the stop decision crosses between ranks. Checkpoints hold the whole batch's hidden
+state and every rank's RNG state, gathered to rank 0, which alone writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lstm_lm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes checkpoints and logs."""
+        return self.rank == 0
+
+    def share(self, batch: int, what: str) -> slice:
+        """This rank's streams of a batch of `batch` streams."""
+        if batch % self.size:
+            raise ConfigError([f"{what}: {batch} streams do not split evenly over {self.size} processes; "
+                               f"use a multiple of {self.size}"])
+        per = batch // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    # -- collectives (no-ops in a single process) ----------------------------------------
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def max(self, value: int) -> int:
+        """The largest of every rank's `value`."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's `tensor` (equal shapes), concatenated along `dim` in rank order."""
+        if not self.enabled:
+            return tensor
+        moved = tensor.to(_collective_device()).contiguous()
+        parts = [torch.empty_like(moved) for _ in range(self.size)]
+        dist.all_gather(parts, moved)
+        return torch.cat(parts, dim=dim).to(tensor.device)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def setup(device: str) -> World:
+    """Join the process group torchrun describes (or none); returns this process's place.
+
+    `device` is the config's: with CUDA each rank takes the GPU of its LOCAL_RANK.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    world = World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return world
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return world
+
+
+def device_for(world: World, device: str) -> str:
+    """The device name this rank trains on: its own GPU under CUDA, else the config's."""
+    if world.enabled and (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""Data-parallel training with torchrun: 2 CPU processes (gloo) on tiny data.
+
+Each test starts `torchrun --nproc-per-node 2 -m lstm_lm train ...` as a subprocess and
+compares it with a single-process run of the same global batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_overrides
+from lstm_lm.checkpoint import step_checkpoints
+from lstm_lm.cli import app
+from lstm_lm.config import load_config
+from lstm_lm.distributed import World
+from lstm_lm.errors import ConfigError
+from lstm_lm.train import METRICS, STEPS, train
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo, POSIX here")
+
+# fp32 and no dropout: the 2-process run must then follow the 1-process one step by step.
+EXACT = ["train.precision=fp32", "train.log_interval=1", "train.epochs=2"]
+
+
+def _sets(corpus, *extra):
+    args = []
+    for o in tiny_overrides(corpus)[1:] + list(extra):
+        args += ["--set", o]
+    return args
+
+
+def _torchrun(corpus: Path, run: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lstm_lm", "train", "--data", str(corpus), "--out", str(run), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run.parent, timeout=120)
+
+
+def _losses(run: Path, name: str, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (run / name).read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID
+
+    corpus = root / "tiny"
+    corpus.mkdir()
+    for name, lines in (("train", TINY_TRAIN), ("valid", TINY_VALID), ("test", TINY_TEST)):
+        (corpus / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = root / "two"
+    result = _torchrun(corpus, run, *_sets(corpus, *EXACT))
+    assert result.returncode == 0, result.stderr
+    return root, corpus, run, result
+
+
+def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(two_process_run):
+    root, corpus, run, _ = two_process_run
+    single = root / "one"
+    train(load_config(None, tiny_overrides(corpus) + EXACT), single)
+    one, two = _losses(single, STEPS, "loss"), _losses(run, STEPS, "loss")
+    assert sorted(one) == sorted(two) and len(one) > 50
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    v1, v2 = _losses(single, METRICS, "val_loss"), _losses(run, METRICS, "val_loss")
+    assert sorted(v1) == sorted(v2)
+    for step in v1:  # validation is split over the ranks and summed
+        assert v2[step] == pytest.approx(v1[step], abs=1e-5)
+
+
+def test_two_processes_write_one_checkpoint_that_eval_and_complete_load(two_process_run, monkeypatch):
+    root, _, run, result = two_process_run
+    assert len(result.stdout.strip().splitlines()) == 1  # one summary, from rank 0
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 58 and summary["test_perplexity"] < 13
+    assert result.stderr.count("epoch 1 |") == 1  # rank 0 alone logs
+    names = [d.name for d in step_checkpoints(run)]
+    assert names == sorted(set(names)) and not [d for d in (run / "checkpoints").iterdir() if d.name.startswith(".")]
+    assert len((run / METRICS).read_text().splitlines()) == 2
+    monkeypatch.chdir(root)
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["eval", "--checkpoint", str(run)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-4)
+    completed = runner.invoke(app, ["complete", "the cat", "--checkpoint", str(run)])
+    assert completed.exit_code == 0 and completed.stdout.strip()
+
+
+def test_a_stopped_two_process_run_resumes_on_the_same_curve(two_process_run):
+    """Dropout on: each rank's own dropout stream must come back from the checkpoint."""
+    root, corpus, _, _ = two_process_run
+    opts = [*EXACT, "model.dropout=0.3", "train.schedule=constant"]
+    whole, parts = root / "whole", root / "parts"
+    assert _torchrun(corpus, whole, *_sets(corpus, *opts)).returncode == 0
+    first = _torchrun(corpus, parts, *_sets(corpus, *opts, "train.max_steps=20"))
+    assert first.returncode == 0, first.stderr
+    rest = _torchrun(corpus, parts, "--resume", "--set", "train.max_steps=null")
+    assert rest.returncode == 0, rest.stderr
+    expected, got = _losses(whole, STEPS, "loss"), _losses(parts, STEPS, "loss")
+    assert sorted(got) == sorted(expected)
+    assert all(got[s] == pytest.approx(expected[s], abs=1e-6) for s in expected)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused():
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        World(rank=1, size=2).share(5, "train.batch_size")
+    assert World(rank=1, size=2).share(4, "train.batch_size") == slice(2, 4)
