@@ -342,7 +342,7 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
         splits = {s: encode_lines(tokenizer, lines[s]) for s in SPLITS}
         ids_dir.mkdir(parents=True, exist_ok=True)
         for s, arr in splits.items():
-            tmp = ids_dir / f"{s}.tmp.npy"
+            tmp = ids_dir / f"{s}.{os.getpid()}.tmp.npy"  # processes that share the cache write apart
             np.save(tmp, arr)
             os.replace(tmp, ids_dir / f"{s}.npy")
         log(f"cached token ids in {ids_dir}")
@@ -358,7 +358,7 @@ def _sha(text: str) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

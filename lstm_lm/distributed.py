@@ -4,7 +4,8 @@ share of the batch, and the few collectives the training loop needs.
     torchrun --nproc-per-node 2 -m lstm_lm train --config configs/ptb-small.yaml
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op
-and the run is an ordinary single-process one. The backend follows the device: NCCL
+and the run is an ordinary single-process one. Under torchrun the run is wrapped in
+DistributedDataParallel even with one process (the check of DDP against a plain run). The backend follows the device: NCCL
 for CUDA, gloo for the CPU.
 
 The BPTT layout makes the split natural: the global batch is B parallel streams of
@@ -30,10 +31,11 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # by torchrun: in a process group, even of one process
 
     @property
     def enabled(self) -> bool:
-        return self.size > 1
+        return self.launched
 
     @property
     def main(self) -> bool:
@@ -100,10 +102,10 @@ def setup(device: str) -> World:
 
     `device` is the config's: with CUDA each rank takes the GPU of its LOCAL_RANK.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE
-    world = World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), launched=True)
     if dist.is_initialized():
         return world
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

@@ -318,7 +318,7 @@ class Trainer:
                 f"nothing to resume: {self.run_dir} already ran {state['step']} steps into epoch {state['epoch']}; "
                 "raise --epochs or --max-steps (or --set train.max_steps=null)"
             ])
-        for name in (METRICS, STEPS):  # lines written after the checkpoint will be written again
+        for name in (METRICS, STEPS) if self.world.main else ():  # lines after the checkpoint come again
             _truncate_log(self.run_dir / name, state["step"])
         log(f"resuming {self.run_dir} from {ckpt} at epoch {state['epoch']}, step {state['step']}")
 
@@ -360,7 +360,7 @@ class Trainer:
         t, state = self.t, self.state
         self.model.train()
         if self.hidden is None or state["pos"] == 0:
-            self.hidden = self.model.init_state(t.batch_size, self.device)
+            self.hidden = self.model.init_state(self.train_data.size(1), self.device)  # this rank's streams
         self.segment_start = time.perf_counter()
         bar = tqdm(total=self.n_batches, initial=state["batch"], desc=f"epoch {state['epoch']}", unit="batch",
                    file=sys.stderr, disable=None if self.world.main else True, dynamic_ncols=True, leave=False)

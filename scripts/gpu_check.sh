@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # GPU checks for lstm-lm: the suite's CUDA tests (custom vs cuDNN equivalence, fp32 and
 # bf16 training), the speed benchmark on CUDA, one epoch of ptb-small on CUDA with
-# each engine and the first two epochs of ptb-awd. About 7 minutes on an H100.
+# each engine, the first two epochs of ptb-awd, and 300 steps of ptb-small under
+# DistributedDataParallel (torchrun, one process, NCCL) against the plain run.
+# About 8 minutes on an H100.
 #
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]
 #
 # Writes into DIR: env.txt, pytest.log, bench_gpu.json (scripts/bench_speed.py --quick
 # --device cuda) with its table in bench_gpu.log, ptb-small-cudnn.json and
 # ptb-small-custom.json (each the `lstm-lm train` summary plus the per-epoch metrics)
-# eval.jsonl (`lstm-lm eval` of each run on CUDA) and ptb-awd-2-epochs.json.
+# eval.jsonl (`lstm-lm eval` of each run on CUDA), ptb-awd-2-epochs.json and
+# ddp-check.json (the largest difference of a step's loss between the two runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +74,20 @@ PY
   else
     status=1
   fi
+  echo "== DistributedDataParallel with one process on CUDA (NCCL) against the plain run, ptb-small, 300 steps" >&2
+  for how in plain ddp; do
+    launcher=("$PY" -m lstm_lm)
+    [ "$how" = ddp ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m lstm_lm)
+    "${launcher[@]}" train --config configs/ptb-small.yaml --data "$DATA" --device cuda --max-steps 300 \
+      --precision fp32 --set model.dropout=0 --set train.log_interval=1 --out "$runs/ddp-$how" > /dev/null || status=1
+  done
+  "$PY" - "$runs/ddp-plain/steps.jsonl" "$runs/ddp-ddp/steps.jsonl" <<'PY' | tee "$OUT/ddp-check.json" || status=1
+import json, sys
+plain, ddp = ([json.loads(line)["loss"] for line in open(path)] for path in sys.argv[1:3])
+print(json.dumps({"steps": [len(plain), len(ddp)],
+                  "max_abs_loss_difference": max(abs(a - b) for a, b in zip(plain, ddp))}))
+PY
 else
-  echo "no PTB at $DATA: skipping the ptb-small and ptb-awd runs (pass --data DIR)" >&2
+  echo "no PTB at $DATA: skipping the ptb-small, ptb-awd and DDP runs (pass --data DIR)" >&2
 fi
 exit $status

@@ -109,5 +109,25 @@ def test_a_stopped_two_process_run_resumes_on_the_same_curve(two_process_run):
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(ConfigError, match="multiple of 2"):
-        World(rank=1, size=2).share(5, "train.batch_size")
-    assert World(rank=1, size=2).share(4, "train.batch_size") == slice(2, 4)
+        World(rank=1, size=2, launched=True).share(5, "train.batch_size")
+    assert World(rank=1, size=2, launched=True).share(4, "train.batch_size") == slice(2, 4)
+
+
+def test_the_custom_cell_tied_weights_and_nt_asgd_under_two_processes(two_process_run):
+    """The hand-written cell, one weight shared by embedding and output, and NT-ASGD's
+    averaged weights (it triggers in epoch 5 here): the same as in one process."""
+    root, corpus, _, _ = two_process_run
+    opts = [*EXACT, "model.impl=custom", "model.tie_weights=true", "train.optimizer=sgd", "train.lr=3",
+            "train.nt_asgd=true", "train.nonmono=1", "train.schedule=constant", "train.epochs=6"]
+    two = root / "awd-two"
+    result = _torchrun(corpus, two, *_sets(corpus, *opts))
+    assert result.returncode == 0, result.stderr
+    one = root / "awd-one"
+    train(load_config(None, tiny_overrides(corpus) + opts), one)
+    records = [[json.loads(x) for x in (run / METRICS).read_text().splitlines()] for run in (one, two)]
+    assert [r["averaged"] for r in records[0]] == [r["averaged"] for r in records[1]]
+    assert records[0][-1]["averaged"]  # averaging did start
+    for a, b in zip(*records):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+    l1, l2 = _losses(one, STEPS, "loss"), _losses(two, STEPS, "loss")
+    assert all(l2[s] == pytest.approx(l1[s], abs=1e-4) for s in l1)
