@@ -276,7 +276,10 @@ class Trainer:
                 raise Interrupted(
                     f"stopped by {signal.Signals(self.stop.signum).name} at step {state['step']} "
                     f"(epoch {state['epoch']}); checkpoint saved in {saved}\n"
-                    f"resume with: lstm-lm train --out {shlex.quote(str(self.run_dir))} --resume",
+                    + (f"resume with: lstm-lm train --out {shlex.quote(str(self.run_dir))} --resume"
+                       if not self.world.enabled else
+                       f"resume with the same torchrun options and: -m lstm_lm train --out "
+                       f"{shlex.quote(str(self.run_dir))} --resume"),
                     exit_code=128 + self.stop.signum,
                 )
         return self._finish()
