@@ -207,6 +207,12 @@ def test_a_budget_shorter_than_an_epoch_still_keeps_time_for_the_final_evaluatio
     assert summary["wall_s"] <= budget_s + 0.5
 
 
+def test_a_budget_too_short_to_train_at_all_is_one_clear_error(tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="leave no time to train"):
+        train(_cfg(tiny_corpus, "train.time_budget=0.0001"), tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_clock_keeps_the_timed_evaluation_free_and_plans_the_schedule_without_it():
     clock = Clock(1.0, elapsed_before=10.0, start=time.perf_counter())
     clock.time_reserve(seconds=2.0, tokens=1_000, eval_tokens=5_000)  # 10 s for 5x the tokens, +20%, +1 s
