@@ -5,8 +5,8 @@ share of the batch, and the few collectives the training loop needs.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op
 and the run is an ordinary single-process one. Under torchrun the run is wrapped in
-DistributedDataParallel even with one process (the check of DDP against a plain run). The backend follows the device: NCCL
-for CUDA, gloo for the CPU.
+DistributedDataParallel even with one process (the check of DDP against a plain run).
+The backend follows the device: NCCL for CUDA, gloo for the CPU.
 
 The BPTT layout makes the split natural: the global batch is B parallel streams of
 text, and rank r owns streams [r*B/W, (r+1)*B/W). Its hidden state stays with its own
@@ -31,11 +31,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    launched: bool = False  # by torchrun: in a process group, even of one process
-
-    @property
-    def enabled(self) -> bool:
-        return self.launched
+    enabled: bool = False  # launched by torchrun: in a process group, even of one process
 
     @property
     def main(self) -> bool:
@@ -105,21 +101,22 @@ def setup(device: str) -> World:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE
     world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
-                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), launched=True)
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
     if dist.is_initialized():
         return world
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if _wants_cuda(device):
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend="nccl" if _wants_cuda(device) else "gloo")
     return world
+
+
+def _wants_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def device_for(world: World, device: str) -> str:
     """The device name this rank trains on: its own GPU under CUDA, else the config's."""
-    if world.enabled and (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
-        return f"cuda:{world.local_rank}"
-    return device
+    return f"cuda:{world.local_rank}" if world.enabled and _wants_cuda(device) else device
 
 
 def teardown() -> None:

@@ -241,7 +241,7 @@ class Trainer:
         # Summed on the device between syncs (every log_interval steps), so steps do not wait.
         self.loss_sum = torch.zeros((), device=self.device)
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # a step number, or -1
-        self.interval = {"steps": 0, "tokens": 0, "loss": 0.0}
+        self.interval = {"tokens": 0, "loss": 0.0}  # since the last line of steps.jsonl
         self.segment_start = time.perf_counter()  # train_time_s counts from here
         self.last_save = time.perf_counter()
         self.saved: tuple[int, Path] | None = None  # (step, directory) of the last save
@@ -416,7 +416,6 @@ class Trainer:
                                            state["step"], self.first_nonfinite)
         tokens = y.numel() * self.world.size  # the global batch's: every rank runs the same shape
         state["epoch_tokens"] += tokens
-        self.interval["steps"] += 1
         self.interval["tokens"] += tokens
 
     def _sync(self) -> None:
@@ -426,12 +425,8 @@ class Trainer:
         self.loss_sum.zero_()
         bad = self.world.max(int(self.first_nonfinite.item()))
         if bad >= 0:
-            last = last_checkpoint(self.run_dir)
-            where = (f"the last good checkpoint is {last} (continue from it with: lstm-lm train --out "
-                     f"{shlex.quote(str(self.run_dir))} --resume --lr SMALLER)" if last is not None
-                     else "nothing had been saved yet")
             raise TrainingError(
-                f"the loss is not a finite number at step {bad} (epoch {self.state['epoch']}); {where}. "
+                f"the loss is not a finite number at step {bad} (epoch {self.state['epoch']}); {self._last_good()}. "
                 "Lower the learning rate, set train.clip, or set train.skip_nonfinite=true to skip such steps"
             )
         self.state["epoch_loss_sum"] += summed
@@ -439,6 +434,14 @@ class Trainer:
         now = time.perf_counter()
         self.state["train_time_s"] += now - self.segment_start
         self.segment_start = now
+
+    def _last_good(self) -> str:
+        """Where a failed run can be continued from, for its error message."""
+        last = last_checkpoint(self.run_dir)
+        if last is None:
+            return "nothing had been saved yet"
+        return (f"the last good checkpoint is {last} (continue from it with: lstm-lm train --out "
+                f"{shlex.quote(str(self.run_dir))} --resume --lr SMALLER)")
 
     def _log_interval(self, bar) -> None:
         """Progress bar and a line of steps.jsonl: the mean loss of the steps since the last."""
@@ -454,7 +457,7 @@ class Trainer:
                 "step": state["step"], "epoch": state["epoch"], "lr": state["last_lr"], "loss": loss,
                 "tokens_per_s": tok_s, "elapsed_s": round(self.clock.elapsed(), 2),
             })
-        self.interval = {"steps": 0, "tokens": 0, "loss": 0.0}
+        self.interval = {"tokens": 0, "loss": 0.0}
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         if self.world.main:
@@ -493,10 +496,9 @@ class Trainer:
             val = self._evaluate(self.valid_data)
         train_loss = state["epoch_loss_sum"] / max(state["epoch_tokens"], 1)
         if not math.isfinite(val["loss"]):
-            last = last_checkpoint(self.run_dir)
-            where = f"the last good checkpoint is {last}" if last is not None else "nothing had been saved yet"
             raise TrainingError(
-                f"the validation loss is not finite in epoch {state['epoch']} at step {state['step']}; {where}. "
+                f"the validation loss is not finite in epoch {state['epoch']} at step {state['step']}; "
+                f"{self._last_good()}. "
                 "Lower the learning rate or set train.clip"
             )
         improved = state["best_val_loss"] is None or val["loss"] < state["best_val_loss"]

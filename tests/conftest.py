@@ -37,14 +37,17 @@ def _token_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LSTM_LM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path) -> Path:
-    """A directory in the PTB layout: train.txt, valid.txt, test.txt."""
-    d = tmp_path / "tiny"
+def write_tiny_corpus(d: Path) -> Path:
+    """Write the tiny corpus into a new directory `d` in the PTB layout: train.txt, valid.txt, test.txt."""
     d.mkdir()
     for name, lines in (("train", TINY_TRAIN), ("valid", TINY_VALID), ("test", TINY_TEST)):
         (d / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    return write_tiny_corpus(tmp_path / "tiny")
 
 
 def tiny_overrides(data: Path) -> list[str]:
@@ -55,6 +58,14 @@ def tiny_overrides(data: Path) -> list[str]:
         "train.eval_batch_size=2", "train.optimizer=adamw", "train.lr=0.01", "train.clip=1.0",
         "train.device=cpu",
     ]
+
+
+def tiny_sets(data: Path, *extra: str) -> list[str]:
+    """`tiny_overrides` (and `extra`) as `lstm-lm train` options: --set key=value ..."""
+    args = []
+    for o in tiny_overrides(data)[1:] + list(extra):
+        args += ["--set", o]
+    return args
 
 
 requires_shared_data = pytest.mark.skipif(

@@ -7,7 +7,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from conftest import tiny_sets
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT, demo_splits
@@ -21,10 +21,7 @@ def _run(*args):
 
 
 def _tiny_train_args(corpus, out):
-    sets = []
-    for o in tiny_overrides(corpus)[1:]:
-        sets += ["--set", o]
-    return ["train", "--data", corpus, "--out", out, *sets]
+    return ["train", "--data", corpus, "--out", out, *tiny_sets(corpus)]
 
 
 @pytest.fixture

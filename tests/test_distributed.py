@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
 from lstm_lm.checkpoint import step_checkpoints
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with g
 
 # fp32 and no dropout: the 2-process run must then follow the 1-process one step by step.
 EXACT = ["train.precision=fp32", "train.log_interval=1", "train.epochs=2"]
-
-
-def _sets(corpus, *extra):
-    args = []
-    for o in tiny_overrides(corpus)[1:] + list(extra):
-        args += ["--set", o]
-    return args
 
 
 def _torchrun(corpus: Path, run: Path, *args: str) -> subprocess.CompletedProcess:
@@ -48,14 +41,9 @@ def _losses(run: Path, name: str, key: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID
-
-    corpus = root / "tiny"
-    corpus.mkdir()
-    for name, lines in (("train", TINY_TRAIN), ("valid", TINY_VALID), ("test", TINY_TEST)):
-        (corpus / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus = write_tiny_corpus(root / "tiny")
     run = root / "two"
-    result = _torchrun(corpus, run, *_sets(corpus, *EXACT))
+    result = _torchrun(corpus, run, *tiny_sets(corpus, *EXACT))
     assert result.returncode == 0, result.stderr
     return root, corpus, run, result
 
@@ -97,8 +85,8 @@ def test_a_stopped_two_process_run_resumes_on_the_same_curve(two_process_run):
     root, corpus, _, _ = two_process_run
     opts = [*EXACT, "model.dropout=0.3", "train.schedule=constant"]
     whole, parts = root / "whole", root / "parts"
-    assert _torchrun(corpus, whole, *_sets(corpus, *opts)).returncode == 0
-    first = _torchrun(corpus, parts, *_sets(corpus, *opts, "train.max_steps=20"))
+    assert _torchrun(corpus, whole, *tiny_sets(corpus, *opts)).returncode == 0
+    first = _torchrun(corpus, parts, *tiny_sets(corpus, *opts, "train.max_steps=20"))
     assert first.returncode == 0, first.stderr
     rest = _torchrun(corpus, parts, "--resume", "--set", "train.max_steps=null")
     assert rest.returncode == 0, rest.stderr
@@ -109,8 +97,8 @@ def test_a_stopped_two_process_run_resumes_on_the_same_curve(two_process_run):
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(ConfigError, match="multiple of 2"):
-        World(rank=1, size=2, launched=True).share(5, "train.batch_size")
-    assert World(rank=1, size=2, launched=True).share(4, "train.batch_size") == slice(2, 4)
+        World(rank=1, size=2, enabled=True).share(5, "train.batch_size")
+    assert World(rank=1, size=2, enabled=True).share(4, "train.batch_size") == slice(2, 4)
 
 
 def test_the_custom_cell_tied_weights_and_nt_asgd_under_two_processes(two_process_run):
@@ -120,7 +108,7 @@ def test_the_custom_cell_tied_weights_and_nt_asgd_under_two_processes(two_proces
     opts = [*EXACT, "model.impl=custom", "model.tie_weights=true", "train.optimizer=sgd", "train.lr=3",
             "train.nt_asgd=true", "train.nonmono=1", "train.schedule=constant", "train.epochs=6"]
     two = root / "awd-two"
-    result = _torchrun(corpus, two, *_sets(corpus, *opts))
+    result = _torchrun(corpus, two, *tiny_sets(corpus, *opts))
     assert result.returncode == 0, result.stderr
     one = root / "awd-one"
     train(load_config(None, tiny_overrides(corpus) + opts), one)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAIN, tiny_overrides
+from conftest import TINY_TRAIN, tiny_overrides, tiny_sets, write_tiny_corpus
 from lstm_lm import checkpoint as ckpt_mod
 from lstm_lm.checkpoint import (
     CHECKPOINTS, TRAINING_STATE, last_checkpoint, load_checkpoint, load_training_state,
@@ -39,13 +39,6 @@ runner = CliRunner()
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _sets(corpus, *extra):
-    args = []
-    for o in tiny_overrides(corpus)[1:] + list(extra):
-        args += ["--set", o]
-    return args
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -76,16 +69,12 @@ def _assert_resumable(run_dir: Path) -> Path:
 def saved_run(tmp_path_factory):
     """A trained run, and a place where each test makes its own broken copies."""
     root = tmp_path_factory.mktemp("reliability")
-    corpus = root / "tiny"
-    corpus.mkdir()
-    from conftest import TINY_TEST, TINY_VALID
-    for name, lines in (("train", TINY_TRAIN), ("valid", TINY_VALID), ("test", TINY_TEST)):
-        (corpus / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus = write_tiny_corpus(root / "tiny")
     run = root / "runs" / "tiny"
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        result = _run("train", "--data", corpus, "--out", run, *_sets(corpus))
+        result = _run("train", "--data", corpus, "--out", run, *tiny_sets(corpus))
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
@@ -307,7 +296,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(saved_run
 def test_a_full_disk_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "r"
-    assert _run("train", "--data", tiny_corpus, "--out", run, *_sets(tiny_corpus)).exit_code == 0
+    assert _run("train", "--data", tiny_corpus, "--out", run, *tiny_sets(tiny_corpus)).exit_code == 0
     before = _snapshot(run / CHECKPOINTS)
 
     def full(*args, **kwargs):
@@ -366,7 +355,7 @@ def _poison(monkeypatch, steps: set[int]):
 def test_a_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "r"
-    assert _run("train", "--data", tiny_corpus, "--out", run, *_sets(tiny_corpus)).exit_code == 0
+    assert _run("train", "--data", tiny_corpus, "--out", run, *tiny_sets(tiny_corpus)).exit_code == 0
     before = _snapshot(run / CHECKPOINTS)
     steps_before = len(step_checkpoints(run))
     _poison(monkeypatch, {3})
@@ -469,7 +458,7 @@ def _wait_for(predicate, timeout=60.0):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_resumable_checkpoint_and_exits_with_its_code(tiny_corpus, tmp_path, sig, code):
     run = tmp_path / "r"
-    proc = _spawn(tiny_corpus, run, *_sets(tiny_corpus, "train.epochs=100000", "train.log_interval=1"))
+    proc = _spawn(tiny_corpus, run, *tiny_sets(tiny_corpus, "train.epochs=100000", "train.log_interval=1"))
     _wait_for(lambda: (run / STEPS).is_file() and len((run / STEPS).read_text().splitlines()) > 40)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -483,7 +472,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_with_its_code(tiny_corp
 
 def test_sigkill_at_any_moment_leaves_a_checkpoint_that_loads_and_resumes(tiny_corpus, tmp_path):
     run = tmp_path / "r"
-    opts = _sets(tiny_corpus, "train.epochs=100000", "train.checkpoint_every=1", "train.keep_last=2")
+    opts = tiny_sets(tiny_corpus, "train.epochs=100000", "train.checkpoint_every=1", "train.keep_last=2")
     rng = random.Random(0)
     for attempt in range(4):
         proc = _spawn(tiny_corpus, run, *opts, *(["--resume"] if attempt else []))
