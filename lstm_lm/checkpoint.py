@@ -233,7 +233,7 @@ def load_checkpoint(
 
 def save_training_state(
     run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    state: dict[str, Any], hidden: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    state: dict[str, Any], hidden: list[tuple[torch.Tensor, ...]] | None,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Latest weights, optimizer, RNG and hidden state as tensors; `state` (JSON) in the metadata.
@@ -253,8 +253,9 @@ def save_training_state(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    for k, (h, c) in enumerate(hidden or []):
-        tensors[f"hidden.{k}.h"], tensors[f"hidden.{k}.c"] = h, c
+    for k, layer in enumerate(hidden or []):  # (h, c) for an LSTM, (h,) for a GRU or RNN
+        for name, t in zip(("h", "c"), layer):
+            tensors[f"hidden.{k}.{name}"] = t
     for name, t in (extra or {}).items():
         tensors[f"extra.{name}"] = t
     meta = {"state": state, "param_groups": opt["param_groups"], "optim_scalars": opt_scalars}
@@ -303,7 +304,8 @@ def load_training_state(
         hidden = list(zip(tensors["hidden.h"].to(device).unbind(0), tensors["hidden.c"].to(device).unbind(0)))
     elif "hidden.0.h" in tensors:
         layers = sum(1 for k in tensors if k.startswith("hidden.") and k.endswith(".h"))
-        hidden = [(tensors[f"hidden.{k}.h"].to(device), tensors[f"hidden.{k}.c"].to(device)) for k in range(layers)]
+        hidden = [tuple(tensors[f"hidden.{k}.{name}"].to(device) for name in ("h", "c") if f"hidden.{k}.{name}" in tensors)
+                  for k in range(layers)]
     extra = {k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
     return meta["state"], hidden, extra
 

@@ -91,7 +91,8 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (train.lr).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (train.device).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
-    impl: Annotated[Optional[str], typer.Option(help="LSTM engine: auto, custom (hand-written cell) or cudnn (nn.LSTM) (model.impl).")] = None,
+    cell: Annotated[Optional[str], typer.Option(help="Recurrent cell: lstm, gru or rnn, the simple RNN (model.cell).")] = None,
+    impl: Annotated[Optional[str], typer.Option(help="Engine: auto, custom (the hand-written cell) or cudnn (torch.nn's kernel) (model.impl).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where the hardware does it natively), fp32 or bf16 (train.precision).")] = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes 20 s to 1.5 min once per run (train.compile).")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help="Stop after this many minutes of wall time, final validation and test included; the cosine schedule is planned against it (train.time_budget).")] = None,
@@ -106,7 +107,7 @@ def train(
 
     options = {
         "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
-        "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.impl": impl,
+        "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.cell": cell, "model.impl": impl,
         "train.precision": precision, "train.compile": compile_, "train.time_budget": time_budget,
     }
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]

@@ -55,14 +55,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # LSTM engine: "custom" (hand-written cell), "cudnn" (the kernel behind torch.nn.LSTM,
-    # cuDNN on a GPU) or "auto" (cudnn; every feature below works with either engine).
+    # Recurrent cell: "lstm" (long short-term memory), "gru" (gated recurrent unit) or
+    # "rnn" (the simple tanh RNN, which forgets over long gaps; see `lstm-lm experiment`).
+    cell: str = "lstm"
+    # Engine: "custom" (the hand-written cell), "cudnn" (the kernel behind torch.nn.LSTM,
+    # GRU or RNN: cuDNN on a GPU) or "auto" (cudnn; every feature below works with either).
     impl: str = "auto"
     # Size of the word vectors.
     embedding_size: int = 200
-    # Units in each LSTM layer.
+    # Units in each recurrent layer.
     hidden_size: int = 200
-    # Number of stacked LSTM layers.
+    # Number of stacked recurrent layers.
     num_layers: int = 2
     # Units of each layer, one entry per layer, overriding hidden_size (null: all
     # hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last layer matches the
@@ -195,6 +198,7 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 CHOICES = {
     "data.tokenizer": ("word", "char", "bpe"),
+    "model.cell": ("lstm", "gru", "rnn"),
     "model.impl": ("auto", "custom", "cudnn"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("plateau", "exponential", "cosine", "constant"),

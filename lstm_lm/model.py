@@ -1,21 +1,25 @@
-"""The LSTM language model: embedding -> stacked LSTM -> linear projection to the vocabulary.
+"""The language model: embedding -> stacked recurrent layers (LSTM, GRU or simple RNN) -> linear projection.
 
     model = LSTMLanguageModel(cfg.model, vocab_size=10_000)
     logits, state = model(ids)            # ids (T, B) -> logits (T, B, V)
     logits, state = model(ids2, state)    # carry the memory into the next chunk
 
-Two engines share one set of weights. `LSTM` below holds the parameters under
-nn.LSTM's names, `weight_ih_l{k}` (4H, I), `weight_hh_l{k}` (4H, H), `bias_ih_l{k}`,
-`bias_hh_l{k}` (4H,), with the gates in nn.LSTM's order (input, forget, candidate,
-output), and runs them either through a hand-written cell that reads like the
-textbook explanation of the gates ("custom") or through the fused kernel behind
-`torch.nn.LSTM` ("cudnn": cuDNN on a GPU, oneDNN on a CPU). A state dict saved
-with one engine loads into the other, and into `nn.LSTM`.
+`model.cell` picks the recurrent cell: "lstm" (the default), "gru" or "rnn" (the
+simple tanh RNN of Elman 1990, which the LSTM was invented to improve on). Each
+cell is written out below so that it reads like the textbook, and each keeps its
+torch.nn counterpart's parameters: `weight_ih_l{k}` (G*H, I), `weight_hh_l{k}`
+(G*H, H), `bias_ih_l{k}`, `bias_hh_l{k}` (G*H,), with G gate blocks in torch.nn's
+order: LSTM (input, forget, candidate, output), GRU (reset, update, candidate),
+RNN one block. Two engines share those weights: the hand-written cell ("custom")
+and the fused kernel behind torch.nn.LSTM / GRU / RNN ("cudnn": cuDNN on a GPU,
+oneDNN or ATen's own loop on a CPU). A state dict saved with one engine loads into
+the other, and into the torch.nn module.
 
-The regularization of AWD-LSTM (Merity et al. 2017) works with both engines,
-because both read the weights afresh at every call: embedding dropout (whole
-words), locked dropout (one mask for all time steps) on the embedding output,
-between layers and on the output, and weight drop (DropConnect on W_hh).
+The regularization of AWD-LSTM (Merity et al. 2017) works with both engines and
+every cell, because both engines read the weights afresh at every call: embedding
+dropout (whole words), locked dropout (one mask for all time steps) on the
+embedding output, between layers and on the output, and weight drop (DropConnect
+on W_hh).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from torch import Tensor, nn
 from lstm_lm.config import ModelConfig
 from lstm_lm.loss import linear_cross_entropy
 
-# Per layer (h, c), each (B, H_k): layers may differ in size (AWD-LSTM's last layer is smaller).
-State = list[tuple[Tensor, Tensor]]
+# Per layer a tuple of tensors, each (B, H_k): (h, c) for the LSTM, (h,) for the GRU and
+# the simple RNN. Layers may differ in size (AWD-LSTM's last layer is smaller).
+State = list[tuple[Tensor, ...]]
 
 # cuDNN copies weights that are not one flat buffer into one before each call and warns
 # about it; here the weights are fresh tensors at every call by design (weight drop).
@@ -41,7 +46,7 @@ warnings.filterwarnings("ignore", message="RNN module weights are not part of si
 
 def detach_state(state: State) -> State:
     """The same memory with the gradient history cut (truncated BPTT)."""
-    return [(h.detach(), c.detach()) for h, c in state]
+    return [tuple(t.detach() for t in layer) for layer in state]
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -89,8 +94,16 @@ def embedding_dropout(weight: Tensor, p: float, training: bool) -> Tensor:
     return weight * dropout(weight.new_ones(weight.size(0), 1), p, training)
 
 
-def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> tuple[Tensor, Tensor]:
-    """One time step. `x_proj` is the input's contribution W_ih x + b_ih + b_hh, (B, 4H)."""
+# ---------------------------------------------------------------------------------------
+# The cells: one time step each. `x_proj` is the input's contribution W_ih x + b_ih, with
+# b_hh folded in where the cell allows it (LSTM, RNN), computed for all time steps at once
+# by the caller. Pass a dict as `record` to get the gate activations back (`lstm-lm inspect`).
+
+
+def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor,
+              record: dict | None = None) -> tuple[Tensor, Tensor]:
+    """LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000).
+    `x_proj` is W_ih x + b_ih + b_hh, (B, 4H)."""
     gates = torch.addmm(x_proj, h, weight_hh.t())  # x_proj + h W_hh^T, (B, 4H): the four gates side by side
     i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's order
 
@@ -100,105 +113,163 @@ def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor) -> tuple[
     c = forget_gate * c + input_gate * candidate  # cell update: keep some, write some
     output_gate = torch.sigmoid(o)  # how much of the memory to expose
     h = output_gate * torch.tanh(c)  # the hidden state the next layer and step see
+    if record is not None:
+        record.update(forget=forget_gate, input=input_gate, output=output_gate)
     return h, c
 
 
+def gru_cell(x_proj: Tensor, h: Tensor, weight_hh: Tensor, bias_hh: Tensor,
+             record: dict | None = None) -> Tensor:
+    """GRU (Cho et al. 2014), as nn.GRU computes it. `x_proj` is W_ih x + b_ih, (B, 3H):
+    b_hh stays apart because the reset gate scales the recurrent half of the candidate."""
+    h_proj = torch.addmm(bias_hh, h, weight_hh.t())  # W_hh h + b_hh, (B, 3H)
+    x_r, x_z, x_n = x_proj.chunk(3, dim=1)  # nn.GRU's order: reset, update, candidate
+    h_r, h_z, h_n = h_proj.chunk(3, dim=1)
+
+    reset_gate = torch.sigmoid(x_r + h_r)  # how much of the old state the candidate may read
+    update_gate = torch.sigmoid(x_z + h_z)  # how much of the old state to keep as it is
+    candidate = torch.tanh(x_n + reset_gate * h_n)  # the new content proposed
+    h = update_gate * h + (1 - update_gate) * candidate  # keep some, replace the rest
+    if record is not None:
+        record.update(reset=reset_gate, update=update_gate)
+    return h
+
+
+def rnn_cell(x_proj: Tensor, h: Tensor, weight_hh: Tensor, record: dict | None = None) -> Tensor:
+    """The simple (Elman) RNN: the new state is a squashed mix of the input and the old
+    state, rewritten whole at every step. `x_proj` is W_ih x + b_ih + b_hh, (B, H)."""
+    return torch.tanh(torch.addmm(x_proj, h, weight_hh.t()))
+
+
+CELLS = ("lstm", "gru", "rnn")
+GATE_BLOCKS = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of W_ih and W_hh, in units of H
+STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}  # what a layer carries
+GATE_NAMES = {"lstm": ("forget", "input", "output"), "gru": ("reset", "update"), "rnn": ()}
 ENGINES = ("custom", "cudnn")
 
 
+def input_projection(cell: str, x: Tensor, w_ih: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """W_ih x + b_ih (+ b_hh where the cell adds it outside any gate) for every time step at once."""
+    return F.linear(x, w_ih, b_ih if cell == "gru" else b_ih + b_hh)
+
+
+def cell_step(cell: str, x_proj: Tensor, state: tuple[Tensor, ...], w_hh: Tensor, b_hh: Tensor,
+              record: dict | None = None) -> tuple[Tensor, ...]:
+    """One time step of `cell` from its input projection: the layer's new state, h first."""
+    if cell == "lstm":
+        return lstm_cell(x_proj, *state, w_hh, record)
+    if cell == "gru":
+        return (gru_cell(x_proj, state[0], w_hh, b_hh, record),)
+    return (rnn_cell(x_proj, state[0], w_hh, record),)
+
+
+_FUSED = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
+
+
 @torch.compiler.disable
-def fused_lstm(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], num_layers: int, dropout: float,
-               training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel nn.LSTM.forward calls (cuDNN on a GPU, oneDNN on a CPU), on the given weights.
+def fused_rnn(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: list[Tensor], num_layers: int,
+              dropout: float, training: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The kernel nn.LSTM / nn.GRU / nn.RNN.forward calls (cuDNN on a GPU), on the given
+    weights. `state` holds (L, B, H) stacks; returns the output and the new stacks.
 
     Kept out of torch.compile's graph, as nn.LSTM is: traced, it decomposes into one
     small graph node per time step, which took minutes to compile and ran no faster.
     """
-    return torch.lstm(x, (h0, c0), weights, True, num_layers, dropout, training, False, False)
+    hx = state if cell == "lstm" else state[0]
+    out, *new_state = _FUSED[cell](x, hx, weights, True, num_layers, dropout, training, False, False)
+    return out, tuple(new_state)
 
 
-class LSTM(nn.Module):
-    """A multi-layer LSTM with nn.LSTM's parameters, run by either engine (time-major).
+class Recurrent(nn.Module):
+    """A multi-layer LSTM, GRU or simple RNN with torch.nn's parameters, run by either engine (time-major).
 
-    `LSTM(I, H, L, dropout=p)` computes what `nn.LSTM(I, H, L, dropout=p)` does. Beyond it:
-    a size per layer (`hidden_size=[1150, 1150, 400]`), locked dropout between layers
-    and weight drop on the hidden-to-hidden matrices.
+    `Recurrent(I, H, L, dropout=p, cell="gru")` computes what `nn.GRU(I, H, L, dropout=p)`
+    does. Beyond it: a size per layer (`hidden_size=[1150, 1150, 400]`), locked dropout
+    between layers and weight drop on the hidden-to-hidden matrices.
     """
 
     def __init__(self, input_size: int, hidden_size: int | Sequence[int], num_layers: int = 1,
-                 dropout: float = 0.0, *, engine: str = "custom", weight_drop: float = 0.0,
+                 dropout: float = 0.0, *, cell: str = "lstm", engine: str = "custom", weight_drop: float = 0.0,
                  locked_dropout: bool = False):
         super().__init__()
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
         sizes = [hidden_size] * num_layers if isinstance(hidden_size, int) else list(hidden_size)
         assert len(sizes) == num_layers, "one hidden size per layer"
-        self.input_size, self.sizes, self.num_layers = input_size, sizes, num_layers
+        self.input_size, self.sizes, self.num_layers, self.cell = input_size, sizes, num_layers, cell
         self.dropout, self.weight_drop, self.locked_dropout, self.engine = dropout, weight_drop, locked_dropout, engine
+        blocks = GATE_BLOCKS[cell]
         for k, H in enumerate(sizes):
             layer_in = input_size if k == 0 else sizes[k - 1]
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * H, layer_in)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * H, H)))
-            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * H)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * H)))
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(blocks * H, layer_in)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(blocks * H, H)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(blocks * H)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(blocks * H)))
         self.reset_parameters()
 
     @property
     def hidden_size(self) -> int:
         return self.sizes[-1]
 
+    def extra_repr(self) -> str:
+        return f"{self.cell}, {self.input_size}, {self.sizes}, engine={self.engine}"
+
     def reset_parameters(self) -> None:
-        for k, H in enumerate(self.sizes):  # nn.LSTM's initialisation: uniform(+-1/sqrt(H))
+        for k, H in enumerate(self.sizes):  # torch.nn's initialisation: uniform(+-1/sqrt(H))
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 nn.init.uniform_(getattr(self, f"{name}_l{k}"), -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
+
+    def raw_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Layer k's (W_ih, W_hh, b_ih, b_hh) as stored."""
+        return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
     def layer_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Layer k's (W_ih, W_hh, b_ih, b_hh) as this call uses them: in training with
         weight drop, W_hh with a fresh DropConnect mask, shared by all time steps."""
-        w_hh = getattr(self, f"weight_hh_l{k}")
+        w_ih, w_hh, b_ih, b_hh = self.raw_weights(k)
         if self.training and self.weight_drop > 0:
             w_hh = dropout(w_hh, self.weight_drop, True)
-        return getattr(self, f"weight_ih_l{k}"), w_hh, getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+        return w_ih, w_hh, b_ih, b_hh
 
     def zero_state(self, batch_size: int, like: Tensor) -> State:
-        return [(like.new_zeros(batch_size, H), like.new_zeros(batch_size, H)) for H in self.sizes]
+        return [tuple(like.new_zeros(batch_size, H) for _ in STATE_NAMES[self.cell]) for H in self.sizes]
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """x (T, B, I) and per-layer (h, c) -> the last layer's output (T, B, H) and the new state."""
+        """x (T, B, I) and the per-layer state -> the last layer's output (T, B, H) and the new state."""
         if state is None:
             state = self.zero_state(x.size(1), x)
         weights = [self.layer_weights(k) for k in range(self.num_layers)]
         one_size = len(set(self.sizes)) == 1
         if self.engine == "cudnn" and one_size and not (self.locked_dropout and self.dropout > 0):
-            # All layers in one kernel call, nn.LSTM's own dropout between them: what
+            # All layers in one kernel call, torch.nn's own dropout between them: what
             # nn.LSTM.forward does, and on a GPU cuDNN overlaps the layers.
-            h0 = torch.stack([h for h, _ in state])
-            c0 = torch.stack([c for _, c in state])
-            out, h_n, c_n = fused_lstm(x, h0, c0, [w for ws in weights for w in ws], self.num_layers,
-                                       self.dropout, self.training)
-            return out, list(zip(h_n.unbind(0), c_n.unbind(0)))
+            stacks = tuple(torch.stack(parts) for parts in zip(*state))  # (L, B, H) each
+            out, new = fused_rnn(self.cell, x, stacks, [w for ws in weights for w in ws], self.num_layers,
+                                 self.dropout, self.training)
+            return out, list(zip(*(s.unbind(0) for s in new)))
         new_state = []
         for k in range(self.num_layers):
             if k > 0 and self.dropout > 0:  # between layers
                 x = (locked_dropout if self.locked_dropout else dropout)(x, self.dropout, self.training)
-            x, hc = self._layer(x, state[k], weights[k])
-            new_state.append(hc)
+            x, layer_state = self._layer(x, state[k], weights[k])
+            new_state.append(layer_state)
         return x, new_state
 
-    def _layer(self, x: Tensor, state: tuple[Tensor, Tensor], weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def _layer(self, x: Tensor, state: tuple[Tensor, ...], weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         w_ih, w_hh, b_ih, b_hh = weights
-        h, c = state
         if self.engine == "cudnn":
-            out, h_n, c_n = fused_lstm(x, h[None], c[None], [w_ih, w_hh, b_ih, b_hh], 1, 0.0, self.training)
-            return out, (h_n[0], c_n[0])
+            out, new = fused_rnn(self.cell, x, tuple(s[None] for s in state), list(weights), 1, 0.0, self.training)
+            return out, tuple(s[0] for s in new)
         # The input half of every gate for all T steps in one matrix product; only the
         # recurrent half has to wait for the previous step.
-        x_proj = F.linear(x, w_ih, b_ih + b_hh)  # (T, B, 4H)
+        x_proj = input_projection(self.cell, x, w_ih, b_ih, b_hh)  # (T, B, G*H)
         outputs = []
         for x_t in x_proj.unbind(0):  # unbind, not x_proj[t]: its backward writes all T grads at once
-            h, c = lstm_cell(x_t, h, c, w_hh)
-            outputs.append(h)
-        return torch.stack(outputs), (h, c)  # (T, B, H)
+            state = cell_step(self.cell, x_t, state, w_hh, b_hh)
+            outputs.append(state[0])
+        return torch.stack(outputs), state  # (T, B, H)
 
 
 def resolve_impl(cfg: ModelConfig) -> str:
@@ -207,7 +278,8 @@ def resolve_impl(cfg: ModelConfig) -> str:
 
 
 class LSTMLanguageModel(nn.Module):
-    """Embedding -> dropout -> LSTM layers -> dropout -> linear (optionally tied to the embedding)."""
+    """Embedding -> dropout -> recurrent layers (cfg.cell: LSTM, GRU or RNN) -> dropout -> linear
+    (optionally tied to the embedding)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, impl: str | None = None):
         super().__init__()
@@ -216,8 +288,9 @@ class LSTMLanguageModel(nn.Module):
         self.p = cfg.dropouts()  # rate per site: input, hidden, output, embedding, weight
         sizes = cfg.layer_sizes
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
-        self.rnn = LSTM(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], engine=self.impl,
-                        weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout)
+        self.cell = cfg.cell
+        self.rnn = Recurrent(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], cell=cfg.cell,
+                             engine=self.impl, weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout)
         self.decoder = nn.Linear(sizes[-1], vocab_size)
         if cfg.tie_weights:
             # Weight tying (Press & Wolf 2017; Inan et al. 2017): the output projection
@@ -227,7 +300,7 @@ class LSTMLanguageModel(nn.Module):
 
     def _init_weights(self) -> None:
         # The classic word-language-model initialisation: small uniform embeddings and
-        # a zero output bias; the LSTM keeps nn.LSTM's own uniform(+-1/sqrt(H)).
+        # a zero output bias; the recurrent layers keep torch.nn's own uniform(+-1/sqrt(H)).
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         if not self.cfg.tie_weights:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
@@ -235,7 +308,7 @@ class LSTMLanguageModel(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         device = device or self.embedding.weight.device
-        return [(torch.zeros(batch_size, H, device=device), torch.zeros(batch_size, H, device=device))
+        return [tuple(torch.zeros(batch_size, H, device=device) for _ in STATE_NAMES[self.cell])
                 for H in self.rnn.sizes]
 
     def _drop(self, x: Tensor, p: float) -> Tensor:
@@ -262,20 +335,23 @@ class LSTMLanguageModel(nn.Module):
         h, state = self.step_hidden(ids, state)
         return self.decoder(h), state
 
-    def step_hidden(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+    def step_hidden(self, ids: Tensor, state: State, record: list[dict] | None = None) -> tuple[Tensor, State]:
         """One time step for inference: ids (B,) -> the last layer's h (B, H) and the new state.
 
         Runs the textbook cell on the weights of either engine (they are the same):
         for batch-1 generation this is several times cheaper than a call of the fused
         kernel, whose oneDNN set-up costs more than the arithmetic of one step.
-        Dropout is left out, as in eval mode.
+        Dropout is left out, as in eval mode. With `record`, one dict per layer, each
+        layer's gate activations are stored in its dict (see `lstm-lm inspect`).
         """
         x = self.embedding(ids)  # (B, E)
         new_state = []
         for k in range(self.rnn.num_layers):
-            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            x, c = lstm_cell(F.linear(x, w_ih, b_ih + b_hh), *state[k], w_hh)
-            new_state.append((x, c))
+            w_ih, w_hh, b_ih, b_hh = self.rnn.raw_weights(k)
+            x_proj = input_projection(self.cell, x, w_ih, b_ih, b_hh)
+            layer = cell_step(self.cell, x_proj, state[k], w_hh, b_hh, None if record is None else record[k])
+            new_state.append(layer)
+            x = layer[0]
         return x, new_state
 
     def loss(self, ids: Tensor, targets: Tensor, state: State | None = None,

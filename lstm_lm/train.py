@@ -63,7 +63,7 @@ def train_step(
     makes no update and returns (None, the state it was given); that check waits for
     the device.
     """
-    # The memory (h, c) carries on from the previous chunk, but the gradient stops here;
+    # The memory (h, and c for an LSTM) carries on from the previous chunk, but the gradient stops here;
     # otherwise backward would run through the whole epoch.
     hidden_in = hidden = detach_state(hidden)
     with autocast(x.device, precision):  # bf16 matrix products; the loss stays float32
@@ -261,7 +261,7 @@ class Trainer:
             raise ConfigError([f"nothing to resume: {self.run_dir} already used its time budget of "
                                f"{t.time_budget:g} minutes; raise --time-budget"])
         log(
-            f"model: {self.model.num_parameters():,} parameters, impl {self.model.impl}, "
+            f"model: {self.model.cell}, {self.model.num_parameters():,} parameters, impl {self.model.impl}, "
             f"vocab {self.corpus.vocab_size:,}, device {self.device}, precision {self.precision}"
             f"{', compiled' if t.compile else ''}; data: {len(self.corpus.splits['train']):,} train tokens, "
             f"{self.n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
@@ -334,7 +334,7 @@ class Trainer:
         """A distributed resume: this rank's streams of the saved state, and its own RNG."""
         if self.hidden is not None:
             rows = self.world.share(self.hidden[0][0].size(0), "the saved hidden state's batch")
-            self.hidden = [(h[rows], c[rows]) for h, c in self.hidden]
+            self.hidden = [tuple(t[rows] for t in layer) for layer in self.hidden]
         ranks = extra.get("rng.ranks")
         if ranks is not None and ranks.size(0) == self.world.size:
             torch.set_rng_state(ranks[self.world.rank].cpu().clone())  # a row of its own
@@ -556,7 +556,7 @@ class Trainer:
             extra["average.count"] = torch.tensor(self.average.count)
         hidden = self.hidden
         if self.world.enabled:  # the whole batch's state and every rank's RNG, gathered to all
-            hidden = [(self.world.gather(h), self.world.gather(c)) for h, c in hidden] if hidden else None
+            hidden = [tuple(self.world.gather(t) for t in layer) for layer in hidden] if hidden else None
             extra["rng.ranks"] = self.world.gather(torch.get_rng_state()[None])
             if self.device.type == "cuda":
                 extra["rng.cuda_ranks"] = self.world.gather(torch.cuda.get_rng_state()[None])

@@ -7,7 +7,7 @@ from torch import nn
 from conftest import requires_cuda
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import load_config
-from lstm_lm.model import LSTM
+from lstm_lm.model import Recurrent
 from lstm_lm.train import train
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -22,21 +22,23 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_custom_cell_matches_cudnn_on_cuda(exact_float32):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_custom_cell_matches_cudnn_on_cuda(exact_float32, cell):
     torch.manual_seed(0)
-    ref = nn.LSTM(32, 64, 2).cuda()
-    ours = LSTM(32, 64, 2).cuda()
+    ref = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](32, 64, 2).cuda()
+    ours = Recurrent(32, 64, 2, cell=cell).cuda()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(20, 8, 32, device="cuda")
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, (h_ref, c_ref) = ref(x_ref)
+    out_ref, state_ref = ref(x_ref)
+    state_ref = state_ref if cell == "lstm" else (state_ref,)
     out_ours, state = ours(x_ours)
-    h_ours, c_ours = torch.stack([h for h, _ in state]), torch.stack([c for _, c in state])
-    for a, b in ((out_ours, out_ref), (h_ours, h_ref), (c_ours, c_ref)):
+    state_ours = tuple(torch.stack(parts) for parts in zip(*state))
+    for a, b in ((out_ours, out_ref), *zip(state_ours, state_ref)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     w = torch.randn_like(out_ref)
-    ((out_ref * w).sum() + c_ref.sum()).backward()
-    ((out_ours * w).sum() + c_ours.sum()).backward()
+    ((out_ref * w).sum() + state_ref[-1].sum()).backward()
+    ((out_ours * w).sum() + state_ours[-1].sum()).backward()
     torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=0)
     ours_params = dict(ours.named_parameters())
     for name, p in ref.named_parameters():
@@ -85,12 +87,14 @@ def test_fused_loss_matches_cross_entropy_on_cuda(exact_float32):
         torch.testing.assert_close(t.grad, g, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "custom"])
+@pytest.mark.parametrize("impl,cell", [("cudnn", "lstm"), ("custom", "lstm"), ("cudnn", "gru"), ("cudnn", "rnn"),
+                                       ("custom", "gru")])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl, precision):
+def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl, cell, precision):
     cfg = load_config(None, [
         "data.source=demo", "data.demo_size=600", "data.split_punctuation=true", "model.embedding_size=32",
-        "model.hidden_size=32", "model.num_layers=2", f"model.impl={impl}", "train.epochs=3", "train.batch_size=8",
+        "model.hidden_size=32", "model.num_layers=2", f"model.impl={impl}", f"model.cell={cell}", "train.epochs=3",
+        "train.batch_size=8",
         "train.optimizer=adamw", "train.lr=0.01", "train.device=cuda", f"train.precision={precision}",
     ])
     summary = train(cfg, tmp_path / "run")

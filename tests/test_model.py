@@ -1,4 +1,4 @@
-"""The hand-written LSTM against torch.nn.LSTM, state carry, and learning on tiny data."""
+"""The hand-written cells (LSTM, GRU, simple RNN) against torch.nn, state carry, and learning on tiny data."""
 
 import pytest
 import torch
@@ -6,67 +6,107 @@ import torch.nn.functional as F
 from torch import nn
 
 from lstm_lm.config import ModelConfig
-from lstm_lm.model import LSTM, LSTMLanguageModel, lstm_cell
+from lstm_lm.model import CELLS, LSTMLanguageModel, Recurrent, gru_cell, lstm_cell, rnn_cell
+
+TORCH_NN = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
-def _pair(input_size=7, hidden=11, layers=2, dropout=0.0, engine="custom"):
+def _pair(cell="lstm", input_size=7, hidden=11, layers=2, dropout=0.0, engine="custom"):
     torch.manual_seed(0)
-    ref = nn.LSTM(input_size, hidden, layers, dropout=dropout)
-    ours = LSTM(input_size, hidden, layers, dropout=dropout, engine=engine)
+    ref = TORCH_NN[cell](input_size, hidden, layers, dropout=dropout)
+    ours = Recurrent(input_size, hidden, layers, dropout=dropout, cell=cell, engine=engine)
     ours.load_state_dict(ref.state_dict())  # same names and shapes, so this is exact
     return ref, ours
 
 
 def _stack(state):
-    """Our per-layer [(h, c), ...] -> nn.LSTM's (h, c), each (L, B, H)."""
-    return torch.stack([h for h, _ in state]), torch.stack([c for _, c in state])
+    """Our per-layer [(h, c), ...] or [(h,), ...] -> torch.nn's stacks, each (L, B, H)."""
+    return tuple(torch.stack(parts) for parts in zip(*state))
 
 
-def test_parameter_names_and_shapes_match_nn_lstm():
-    ref, ours = _pair(layers=3)
+def _as_nn(cell, stacks):
+    return stacks if cell == "lstm" else stacks[0]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_parameter_names_and_shapes_match_torch_nn(cell):
+    ref, ours = _pair(cell, layers=3)
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("engine", ["custom", "cudnn"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
-def test_both_engines_match_nn_lstm_outputs_state_and_gradients(layers, engine):
-    ref, ours = _pair(layers=layers, engine=engine)
+def test_both_engines_match_torch_nn_outputs_state_and_gradients(layers, engine, cell):
+    ref, ours = _pair(cell, layers=layers, engine=engine)
     x = torch.randn(9, 4, 7)
-    h0, c0 = torch.randn(layers, 4, 11), torch.randn(layers, 4, 11)
+    states = tuple(torch.randn(layers, 4, 11) for _ in range(2 if cell == "lstm" else 1))
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, (h_ref, c_ref) = ref(x_ref, (h0, c0))
-    out_ours, state = ours(x_ours, list(zip(h0, c0)))
-    h_ours, c_ours = _stack(state)
+    out_ref, state_ref = ref(x_ref, _as_nn(cell, states))
+    state_ref = state_ref if cell == "lstm" else (state_ref,)
+    out_ours, state = ours(x_ours, list(zip(*states)))
+    state_ours = _stack(state)
     torch.testing.assert_close(out_ours, out_ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h_ours, h_ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(c_ours, c_ref, atol=1e-5, rtol=0)
+    assert len(state_ours) == len(state_ref)
+    for a, b in zip(state_ours, state_ref):  # h, and c for the LSTM
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
     # The same scalar of all outputs, so every gradient path (through h and c) is exercised.
     w = torch.randn_like(out_ref)
-    ((out_ref * w).sum() + h_ref.sum() + c_ref.sum()).backward()
-    ((out_ours * w).sum() + h_ours.sum() + c_ours.sum()).backward()
+    ((out_ref * w).sum() + sum(s.sum() for s in state_ref)).backward()
+    ((out_ours * w).sum() + sum(s.sum() for s in state_ours)).backward()
     torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=0)
     ours_params = dict(ours.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(ours_params[name].grad, p.grad, atol=1e-5, rtol=0, msg=name)
 
 
-def test_cell_gates_follow_nn_lstm_order():
+def test_lstm_cell_gates_follow_nn_lstm_order():
     """One step of the cell equals nn.LSTMCell with the same weights (gate order i, f, g, o)."""
     torch.manual_seed(1)
     cell = nn.LSTMCell(5, 6)
     x, h, c = torch.randn(3, 5), torch.randn(3, 6), torch.randn(3, 6)
     h_ref, c_ref = cell(x, (h, c))
     x_proj = F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
-    h_ours, c_ours = lstm_cell(x_proj, h, c, cell.weight_hh)
+    gates = {}
+    h_ours, c_ours = lstm_cell(x_proj, h, c, cell.weight_hh, record=gates)
     torch.testing.assert_close(h_ours, h_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_ours, c_ref, atol=1e-6, rtol=0)
+    # The recorded forget gate is sigmoid of the second block, nn.LSTM's order.
+    f = torch.sigmoid(x_proj + h @ cell.weight_hh.t()).chunk(4, dim=1)[1]
+    torch.testing.assert_close(gates["forget"], f)
+    assert set(gates) == {"forget", "input", "output"}
 
 
+def test_gru_cell_follows_nn_gru_cell():
+    """Gate order r, z, n, and b_hh inside the reset gate's product, as nn.GRUCell."""
+    torch.manual_seed(1)
+    cell = nn.GRUCell(5, 6)
+    x, h = torch.randn(3, 5), torch.randn(3, 6)
+    gates = {}
+    ours = gru_cell(F.linear(x, cell.weight_ih, cell.bias_ih), h, cell.weight_hh, cell.bias_hh, record=gates)
+    torch.testing.assert_close(ours, cell(x, h), atol=1e-6, rtol=0)
+    assert set(gates) == {"reset", "update"} and gates["update"].shape == (3, 6)
+
+
+def test_rnn_cell_follows_nn_rnn_cell():
+    torch.manual_seed(1)
+    cell = nn.RNNCell(5, 6)
+    x, h = torch.randn(3, 5), torch.randn(3, 6)
+    ours = rnn_cell(F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh), h, cell.weight_hh)
+    torch.testing.assert_close(ours, cell(x, h), atol=1e-6, rtol=0)
+
+
+def test_unknown_cell_is_refused():
+    with pytest.raises(ValueError, match="cell must be one of"):
+        Recurrent(3, 4, cell="transformer")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("impl", ["custom", "cudnn"])
-def test_state_carry_whole_equals_two_halves(impl):
+def test_state_carry_whole_equals_two_halves(impl, cell):
     torch.manual_seed(0)
-    model = LSTMLanguageModel(ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl), 20).eval()
+    model = LSTMLanguageModel(ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl, cell=cell), 20).eval()
     ids = torch.randint(0, 20, (12, 3))
     whole, state_whole = model(ids)
     first, state = model(ids[:5])
@@ -75,9 +115,10 @@ def test_state_carry_whole_equals_two_halves(impl):
     torch.testing.assert_close(_stack(state_halves), _stack(state_whole), atol=1e-5, rtol=0)
 
 
-def test_one_state_dict_runs_on_both_engines():
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_state_dict_runs_on_both_engines(cell):
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_size=10, hidden_size=10, num_layers=2, dropout=0.0)
+    cfg = ModelConfig(embedding_size=10, hidden_size=10, num_layers=2, dropout=0.0, cell=cell)
     fast = LSTMLanguageModel(cfg, 30, impl="cudnn").eval()
     hand = LSTMLanguageModel(cfg, 30, impl="custom").eval()
     assert fast.state_dict().keys() == hand.state_dict().keys()
@@ -98,11 +139,13 @@ def test_default_impl_is_the_fast_path():
     assert LSTMLanguageModel(ModelConfig(impl="custom"), 10).rnn.engine == "custom"
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("impl", ["custom", "cudnn"])
-def test_overfits_one_batch(impl):
+def test_overfits_one_batch(impl, cell):
     """A tiny model memorises one batch of random tokens: loss from ~ln(30)=3.4 to below 0.1."""
     torch.manual_seed(0)
-    model = LSTMLanguageModel(ModelConfig(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, impl=impl), 30)
+    cfg = ModelConfig(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, impl=impl, cell=cell)
+    model = LSTMLanguageModel(cfg, 30)
     ids = torch.randint(0, 30, (11, 4))
     x, y = ids[:-1], ids[1:]
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
@@ -115,9 +158,10 @@ def test_overfits_one_batch(impl):
     assert loss.item() < 0.1
 
 
-def _lm(impl, tie=True):
+def _lm(impl, tie=True, cell="lstm"):
     torch.manual_seed(0)
-    cfg = ModelConfig(impl=impl, embedding_size=12, hidden_size=12, num_layers=2, dropout=0.0, tie_weights=tie)
+    cfg = ModelConfig(impl=impl, embedding_size=12, hidden_size=12, num_layers=2, dropout=0.0, tie_weights=tie,
+                      cell=cell)
     return LSTMLanguageModel(cfg, vocab_size=30)
 
 
@@ -139,20 +183,21 @@ def test_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(impl, t
     assert len(state) == 2 and state[0][0].shape == (3, 12)
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("impl", ["custom", "cudnn"])
-def test_step_by_step_generation_path_equals_the_full_forward(impl):
-    model = _lm(impl).eval()
+def test_step_by_step_generation_path_equals_the_full_forward(impl, cell):
+    model = _lm(impl, cell=cell).eval()
     ids = torch.randint(0, 30, (7, 2))
     with torch.no_grad():
-        logits, (h, c) = model(ids)
+        logits, final = model(ids)
         state = model.init_state(2)
         steps = []
         for t in range(7):
             step_logits, state = model.step(ids[t], state)
             steps.append(step_logits)
     torch.testing.assert_close(torch.stack(steps), logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(state[0], h, atol=1e-6, rtol=0)
-    torch.testing.assert_close(state[1], c, atol=1e-6, rtol=0)
+    assert len(state[0]) == (2 if cell == "lstm" else 1)
+    torch.testing.assert_close(_stack(state), _stack(final), atol=1e-6, rtol=0)
 
 
 def test_dropout_zeroes_p_of_the_elements_and_scales_the_rest():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lstm_lm.config import ModelConfig
-from lstm_lm.model import LSTM, LSTMLanguageModel, embedding_dropout, locked_dropout
+from lstm_lm.model import LSTMLanguageModel, Recurrent, embedding_dropout, locked_dropout
 
 
 def _rnn_inputs(model, ids):
@@ -65,7 +65,7 @@ def test_embedding_dropout_drops_whole_words_everywhere_in_the_batch():
 @pytest.mark.parametrize("engine", ["custom", "cudnn"])
 def test_weight_drop_masks_the_hidden_to_hidden_weights(engine):
     torch.manual_seed(0)
-    rnn = LSTM(6, 10, 1, engine=engine, weight_drop=0.5).train()
+    rnn = Recurrent(6, 10, 1, engine=engine, weight_drop=0.5).train()
     x, state = torch.randn(7, 3, 6), [(torch.randn(3, 10), torch.randn(3, 10))]
 
     torch.manual_seed(1)
