@@ -32,7 +32,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     epilog=(
         "**Examples**\n\n"
-        "    lstm-lm train                     # the demo model, about 30 s on a laptop CPU\n\n"
+        "    lstm-lm train                     # the demo model, about 40 s on a laptop CPU\n\n"
         '    lstm-lm complete "My name is John, I am from Tamilnadu and I speak"\n\n'
         "    lstm-lm eval                      # perplexity of the last run's test split"
     ),
@@ -95,6 +95,7 @@ def train(
     impl: Annotated[Optional[str], typer.Option(help="Engine: auto, custom (the hand-written cell) or cudnn (torch.nn's kernel) (model.impl).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where the hardware does it natively), fp32 or bf16 (train.precision).")] = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes 20 s to 1.5 min once per run (train.compile).")] = None,
+    log_grad_flow: Annotated[Optional[bool], typer.Option("--log-grad-flow", help="Record, every log interval, how far back the gradient reaches (grad_flow.jsonl; drawn by lstm-lm plot) (train.log_grad_flow).")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help="Stop after this many minutes of wall time, final validation and test included; the cosine schedule is planned against it (train.time_budget).")] = None,
 ) -> None:
     """Train a language model; the best model by validation loss is kept in the run directory.
@@ -109,6 +110,7 @@ def train(
         "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
         "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.cell": cell, "model.impl": impl,
         "train.precision": precision, "train.compile": compile_, "train.time_budget": time_budget,
+        "train.log_grad_flow": log_grad_flow,
     }
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
     with user_errors():
@@ -177,6 +179,134 @@ def eval_(
     with user_errors():
         result = evaluate_checkpoint(checkpoint, data, split, batch_size, device, precision)
     typer.echo(json.dumps(result))
+
+
+experiment_app = typer.Typer(
+    help="Experiments that show what each recurrent cell can and cannot do.", no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command(
+    "long-range",
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm experiment long-range                      # about 6 minutes on a 2-core CPU\n\n"
+        "    lstm-lm experiment long-range --gaps 0,10,20,30 --cells rnn,lstm --out runs/rnn-vs-lstm\n\n"
+        "    lstm-lm experiment long-range --steps 200 --probes 50   # a quick look"
+    ),
+)
+def long_range(
+    gaps: Annotated[str, typer.Option(help="Gaps to measure, in words between \"I am from X\" and \"and I speak Y\"; training sees every gap from 0 to the largest.")] = "0,5,10,20,40",
+    cells: Annotated[str, typer.Option(help="Cells to compare: rnn, lstm, gru.")] = "rnn,lstm,gru",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where results.json, results.csv, accuracy_vs_gap.png and each cell's run go.")] = Path("runs/long-range"),
+    steps: Annotated[int, typer.Option(help="Training steps per cell (the same for every cell).")] = 2500,
+    hidden: Annotated[int, typer.Option(help="The LSTM's units; the other cells get the hidden size that gives as many parameters.")] = 128,
+    probes: Annotated[int, typer.Option(help="Held-out sentences per gap.")] = 300,
+    demo_size: Annotated[int, typer.Option(help="Training biographies.")] = 20000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the corpus, the weights and the probes.")] = 0,
+) -> None:
+    """Simple RNN vs LSTM vs GRU: accuracy on the language word as the gap grows.
+
+    Trains each cell with the same parameter count and steps on the demo corpus, then
+    asks each for the word after "I speak" on fresh sentences with exactly N words
+    between the region and the language. Prints the table; writes results.json,
+    results.csv and accuracy_vs_gap.png (with matplotlib) into --out.
+    """
+    from lstm_lm.config import is_device_name
+    from lstm_lm.errors import ConfigError
+    from lstm_lm.experiment import Budget, long_range as run, parse_list, results_table
+    from lstm_lm.plots import PLOT_HINT, plot_long_range
+
+    with user_errors():
+        problems = [f"--{name}: must be at least 1, got {value}"
+                    for name, value in {"steps": steps, "hidden": hidden, "probes": probes, "demo-size": demo_size}.items()
+                    if value < 1]
+        if not is_device_name(device):
+            problems.append(f"--device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+        if problems:
+            raise ConfigError(problems, "command line")
+        budget = Budget(steps=steps, lstm_hidden=hidden, embedding_size=min(64, hidden), probes=probes,
+                        demo_size=demo_size, device=device, seed=seed)
+        results = run(parse_list(gaps, "gaps"), parse_list(cells, "cells", ("rnn", "lstm", "gru")), out, budget)
+        png = plot_long_range(results, out / "accuracy_vs_gap.png")
+    typer.echo(results_table(results))
+    typer.echo(f"wrote {out / 'results.json'}, {out / 'results.csv'}" + (f" and {png}" if png else ""), err=True)
+    if png is None:
+        typer.echo(PLOT_HINT, err=True)
+
+
+@app.command(
+    epilog=(
+        "**Examples**\n\n"
+        '    lstm-lm inspect "My name is John, I am from Tamilnadu and I speak"\n\n'
+        '    lstm-lm inspect "I am from Kerala and I speak" --checkpoint runs/long-range/runs/lstm --out gates.png'
+    )
+)
+def inspect(
+    prompt: Annotated[str, typer.Argument(help="The text to read.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The picture (PNG).")] = Path("gates.png"),
+    layer: Annotated[Optional[int], typer.Option(help="Which layer to show, from 1 (default: the last).")] = None,
+    units: Annotated[int, typer.Option(help="Units in each heatmap: those that change most over the prompt.")] = 16,
+    top_k: Annotated[int, typer.Option(help="Next-word guesses per token.")] = 3,
+) -> None:
+    """Show the gates at work: per token, the mean forget / input / output gate (the GRU's
+    reset / update gate), the memory's norm and the top next-word guesses.
+
+    The table goes to stdout; the picture (means, norms and heatmaps of the most active
+    units) to --out.
+    """
+    from lstm_lm.checkpoint import load_checkpoint
+    from lstm_lm.errors import PromptError
+    from lstm_lm.inspection import trace_prompt, trace_table
+    from lstm_lm.plots import PLOT_HINT, plot_inspection
+
+    with user_errors():
+        if units < 1 or top_k < 1:
+            raise PromptError(f"--units and --top-k must be at least 1, got {units} and {top_k}")
+        model, tokenizer, cfg = load_checkpoint(checkpoint, "cpu")
+        trace = trace_prompt(model, tokenizer, prompt, cfg.data.tokenizer, layer, top_k)
+        png = plot_inspection(trace, out, units)
+    typer.echo(trace_table(trace))
+    typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
+
+
+@app.command(
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm plot runs/demo                      # -> runs/demo/training.png\n\n"
+        "    lstm-lm train --cell rnn --log-grad-flow --out runs/rnn && lstm-lm plot runs/rnn --out rnn.png"
+    )
+)
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (holding metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The picture (PNG). Default: RUN_DIR/training.png.")] = None,
+) -> None:
+    """Draw a run's training and validation loss, and its gradient flow when it was
+    trained with --log-grad-flow. Prints the validation curve as a table."""
+    from lstm_lm.errors import DataError
+    from lstm_lm.plots import PLOT_HINT, plot_run, read_jsonl
+
+    with user_errors():
+        if not run_dir.is_dir():
+            raise DataError(f"{run_dir} is not a directory; give a run directory such as runs/demo")
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        if not metrics:
+            raise DataError(f"{run_dir} holds no metrics.jsonl lines; is it a run directory that has validated once?")
+        flow = read_jsonl(run_dir / "grad_flow.jsonl")
+        png = plot_run(run_dir, out or run_dir / "training.png")
+    typer.echo(f"{'epoch':>5} {'step':>7} {'train loss':>10} {'valid loss':>10} {'valid ppl':>10}")
+    for r in metrics:
+        typer.echo(f"{r['epoch']:>5} {r['step']:>7} {r['train_loss']:>10.4f} {r['val_loss']:>10.4f} {r['val_ppl']:>10.2f}")
+    if flow:
+        last = flow[-1]["grad_norm"][-1]
+        shown = [k for k in (0, 1, 2, 5, 10, 20, 40, 80) if k < len(last)]
+        typer.echo(f"gradient flow at step {flow[-1]['step']} (last layer), |dL_T/dh_(T-k)| for k = "
+                   + ", ".join(f"{k}: {last[k]:.2e}" for k in shown))
+    typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
 
 
 def main() -> None:

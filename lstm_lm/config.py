@@ -49,6 +49,10 @@ class DataConfig:
     # Demo corpus: number of generated biographies and the generator's seed.
     demo_size: int = 6000
     demo_seed: int = 0
+    # Demo corpus: the number of words of unrelated clauses between "I am from X" and
+    # "and I speak Y", drawn uniformly from [gap_min, gap_max] for each biography.
+    gap_min: int = 0
+    gap_max: int = 12
     # Where encoded token ids are cached (null: $LSTM_LM_CACHE or ~/.cache/lstm-lm).
     cache_dir: str | None = None
 
@@ -174,6 +178,10 @@ class TrainConfig:
     # Update the progress bar's loss, and write a line to steps.jsonl, every this many
     # steps (each update syncs the device).
     log_interval: int = 50
+    # Every log_interval steps, also record how far back the gradient reaches: the norm of
+    # the chunk's last-step loss's gradient with respect to each earlier hidden state, in
+    # grad_flow.jsonl (`lstm-lm plot` draws it). Costs one step-by-step pass per record.
+    log_grad_flow: bool = False
     # Besides the one after each validation, save a resumable checkpoint
     # (checkpoints/step-N/) every this many steps and every this many minutes (null: not).
     checkpoint_every: int | None = None
@@ -209,9 +217,9 @@ CHOICES = {
 # demo corpus that finishes in about a minute on a laptop CPU. configs/demo.yaml
 # holds the same values (a test checks that they agree).
 DEMO_PRESET: dict[str, dict[str, Any]] = {
-    "data": {"source": "demo", "tokenizer": "word", "split_punctuation": True},
+    "data": {"source": "demo", "tokenizer": "word", "split_punctuation": True, "gap_min": 0, "gap_max": 12},
     "model": {"embedding_size": 128, "hidden_size": 128, "num_layers": 1, "dropout": 0.1},
-    "train": {"epochs": 15, "batch_size": 32, "bptt": 35, "optimizer": "adamw", "lr": 0.01,
+    "train": {"epochs": 30, "batch_size": 32, "bptt": 35, "optimizer": "adamw", "lr": 0.01,
               "lr_decay": 4.0, "clip": 1.0},
 }
 
@@ -308,6 +316,8 @@ def validate(cfg: Config) -> list[str]:
     for key, value in positive.items():
         if value < 1:
             p.append(f"{key}: must be at least 1, got {value}")
+    if not 0 <= d.gap_min <= d.gap_max <= 500:
+        p.append(f"data.gap_min, data.gap_max: need 0 <= gap_min <= gap_max <= 500, got {d.gap_min} and {d.gap_max}")
     if d.max_size is not None and d.max_size < 3:
         p.append(f"data.max_size: must be at least 3 (room for <unk>, <eos> and a word), got {d.max_size}")
     if t.max_steps is not None and t.max_steps < 1:

@@ -53,7 +53,7 @@ class Source:
         """Changes whenever the text would: file contents, demo settings or the hub name."""
         h = hashlib.sha256(f"{CACHE_VERSION}|{self.kind}".encode())
         if self.kind == "demo":
-            h.update(f"{DEMO_VERSION}|{cfg.demo_size}|{cfg.demo_seed}".encode())
+            h.update(f"{DEMO_VERSION}|{cfg.demo_size}|{cfg.demo_seed}|{cfg.gap_min}|{cfg.gap_max}".encode())
         elif self.kind == "hub":
             h.update(self.spec.encode())
         else:
@@ -104,7 +104,7 @@ def _check_file(path: Path) -> None:
 def read_source(source: Source, cfg: DataConfig) -> dict[str, list[str]]:
     """The text of each split, one string per line."""
     if source.kind == "demo":
-        return demo_splits(cfg.demo_size, cfg.demo_seed)
+        return demo_splits(cfg.demo_size, cfg.demo_seed, cfg.gap_min, cfg.gap_max)
     if source.kind == "hub":
         return _read_hub(source.spec, cfg)
     import datasets

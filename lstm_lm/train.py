@@ -43,11 +43,12 @@ from lstm_lm.config import Config, TrainConfig
 from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from lstm_lm.evaluate import evaluate
+from lstm_lm.inspection import gradient_flow
 from lstm_lm.model import LSTMLanguageModel, State, detach_state
 from lstm_lm.optim import WeightAverage, make_optimizer, nt_asgd_triggers, scheduled_lr
 from lstm_lm.utils import autocast, log, pick_device, pick_precision
 
-METRICS, STEPS = "metrics.jsonl", "steps.jsonl"
+METRICS, STEPS, GRAD_FLOW = "metrics.jsonl", "steps.jsonl", "grad_flow.jsonl"
 
 
 def train_step(
@@ -292,7 +293,7 @@ class Trainer:
     def _start_afresh(self) -> None:
         """Delete what an earlier run left here (train() has checked that this is wanted):
         its logs, and where it saved any, its checkpoints."""
-        names = [METRICS, STEPS]
+        names = [METRICS, STEPS, GRAD_FLOW]
         if _holds_a_run(self.run_dir):
             names += [CHECKPOINTS, BEST, *RUN_FILES_BEFORE_STEP_CHECKPOINTS]
         self.world.barrier()  # every rank has looked before rank 0 deletes
@@ -326,7 +327,7 @@ class Trainer:
                 f"nothing to resume: {self.run_dir} already ran {state['step']} steps into epoch {state['epoch']}; "
                 "raise --epochs or --max-steps (or --set train.max_steps=null)"
             ])
-        for name in (METRICS, STEPS) if self.world.main else ():  # lines after the checkpoint come again
+        for name in (METRICS, STEPS, GRAD_FLOW) if self.world.main else ():  # lines after the checkpoint come again
             _truncate_log(self.run_dir / name, state["step"])
         log(f"resuming {self.run_dir} from {ckpt} at epoch {state['epoch']}, step {state['step']}")
 
@@ -390,6 +391,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * x.size(0) / t.bptt if t.variable_bptt else lr
         step_start = time.perf_counter()
+        if t.log_grad_flow and (state["step"] + 1) % t.log_interval == 0 and self.world.main:
+            self._append(GRAD_FLOW, {"step": state["step"] + 1, "cell": self.model.cell,
+                                     "grad_norm": gradient_flow(self.model, x, y, self.hidden)})
         # A chunk of another length (the epoch's last) runs eagerly rather than compiling anew.
         loss_fn = self.compiled_loss if x.size(0) == t.bptt else None
         if self.ddp is not None:

@@ -58,11 +58,13 @@ def test_all_problems_are_reported_together(tmp_path):
     "override, key",
     [("nonsense", "--set"), ("nokey=1", "--set"), ("model.layers=2", "model.layers"),
      ("train.batch_size=0", "train.batch_size"), ("data.tokenizer=sentencepiece", "data.tokenizer"),
-     ("train.device=tpu", "train.device"), ("model.tie_weights=maybe", "model.tie_weights")],
+     ("train.device=tpu", "train.device"), ("model.tie_weights=maybe", "model.tie_weights"),
+     ("model.cell=transformer", "model.cell"), ("data.gap_min=5 data.gap_max=2", "data.gap_min"),
+     ("data.gap_min=-1", "data.gap_min")],
 )
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_missing_and_malformed_config_files(tmp_path):

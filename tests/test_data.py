@@ -13,7 +13,7 @@ from lstm_lm.data import (
     EOS, UNK, batchify, build_tokenizer, detokenize, encode_lines, get_batch, load_corpus, resolve_source,
     smallest_uint,
 )
-from lstm_lm.demo import REGION_LANGUAGE, SEED_ANSWER, SEED_PROMPT, demo_corpus, demo_splits
+from lstm_lm.demo import REGION_LANGUAGE, SEED_ANSWER, SEED_PROMPT, demo_corpus, demo_splits, gap_of
 from lstm_lm.errors import DataError
 
 
@@ -130,6 +130,29 @@ def test_demo_corpus_is_deterministic_and_covers_the_seed_sentence():
                 assert f"speak {lang}." in line, line
     splits = demo_splits(400)
     assert not set(splits["test"]) & {l for l in splits["train"] if l.count(" ") > 12}
+
+
+@pytest.mark.parametrize("gap", [0, 1, 2, 3, 4, 7, 20, 40])
+def test_demo_gap_is_met_exactly(gap):
+    lines = demo_corpus(300, seed=1, gap_min=gap, gap_max=gap)[1:]  # line 0 is the seed sentence
+    for line in lines:
+        head = line.split(" and I speak")[0]
+        region = next(r for r in REGION_LANGUAGE if f" {r}" in head)
+        between = head.split(f" {region}", 1)[1]
+        assert len(between.replace(",", " ").split()) == gap, line
+        assert f"speak {REGION_LANGUAGE[region]}." in line
+
+
+def test_demo_gap_range_is_covered_and_reaches_the_corpus(tmp_path):
+    gaps = [gap_of(line) for line in demo_corpus(2000, gap_min=3, gap_max=9)[1:]]
+    assert set(gaps) == set(range(3, 10))
+    assert max(gaps.count(g) for g in range(3, 10)) < 2 * min(gaps.count(g) for g in range(3, 10))  # uniform
+    splits = demo_splits(400, gap_min=30, gap_max=30)
+    assert all(gap_of(line) == 30 for part in splits.values() for line in part[1:])
+    # Through the config: another gap is another corpus (and another cache entry).
+    short = load_corpus(DataConfig(source="demo", demo_size=200, gap_min=0, gap_max=0, cache_dir=str(tmp_path)))
+    long = load_corpus(DataConfig(source="demo", demo_size=200, gap_min=25, gap_max=25, cache_dir=str(tmp_path)))
+    assert len(long.splits["train"]) > len(short.splits["train"]) + 199 * 20
 
 
 def test_batchify_layout_streams_are_columns():

@@ -1,0 +1,195 @@
+"""The long-range experiment: how far back can each cell remember?
+
+    results = long_range(gaps=[0, 5, 10, 20, 40], cells=["rnn", "lstm", "gru"], out_dir="runs/long-range")
+
+Each cell is trained on the demo corpus with gaps of 0 to max(gaps) words between
+"I am from X" and "and I speak Y", with the same number of parameters (the hidden
+size is chosen per cell to match the LSTM's count) and the same number of steps.
+Then, on fresh biographies with exactly `gap` words in between, it is asked for the
+word after "I speak": the top-1 accuracy as a function of the gap is the measure.
+A simple RNN rewrites its whole state at every step, so the region fades over a
+long gap (and its gradient vanishes on the way back); the LSTM's forget gate can
+keep it in the memory cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from lstm_lm.checkpoint import load_checkpoint
+from lstm_lm.config import Config, config_from_dict
+from lstm_lm.demo import biography
+from lstm_lm.errors import ConfigError
+from lstm_lm.model import CELLS, LSTMLanguageModel
+from lstm_lm.sample import encode_prompt
+from lstm_lm.utils import log
+
+DEFAULT_GAPS = (0, 5, 10, 20, 40)
+DEFAULT_CELLS = ("rnn", "lstm", "gru")
+
+
+@dataclass
+class Budget:
+    """What every cell gets: the same data, parameter count and number of steps."""
+
+    steps: int = 2500  # optimizer steps per cell
+    lstm_hidden: int = 128  # the LSTM's units; the other cells get as many parameters
+    embedding_size: int = 64
+    batch_size: int = 32
+    bptt: int = 80  # covers a sentence with a 40-word gap, so the gradient can reach the region
+    lr: float = 0.005  # AdamW
+    demo_size: int = 20000  # training biographies
+    probes: int = 300  # held-out sentences per gap
+    seed: int = 0
+    device: str = "cpu"
+
+
+def recurrent_parameters(cell: str, embedding_size: int, hidden: int) -> int:
+    """Weights and biases of one recurrent layer of `cell`."""
+    blocks = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    return blocks * (hidden * embedding_size + hidden * hidden + 2 * hidden)
+
+
+def matched_hidden_size(cell: str, budget: Budget, vocab_size: int) -> int:
+    """The hidden size that gives `cell` about as many parameters as the LSTM of `budget`."""
+
+    def total(c: str, h: int) -> int:  # untied embedding, one layer, decoder with bias
+        return vocab_size * budget.embedding_size + recurrent_parameters(c, budget.embedding_size, h) + h * vocab_size + vocab_size
+
+    target = total("lstm", budget.lstm_hidden)
+    return min(range(1, 8 * budget.lstm_hidden), key=lambda h: abs(total(cell, h) - target))
+
+
+def experiment_config(cell: str, hidden: int, budget: Budget, gap_max: int) -> Config:
+    return config_from_dict({
+        "data": {"source": "demo", "tokenizer": "word", "split_punctuation": True, "demo_size": budget.demo_size,
+                 "demo_seed": budget.seed, "gap_min": 0, "gap_max": gap_max},
+        "model": {"cell": cell, "embedding_size": budget.embedding_size, "hidden_size": hidden, "num_layers": 1,
+                  "dropout": 0.0, "tie_weights": False},
+        "train": {"epochs": 1000, "max_steps": budget.steps, "batch_size": budget.batch_size, "bptt": budget.bptt,
+                  "optimizer": "adamw", "lr": budget.lr, "schedule": "cosine", "min_lr": budget.lr / 10,
+                  "clip": 1.0, "precision": "fp32", "device": budget.device, "seed": budget.seed + 1111,
+                  "checkpoint_minutes": None, "keep_last": 1},
+    }, origin="experiment")
+
+
+def probe_sentences(gap: int, n: int, seed: int) -> list[tuple[str, str]]:
+    """`n` fresh biographies with exactly `gap` words between region and language, as
+    (the text up to "I speak", the language)."""
+    rng = random.Random(f"long-range-probe-{seed}-{gap}")
+    pairs = []
+    for _ in range(n):
+        head, _, tail = biography(rng, gap, gap).partition(" I speak ")
+        pairs.append((head + " I speak", tail.split(".")[0]))
+    return pairs
+
+
+@torch.no_grad()
+def language_accuracy(model: LSTMLanguageModel, tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Top-1 accuracy of the word after each prompt, read from a zero state after <eos>
+    as `lstm-lm complete` reads a prompt. Prompts of one length run as one batch."""
+    model.eval()
+    device = model.embedding.weight.device
+    by_length: dict[int, list[tuple[list[int], int]]] = {}
+    for prompt, answer in pairs:
+        ids = encode_prompt(tokenizer, prompt)
+        by_length.setdefault(len(ids), []).append((ids, tokenizer.token_to_id(answer)))
+    right = 0
+    for group in by_length.values():
+        x = torch.tensor([ids for ids, _ in group], device=device).t()  # (T, B)
+        logits, _ = model(x)
+        guesses = logits[-1].argmax(-1).tolist()
+        right += sum(g == answer for g, (_, answer) in zip(guesses, group))
+    return right / len(pairs)
+
+
+def parse_list(text: str, what: str, allowed: tuple[str, ...] | None = None) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError([f"--{what}: give a comma-separated list, got {text!r}"], "command line")
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise ConfigError([f"--{what}: {', '.join(bad)} unknown (choose from {', '.join(allowed)})"], "command line")
+        return items
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise ConfigError([f"--{what}: expected whole numbers of words such as 0,5,10,20,40, got {text!r}"],
+                          "command line") from None
+    if any(v < 0 or v > 500 for v in values):
+        raise ConfigError([f"--{what}: each gap must be between 0 and 500 words, got {text!r}"], "command line")
+    return sorted(set(values))
+
+
+def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: Budget | None = None) -> dict:
+    """Train each cell, measure its accuracy at each gap; write results.json, results.csv
+    and (with matplotlib) accuracy_vs_gap.png into `out_dir`. Returns the results."""
+    from lstm_lm.train import train
+
+    budget = budget or Budget()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gap_max = max(gaps)
+    if budget.bptt < gap_max + 20:
+        log(f"note: bptt {budget.bptt} is shorter than a sentence with a {gap_max}-word gap; "
+            "the gradient cannot reach the region from the language there")
+    started = time.perf_counter()
+    results: dict = {"experiment": "long-range", "gaps": gaps, "budget": asdict(budget), "cells": {},
+                     "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    vocab_size = None
+    for cell in cells:
+        if cell not in CELLS:
+            raise ConfigError([f"cell {cell!r} unknown (choose from {', '.join(CELLS)})"], "command line")
+        if vocab_size is None:  # the demo vocabulary does not depend on the cell
+            from lstm_lm.data import load_corpus
+
+            vocab_size = load_corpus(experiment_config("lstm", budget.lstm_hidden, budget, gap_max).data).vocab_size
+        hidden = matched_hidden_size(cell, budget, vocab_size)
+        log(f"== {cell}: {hidden} units, {budget.steps} steps, gaps 0-{gap_max} in training")
+        run_dir = out_dir / "runs" / cell
+        t0 = time.perf_counter()
+        summary = train(experiment_config(cell, hidden, budget, gap_max), run_dir, overwrite=True)
+        train_s = time.perf_counter() - t0
+        model, tokenizer, _ = load_checkpoint(run_dir, budget.device)
+        accuracy = {}
+        for gap in gaps:
+            accuracy[gap] = language_accuracy(model, tokenizer, probe_sentences(gap, budget.probes, budget.seed))
+            log(f"{cell} gap {gap:3d}: {accuracy[gap]:.1%}")
+        results["cells"][cell] = {
+            "hidden_size": hidden, "parameters": model.num_parameters(), "steps": summary["steps"],
+            "valid_perplexity": summary["best_valid_perplexity"], "train_s": round(train_s, 1),
+            "accuracy": {str(g): a for g, a in accuracy.items()},
+        }
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    write_results(results, out_dir)
+    return results
+
+
+def write_results(results: dict, out_dir: Path) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["cell", "hidden_size", "parameters", *(f"gap_{g}" for g in results["gaps"])])
+        for cell, r in results["cells"].items():
+            w.writerow([cell, r["hidden_size"], r["parameters"], *(f"{r['accuracy'][str(g)]:.4f}" for g in results["gaps"])])
+
+
+def results_table(results: dict) -> str:
+    """Accuracy (%) per cell and gap, as aligned text."""
+    gaps = results["gaps"]
+    head = f"{'cell':<6} {'units':>5} {'params':>8} " + " ".join(f"{'gap ' + str(g):>7}" for g in gaps)
+    rows = [head]
+    for cell, r in results["cells"].items():
+        accs = " ".join(f"{100 * r['accuracy'][str(g)]:6.1f}%" for g in gaps)
+        rows.append(f"{cell:<6} {r['hidden_size']:>5} {r['parameters']:>8,} {accs}")
+    return "\n".join(rows)

@@ -1,0 +1,97 @@
+"""Looking inside a trained model: its gates token by token, and how far back its gradient reaches.
+
+    trace = trace_prompt(model, tokenizer, "My name is John, I am from Tamilnadu and I speak")
+    print(trace_table(trace))              # gates, memory norm and top guesses per token
+    norms = gradient_flow(model, x, y, state)   # |dL_T/dh_t| per layer, t counted back from T
+
+Both run the textbook cells one step at a time (`model.step_hidden`), on the same
+weights the fast engine uses, without dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tokenizers import Tokenizer
+
+from lstm_lm.errors import PromptError
+from lstm_lm.model import GATE_NAMES, STATE_NAMES, LSTMLanguageModel, State
+from lstm_lm.sample import encode_prompt
+
+
+@torch.no_grad()
+def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, kind: str = "word",
+                 layer: int | None = None, top_k: int = 3) -> dict:
+    """Read `prompt` token by token and record, after each token, layer `layer`'s gates
+    and state (1-based; default the last layer) and the top_k next-token guesses."""
+    model.eval()
+    layers = model.rnn.num_layers
+    layer = layers if layer is None else layer
+    if not 1 <= layer <= layers:
+        raise PromptError(f"--layer must be between 1 and {layers} (the model has {layers} layer(s)), got {layer}")
+    ids = encode_prompt(tokenizer, prompt, kind)
+    device = model.embedding.weight.device
+    state = model.init_state(1, device)
+    gates = {name: [] for name in GATE_NAMES[model.cell]}
+    states = {name: [] for name in STATE_NAMES[model.cell]}
+    guesses = []
+    for pos, i in enumerate(ids):
+        record = [{} for _ in range(layers)]
+        h, state = model.step_hidden(torch.tensor([i], device=device), state, record)
+        if pos == 0:
+            continue  # the <eos> that starts every prompt is read, not shown
+        for name in gates:
+            gates[name].append(record[layer - 1][name][0].float().tolist())
+        for name, t in zip(states, state[layer - 1]):
+            states[name].append(t[0].float().tolist())
+        probs = torch.softmax(model.decoder(h)[0].float(), -1)
+        top = torch.topk(probs, min(top_k, probs.numel()))
+        guesses.append([(tokenizer.id_to_token(int(j)), float(p)) for p, j in zip(top.values, top.indices)])
+    tokens = [tokenizer.id_to_token(i) for i in ids[1:]]
+    return {"prompt": prompt, "cell": model.cell, "layer": layer, "tokens": tokens, "gates": gates,
+            "states": states, "guesses": guesses}
+
+
+def trace_table(trace: dict) -> str:
+    """One line per token: mean gate activations, state norms and the top guesses."""
+    gate_names = list(trace["gates"])
+    state_names = list(trace["states"])
+    width = max(8, *(len(t) for t in trace["tokens"])) + 1
+    head = f"{'#':>3}  {'token':<{width}}" + "".join(f"{g:>8}" for g in gate_names)
+    head += "".join(f"{'|' + s + '|':>8}" for s in state_names) + "   next-word guesses"
+    rows = [head]
+    for t, token in enumerate(trace["tokens"]):
+        line = f"{t + 1:>3}  {token:<{width}}"
+        line += "".join(f"{sum(trace['gates'][g][t]) / len(trace['gates'][g][t]):8.3f}" for g in gate_names)
+        line += "".join(f"{sum(v * v for v in trace['states'][s][t]) ** 0.5:8.3f}" for s in state_names)
+        line += "   " + ", ".join(f"{w} {p:.2f}" for w, p in trace["guesses"][t])
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def gradient_flow(model: LSTMLanguageModel, ids: Tensor, targets: Tensor, state: State) -> list[list[float]]:
+    """How much the loss at a chunk's last step depends on each earlier hidden state.
+
+    For every layer, [|dL_T/dh_{T-1}|, |dL_T/dh_{T-2}|, ..., |dL_T/dh_0|]: the norm of
+    the gradient of the last step's cross-entropy with respect to the hidden state k
+    steps back (mean over the B streams). In a simple RNN it shrinks geometrically
+    with k (the vanishing gradient, Bengio et al. 1994); an LSTM's cell state lets it
+    reach further. Dropout is off; no parameter gradient is kept.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), torch.autocast(ids.device.type, enabled=False):
+            state = [tuple(t.detach().float() for t in layer) for layer in state]  # bf16 under autocast
+            hs: list[list[Tensor]] = [[] for _ in state]
+            for t in range(ids.size(0)):
+                top, state = model.step_hidden(ids[t], state)
+                for k, layer in enumerate(state):
+                    hs[k].append(layer[0])
+            loss = F.cross_entropy(model.decoder(top).float(), targets[-1])
+            grads = torch.autograd.grad(loss, [h for layer in hs for h in layer])
+    finally:
+        model.train(was_training)
+    T = ids.size(0)
+    return [[float(g.norm(dim=1).mean()) for g in reversed(grads[k * T:(k + 1) * T])] for k in range(len(hs))]

@@ -1,0 +1,168 @@
+"""Pictures: accuracy against the gap, gate activations, gradient flow and training curves.
+
+matplotlib is an optional extra (`pip install 'lstm-lm[plot]'`); every function
+here returns None, drawing nothing, when it is missing, and the commands print
+their tables all the same with a hint from `missing_hint()`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lstm_lm.errors import DataError
+
+PLOT_HINT = "no picture: matplotlib is missing; install it with  pip install 'lstm-lm[plot]'  (or: pip install matplotlib)"
+CELL_COLOURS = {"lstm": "#1f77b4", "gru": "#2ca02c", "rnn": "#d62728"}
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DataError(f"{path}: the picture is written as PNG; give a file name ending in .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.clf()
+    return path
+
+
+def plot_long_range(results: dict, path: str | Path) -> Path | None:
+    """Accuracy on the language word against the gap, one line per cell."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    gaps = results["gaps"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for cell, r in results["cells"].items():
+        accs = [100 * r["accuracy"][str(g)] for g in gaps]
+        ax.plot(gaps, accs, marker="o", lw=2, color=CELL_COLOURS.get(cell), label=f"{cell.upper()} ({r['hidden_size']} units, {r['parameters']:,} params)")
+    ax.set_xlabel('gap: words between "I am from X" and "and I speak ___"')
+    ax.set_ylabel("top-1 accuracy on the language (%)")
+    ax.set_ylim(0, 102)
+    ax.set_xticks(gaps)
+    ax.grid(alpha=0.3)
+    budget = results["budget"]
+    ax.set_title(f"Remembering the region across the gap ({budget['steps']} steps per cell, "
+                 f"{budget['probes']} sentences per gap)", fontsize=10)
+    ax.legend(loc="lower left", fontsize=9)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | None:
+    """Gate activations per token: the means over units, the cell state's norm, and
+    heatmaps of the `units` most active units of each gate and of the memory."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+
+    tokens = trace["tokens"]
+    gates = trace["gates"]  # name -> (T, H) lists
+    memory_name = "c" if trace["cell"] == "lstm" else "h"
+    memory = np.array(trace["states"][memory_name])  # (T, H)
+    maps = [(name, np.array(values)) for name, values in gates.items()] + [(f"memory {memory_name}", memory)]
+    fig_h = 2.6 + 1.55 * len(maps)
+    fig, axes = plt.subplots(1 + len(maps), 1, figsize=(max(7.0, 0.42 * len(tokens) + 2), fig_h),
+                             gridspec_kw={"height_ratios": [1.6] + [1] * len(maps)}, sharex=True)
+    x = np.arange(len(tokens))
+    ax = axes[0]
+    for name, values in gates.items():
+        ax.plot(x, np.array(values).mean(1), marker="o", ms=3, lw=1.8, label=f"{name} gate (mean)")
+    ax.set_ylabel("gate (mean)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    norm_ax = ax.twinx()
+    norm = np.linalg.norm(memory, axis=1)
+    norm_ax.plot(x, norm, color="black", ls="--", lw=1.5, label=f"|{memory_name}| (norm)")
+    norm_ax.set_ylabel(f"|{memory_name}|")
+    lines = ax.get_legend_handles_labels()
+    more = norm_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8,
+              ncol=4, frameon=False)
+    fig.suptitle(f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: "
+                 f"{', '.join(f'{w} {p:.0%}' for w, p in trace['guesses'][-1][:3])}", fontsize=11)
+    for ax, (name, values) in zip(axes[1:], maps):
+        picked = np.argsort(-values.std(0))[:units]  # the units that change most over the prompt
+        lo, hi = (0, 1) if name in gates else (-np.abs(values).max(), np.abs(values).max())
+        im = ax.imshow(values[:, picked].T, aspect="auto", cmap="viridis" if name in gates else "coolwarm",
+                       vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_ylabel(f"{name}\nunit", fontsize=9)
+        ax.set_yticks(range(len(picked)))
+        ax.set_yticklabels([str(u) for u in picked], fontsize=6)
+        fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
+    axes[-1].set_xticks(x)
+    axes[-1].set_xticklabels(tokens, rotation=45, ha="right", fontsize=9)
+    axes[-1].set_xlabel("prompt token (each column: the state after reading it)")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}, line {n}: not JSON; the log is damaged") from None
+    return rows
+
+
+def plot_run(run_dir: str | Path, path: str | Path) -> Path | None:
+    """Training and validation loss over the steps, and the gradient flow when the run
+    logged it (`train --log-grad-flow`)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    steps, metrics = read_jsonl(run_dir / "steps.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    flow = read_jsonl(run_dir / "grad_flow.jsonl")
+    panels = 1 + bool(flow)
+    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, alpha=0.8, label="training (per log interval)")
+    if metrics:
+        ax.plot([r["step"] for r in metrics], [r["val_loss"] for r in metrics], marker="o", lw=2, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token, log scale)")
+    ax.set_yscale("log")
+    ax.set_title(f"Loss of {run_dir.name}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    if flow:
+        ax = axes[0][1]
+        picked = flow if len(flow) <= 6 else [flow[round(i * (len(flow) - 1) / 5)] for i in range(6)]
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(picked)))
+        for row, colour in zip(picked, colours):
+            norms = row["grad_norm"][-1]  # the last layer
+            ax.semilogy(range(len(norms)), norms, color=colour, lw=1.8, label=f"step {row['step']}")
+        ax.set_xlabel("time steps back from the end of the chunk")
+        ax.set_ylabel("|dL_T / dh_t| (mean over streams)")
+        ax.set_title(f"Gradient flow ({flow[0].get('cell', '?').upper()}): the last step's loss "
+                     "reaching back", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
