@@ -201,7 +201,7 @@ def long_range(
     gaps: Annotated[str, typer.Option(help="Gaps to measure, in words between \"I am from X\" and \"and I speak Y\"; training sees every gap from 0 to the largest.")] = "0,5,10,20,40",
     cells: Annotated[str, typer.Option(help="Cells to compare: rnn, lstm, gru.")] = "rnn,lstm,gru",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where results.json, results.csv, accuracy_vs_gap.png and each cell's run go.")] = Path("runs/long-range"),
-    steps: Annotated[int, typer.Option(help="Training steps per cell (the same for every cell).")] = 2500,
+    steps: Annotated[int, typer.Option(help="Training steps per cell (the same for every cell).")] = 5000,
     hidden: Annotated[int, typer.Option(help="The LSTM's units; the other cells get the hidden size that gives as many parameters.")] = 128,
     probes: Annotated[int, typer.Option(help="Held-out sentences per gap.")] = 300,
     demo_size: Annotated[int, typer.Option(help="Training biographies.")] = 20000,

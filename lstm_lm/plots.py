@@ -48,6 +48,11 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     for cell, r in results["cells"].items():
         accs = [100 * r["accuracy"][str(g)] for g in gaps]
         ax.plot(gaps, accs, marker="o", lw=2, color=CELL_COLOURS.get(cell), label=f"{cell.upper()} ({r['hidden_size']} units, {r['parameters']:,} params)")
+    from lstm_lm.demo import REGION_LANGUAGE
+
+    languages = list(REGION_LANGUAGE.values())
+    chance = 100 * max(languages.count(lang) for lang in languages) / len(languages)
+    ax.axhline(chance, color="grey", ls=":", lw=1.5, label=f"always the most common language ({chance:.1f}%)")
     ax.set_xlabel('gap: words between "I am from X" and "and I speak ___"')
     ax.set_ylabel("top-1 accuracy on the language (%)")
     ax.set_ylim(0, 102)
@@ -56,7 +61,7 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     budget = results["budget"]
     ax.set_title(f"Remembering the region across the gap ({budget['steps']} steps per cell, "
                  f"{budget['probes']} sentences per gap)", fontsize=10)
-    ax.legend(loc="lower left", fontsize=9)
+    ax.legend(loc="center right", fontsize=9)
     out = _save(fig, path)
     plt.close(fig)
     return out

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# GPU checks for lstm-lm: the suite's CUDA tests (custom vs cuDNN equivalence, fp32 and
-# bf16 training), the speed benchmark on CUDA, one epoch of ptb-small on CUDA with
-# each engine, the first two epochs of ptb-awd, and 300 steps of ptb-small under
-# DistributedDataParallel (torchrun, one process, NCCL) against the plain run.
-# About 8 minutes on an H100.
+# GPU checks for lstm-lm, in order of importance, each part under a time cap so that one
+# slow part cannot starve the rest (under 10 minutes in all):
+#   1. the suite's CUDA tests: every cell (LSTM, GRU, RNN) custom vs cuDNN on CUDA, fp32
+#      and bf16 training of each cell, the fused loss (tests/test_gpu.py, test_model.py, test_loss.py);
+#   2. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
+#      against the plain run;
+#   3. one epoch of ptb-small on CUDA with cuDNN, then eval and complete;
+#   4. the speed benchmark on CUDA (bench_speed.py --quick);
+#   5. the first two epochs of ptb-awd (AWD-LSTM's regularization on cuDNN);
+#   6. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default budget;
+#   7. one epoch of ptb-small with the hand-written cell.
 #
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]
 #
-# Writes into DIR: env.txt, pytest.log, bench_gpu.json (scripts/bench_speed.py --quick
-# --device cuda) with its table in bench_gpu.log, ptb-small-cudnn.json and
-# ptb-small-custom.json (each the `lstm-lm train` summary plus the per-epoch metrics)
-# eval.jsonl (`lstm-lm eval` of each run on CUDA), ptb-awd-2-epochs.json and
-# ddp-check.json (the largest difference of a step's loss between the two runs).
+# Writes into DIR: env.txt, pytest.log, ddp-check.json (the largest difference of a
+# step's loss between the two runs), ptb-small-cudnn.json and ptb-small-custom.json (each
+# the `lstm-lm train` summary plus the per-epoch metrics), eval.jsonl (`lstm-lm eval` of
+# each run on CUDA), bench_gpu.json with its table in bench_gpu.log, ptb-awd-2-epochs.json,
+# long-range.json and parts.txt (each part's exit status and seconds; 124 = over its cap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,67 +33,94 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
+runs=$(mktemp -d)
+
+# part NAME CAP_SECONDS COMMAND...: run it under `timeout`, note its status and time.
+part() {
+  local name=$1 cap=$2; shift 2
+  echo "== $name (at most ${cap}s)" >&2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$cap" "$@"
+  local rc=$?
+  echo "$name rc=$rc ${SECONDS}s-total $((SECONDS - t0))s" | tee -a "$OUT/parts.txt" >&2
+  [ "$rc" -eq 0 ] || status=1
+}
+
+# summarize SUMMARY_JSON METRICS_JSONL: the train summary with its per-epoch metrics.
+summarize() {
+  "$PY" - "$1" "$2" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+summary["metrics"] = [json.loads(line) for line in open(sys.argv[2])]
+print(json.dumps(summary, indent=2))
+PY
+}
 
 { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"; } \
   2>&1 | tee "$OUT/env.txt"
 
-echo "== CUDA tests" >&2
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py tests/test_loss.py 2>&1 | tee "$OUT/pytest.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+tests() {
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py tests/test_loss.py 2>&1 | tee "$OUT/pytest.log"
+  return "${PIPESTATUS[0]}"
+}
 
-echo "== speed benchmark on CUDA (ptb-small, ptb-medium, ptb-large)" >&2
-"$PY" scripts/bench_speed.py --quick --device cuda --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+have_ptb=0
+[ -f "$DATA/train.txt" ] && have_ptb=1
+[ "$have_ptb" = 1 ] || echo "no PTB at $DATA: skipping the ptb-small, ptb-awd and DDP runs (pass --data DIR)" >&2
 
-if [ -f "$DATA/train.txt" ]; then
-  runs=$(mktemp -d)
-  for impl in cudnn custom; do
-    echo "== ptb-small, 1 epoch, impl $impl, CUDA" >&2
-    if "$PY" -m lstm_lm train --config configs/ptb-small.yaml --data "$DATA" --epochs 1 \
-         --impl "$impl" --device cuda --out "$runs/ptb-small-$impl" > "$runs/summary.json"; then
-      "$PY" - "$runs/summary.json" "$runs/ptb-small-$impl/metrics.jsonl" > "$OUT/ptb-small-$impl.json" <<'PY'
-import json, sys
-summary = json.load(open(sys.argv[1]))
-summary["metrics"] = [json.loads(line) for line in open(sys.argv[2])]
-print(json.dumps(summary, indent=2))
-PY
-      cat "$OUT/ptb-small-$impl.json"
-      echo "== eval and complete on CUDA ($impl)" >&2
-      "$PY" -m lstm_lm eval --checkpoint "$runs/ptb-small-$impl" --device cuda | tee -a "$OUT/eval.jsonl" || status=1
-      "$PY" -m lstm_lm complete "the company said" --checkpoint "$runs/ptb-small-$impl" --device cuda || status=1
-    else
-      status=1
-    fi
-  done
-  echo "== ptb-awd, first 2 epochs, CUDA (AWD-LSTM's regularization on cuDNN)" >&2
-  if "$PY" -m lstm_lm train --config configs/ptb-awd.yaml --data "$DATA" --epochs 2 --device cuda \
-       --out "$runs/ptb-awd" > "$runs/awd-summary.json"; then
-    "$PY" - "$runs/awd-summary.json" "$runs/ptb-awd/metrics.jsonl" > "$OUT/ptb-awd-2-epochs.json" <<'PY'
-import json, sys
-summary = json.load(open(sys.argv[1]))
-summary["metrics"] = [json.loads(line) for line in open(sys.argv[2])]
-print(json.dumps(summary, indent=2))
-PY
-    cat "$OUT/ptb-awd-2-epochs.json"
-  else
-    status=1
-  fi
-  echo "== DistributedDataParallel with one process on CUDA (NCCL) against the plain run, ptb-small, 300 steps" >&2
+ddp_check() {
   for how in plain ddp; do
     launcher=("$PY" -m lstm_lm)
     [ "$how" = ddp ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m lstm_lm)
     "${launcher[@]}" train --config configs/ptb-small.yaml --data "$DATA" --device cuda --max-steps 300 \
-      --precision fp32 --set model.dropout=0 --set train.log_interval=1 --out "$runs/ddp-$how" > /dev/null || status=1
+      --precision fp32 --set model.dropout=0 --set train.log_interval=1 --out "$runs/ddp-$how" > /dev/null || return 1
   done
-  "$PY" - "$runs/ddp-plain/steps.jsonl" "$runs/ddp-ddp/steps.jsonl" <<'PY' | tee "$OUT/ddp-check.json" || status=1
+  "$PY" - "$runs/ddp-plain/steps.jsonl" "$runs/ddp-ddp/steps.jsonl" <<'PY' | tee "$OUT/ddp-check.json"
 import json, sys
 plain, ddp = ([json.loads(line)["loss"] for line in open(path)] for path in sys.argv[1:3])
 print(json.dumps({"steps": [len(plain), len(ddp)],
                   "max_abs_loss_difference": max(abs(a - b) for a, b in zip(plain, ddp))}))
 PY
-else
-  echo "no PTB at $DATA: skipping the ptb-small, ptb-awd and DDP runs (pass --data DIR)" >&2
+}
+
+ptb_small() {  # ptb_small IMPL: one epoch, then eval and complete on CUDA
+  local impl=$1
+  "$PY" -m lstm_lm train --config configs/ptb-small.yaml --data "$DATA" --epochs 1 --impl "$impl" --device cuda \
+    --out "$runs/ptb-small-$impl" > "$runs/summary-$impl.json" || return 1
+  summarize "$runs/summary-$impl.json" "$runs/ptb-small-$impl/metrics.jsonl" | tee "$OUT/ptb-small-$impl.json"
+  "$PY" -m lstm_lm eval --checkpoint "$runs/ptb-small-$impl" --device cuda | tee -a "$OUT/eval.jsonl" || return 1
+  "$PY" -m lstm_lm complete "the company said" --checkpoint "$runs/ptb-small-$impl" --device cuda
+}
+
+bench() {
+  "$PY" scripts/bench_speed.py --quick --device cuda --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+  return "${PIPESTATUS[0]}"
+}
+
+awd() {
+  "$PY" -m lstm_lm train --config configs/ptb-awd.yaml --data "$DATA" --epochs 2 --device cuda \
+    --out "$runs/ptb-awd" > "$runs/awd-summary.json" || return 1
+  summarize "$runs/awd-summary.json" "$runs/ptb-awd/metrics.jsonl" | tee "$OUT/ptb-awd-2-epochs.json"
+}
+
+long_range() {
+  "$PY" -m lstm_lm experiment long-range --device cuda --out "$runs/long-range" || return 1
+  cp "$runs/long-range/results.json" "$OUT/long-range.json"
+}
+
+export -f summarize tests ddp_check ptb_small bench awd long_range
+export PY DATA OUT runs
+part "CUDA tests" 90 bash -c tests
+if [ "$have_ptb" = 1 ]; then
+  part "DDP (torchrun, 1 process, NCCL) vs plain, ptb-small 300 steps" 80 bash -c ddp_check
+  part "ptb-small, 1 epoch, cuDNN" 60 bash -c "ptb_small cudnn"
 fi
+part "speed benchmark on CUDA" 90 bash -c bench
+[ "$have_ptb" = 1 ] && part "ptb-awd, first 2 epochs" 90 bash -c awd
+part "long-range experiment on CUDA" 100 bash -c long_range
+[ "$have_ptb" = 1 ] && part "ptb-small, 1 epoch, hand-written cell" 60 bash -c "ptb_small custom"
+cat "$OUT/parts.txt" >&2
 exit $status

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up lstm-lm in a virtual environment, .venv, at the repository root.
 #
-#   bash scripts/setup.sh           # lstm-lm and what it needs
-#   bash scripts/setup.sh --test    # ... plus pytest
+#   bash scripts/setup.sh           # lstm-lm, what it needs, and matplotlib for its pictures ([plot])
+#   bash scripts/setup.sh --test    # ... plus pytest ([test])
 #
 # torch is installed first and pinned to 2.13.0 when it is missing: pyproject.toml asks
 # only for torch>=2.4, and an open range with no torch installed pulls a multi-GB CUDA
@@ -11,9 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-extras=""
+extras="[plot]"
 case "${1:-}" in
-  --test) extras="[test]" ;;
+  --test) extras="[plot,test]" ;;
   "") ;;
   *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac
