@@ -42,7 +42,8 @@ def trained(tmp_path_factory):
     runs = {}
     for cell in CELLS:
         out = root / cell
-        result = _run("train", "--cell", cell, "--out", out, "--log-grad-flow", *tiny_sets(data, "train.log_interval=4"))
+        result = _run("train", "--data", data, "--cell", cell, "--out", out, "--log-grad-flow",
+                      *tiny_sets(data, "train.log_interval=4"))
         assert result.exit_code == 0, result.output
         runs[cell] = out
     return runs
