@@ -242,6 +242,7 @@ def long_range(
     epilog=(
         "**Examples**\n\n"
         '    lstm-lm inspect "My name is John, I am from Tamilnadu and I speak"\n\n'
+        '    lstm-lm inspect "My name is John, I am from Tamilnadu and I speak" --swap Tamilnadu=Kerala\n\n'
         '    lstm-lm inspect "I am from Kerala and I speak" --checkpoint runs/long-range/runs/lstm --out gates.png'
     )
 )
@@ -252,12 +253,13 @@ def inspect(
     layer: Annotated[Optional[int], typer.Option(help="Which layer to show, from 1 (default: the last).")] = None,
     units: Annotated[int, typer.Option(help="Units in each heatmap: those that change most over the prompt.")] = 16,
     top_k: Annotated[int, typer.Option(help="Next-word guesses per token.")] = 3,
+    swap: Annotated[Optional[str], typer.Option(metavar="WORD=OTHER", help="Also read the prompt with OTHER in place of WORD, and show per token how far apart the two memories are: where WORD is written, and whether it is kept.")] = None,
 ) -> None:
     """Show the gates at work: per token, the mean forget / input / output gate (the GRU's
     reset / update gate), the memory's norm and the top next-word guesses.
 
     The table goes to stdout; the picture (means, norms and heatmaps of the most active
-    units) to --out.
+    units) to --out. --swap WORD=OTHER shows where the memory of WORD is written and kept.
     """
     from lstm_lm.checkpoint import load_checkpoint
     from lstm_lm.errors import PromptError
@@ -267,8 +269,14 @@ def inspect(
     with user_errors():
         if units < 1 or top_k < 1:
             raise PromptError(f"--units and --top-k must be at least 1, got {units} and {top_k}")
+        pair = None
+        if swap is not None:
+            word, sep, other = swap.partition("=")
+            if not (sep and word.strip() and other.strip()):
+                raise PromptError(f"--swap: expected WORD=OTHER, e.g. --swap Tamilnadu=Kerala, got {swap!r}")
+            pair = (word.strip(), other.strip())
         model, tokenizer, cfg = load_checkpoint(checkpoint, "cpu")
-        trace = trace_prompt(model, tokenizer, prompt, cfg.data.tokenizer, layer, top_k)
+        trace = trace_prompt(model, tokenizer, prompt, cfg.data.tokenizer, layer, top_k, pair)
         png = plot_inspection(trace, out, units)
     typer.echo(trace_table(trace))
     typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)

@@ -22,25 +22,52 @@ from lstm_lm.sample import encode_prompt
 
 @torch.no_grad()
 def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, kind: str = "word",
-                 layer: int | None = None, top_k: int = 3) -> dict:
+                 layer: int | None = None, top_k: int = 3, swap: tuple[str, str] | None = None) -> dict:
     """Read `prompt` token by token and record, after each token, layer `layer`'s gates
-    and state (1-based; default the last layer) and the top_k next-token guesses."""
+    and state (1-based; default the last layer) and the top_k next-token guesses.
+
+    With `swap` (WORD, OTHER), also read the prompt with OTHER in place of WORD and
+    record, per token, how far apart the two memories are (|c - c'| for an LSTM,
+    |h - h'| otherwise): zero before WORD, and after it the part of the memory that
+    is about WORD: whether it is written, and whether it is kept.
+    """
     model.eval()
     layers = model.rnn.num_layers
     layer = layers if layer is None else layer
     if not 1 <= layer <= layers:
         raise PromptError(f"--layer must be between 1 and {layers} (the model has {layers} layer(s)), got {layer}")
     ids = encode_prompt(tokenizer, prompt, kind)
+    trace = {"prompt": prompt, "cell": model.cell, "layer": layer,
+             "tokens": [tokenizer.id_to_token(i) for i in ids[1:]], **_read(model, tokenizer, ids, layer, top_k)}
+    if swap is not None:
+        word, other = swap
+        word_id, other_id = tokenizer.token_to_id(word), tokenizer.token_to_id(other)
+        if word_id is None or word_id not in ids[1:]:
+            raise PromptError(f"--swap {word}={other}: {word!r} is not one of the prompt's tokens "
+                              f"({' '.join(trace['tokens'])})")
+        if other_id is None:
+            raise PromptError(f"--swap {word}={other}: {other!r} is not in the model's vocabulary")
+        swapped = _read(model, tokenizer, [other_id if i == word_id else i for i in ids], layer, top_k)
+        memory = "c" if model.cell == "lstm" else "h"
+        mine, theirs = torch.tensor(trace["states"][memory]), torch.tensor(swapped["states"][memory])
+        trace["swap"] = {"word": word, "other": other, "memory": memory,
+                         "distance": (mine - theirs).norm(dim=1).tolist(), "difference": (mine - theirs).tolist(),
+                         "guesses": swapped["guesses"]}
+    return trace
+
+
+def _read(model: LSTMLanguageModel, tokenizer: Tokenizer, ids: list[int], layer: int, top_k: int) -> dict:
+    """Gates, states and guesses after each token but the first (the <eos> a prompt starts with)."""
     device = model.embedding.weight.device
     state = model.init_state(1, device)
     gates = {name: [] for name in GATE_NAMES[model.cell]}
     states = {name: [] for name in STATE_NAMES[model.cell]}
     guesses = []
     for pos, i in enumerate(ids):
-        record = [{} for _ in range(layers)]
+        record = [{} for _ in range(model.rnn.num_layers)]
         h, state = model.step_hidden(torch.tensor([i], device=device), state, record)
         if pos == 0:
-            continue  # the <eos> that starts every prompt is read, not shown
+            continue  # the <eos> is read, not shown
         for name in gates:
             gates[name].append(record[layer - 1][name][0].float().tolist())
         for name, t in zip(states, state[layer - 1]):
@@ -48,25 +75,34 @@ def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, ki
         probs = torch.softmax(model.decoder(h)[0].float(), -1)
         top = torch.topk(probs, min(top_k, probs.numel()))
         guesses.append([(tokenizer.id_to_token(int(j)), float(p)) for p, j in zip(top.values, top.indices)])
-    tokens = [tokenizer.id_to_token(i) for i in ids[1:]]
-    return {"prompt": prompt, "cell": model.cell, "layer": layer, "tokens": tokens, "gates": gates,
-            "states": states, "guesses": guesses}
+    return {"gates": gates, "states": states, "guesses": guesses}
 
 
 def trace_table(trace: dict) -> str:
-    """One line per token: mean gate activations, state norms and the top guesses."""
+    """One line per token: mean gate activations, state norms (and with a swap, how far
+    the swapped prompt's memory is) and the top guesses."""
     gate_names = list(trace["gates"])
     state_names = list(trace["states"])
+    swap = trace.get("swap")
     width = max(8, *(len(t) for t in trace["tokens"])) + 1
     head = f"{'#':>3}  {'token':<{width}}" + "".join(f"{g:>8}" for g in gate_names)
-    head += "".join(f"{'|' + s + '|':>8}" for s in state_names) + "   next-word guesses"
+    head += "".join(f"{'|' + s + '|':>8}" for s in state_names)
+    if swap:
+        m = swap["memory"]
+        head += f"{'|' + m + '-' + m + chr(39) + '|':>9}"
+    head += "   next-word guesses"
     rows = [head]
     for t, token in enumerate(trace["tokens"]):
         line = f"{t + 1:>3}  {token:<{width}}"
         line += "".join(f"{sum(trace['gates'][g][t]) / len(trace['gates'][g][t]):8.3f}" for g in gate_names)
         line += "".join(f"{sum(v * v for v in trace['states'][s][t]) ** 0.5:8.3f}" for s in state_names)
+        if swap:
+            line += f"{swap['distance'][t]:9.3f}"
         line += "   " + ", ".join(f"{w} {p:.2f}" for w, p in trace["guesses"][t])
         rows.append(line)
+    if swap:
+        rows.append(f"{swap['memory']}' is the memory with {swap['other']!r} in place of {swap['word']!r}; "
+                    f"it then guesses: " + ", ".join(f"{w} {p:.2f}" for w, p in swap["guesses"][-1]))
     return "\n".join(rows)
 
 

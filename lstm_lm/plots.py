@@ -77,9 +77,15 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
 
     tokens = trace["tokens"]
     gates = trace["gates"]  # name -> (T, H) lists
+    swap = trace.get("swap")
     memory_name = "c" if trace["cell"] == "lstm" else "h"
     memory = np.array(trace["states"][memory_name])  # (T, H)
-    maps = [(name, np.array(values)) for name, values in gates.items()] + [(f"memory {memory_name}", memory)]
+    maps = [(name, np.array(values), None) for name, values in gates.items()]
+    if swap:  # the part of the memory that is about the swapped word, on the units that hold most of it
+        difference = np.array(swap["difference"])
+        maps.append((f"{memory_name} - {memory_name}'", difference, np.argsort(-np.abs(difference[-1]))[:units]))
+    else:
+        maps.append((f"memory {memory_name}", memory, None))
     fig_h = 2.6 + 1.55 * len(maps)
     fig, axes = plt.subplots(1 + len(maps), 1, figsize=(max(7.0, 0.42 * len(tokens) + 2), fig_h),
                              gridspec_kw={"height_ratios": [1.6] + [1] * len(maps)}, sharex=True)
@@ -93,15 +99,19 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     norm_ax = ax.twinx()
     norm = np.linalg.norm(memory, axis=1)
     norm_ax.plot(x, norm, color="black", ls="--", lw=1.5, label=f"|{memory_name}| (norm)")
-    norm_ax.set_ylabel(f"|{memory_name}|")
+    if swap:
+        norm_ax.plot(x, swap["distance"], color="#d62728", lw=2.2,
+                     label=f"|{memory_name} - {memory_name}'|, {memory_name}' with {swap['other']} for {swap['word']}")
+    norm_ax.set_ylabel(f"|{memory_name}| (norm)")
     lines = ax.get_legend_handles_labels()
     more = norm_ax.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8,
-              ncol=4, frameon=False)
+              ncol=3, frameon=False)
     fig.suptitle(f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: "
                  f"{', '.join(f'{w} {p:.0%}' for w, p in trace['guesses'][-1][:3])}", fontsize=11)
-    for ax, (name, values) in zip(axes[1:], maps):
-        picked = np.argsort(-values.std(0))[:units]  # the units that change most over the prompt
+    for ax, (name, values, picked) in zip(axes[1:], maps):
+        if picked is None:
+            picked = np.argsort(-values.std(0))[:units]  # the units that change most over the prompt
         lo, hi = (0, 1) if name in gates else (-np.abs(values).max(), np.abs(values).max())
         im = ax.imshow(values[:, picked].T, aspect="auto", cmap="viridis" if name in gates else "coolwarm",
                        vmin=lo, vmax=hi, interpolation="nearest")
@@ -149,8 +159,10 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path | None:
     if metrics:
         ax.plot([r["step"] for r in metrics], [r["val_loss"] for r in metrics], marker="o", lw=2, label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per token, log scale)")
-    ax.set_yscale("log")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    losses = [r["val_loss"] for r in metrics] + [r["loss"] for r in steps[len(steps) // 10:]]
+    if losses:  # the first steps' loss, far above the rest, would flatten the curves
+        ax.set_ylim(min(losses) - 0.05 * (max(losses) - min(losses)) - 1e-3, max(losses) + 0.15 * (max(losses) - min(losses)) + 1e-3)
     ax.set_title(f"Loss of {run_dir.name}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)

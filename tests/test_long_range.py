@@ -79,6 +79,20 @@ def test_inspect_prints_the_gates_of_each_cell_and_draws_them(trained, cell, tmp
     assert_readable_png(png)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_inspect_swap_shows_where_a_word_is_written(trained, cell, tmp_path):
+    result = _run("inspect", "the cat sat on the", "--checkpoint", trained[cell], "--swap", "cat=dog",
+                  "--out", tmp_path / "swap.png")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    memory = "c" if cell == "lstm" else "h"
+    column = lines[0].split().index(f"|{memory}-{memory}'|")
+    distances = [float(line.split()[column]) for line in lines[1:6]]
+    assert distances[0] == 0 and all(d > 0 for d in distances[1:])  # nothing differs before "cat"
+    assert lines[-1].startswith(f"{memory}' is the memory with 'dog' in place of 'cat'")
+    assert_readable_png(tmp_path / "swap.png")
+
+
 def test_inspect_records_the_same_gates_as_the_cell(trained):
     """The traced forget gate is sigmoid of the forget block, recomputed here from the weights."""
     from lstm_lm.checkpoint import load_checkpoint
@@ -207,6 +221,9 @@ def test_without_matplotlib_the_tables_come_with_a_hint(trained, tmp_path, monke
     (["inspect", "the cat", "--checkpoint", "{lstm}", "--layer", "2"], "--layer must be between 1 and 1"),
     (["inspect", "   ", "--checkpoint", "{lstm}"], "the prompt is empty"),
     (["inspect", "the cat", "--checkpoint", "{lstm}", "--out", "{tmp}/gates.jpg"], "ending in .png"),
+    (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "cat"], "--swap: expected WORD=OTHER"),
+    (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "bird=dog"], "'bird' is not one of the prompt's tokens"),
+    (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "cat=zebra"], "'zebra' is not in the model's vocabulary"),
     (["plot", "{tmp}/nothing"], "is not a directory"),
     (["plot", "{tmp}"], "no metrics.jsonl"),
     (["experiment", "long-range", "--gaps", "0,ten"], "--gaps: expected whole numbers"),
