@@ -175,7 +175,12 @@ def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
 
 HELP_OPTIONS = {
     "train": ["--config", "--data", "--out", "--resume", "--set", "--epochs", "--max-steps", "--batch-size",
-              "--bptt", "--lr", "--device", "--seed", "--impl", "--precision", "--compile", "--time-budget"],
+              "--bptt", "--lr", "--device", "--seed", "--cell", "--impl", "--precision", "--compile", "--time-budget",
+              "--log-grad-flow"],
+    "inspect": ["--checkpoint", "--out", "--layer", "--units", "--top-k", "--swap"],
+    "plot": ["--out"],
+    "experiment long-range": ["--gaps", "--cells", "--out", "--steps", "--hidden", "--probes", "--demo-size",
+                              "--device", "--seed"],
     "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
     "eval": ["--checkpoint", "--data", "--split", "--batch-size", "--precision"],
 }
@@ -183,7 +188,7 @@ HELP_OPTIONS = {
 
 @pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
 def test_help_shows_every_option_and_an_example(command):
-    result = runner.invoke(app, [command, "-h"], env={"COLUMNS": "200"})
+    result = runner.invoke(app, [*command.split(), "-h"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in HELP_OPTIONS[command]:
         assert option in result.stdout, option
