@@ -29,7 +29,7 @@ from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import Config, config_from_dict
 from lstm_lm.demo import biography
 from lstm_lm.errors import ConfigError
-from lstm_lm.model import CELLS, LSTMLanguageModel
+from lstm_lm.model import CELLS, GATE_BLOCKS, LSTMLanguageModel
 from lstm_lm.sample import encode_prompt
 from lstm_lm.utils import log
 
@@ -55,8 +55,7 @@ class Budget:
 
 def recurrent_parameters(cell: str, embedding_size: int, hidden: int) -> int:
     """Weights and biases of one recurrent layer of `cell`."""
-    blocks = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
-    return blocks * (hidden * embedding_size + hidden * hidden + 2 * hidden)
+    return GATE_BLOCKS[cell] * (hidden * embedding_size + hidden * hidden + 2 * hidden)
 
 
 def matched_hidden_size(cell: str, budget: Budget, vocab_size: int) -> int:

@@ -95,6 +95,11 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
         ax.plot(x, np.array(values).mean(1), marker="o", ms=3, lw=1.8, label=f"{name} gate (mean)")
     ax.set_ylabel("gate (mean)")
     ax.set_ylim(0, 1)
+    if not gates:
+        ax.set_ylabel("")
+        ax.set_yticks([])
+        ax.text(0.02, 0.5, "a simple RNN has no gates:\nit rewrites its whole state at every step",
+                transform=ax.transAxes, fontsize=9, va="center", color="dimgray")
     ax.grid(alpha=0.3)
     norm_ax = ax.twinx()
     norm = np.linalg.norm(memory, axis=1)
