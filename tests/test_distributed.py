@@ -81,9 +81,10 @@ def test_two_processes_write_one_checkpoint_that_eval_and_complete_load(two_proc
 
 
 def test_a_stopped_two_process_run_resumes_on_the_same_curve(two_process_run):
-    """Dropout on: each rank's own dropout stream must come back from the checkpoint."""
+    """Dropout on: each rank's own dropout stream must come back from the checkpoint; and
+    a GRU, whose saved state is h alone, gathered from both ranks and shared out again."""
     root, corpus, _, _ = two_process_run
-    opts = [*EXACT, "model.dropout=0.3", "train.schedule=constant"]
+    opts = [*EXACT, "model.dropout=0.3", "train.schedule=constant", "model.cell=gru"]
     whole, parts = root / "whole", root / "parts"
     assert _torchrun(corpus, whole, *tiny_sets(corpus, *opts)).returncode == 0
     first = _torchrun(corpus, parts, *tiny_sets(corpus, *opts, "train.max_steps=20"))
