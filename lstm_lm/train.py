@@ -390,10 +390,10 @@ class Trainer:
         # Variable-length chunks: a longer one carries more tokens, so it takes a longer step.
         for group in self.optimizer.param_groups:
             group["lr"] = lr * x.size(0) / t.bptt if t.variable_bptt else lr
-        step_start = time.perf_counter()
         if t.log_grad_flow and (state["step"] + 1) % t.log_interval == 0 and self.world.main:
             self._append(GRAD_FLOW, {"step": state["step"] + 1, "cell": self.model.cell,
                                      "grad_norm": gradient_flow(self.model, x, y, self.hidden)})
+        step_start = time.perf_counter()
         # A chunk of another length (the epoch's last) runs eagerly rather than compiling anew.
         loss_fn = self.compiled_loss if x.size(0) == t.bptt else None
         if self.ddp is not None:
