@@ -218,6 +218,7 @@ def long_range(
     from lstm_lm.config import is_device_name
     from lstm_lm.errors import ConfigError
     from lstm_lm.experiment import Budget, long_range as run, parse_list, results_table
+    from lstm_lm.model import CELLS
     from lstm_lm.plots import PLOT_HINT, plot_long_range
 
     with user_errors():
@@ -230,7 +231,7 @@ def long_range(
             raise ConfigError(problems, "command line")
         budget = Budget(steps=steps, lstm_hidden=hidden, embedding_size=min(64, hidden), probes=probes,
                         demo_size=demo_size, device=device, seed=seed)
-        results = run(parse_list(gaps, "gaps"), parse_list(cells, "cells", ("rnn", "lstm", "gru")), out, budget)
+        results = run(parse_list(gaps, "gaps"), parse_list(cells, "cells", CELLS), out, budget)
         png = plot_long_range(results, out / "accuracy_vs_gap.png")
     typer.echo(results_table(results))
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.csv'}" + (f" and {png}" if png else ""), err=True)
@@ -296,16 +297,16 @@ def plot(
     """Draw a run's training and validation loss, and its gradient flow when it was
     trained with --log-grad-flow. Prints the validation curve as a table."""
     from lstm_lm.errors import DataError
-    from lstm_lm.plots import PLOT_HINT, plot_run, read_jsonl
+    from lstm_lm.plots import PLOT_HINT, plot_run, read_run_logs
 
     with user_errors():
         if not run_dir.is_dir():
             raise DataError(f"{run_dir} is not a directory; give a run directory such as runs/demo")
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        logs = read_run_logs(run_dir)
+        metrics, flow = logs["metrics"], logs["flow"]
         if not metrics:
             raise DataError(f"{run_dir} holds no metrics.jsonl lines; is it a run directory that has validated once?")
-        flow = read_jsonl(run_dir / "grad_flow.jsonl")
-        png = plot_run(run_dir, out or run_dir / "training.png")
+        png = plot_run(run_dir.name, logs, out or run_dir / "training.png")
     typer.echo(f"{'epoch':>5} {'step':>7} {'train loss':>10} {'valid loss':>10} {'valid ppl':>10}")
     for r in metrics:
         typer.echo(f"{r['epoch']:>5} {r['step']:>7} {r['train_loss']:>10.4f} {r['val_loss']:>10.4f} {r['val_ppl']:>10.2f}")

@@ -2,9 +2,10 @@
 
     results = long_range(gaps=[0, 5, 10, 20, 40], cells=["rnn", "lstm", "gru"], out_dir="runs/long-range")
 
-Each cell is trained on the demo corpus with gaps of 0 to max(gaps) words between
-"I am from X" and "and I speak Y", with the same number of parameters (the hidden
-size is chosen per cell to match the LSTM's count) and the same number of steps.
+Each cell is trained on one corpus of demo biographies, half with gaps of 0 to 10
+words between "I am from X" and "and I speak Y" and half with 0 to max(gaps) (see
+`write_corpus`), with the same number of parameters (the hidden size is chosen per
+cell to match the LSTM's count) and the same number of steps.
 Then, on fresh biographies with exactly `gap` words in between, it is asked for the
 word after "I speak": the top-1 accuracy as a function of the gap is the measure.
 A simple RNN rewrites its whole state at every step, so the region fades over a
@@ -32,10 +33,6 @@ from lstm_lm.errors import ConfigError
 from lstm_lm.model import CELLS, GATE_BLOCKS, LSTMLanguageModel
 from lstm_lm.sample import encode_prompt
 from lstm_lm.utils import log
-
-DEFAULT_GAPS = (0, 5, 10, 20, 40)
-DEFAULT_CELLS = ("rnn", "lstm", "gru")
-
 
 @dataclass
 class Budget:
@@ -170,6 +167,9 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
     from lstm_lm.data import load_corpus
     from lstm_lm.train import train
 
+    bad = [cell for cell in cells if cell not in CELLS]
+    if bad:
+        raise ConfigError([f"cell {', '.join(bad)} unknown (choose from {', '.join(CELLS)})"], "command line")
     budget = budget or Budget()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,9 +178,6 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
     started = time.perf_counter()
     results: dict = {"experiment": "long-range", "gaps": gaps, "budget": asdict(budget) | {"bptt": bptt},
                      "cells": {}, "machine": machine_name(budget.device)}
-    bad = [cell for cell in cells if cell not in CELLS]
-    if bad:
-        raise ConfigError([f"cell {', '.join(bad)} unknown (choose from {', '.join(CELLS)})"], "command line")
     corpus_dir = write_corpus(out_dir / "corpus", gap_max, budget)
     corpus = load_corpus(experiment_config("lstm", budget.lstm_hidden, budget, corpus_dir, bptt).data)  # once for all
     for cell in cells:

@@ -37,7 +37,8 @@ def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, ki
     if not 1 <= layer <= layers:
         raise PromptError(f"--layer must be between 1 and {layers} (the model has {layers} layer(s)), got {layer}")
     ids = encode_prompt(tokenizer, prompt, kind)
-    trace = {"prompt": prompt, "cell": model.cell, "layer": layer,
+    memory = STATE_NAMES[model.cell][-1]  # what carries the past: c for an LSTM, h otherwise
+    trace = {"prompt": prompt, "cell": model.cell, "layer": layer, "memory": memory,
              "tokens": [tokenizer.id_to_token(i) for i in ids[1:]], **_read(model, tokenizer, ids, layer, top_k)}
     if swap is not None:
         word, other = swap
@@ -48,9 +49,8 @@ def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, ki
         if other_id is None:
             raise PromptError(f"--swap {word}={other}: {other!r} is not in the model's vocabulary")
         swapped = _read(model, tokenizer, [other_id if i == word_id else i for i in ids], layer, top_k)
-        memory = "c" if model.cell == "lstm" else "h"
         mine, theirs = torch.tensor(trace["states"][memory]), torch.tensor(swapped["states"][memory])
-        trace["swap"] = {"word": word, "other": other, "memory": memory,
+        trace["swap"] = {"word": word, "other": other,
                          "distance": (mine - theirs).norm(dim=1).tolist(), "difference": (mine - theirs).tolist(),
                          "guesses": swapped["guesses"]}
     return trace
@@ -88,7 +88,7 @@ def trace_table(trace: dict) -> str:
     head = f"{'#':>3}  {'token':<{width}}" + "".join(f"{g:>8}" for g in gate_names)
     head += "".join(f"{'|' + s + '|':>8}" for s in state_names)
     if swap:
-        m = swap["memory"]
+        m = trace["memory"]
         head += f"{'|' + m + '-' + m + chr(39) + '|':>9}"
     head += "   next-word guesses"
     rows = [head]
@@ -101,7 +101,7 @@ def trace_table(trace: dict) -> str:
         line += "   " + ", ".join(f"{w} {p:.2f}" for w, p in trace["guesses"][t])
         rows.append(line)
     if swap:
-        rows.append(f"{swap['memory']}' is the memory with {swap['other']!r} in place of {swap['word']!r}; "
+        rows.append(f"{trace['memory']}' is the memory with {swap['other']!r} in place of {swap['word']!r}; "
                     f"it then guesses: " + ", ".join(f"{w} {p:.2f}" for w, p in swap["guesses"][-1]))
     return "\n".join(rows)
 

@@ -233,13 +233,15 @@ class Recurrent(nn.Module):
             w_hh = dropout(w_hh, self.weight_drop, True)
         return w_ih, w_hh, b_ih, b_hh
 
-    def zero_state(self, batch_size: int, like: Tensor) -> State:
-        return [tuple(like.new_zeros(batch_size, H) for _ in STATE_NAMES[self.cell]) for H in self.sizes]
+    def zero_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> State:
+        """An empty memory: zeros for each layer's h (and c for an LSTM), (B, H_k) each."""
+        return [tuple(torch.zeros(batch_size, H, device=device, dtype=dtype) for _ in STATE_NAMES[self.cell])
+                for H in self.sizes]
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """x (T, B, I) and the per-layer state -> the last layer's output (T, B, H) and the new state."""
         if state is None:
-            state = self.zero_state(x.size(1), x)
+            state = self.zero_state(x.size(1), x.device, x.dtype)
         weights = [self.layer_weights(k) for k in range(self.num_layers)]
         one_size = len(set(self.sizes)) == 1
         if self.engine == "cudnn" and one_size and not (self.locked_dropout and self.dropout > 0):
@@ -307,9 +309,7 @@ class LSTMLanguageModel(nn.Module):
         nn.init.zeros_(self.decoder.bias)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        device = device or self.embedding.weight.device
-        return [tuple(torch.zeros(batch_size, H, device=device) for _ in STATE_NAMES[self.cell])
-                for H in self.rnn.sizes]
+        return self.rnn.zero_state(batch_size, device or self.embedding.weight.device)
 
     def _drop(self, x: Tensor, p: float) -> Tensor:
         return (locked_dropout if self.cfg.locked_dropout else dropout)(x, p, self.training)

@@ -29,13 +29,18 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise DataError(f"{path}: the picture is written as PNG; give a file name ending in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    fig.clf()
-    return path
+    """Write `fig` to the PNG file `path` and free it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise DataError(f"{path}: the picture is written as PNG; give a file name ending in .png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        return path
+    finally:
+        plt.close(fig)
 
 
 def plot_long_range(results: dict, path: str | Path) -> Path | None:
@@ -62,9 +67,7 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     ax.set_title(f"Remembering the region across the gap ({budget['steps']} steps per cell, "
                  f"{budget['probes']} sentences per gap)", fontsize=10)
     ax.legend(loc="center right", fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | None:
@@ -78,7 +81,7 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     tokens = trace["tokens"]
     gates = trace["gates"]  # name -> (T, H) lists
     swap = trace.get("swap")
-    memory_name = "c" if trace["cell"] == "lstm" else "h"
+    memory_name = trace["memory"]
     memory = np.array(trace["states"][memory_name])  # (T, H)
     maps = [(name, np.array(values), None) for name, values in gates.items()]
     if swap:  # the part of the memory that is about the swapped word, on the units that hold most of it
@@ -127,9 +130,7 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     axes[-1].set_xticks(x)
     axes[-1].set_xticklabels(tokens, rotation=45, ha="right", fontsize=9)
     axes[-1].set_xlabel("prompt token (each column: the state after reading it)")
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -145,17 +146,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def plot_run(run_dir: str | Path, path: str | Path) -> Path | None:
+def read_run_logs(run_dir: str | Path) -> dict[str, list[dict]]:
+    """A run's logs: steps.jsonl, metrics.jsonl and grad_flow.jsonl (empty where absent)."""
+    run_dir = Path(run_dir)
+    return {"steps": read_jsonl(run_dir / "steps.jsonl"), "metrics": read_jsonl(run_dir / "metrics.jsonl"),
+            "flow": read_jsonl(run_dir / "grad_flow.jsonl")}
+
+
+def plot_run(name: str, logs: dict[str, list[dict]], path: str | Path) -> Path | None:
     """Training and validation loss over the steps, and the gradient flow when the run
-    logged it (`train --log-grad-flow`)."""
+    logged it (`train --log-grad-flow`); `logs` as `read_run_logs` gives them."""
     plt = _pyplot()
     if plt is None:
         return None
     import numpy as np
 
-    run_dir = Path(run_dir)
-    steps, metrics = read_jsonl(run_dir / "steps.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
-    flow = read_jsonl(run_dir / "grad_flow.jsonl")
+    steps, metrics, flow = logs["steps"], logs["metrics"], logs["flow"]
     panels = 1 + bool(flow)
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
@@ -168,7 +174,7 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path | None:
     losses = [r["val_loss"] for r in metrics] + [r["loss"] for r in steps[len(steps) // 10:]]
     if losses:  # the first steps' loss, far above the rest, would flatten the curves
         ax.set_ylim(min(losses) - 0.05 * (max(losses) - min(losses)) - 1e-3, max(losses) + 0.15 * (max(losses) - min(losses)) + 1e-3)
-    ax.set_title(f"Loss of {run_dir.name}", fontsize=10)
+    ax.set_title(f"Loss of {name}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     if flow:
@@ -185,6 +191,4 @@ def plot_run(run_dir: str | Path, path: str | Path) -> Path | None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
