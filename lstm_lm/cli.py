@@ -19,10 +19,32 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from lstm_lm.errors import Interrupted, LSTMLMError
+from lstm_lm.config import field_help
+from lstm_lm.errors import ConfigError, Interrupted, LSTMLMError, describe_os_error
+
+
+class _Commands(TyperGroup):
+    """Typer's command group, with click's usage errors (an unknown option, a value out of
+    its range) printed as one `error: ...` line and exit code 1, like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            typer.echo("error: interrupted", err=True)
+            raise SystemExit(130) from None
+        except typer.TyperException as e:  # click's usage errors, as Typer exposes them
+            if type(e).__name__ == "NoArgsIsHelpError":  # `lstm-lm` alone: its help, already printed
+                raise SystemExit(0) from None
+            typer.echo(f"error: {e.format_message()}", err=True)
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="lstm-lm",
     help="Train LSTM next-word language models, complete prompts with them and measure their perplexity.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -55,15 +77,34 @@ def user_errors():
         if _main_process():
             typer.echo(str(e), err=True)
         raise typer.Exit(e.exit_code) from None
-    except LSTMLMError as e:
-        if os.environ.get("LSTM_LM_DEBUG") == "1":
+    except (LSTMLMError, OSError) as e:  # an OSError here is about a path the user gave
+        if os.environ.get("LSTM_LM_DEBUG") == "1" or (isinstance(e, OSError) and e.filename is None):
             raise
         if _main_process():
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+# `lstm-lm train`'s own options and the config field each sets: their help comes from the
+# field's declaration, and a bad value's error names both (train.lr (--lr): ...).
+TRAIN_FLAGS = {
+    "data.source": "--data", "train.epochs": "--epochs", "train.max_steps": "--max-steps",
+    "train.batch_size": "--batch-size", "train.bptt": "--bptt", "train.lr": "--lr", "train.device": "--device",
+    "train.seed": "--seed", "model.cell": "--cell", "model.impl": "--impl", "train.precision": "--precision",
+    "train.compile": "--compile", "train.log_grad_flow": "--log-grad-flow", "train.time_budget": "--time-budget",
+}
+
+
+def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
+    """The same problems, each config key followed by the option that sets it."""
+    named = []
+    for problem in e.problems:
+        key = problem.split(":", 1)[0]
+        named.append(problem.replace(key, f"{key} ({flags[key]})", 1) if key in flags else problem)
+    return ConfigError(named, e.origin)
 
 
 @app.command(
@@ -78,25 +119,25 @@ def user_errors():
     )
 )
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/). Default: the demo recipe when --data is not given either.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe: a file, or a built-in recipe's name (demo, ptb-small, ptb-cpu-30min ...; see configs/). Default: the demo recipe when --data is not given either.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG (data.source).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo for the demo).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last saved checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in an --out that already holds a run, deleting that run.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split (train.epochs).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (train.max_steps).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams per batch (train.batch_size).")] = None,
-    bptt: Annotated[Optional[int], typer.Option(help="Time steps per truncated-BPTT chunk (train.bptt).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (train.lr).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (train.device).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (train.seed).")] = None,
-    cell: Annotated[Optional[str], typer.Option(help="Recurrent cell: lstm, gru or rnn, the simple RNN (model.cell).")] = None,
-    impl: Annotated[Optional[str], typer.Option(help="Engine: auto, custom (the hand-written cell) or cudnn (torch.nn's kernel) (model.impl).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where the hardware does it natively), fp32 or bf16 (train.precision).")] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step; compiling takes 20 s to 1.5 min once per run (train.compile).")] = None,
-    log_grad_flow: Annotated[Optional[bool], typer.Option("--log-grad-flow", help="Record, every log interval, how far back the gradient reaches (grad_flow.jsonl; drawn by lstm-lm plot) (train.log_grad_flow).")] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help="Stop after this many minutes of wall time, final validation and test included; the cosine schedule is planned against it (train.time_budget).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5; the value is read as the field's type.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=field_help("train.epochs"))] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help=field_help("train.max_steps"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=field_help("train.batch_size"))] = None,
+    bptt: Annotated[Optional[int], typer.Option(help=field_help("train.bptt"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=field_help("train.lr"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=field_help("train.device"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=field_help("train.seed"))] = None,
+    cell: Annotated[Optional[str], typer.Option(help=field_help("model.cell"))] = None,
+    impl: Annotated[Optional[str], typer.Option(help=field_help("model.impl"))] = None,
+    precision: Annotated[Optional[str], typer.Option(help=field_help("train.precision"))] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=field_help("train.compile"))] = None,
+    log_grad_flow: Annotated[Optional[bool], typer.Option("--log-grad-flow", help=field_help("train.log_grad_flow"))] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help=field_help("train.time_budget"))] = None,
 ) -> None:
     """Train a language model; the best model by validation loss is kept in the run directory.
 
@@ -108,13 +149,17 @@ def train(
 
     options = {
         "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
-        "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.cell": cell, "model.impl": impl,
-        "train.precision": precision, "train.compile": compile_, "train.time_budget": time_budget,
-        "train.log_grad_flow": log_grad_flow,
+        "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.cell": cell,
+        "model.impl": impl, "train.precision": precision, "train.compile": compile_,
+        "train.time_budget": time_budget, "train.log_grad_flow": log_grad_flow,
     }
-    overrides = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
+    values = {key: value for key, value in options.items() if value is not None}
     with user_errors():
-        summary = run_training(config, data, out, resume, overrides, started, overwrite=overwrite)
+        try:
+            summary = run_training(config, data, out, resume, list(set_ or []), started, overwrite=overwrite,
+                                   values=values)
+        except ConfigError as e:
+            raise _name_flags(e, TRAIN_FLAGS) from None
     if _main_process():
         typer.echo(json.dumps(summary))
 
@@ -140,6 +185,7 @@ def complete(
 ) -> None:
     """Continue PROMPT with the model's words; only the continuation is printed."""
     from lstm_lm.checkpoint import load_checkpoint
+    from lstm_lm.errors import PromptError
     from lstm_lm.sample import complete as complete_prompt
     from lstm_lm.sample import next_words
     from lstm_lm.utils import pick_device, pick_precision
@@ -147,6 +193,8 @@ def complete(
     with user_errors():
         dev = pick_device(device)
         model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
+        if top_k is not None and top_k < 1:
+            raise PromptError(f"--top-k must be at least 1, got {top_k}")
         if next_:
             for word, p in next_words(model, tokenizer, prompt, k=top_k or 5, kind=cfg.data.tokenizer):
                 typer.echo(f"{word}\t{p:.4f}")

@@ -1,18 +1,25 @@
 """Run configuration: three dataclasses, loaded from defaults < YAML < command line.
 
     cfg = load_config("configs/ptb-small.yaml", overrides=["model.dropout=0.5"])
+    cfg = load_config("ptb-small", values={"train.epochs": 3})   # a built-in recipe by name
 
-Every field carries a comment saying what it does. Unknown keys and bad values
-are errors, and all problems of one config are reported together in a single
-`ConfigError` that names the offending keys.
+Each field is declared once, with its help, its choices and its bounds (`param`):
+that one declaration drives validation, the `--help` of `lstm-lm train` and the
+field table of docs/configuration.md. Unknown keys and bad values are errors, and
+all problems of one config are reported together in a single `ConfigError` that
+names the offending keys. Values typed on the command line stay typed; `--set`
+strings are parsed against the field's declared type, so a path is a path whatever
+YAML would make of it (`--data yes`, a directory named `null`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,82 +27,81 @@ import yaml
 
 from lstm_lm.errors import ConfigError
 
-FORMAT_VERSION = 1  # bumped when config.json / the checkpoint layout changes
+FORMAT_VERSION = 2  # bumped when config.json / the checkpoint layout changes
+DEMO_RECIPE = "demo"  # what `lstm-lm train` trains with no --config and no --data
+
+
+def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None, ge: float | None = None,
+          gt: float | None = None, lt: float | None = None, le: float | None = None, kind: str | None = None):
+    """A config field: its default, help, allowed choices and bounds (a null value passes the bounds)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "lt": lt, "le": le, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    # Where the text comes from: "demo" (built-in corpus), a directory with
-    # train.txt/valid.txt/test.txt, one text file (split by the fractions below),
-    # or a Hugging Face hub dataset "NAME:CONFIG" / "hf:NAME" (needs network).
-    source: str = "demo"
-    # "word" (whitespace-separated words), "char" (characters) or "bpe" (byte-pair encoding).
-    tokenizer: str = "word"
-    # Lowercase the text before tokenizing (case is kept by default).
-    lowercase: bool = False
-    # Word tokenizer only: split punctuation off words ("John," -> "John" ","). Off for
-    # pre-tokenized corpora such as PTB, whose tokens ("u.s.", "<unk>") must stay whole.
-    split_punctuation: bool = False
-    # Word/char tokenizer: keep only tokens seen at least this often in the train split.
-    min_freq: int = 1
-    # Word/char tokenizer: keep at most this many of the most frequent tokens (null: all).
-    max_size: int | None = None
-    # BPE tokenizer: size of the vocabulary to learn, special tokens included.
-    vocab_size: int = 8000
-    # Single-file sources: fractions of the lines used for validation and test
-    # (contiguous blocks at the end of the file, in that order).
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
-    # Demo corpus: number of generated biographies and the generator's seed.
-    demo_size: int = 6000
-    demo_seed: int = 0
-    # Demo corpus: the number of words of unrelated clauses between "I am from X" and
-    # "and I speak Y", drawn uniformly from [gap_min, gap_max] for each biography.
-    gap_min: int = 0
-    gap_max: int = 12
-    # Where encoded token ids are cached (null: $LSTM_LM_CACHE or ~/.cache/lstm-lm).
-    cache_dir: str | None = None
+    source: str = param("demo", "Where the text comes from: demo (the built-in corpus), a directory with "
+                        "train.txt/valid.txt/test.txt, one text file (split by valid_fraction and test_fraction), "
+                        "or a Hugging Face hub dataset NAME:CONFIG / hf:NAME (needs network).", kind="path")
+    tokenizer: str = param("word", "word (whitespace-separated words), char (characters) or bpe (byte-pair "
+                           "encoding).", choices=("word", "char", "bpe"))
+    lowercase: bool = param(False, "Lowercase the text before tokenizing (case is kept by default).")
+    split_punctuation: bool = param(False, "Word tokenizer only: split punctuation off words (\"John,\" -> \"John\" "
+                                    "\",\"). Off for pre-tokenized corpora such as PTB, whose tokens (\"u.s.\", "
+                                    "\"<unk>\") must stay whole.")
+    min_freq: int = param(1, "Word/char tokenizer: keep only tokens seen at least this often in the train split.",
+                          ge=1)
+    max_size: int | None = param(None, "Word/char tokenizer: keep at most this many of the most frequent tokens "
+                                 "(null: all; at least 3, room for <unk>, <eos> and a word).", ge=3)
+    vocab_size: int = param(8000, "BPE tokenizer: size of the vocabulary to learn, special tokens included.", ge=3)
+    valid_fraction: float = param(0.05, "Single-file sources: the fraction of the lines used for validation "
+                                  "(a contiguous block before the test block at the end of the file).", gt=0, lt=0.5)
+    test_fraction: float = param(0.05, "Single-file sources: the fraction of the lines used for test (the "
+                                 "contiguous block at the end of the file).", gt=0, lt=0.5)
+    demo_size: int = param(6000, "Demo corpus: the number of generated biographies.", ge=1)
+    demo_seed: int = param(0, "Demo corpus: the generator's seed.")
+    gap_min: int = param(0, "Demo corpus: the fewest words of unrelated clauses between \"I am from X\" and "
+                         "\"and I speak Y\" (each biography's gap is drawn uniformly from [gap_min, gap_max]).",
+                         ge=0, le=500)
+    gap_max: int = param(12, "Demo corpus: the most words of unrelated clauses between the region and the "
+                         "language.", ge=0, le=500)
+    cache_dir: str | None = param(None, "Where encoded token ids are cached (null: $LSTM_LM_CACHE or "
+                                  "~/.cache/lstm-lm).", kind="path")
 
 
 @dataclass
 class ModelConfig:
-    # Recurrent cell: "lstm" (long short-term memory), "gru" (gated recurrent unit) or
-    # "rnn" (the simple tanh RNN, which forgets over long gaps; see `lstm-lm experiment`).
-    cell: str = "lstm"
-    # Engine: "custom" (the hand-written cell), "cudnn" (the kernel behind torch.nn.LSTM,
-    # GRU or RNN: cuDNN on a GPU) or "auto" (cudnn; every feature below works with either).
-    impl: str = "auto"
-    # Size of the word vectors.
-    embedding_size: int = 200
-    # Units in each recurrent layer.
-    hidden_size: int = 200
-    # Number of stacked recurrent layers.
-    num_layers: int = 2
-    # Units of each layer, one entry per layer, overriding hidden_size (null: all
-    # hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last layer matches the
-    # embedding so that the weights can be tied.
-    hidden_sizes: list[int] | None = None
-    # Dropout on the embeddings, between layers and on the last layer's output; the
-    # three fields after it set each of those on its own (null: this value).
-    dropout: float = 0.2
-    # Dropout on the embedding output, the first layer's input (AWD-LSTM's dropouti).
-    dropout_input: float | None = None
-    # Dropout between stacked layers (AWD-LSTM's dropouth).
-    dropout_hidden: float | None = None
-    # Dropout on the last layer's output, the decoder's input (AWD-LSTM's dropout).
-    dropout_output: float | None = None
-    # The three dropouts above as locked (variational) dropout: one mask per sequence,
-    # the same at every time step (Gal & Ghahramani 2016), instead of a new one per step.
-    locked_dropout: bool = False
-    # Embedding dropout: drop whole words, the same words everywhere in a batch
-    # (Gal & Ghahramani 2016; AWD-LSTM's dropoute).
-    dropout_embedding: float = 0.0
-    # Weight drop: DropConnect (Wan et al. 2013) on the hidden-to-hidden matrices, one
-    # mask per batch shared by every time step (AWD-LSTM's wdrop).
-    weight_drop: float = 0.0
-    # Share the input embedding with the output projection (Press & Wolf 2017,
-    # Inan et al. 2017); needs embedding_size == the last layer's size.
-    tie_weights: bool = True
+    cell: str = param("lstm", "Recurrent cell: lstm (long short-term memory), gru (gated recurrent unit) or rnn "
+                      "(the simple tanh RNN, which forgets over long gaps; see lstm-lm experiment).",
+                      choices=("lstm", "gru", "rnn"))
+    impl: str = param("auto", "Engine: custom (the hand-written cell), cudnn (the kernel behind torch.nn.LSTM, GRU "
+                      "or RNN: cuDNN on a GPU) or auto (cudnn; every feature works with either).",
+                      choices=("auto", "custom", "cudnn"))
+    embedding_size: int = param(200, "Size of the word vectors.", ge=1)
+    hidden_size: int = param(200, "Units in each recurrent layer.", ge=1)
+    num_layers: int = param(2, "Number of stacked recurrent layers.", ge=1)
+    hidden_sizes: list[int] | None = param(None, "Units of each layer, one entry per layer, overriding hidden_size "
+                                           "(null: all hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last "
+                                           "layer matches the embedding so that the weights can be tied.")
+    dropout: float = param(0.2, "Dropout on the embeddings, between layers and on the last layer's output; "
+                           "dropout_input, dropout_hidden and dropout_output set each of those on its own.",
+                           ge=0, lt=1)
+    dropout_input: float | None = param(None, "Dropout on the embedding output, the first layer's input "
+                                        "(AWD-LSTM's dropouti; null: dropout).", ge=0, lt=1)
+    dropout_hidden: float | None = param(None, "Dropout between stacked layers (AWD-LSTM's dropouth; null: "
+                                         "dropout).", ge=0, lt=1)
+    dropout_output: float | None = param(None, "Dropout on the last layer's output, the decoder's input "
+                                         "(AWD-LSTM's dropout; null: dropout).", ge=0, lt=1)
+    locked_dropout: bool = param(False, "The three dropouts above as locked (variational) dropout: one mask per "
+                                 "sequence, the same at every time step (Gal & Ghahramani 2016).")
+    dropout_embedding: float = param(0.0, "Embedding dropout: drop whole words, the same words everywhere in a "
+                                     "batch (Gal & Ghahramani 2016; AWD-LSTM's dropoute).", ge=0, lt=1)
+    weight_drop: float = param(0.0, "Weight drop: DropConnect (Wan et al. 2013) on the hidden-to-hidden matrices, "
+                               "one mask per batch shared by every time step (AWD-LSTM's wdrop).", ge=0, lt=1)
+    tie_weights: bool = param(True, "Share the input embedding with the output projection (Press & Wolf 2017, "
+                              "Inan et al. 2017); needs embedding_size == the last layer's size.")
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -112,85 +118,64 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    # Passes over the training split.
-    epochs: int = 6
-    # Stop after this many optimizer steps (null: run all epochs).
-    max_steps: int | None = None
-    # Parallel token streams per batch (the B of the truncated-BPTT layout).
-    batch_size: int = 20
-    # Time steps per chunk; gradients flow back at most this far.
-    bptt: int = 35
-    # "sgd" or "adamw".
-    optimizer: str = "sgd"
-    # Learning rate (20 is the classic value for plain SGD on PTB; ~1e-3 for AdamW).
-    lr: float = 20.0
-    # Weight decay: decoupled for AdamW (Loshchilov & Hutter 2019), an L2 penalty for
-    # SGD (AWD-LSTM uses 1.2e-6).
-    weight_decay: float = 0.0
-    # Learning-rate schedule: "plateau" (divide by lr_decay when validation stops
-    # improving), "exponential" (divide by lr_decay after every epoch from
-    # decay_start on, as Zaremba et al. 2014), "cosine" (after the warm-up, follow a
-    # cosine from lr down to min_lr over the run: its epochs, max_steps or
-    # time_budget) or "constant".
-    schedule: str = "plateau"
-    # plateau / exponential: the divisor (1: never decay).
-    lr_decay: float = 4.0
-    # exponential: the first epoch after which the learning rate is divided.
-    decay_start: int = 1
-    # Raise the learning rate linearly from 0 over the first this many steps (0: no warm-up).
-    warmup_steps: int = 0
-    # cosine: the learning rate at the end of the run.
-    min_lr: float = 0.0
-    # Non-monotonically triggered averaged SGD (Merity et al. 2017; needs optimizer sgd):
-    # once validation loss is worse than the best of all but the last `nonmono` epochs,
-    # keep a running average of the weights from then on; validation, the saved model
-    # and the test use the averaged weights.
-    nt_asgd: bool = False
-    nonmono: int = 5
-    # Activation regularization: add ar * mean(h^2) of the last layer's (dropped-out)
-    # output to the loss, and temporal activation regularization: tar * mean((h_t -
-    # h_{t-1})^2) of its raw output (Merity et al. 2017; AWD-LSTM uses 2 and 1).
-    ar: float = 0.0
-    tar: float = 0.0
-    # Variable-length BPTT (Merity et al. 2017): each chunk's length is drawn around
-    # bptt (N(bptt, 5), or N(bptt/2, 5) one time in 20, at least 5) and the learning
-    # rate scaled by length / bptt, so that every token starts a chunk in some epoch.
-    variable_bptt: bool = False
-    # Stop after this many minutes of wall time, evaluation included (null: no limit).
-    # The cosine schedule is planned against this budget rather than the epoch count,
-    # and the run ends with a full validation and a test evaluation inside it.
-    time_budget: float | None = None
-    # Clip the global gradient norm to this (0: no clipping).
-    clip: float = 0.25
-    # Streams used for validation and test (the classic value is 10).
-    eval_batch_size: int = 10
-    # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
-    device: str = "auto"
-    # Arithmetic: "fp32", "bf16" (matrix products in bfloat16 under torch.autocast, the
-    # loss and the weights in float32) or "auto" (bf16 where the hardware does it
-    # natively: a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).
-    precision: str = "auto"
-    # torch.compile the training step (for the hand-written cell, its time loop with
-    # it). Compiling takes 20 s to 1.5 min once per run (reported); see README "Speed".
-    compile: bool = False
-    # Seed for weights, dropout and sampling.
-    seed: int = 1111
-    # Update the progress bar's loss, and write a line to steps.jsonl, every this many
-    # steps (each update syncs the device).
-    log_interval: int = 50
-    # Every log_interval steps, also record how far back the gradient reaches: the norm of
-    # the chunk's last-step loss's gradient with respect to each earlier hidden state, in
-    # grad_flow.jsonl (`lstm-lm plot` draws it). Costs one step-by-step pass per record.
-    log_grad_flow: bool = False
-    # Besides the one after each validation, save a resumable checkpoint
-    # (checkpoints/step-N/) every this many steps and every this many minutes (null: not).
-    checkpoint_every: int | None = None
-    checkpoint_minutes: float | None = 10.0
-    # Keep the newest this many step checkpoints; the best one is always kept as well.
-    keep_last: int = 2
-    # A step whose loss or gradient is not a finite number: stop with a message (false),
-    # or skip its update and count it (true; costs one device sync per step).
-    skip_nonfinite: bool = False
+    epochs: int = param(6, "Passes over the training split.", ge=1)
+    max_steps: int | None = param(None, "Stop after this many optimizer steps (null: run all epochs).", ge=1)
+    batch_size: int = param(20, "Parallel token streams per batch (the B of the truncated-BPTT layout).", ge=1)
+    bptt: int = param(35, "Time steps per truncated-BPTT chunk; gradients flow back at most this far.", ge=1)
+    optimizer: str = param("sgd", "sgd or adamw.", choices=("sgd", "adamw"))
+    lr: float = param(20.0, "Learning rate (20 is the classic value for plain SGD on PTB; about 1e-3 for AdamW).",
+                      gt=0)
+    weight_decay: float = param(0.0, "Weight decay: decoupled for AdamW (Loshchilov & Hutter 2019), an L2 penalty "
+                                "for SGD (AWD-LSTM uses 1.2e-6).", ge=0)
+    schedule: str = param("plateau", "Learning-rate schedule: plateau (divide by lr_decay when validation stops "
+                          "improving), exponential (divide by lr_decay after every epoch from decay_start on, as "
+                          "Zaremba et al. 2014), cosine (after the warm-up, from lr down to min_lr over the run: "
+                          "its epochs, max_steps or time_budget) or constant.",
+                          choices=("plateau", "exponential", "cosine", "constant"))
+    lr_decay: float = param(4.0, "plateau / exponential: the divisor (1: never decay).", ge=1)
+    decay_start: int = param(1, "exponential: the first epoch after which the learning rate is divided.", ge=1)
+    warmup_steps: int = param(0, "Raise the learning rate linearly from 0 over the first this many steps "
+                              "(0: no warm-up).", ge=0)
+    min_lr: float = param(0.0, "cosine: the learning rate at the end of the run (below lr).", ge=0)
+    nt_asgd: bool = param(False, "Non-monotonically triggered averaged SGD (Merity et al. 2017; needs optimizer "
+                          "sgd): once validation loss is worse than the best of all but the last nonmono epochs, "
+                          "average the weights from then on; validation, the saved model and the test use the "
+                          "average.")
+    nonmono: int = param(5, "NT-ASGD: the epochs of patience of its trigger.", ge=1)
+    ar: float = param(0.0, "Activation regularization: add ar * mean(h^2) of the last layer's (dropped-out) output "
+                      "to the loss (Merity et al. 2017; AWD-LSTM uses 2).", ge=0)
+    tar: float = param(0.0, "Temporal activation regularization: add tar * mean((h_t - h_{t-1})^2) of the last "
+                       "layer's raw output to the loss (Merity et al. 2017; AWD-LSTM uses 1).", ge=0)
+    variable_bptt: bool = param(False, "Variable-length BPTT (Merity et al. 2017): each chunk's length is drawn "
+                                "around bptt (N(bptt, 5), or N(bptt/2, 5) one time in 20, at least 5) and the "
+                                "learning rate scaled by length / bptt.")
+    time_budget: float | None = param(None, "Stop after this many minutes of wall time, final validation and test "
+                                      "included (null: no limit); the cosine schedule is planned against it.", gt=0)
+    clip: float = param(0.25, "Clip the global gradient norm to this (0: no clipping).", ge=0)
+    eval_batch_size: int = param(10, "Streams used for validation and test (the classic value is 10).", ge=1)
+    device: str = param("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", kind="device")
+    precision: str = param("auto", "Arithmetic: fp32, bf16 (matrix products in bfloat16 under torch.autocast, the "
+                           "loss and the weights in float32) or auto (bf16 where the hardware does it natively: a "
+                           "CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).",
+                           choices=("auto", "fp32", "bf16"))
+    compile: bool = param(False, "torch.compile the training step (for the hand-written cell, its time loop "
+                          "with it); compiling takes 20 s to 1.5 min once per run.")
+    seed: int = param(1111, "Seed for weights, dropout and sampling.")
+    log_interval: int = param(50, "Update the progress bar and write a line to steps.jsonl every this many steps "
+                              "(each update syncs the device).", ge=1)
+    log_grad_flow: bool = param(False, "Every log_interval steps, also record how far back the gradient reaches "
+                                "(grad_flow.jsonl; drawn by lstm-lm plot). Costs one step-by-step pass per record.")
+    logger: str = param("jsonl", "Where the run logs go: jsonl (metrics.jsonl and steps.jsonl in the run "
+                        "directory) or tensorboard (those, and TensorBoard event files under RUN/tensorboard; "
+                        "needs pip install 'lstm-lm[tensorboard]').", choices=("jsonl", "tensorboard"))
+    checkpoint_every: int | None = param(None, "Besides the one after each validation, save a resumable "
+                                         "checkpoint every this many steps (null: not).", ge=1)
+    checkpoint_minutes: float | None = param(10.0, "Besides the one after each validation, save a resumable "
+                                             "checkpoint every this many minutes (null: not).", gt=0)
+    keep_last: int = param(2, "Keep the newest this many step checkpoints; the best one is always kept as well.",
+                           ge=1)
+    skip_nonfinite: bool = param(False, "A step whose loss or gradient is not a finite number: stop with a message "
+                                 "(false), or skip its update and count it (true; one device sync per step).")
 
 
 @dataclass
@@ -204,43 +189,110 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-CHOICES = {
-    "data.tokenizer": ("word", "char", "bpe"),
-    "model.cell": ("lstm", "gru", "rnn"),
-    "model.impl": ("auto", "custom", "cudnn"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("plateau", "exponential", "cosine", "constant"),
-    "train.precision": ("auto", "fp32", "bf16"),
-}
-
-# `lstm-lm train` with no --config and no --data trains this: a small model on the
-# demo corpus that finishes in about a minute on a laptop CPU. configs/demo.yaml
-# holds the same values (a test checks that they agree).
-DEMO_PRESET: dict[str, dict[str, Any]] = {
-    "data": {"source": "demo", "tokenizer": "word", "split_punctuation": True, "gap_min": 0, "gap_max": 12},
-    "model": {"embedding_size": 128, "hidden_size": 128, "num_layers": 1, "dropout": 0.1},
-    "train": {"epochs": 30, "batch_size": 32, "bptt": 35, "optimizer": "adamw", "lr": 0.01,
-              "lr_decay": 4.0, "clip": 1.0},
-}
 
 
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field as declared: its dotted key, type, default and `param` metadata."""
+
+    key: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    bounds: dict[str, float]
+    kind: str | None
+
+    @property
+    def base_type(self) -> Any:
+        """The type without its `| None`."""
+        return _strip_optional(self.type)[0]
+
+    @property
+    def optional(self) -> bool:
+        return _strip_optional(self.type)[1]
 
 
-def _coerce(value: Any, typ: Any, key: str, from_string: bool) -> Any:
-    """Check `value` against a field type; strings from the command line are parsed as YAML."""
-    if from_string and isinstance(value, str):
-        try:
-            value = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            pass
-    optional = False
+def _strip_optional(typ: Any) -> tuple[Any, bool]:
     if typing.get_origin(typ) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(typ))
-        typ = args[0]
+        return args[0], len(args) < len(typing.get_args(typ))
+    return typ, False
+
+
+def _specs() -> dict[str, FieldSpec]:
+    specs = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            bounds = {k: m[k] for k in ("ge", "gt", "lt", "le") if m.get(k) is not None}
+            specs[f"{section}.{f.name}"] = FieldSpec(f"{section}.{f.name}", hints[f.name], default, m["help"],
+                                                     m.get("choices"), bounds, m.get("kind"))
+    return specs
+
+
+FIELDS: dict[str, FieldSpec] = _specs()
+
+
+def field_help(key: str) -> str:
+    """A field's help with its choices, for a command-line option: 'Passes over ... (train.epochs).'"""
+    return f"{FIELDS[key].help} ({key})"
+
+
+def choices(key: str) -> tuple[str, ...]:
+    return FIELDS[key].choices or ()
+
+
+# -- values --------------------------------------------------------------------------------
+
+_TRUE, _FALSE, _NULL = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("null", "none", "~", "")
+
+
+def parse_text(text: str, spec: FieldSpec) -> Any:
+    """A `--set` string read as the field's declared type: 'yes' is a path for a string field,
+    true for a boolean one; 'null' is None only where the field may be null."""
+    typ, optional = spec.base_type, spec.optional
+    stripped = text.strip()
+    if optional and stripped.lower() in _NULL:
+        return None
+    if typ is str:
+        return text
+    if typ is bool:
+        if stripped.lower() in _TRUE:
+            return True
+        if stripped.lower() in _FALSE:
+            return False
+        raise ValueError(f"{spec.key}: expected true or false, got {text!r}")
+    if typ in (int, float):
+        try:
+            return float(stripped) if typ is float else _to_int(stripped)
+        except ValueError:
+            kind = "an integer" if typ is int else "a number"
+            raise ValueError(f"{spec.key}: expected {kind}, got {text!r}") from None
+    if typing.get_origin(typ) is list:  # [1150, 1150, 400] or 1150,1150,400
+        try:
+            value = yaml.safe_load(stripped if stripped.startswith("[") else f"[{stripped}]")
+        except yaml.YAMLError:
+            raise ValueError(f"{spec.key}: expected a list such as [200, 200], got {text!r}") from None
+        return value
+    return text
+
+
+def _to_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # 1e3
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+def check_type(value: Any, typ: Any, key: str) -> Any:
+    """`value` (from YAML, JSON or a typed option) checked against a field type; ints widen to float."""
+    typ, optional = _strip_optional(typ)
     if value is None:
         if optional:
             return None
@@ -250,10 +302,9 @@ def _coerce(value: Any, typ: Any, key: str, from_string: bool) -> Any:
             return value
         raise ValueError(f"{key}: expected true or false, got {value!r}")
     if typing.get_origin(typ) is list:
-        item = typing.get_args(typ)[0]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]", from_string=False) for i, v in enumerate(value)]
+        return [check_type(v, typing.get_args(typ)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if typ in (int, float) and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
             value = float(value.strip())
@@ -272,67 +323,52 @@ def _coerce(value: Any, typ: Any, key: str, from_string: bool) -> Any:
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"{key}: expected a string, got {value!r}")
+        raise ValueError(f"{key}: expected a string, got {value!r} (in YAML, quote it: '{value}')")
     return value
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, problems: list[str], from_string: bool):
-    cls = SECTIONS[section]
-    types_ = _field_types(cls)
-    if key not in types_:
-        problems.append(f"{section}.{key}: unknown key (known: {', '.join(types_)})")
-        return
-    try:
-        setattr(getattr(cfg, section), key, _coerce(value, types_[key], f"{section}.{key}", from_string))
-    except ValueError as e:
-        problems.append(str(e))
+def _check_bounds(spec: FieldSpec, value: Any) -> str | None:
+    """The problem with `value` by the field's choices and bounds, or None."""
+    if value is None:
+        return None
+    if spec.choices and value not in spec.choices:
+        return f"{spec.key}: must be one of {', '.join(spec.choices)}, got {value!r}"
+    if spec.kind == "device" and not is_device_name(value):
+        return f"{spec.key}: must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
+    if not spec.bounds or not isinstance(value, (int, float)):
+        return None
+    b = spec.bounds
+    ok = (math.isfinite(value) and ("ge" not in b or value >= b["ge"]) and ("gt" not in b or value > b["gt"])
+          and ("lt" not in b or value < b["lt"]) and ("le" not in b or value <= b["le"]))
+    if ok:
+        return None
+    return f"{spec.key}: must be {describe_bounds(spec)}, got {value}"
 
 
-def _resolve_key(key: str) -> tuple[str, str] | None:
-    """'model.hidden_size' -> ('model', 'hidden_size'); a bare 'hidden_size' if it is unique."""
-    if "." in key:
-        section, _, name = key.partition(".")
-        return (section, name) if section in SECTIONS else None
-    owners = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
-    return (owners[0], key) if len(owners) == 1 else None
+def describe_bounds(spec: FieldSpec) -> str:
+    """'at least 1', 'in [0, 1)', 'a positive number' ... (with 'or null' where null is allowed)."""
+    b = spec.bounds
+    low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+    high = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
+    if low and high:
+        text = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low:
+        text = (f"at least {low[1]:g}" if low[0] == "[" else
+                "a positive number" if low[1] == 0 else f"above {low[1]:g}")
+    elif high:
+        text = f"at most {high[1]:g}" if high[0] == "]" else f"below {high[1]:g}"
+    else:
+        text = "a finite number"
+    return text + (" or null" if spec.optional else "")
 
 
 def validate(cfg: Config) -> list[str]:
-    """Range and consistency checks; returns every problem found."""
-    p: list[str] = []
-    for dotted, allowed in CHOICES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            p.append(f"{dotted}: must be one of {', '.join(allowed)}, got {value!r}")
+    """Every field's choices and bounds, then the checks that involve several fields; every problem found."""
+    p = [problem for key, spec in FIELDS.items()
+         if (problem := _check_bounds(spec, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])))]
     d, m, t = cfg.data, cfg.model, cfg.train
-    positive = {
-        "data.min_freq": d.min_freq, "data.vocab_size": d.vocab_size, "data.demo_size": d.demo_size,
-        "model.embedding_size": m.embedding_size, "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers, "train.epochs": t.epochs, "train.batch_size": t.batch_size,
-        "train.bptt": t.bptt, "train.eval_batch_size": t.eval_batch_size,
-        "train.log_interval": t.log_interval, "train.keep_last": t.keep_last,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            p.append(f"{key}: must be at least 1, got {value}")
-    if not 0 <= d.gap_min <= d.gap_max <= 500:
-        p.append(f"data.gap_min, data.gap_max: need 0 <= gap_min <= gap_max <= 500, got {d.gap_min} and {d.gap_max}")
-    if d.max_size is not None and d.max_size < 3:
-        p.append(f"data.max_size: must be at least 3 (room for <unk>, <eos> and a word), got {d.max_size}")
-    if t.max_steps is not None and t.max_steps < 1:
-        p.append(f"train.max_steps: must be at least 1 or null, got {t.max_steps}")
-    if d.tokenizer == "bpe" and d.vocab_size < 3:
-        p.append(f"data.vocab_size: must be at least 3 for bpe, got {d.vocab_size}")
-    for key, value in {"data.valid_fraction": d.valid_fraction, "data.test_fraction": d.test_fraction}.items():
-        if not 0.0 < value < 0.5:
-            p.append(f"{key}: must be between 0 and 0.5 (exclusive), got {value}")
-    rates = {"model.dropout": m.dropout, "model.dropout_input": m.dropout_input,
-             "model.dropout_hidden": m.dropout_hidden, "model.dropout_output": m.dropout_output,
-             "model.dropout_embedding": m.dropout_embedding, "model.weight_drop": m.weight_drop}
-    for key, value in rates.items():
-        if value is not None and not 0.0 <= value < 1.0:
-            p.append(f"{key}: must be in [0, 1), got {value}")
+    if d.gap_min > d.gap_max:
+        p.append(f"data.gap_min, data.gap_max: need gap_min <= gap_max, got {d.gap_min} and {d.gap_max}")
     if m.hidden_sizes is not None:
         if len(m.hidden_sizes) != m.num_layers:
             p.append(f"model.hidden_sizes: has {len(m.hidden_sizes)} entries but model.num_layers is "
@@ -344,58 +380,40 @@ def validate(cfg: Config) -> list[str]:
             f"model.tie_weights: tied weights need embedding_size == the last layer's size, got "
             f"{m.embedding_size} and {m.layer_sizes[-1]} (set model.tie_weights=false or make them equal)"
         )
-    if not 0 < t.lr < float("inf"):
-        p.append(f"train.lr: must be a positive number, got {t.lr}")
-    if t.lr_decay < 1.0:
-        p.append(f"train.lr_decay: must be at least 1 (1 turns the decay off), got {t.lr_decay}")
-    if t.clip < 0:
-        p.append(f"train.clip: must be 0 (off) or positive, got {t.clip}")
-    if t.warmup_steps < 0:
-        p.append(f"train.warmup_steps: must not be negative, got {t.warmup_steps}")
-    if t.lr > 0 and not 0.0 <= t.min_lr < t.lr:
-        p.append(f"train.min_lr: must be at least 0 and below train.lr ({t.lr}), got {t.min_lr}")
-    if t.decay_start < 1:
-        p.append(f"train.decay_start: must be at least 1, got {t.decay_start}")
-    if t.nonmono < 1:
-        p.append(f"train.nonmono: must be at least 1, got {t.nonmono}")
+    if t.lr > 0 and not t.min_lr < t.lr:
+        p.append(f"train.min_lr: must be below train.lr ({t.lr}), got {t.min_lr}")
     if t.nt_asgd and t.optimizer != "sgd":
         p.append(f"train.nt_asgd: averages SGD's iterates; needs train.optimizer=sgd, got {t.optimizer}")
-    for key, value in {"train.ar": t.ar, "train.tar": t.tar}.items():
-        if value < 0:
-            p.append(f"{key}: must not be negative, got {value}")
-    if t.time_budget is not None and not 0 < t.time_budget < float("inf"):
-        p.append(f"train.time_budget: must be a positive number of minutes or null, got {t.time_budget}")
     if t.variable_bptt and t.compile:
         p.append("train.variable_bptt: does not combine with train.compile (every new chunk length would "
                  "compile anew); turn one of them off")
-    if t.checkpoint_every is not None and t.checkpoint_every < 1:
-        p.append(f"train.checkpoint_every: must be at least 1 step or null, got {t.checkpoint_every}")
-    if t.checkpoint_minutes is not None and not 0 < t.checkpoint_minutes < float("inf"):
-        p.append(f"train.checkpoint_minutes: must be a positive number of minutes or null, got {t.checkpoint_minutes}")
-    if t.weight_decay < 0:
-        p.append(f"train.weight_decay: must not be negative, got {t.weight_decay}")
-    if not is_device_name(t.device):
-        p.append(f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     return p
 
 
 def is_device_name(name: str) -> bool:
     """auto, cpu, cuda, cuda:N or mps."""
-    return name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
+    return isinstance(name, str) and (
+        name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit()))
 
 
-def config_from_dict(raw: dict[str, Any], base: Config | None = None, origin: str = "config") -> Config:
-    """Apply a nested {section: {key: value}} dict onto `base` (defaults if None)."""
-    cfg = base if base is not None else Config()
-    problems: list[str] = []
-    _merge(cfg, raw, problems, origin, from_string=False)
-    problems += validate(cfg)
-    if problems:
-        raise ConfigError(problems, origin)
-    return cfg
+# -- loading -------------------------------------------------------------------------------
 
 
-def _merge(cfg: Config, raw: Any, problems: list[str], origin: str, from_string: bool) -> None:
+def _set(cfg: Config, key: str, value: Any, problems: list[str]) -> None:
+    spec = FIELDS.get(key)
+    if spec is None:
+        section, _, name = key.partition(".")
+        known = [k.split(".")[1] for k in FIELDS if k.startswith(f"{section}.")]
+        problems.append(f"{key}: unknown key (known: {', '.join(known)})")
+        return
+    try:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, check_type(value, spec.type, key))
+    except ValueError as e:
+        problems.append(str(e))
+
+
+def _merge(cfg: Config, raw: Any, problems: list[str], origin: str) -> None:
     if not isinstance(raw, dict):
         problems.append(f"{origin}: expected a mapping with sections {', '.join(SECTIONS)}")
         return
@@ -409,41 +427,113 @@ def _merge(cfg: Config, raw: Any, problems: list[str], origin: str, from_string:
             problems.append(f"{section}: expected a mapping of keys to values")
             continue
         for key, value in values.items():
-            _apply(cfg, section, str(key), value, problems, from_string)
+            _set(cfg, f"{section}.{key}", value, problems)
+
+
+def resolve_key(key: str) -> str | None:
+    """'model.hidden_size' -> itself; a bare 'hidden_size' -> 'model.hidden_size' if it is unique."""
+    if "." in key:
+        return key if key.split(".")[0] in SECTIONS else None
+    owners = [k for k in FIELDS if k.split(".")[1] == key]
+    return owners[0] if len(owners) == 1 else None
+
+
+def config_from_dict(raw: dict[str, Any], base: Config | None = None, origin: str = "config") -> Config:
+    """Apply a nested {section: {key: value}} dict onto `base` (defaults if None)."""
+    cfg = base if base is not None else Config()
+    problems: list[str] = []
+    _merge(cfg, raw, problems, origin)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, origin)
+    return cfg
+
+
+def recipe_path(name: str) -> Path | None:
+    """The built-in recipe `name` (ptb-small, demo ...), shipped in lstm_lm/configs/, or None."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        return None
+    path = Path(str(resources.files("lstm_lm") / "configs" / f"{name}.yaml"))
+    return path if path.is_file() else None
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in Path(str(resources.files("lstm_lm") / "configs")).glob("*.yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file, or a built-in recipe by name, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        builtin = recipe_path(str(path)) if path.suffix == "" and len(path.parts) == 1 else None
+        if builtin is None:
+            raise ConfigError([f"config file {path} does not exist (built-in recipes: {', '.join(recipes())})"],
+                              str(path))
+        path = builtin
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path} is not valid YAML: {str(e).splitlines()[0]}"], str(path)) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read {path}: {e.strerror}"], str(path)) from None
+    return raw if raw is not None else {}
 
 
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     preset: dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults < `preset` < YAML file < `overrides` ("section.key=value" or a unique "key=value")."""
+    """Defaults < `preset` < YAML file (a path, or a built-in recipe's name) < `overrides`
+    ("section.key=value" strings, or a unique "key=value", parsed by the field's type) <
+    `values` ({"section.key": typed value}, e.g. a command line's typed options)."""
     cfg = Config()
     problems: list[str] = []
     if preset:
-        _merge(cfg, preset, problems, "preset", from_string=False)
+        _merge(cfg, preset, problems, "preset")
     origin = "command line"
     if path is not None:
         origin = str(path)
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {path} does not exist"], origin)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError([f"{path} is not valid YAML: {str(e).splitlines()[0]}"], origin) from None
-        _merge(cfg, raw or {}, problems, origin, from_string=False)
+        _merge(cfg, read_yaml(path), problems, origin)
     for item in overrides or []:
-        key, sep, value = item.partition("=")
-        resolved = _resolve_key(key.strip()) if sep else None
-        if resolved is None:
-            problems.append(
-                f"--set {item!r}: expected section.key=value or a unique key=value "
-                f"(sections: {', '.join(SECTIONS)})"
-            )
+        key, sep, text = item.partition("=")
+        resolved = resolve_key(key.strip()) if sep else None
+        if resolved is None or resolved not in FIELDS:
+            if resolved is not None:
+                _set(cfg, resolved, None, problems)  # names the unknown key
+                continue
+            problems.append(f"--set {item!r}: expected section.key=value or a unique key=value "
+                            f"(sections: {', '.join(SECTIONS)})")
             continue
-        _apply(cfg, *resolved, value.strip(), problems, from_string=True)
+        try:
+            _set(cfg, resolved, parse_text(text, FIELDS[resolved]), problems)
+        except ValueError as e:
+            problems.append(str(e))
+    for key, value in (values or {}).items():
+        _set(cfg, key, value, problems)
     problems += validate(cfg)
     if problems:
         raise ConfigError(problems, origin)
     return cfg
+
+
+def demo_config(overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Config:
+    """The demo recipe (lstm_lm/configs/demo.yaml, its one source) with any changes."""
+    return load_config(DEMO_RECIPE, overrides, values=values)
+
+
+def reference_table() -> str:
+    """The Markdown table of every field, for docs/configuration.md (a test checks that they agree)."""
+    rows = ["| field | type | default | allowed | what it does |", "|---|---|---|---|---|"]
+    for key, spec in FIELDS.items():
+        typ = spec.base_type
+        name = "list of int" if typing.get_origin(typ) is list else typ.__name__
+        allowed = (", ".join(spec.choices) if spec.choices else describe_bounds(spec) if spec.bounds
+                   else "auto, cpu, cuda, cuda:N, mps" if spec.kind == "device" else "")
+        if spec.optional and not spec.bounds and not spec.choices:
+            allowed = "or null"
+        default = "null" if spec.default is None else str(spec.default).lower() if isinstance(spec.default, bool) \
+            else spec.default
+        rows.append(f"| `{key}` | {name} | `{default}` | {allowed} | {spec.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

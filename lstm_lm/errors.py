@@ -1,5 +1,7 @@
 """Exceptions for problems the user can fix. The CLI prints them as one `error: ...` line."""
 
+import errno
+
 
 class LSTMLMError(Exception):
     """Base class: a message that says what went wrong and what to do about it."""
@@ -9,7 +11,7 @@ class ConfigError(LSTMLMError, ValueError):
     """One or more bad config values; all of them are listed in one message."""
 
     def __init__(self, problems: list[str], origin: str = "config"):
-        self.problems = list(problems)
+        self.problems, self.origin = list(problems), origin
         super().__init__(f"bad config ({origin}): " + "; ".join(self.problems))
 
 
@@ -36,3 +38,23 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+_OS_REASONS = {
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "is a directory, not a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.ENOENT: "does not exist",
+    errno.EEXIST: "already exists",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """'runs/x: a part of the path is a file, not a directory': the path and what is wrong with it."""
+    reason = _OS_REASONS.get(e.errno, e.strerror or str(e))
+    return f"{e.filename}: {reason}" if e.filename is not None else reason

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lstm_lm.config import CHOICES
+from lstm_lm.config import choices
 from lstm_lm.data import batchify, get_batch, load_corpus, to_tensor
 from lstm_lm.errors import ConfigError, DataError
 from lstm_lm.loss import linear_cross_entropy_and_hits
@@ -69,8 +69,8 @@ def evaluate_checkpoint(
         raise DataError(f"--split must be test or valid, got {split!r}")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
-    if precision is not None and precision not in CHOICES["train.precision"]:
-        raise ConfigError([f"--precision must be one of {', '.join(CHOICES['train.precision'])}, got {precision!r}"],
+    if precision is not None and precision not in choices("train.precision"):
+        raise ConfigError([f"--precision must be one of {', '.join(choices('train.precision'))}, got {precision!r}"],
                           origin="command line")
     dev = pick_device(device)
     model, tokenizer, cfg = load_checkpoint(checkpoint, dev)

@@ -45,6 +45,7 @@ from lstm_lm.errors import CheckpointError, ConfigError, DataError, Interrupted,
 from lstm_lm.evaluate import evaluate
 from lstm_lm.inspection import gradient_flow
 from lstm_lm.model import LSTMLanguageModel, State, detach_state
+from lstm_lm.runlock import RunInUseError, RunLock
 from lstm_lm.optim import WeightAverage, make_optimizer, nt_asgd_triggers, scheduled_lr
 from lstm_lm.utils import autocast, log, pick_device, pick_precision
 
@@ -251,8 +252,25 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------
 
     def run(self, resume: bool) -> dict[str, Any]:
-        t, state = self.t, self.state
+        """Lock the run directory (rank 0 holds the lock for every rank), then train."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir) if self.world.main else None
+        refused = None
+        try:
+            if lock is not None:
+                lock.acquire()
+        except RunInUseError as e:
+            refused = e
+        if self.world.any(refused is not None):
+            raise refused or RunInUseError(f"{self.run_dir} is in use by another process")
+        try:
+            return self._run(resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
+        t, state = self.t, self.state
         if resume:
             self._resume()
         else:
@@ -676,12 +694,18 @@ def _truncate_log(path: Path, step: int) -> None:
 def run_training(
     config: str | Path | None, data: str | None, out: str | Path | None, resume: bool,
     overrides: list[str], started: float | None = None, overwrite: bool = False,
+    values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What `lstm-lm train` does: build the config (or reload the run's own), then train."""
-    from lstm_lm.config import DEMO_PRESET, load_config
+    """What `lstm-lm train` does: build the config (or reload the run's own), then train.
 
+    `overrides` are "section.key=value" strings (--set), `values` typed values by key
+    (the command's own options); both win over the recipe, `values` last.
+    """
+    from lstm_lm.config import demo_config, load_config
+
+    values = dict(values or {})
     if data is not None:
-        overrides = [f"data.source={data}"] + overrides
+        values = {"data.source": str(data)} | values
     if resume:
         if out is None:
             raise ConfigError(["--resume needs --out DIR, the run to continue"])
@@ -692,10 +716,12 @@ def run_training(
         if ckpt is None or not (ckpt / CONFIG).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} holds no saved run (start it without --resume)")
         cfg, _ = load_config_json(ckpt)
-        cfg = load_config(None, overrides, preset=cfg.to_dict())
+        cfg = load_config(None, overrides, preset=cfg.to_dict(), values=values)
         return train(cfg, run_dir, resume=True, started=started)
-    preset = DEMO_PRESET if config is None and data is None else None
-    cfg = load_config(config, overrides, preset=preset)
+    if config is None and data is None:
+        cfg = demo_config(overrides, values)
+    else:
+        cfg = load_config(config, overrides, values=values)
     if out is None:
         name = Path(config).stem if config is not None else ("demo" if cfg.data.source == "demo" else Path(cfg.data.source).stem)
         out = Path("runs") / name

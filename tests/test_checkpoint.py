@@ -30,7 +30,7 @@ def test_checkpoint_holds_exactly_these_files(saved):
     path, *_ = saved
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     meta = json.loads((path / "config.json").read_text())
-    assert meta["format_version"] == 1 and meta["vocab_size"] == 9
+    assert meta["format_version"] == 2 and meta["vocab_size"] == 9
     assert set(meta) >= {"data", "model", "train"}
 
 

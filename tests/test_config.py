@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lstm_lm.config import DEMO_PRESET, Config, load_config
+from lstm_lm.config import FIELDS, Config, demo_config, load_config, recipe_path
 from lstm_lm.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -26,9 +26,51 @@ def test_every_shipped_recipe_loads(path):
     assert path.read_text().startswith("#"), "each recipe opens with a comment giving its command"
 
 
-def test_demo_yaml_equals_the_built_in_demo_preset():
-    from_file = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-    assert from_file == load_config(preset=DEMO_PRESET)
+def test_the_demo_recipe_has_one_source_and_recipes_load_by_name():
+    assert (Path(__file__).resolve().parents[1] / "configs").resolve() == recipe_path("demo").parent.resolve()
+    assert demo_config() == load_config(recipe_path("demo")) == load_config("demo")
+    assert load_config("ptb-small").model.num_layers == 2
+    with pytest.raises(ConfigError, match="built-in recipes: demo"):
+        load_config("no-such-recipe")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data.source=yes", "yes"), ("data.source=null", "null"), ("data.source=1e3", "1e3"),
+    ("data.source=true", "true"), ("data.cache_dir=null", None), ("data.cache_dir=./null", "./null"),
+])
+def test_a_path_is_a_path_whatever_yaml_would_make_of_it(text, expected):
+    key, _, _ = text.partition("=")
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [text]), section), name) == expected
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("train.compile=yes", "compile", True), ("train.compile=off", "compile", False),
+    ("train.max_steps=null", "max_steps", None), ("train.max_steps=1e3", "max_steps", 1000),
+    ("train.lr=2", "lr", 2.0), ("model.hidden_sizes=300,200", "hidden_sizes", [300, 200]),
+])
+def test_set_strings_are_read_as_the_fields_type(text, key, expected):
+    cfg = load_config(None, [text, "model.tie_weights=false"])
+    section = text.split(".")[0]
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+def test_typed_values_stay_typed_and_win():
+    cfg = load_config(None, ["train.epochs=3"], values={"train.epochs": 4, "data.source": "no"})
+    assert cfg.train.epochs == 4 and cfg.data.source == "no"
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(None, values={"train.epochs": "many"})
+
+
+def test_every_field_is_declared_with_help_and_bounds_drive_validation():
+    for key, spec in FIELDS.items():
+        assert spec.help.strip(), key
+    bounded = [k for k, s in FIELDS.items() if "ge" in s.bounds and s.base_type is int]
+    assert len(bounded) > 10
+    for key in bounded:
+        low = FIELDS[key].bounds["ge"]
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}={int(low) - 1}"])
 
 
 def test_precedence_defaults_yaml_then_command_line(tmp_path):

@@ -176,7 +176,32 @@ BAD_INPUTS = {
     "eval split unknown": (lambda r, c, run, t: ["eval", "--split", "train", "--checkpoint", run], "--split"),
     "eval batch size zero": (lambda r, c, run, t: ["eval", "--batch-size", "0", "--checkpoint", run], "--batch-size"),
     "device without a GPU": (lambda r, c, run, t: ["eval", "--device", "cuda:7", "--checkpoint", run], "cuda"),
+    # the holes of issue 14
+    "out under a regular file": (lambda r, c, run, t: ["train", "--data", c, "--out", _file(t, "notes.txt", b"x") / "run"],
+                                 "notes.txt/run: a part of the path is a file"),
+    "top-k zero with --next": (lambda r, c, run, t: ["complete", "the", "--next", "--top-k", "0", "--checkpoint", run],
+                               "--top-k"),
+    "a path YAML reads as a boolean": (lambda r, c, run, t: ["train", "--data", "yes", "--out", t / "o"],
+                                       "yes does not exist"),
+    "run directory in use": (lambda r, c, run, t: ["train", "--data", c, "--out", _locked_run(t), "--overwrite",
+                                                   *tiny_sets(c)], f"in use by process {os.getpid()}"),
+    "unknown option": (lambda r, c, run, t: ["complete", "the", "--no-such-option"], "No such option"),
 }
+
+_HELD_LOCKS = []
+
+
+def _locked_run(tmp: Path) -> Path:
+    """A run directory whose lock this process holds, as a live `lstm-lm train` would."""
+    from lstm_lm.runlock import RunLock
+
+    run = tmp / "busy"
+    run.mkdir()
+    (run / "keep.txt").write_text("the other run's files")
+    lock = RunLock(run)
+    lock.acquire()
+    _HELD_LOCKS.append(lock)  # released when the test module ends, as the owner would on exit
+    return run
 
 
 def _ptb_like_without_test(tmp: Path) -> Path:
@@ -224,6 +249,18 @@ def test_bad_input_gets_one_error_line_and_changes_nothing_saved(case, saved_run
     assert _snapshot(root) == before  # the saved run is untouched
     assert not (tmp_path / "pwned").exists()  # no pickle was ever loaded
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
+    if case == "run directory in use":
+        assert (tmp_path / "busy" / "keep.txt").is_file()  # --overwrite deleted nothing
+        _HELD_LOCKS.pop().release()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from lstm_lm.runlock import LOCK, RunLock
+
+    (tmp_path / LOCK).write_text("999999999\n")  # no such process holds it
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK).read_text().strip() == str(os.getpid())
+    assert not (tmp_path / LOCK).exists()
 
 
 # --- checkpoints ----------------------------------------------------------------------
