@@ -165,9 +165,6 @@ class TrainConfig:
                               "(each update syncs the device).", ge=1)
     log_grad_flow: bool = param(False, "Every log_interval steps, also record how far back the gradient reaches "
                                 "(grad_flow.jsonl; drawn by lstm-lm plot). Costs one step-by-step pass per record.")
-    logger: str = param("jsonl", "Where the run logs go: jsonl (metrics.jsonl and steps.jsonl in the run "
-                        "directory) or tensorboard (those, and TensorBoard event files under RUN/tensorboard; "
-                        "needs pip install 'lstm-lm[tensorboard]').", choices=("jsonl", "tensorboard"))
     checkpoint_every: int | None = param(None, "Besides the one after each validation, save a resumable "
                                          "checkpoint every this many steps (null: not).", ge=1)
     checkpoint_minutes: float | None = param(10.0, "Besides the one after each validation, save a resumable "
