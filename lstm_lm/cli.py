@@ -185,7 +185,6 @@ def complete(
 ) -> None:
     """Continue PROMPT with the model's words; only the continuation is printed."""
     from lstm_lm.checkpoint import load_checkpoint
-    from lstm_lm.errors import PromptError
     from lstm_lm.sample import complete as complete_prompt
     from lstm_lm.sample import next_words
     from lstm_lm.utils import pick_device, pick_precision
@@ -193,10 +192,9 @@ def complete(
     with user_errors():
         dev = pick_device(device)
         model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
-        if top_k is not None and top_k < 1:
-            raise PromptError(f"--top-k must be at least 1, got {top_k}")
         if next_:
-            for word, p in next_words(model, tokenizer, prompt, k=top_k or 5, kind=cfg.data.tokenizer):
+            for word, p in next_words(model, tokenizer, prompt, k=5 if top_k is None else top_k,
+                                     kind=cfg.data.tokenizer):
                 typer.echo(f"{word}\t{p:.4f}")
             return
         text = complete_prompt(model, tokenizer, cfg.data.tokenizer, prompt, words=words,

@@ -44,7 +44,7 @@ def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None, ge
 class DataConfig:
     source: str = param("demo", "Where the text comes from: demo (the built-in corpus), a directory with "
                         "train.txt/valid.txt/test.txt, one text file (split by valid_fraction and test_fraction), "
-                        "or a Hugging Face hub dataset NAME:CONFIG / hf:NAME (needs network).", kind="path")
+                        "or a Hugging Face hub dataset NAME:CONFIG / hf:NAME (needs network).")
     tokenizer: str = param("word", "word (whitespace-separated words), char (characters) or bpe (byte-pair "
                            "encoding).", choices=("word", "char", "bpe"))
     lowercase: bool = param(False, "Lowercase the text before tokenizing (case is kept by default).")
@@ -68,7 +68,7 @@ class DataConfig:
     gap_max: int = param(12, "Demo corpus: the most words of unrelated clauses between the region and the "
                          "language.", ge=0, le=500)
     cache_dir: str | None = param(None, "Where encoded token ids are cached (null: $LSTM_LM_CACHE or "
-                                  "~/.cache/lstm-lm).", kind="path")
+                                  "~/.cache/lstm-lm).")
 
 
 @dataclass
@@ -234,7 +234,7 @@ FIELDS: dict[str, FieldSpec] = _specs()
 
 
 def field_help(key: str) -> str:
-    """A field's help with its choices, for a command-line option: 'Passes over ... (train.epochs).'"""
+    """A field's help for the command-line option that sets it: 'Passes over ... (train.epochs)'."""
     return f"{FIELDS[key].help} ({key})"
 
 
@@ -396,12 +396,16 @@ def is_device_name(name: str) -> bool:
 # -- loading -------------------------------------------------------------------------------
 
 
+def _unknown_key(key: str) -> str:
+    section = key.partition(".")[0]
+    known = [k.split(".")[1] for k in FIELDS if k.startswith(f"{section}.")]
+    return f"{key}: unknown key (known: {', '.join(known)})"
+
+
 def _set(cfg: Config, key: str, value: Any, problems: list[str]) -> None:
     spec = FIELDS.get(key)
     if spec is None:
-        section, _, name = key.partition(".")
-        known = [k.split(".")[1] for k in FIELDS if k.startswith(f"{section}.")]
-        problems.append(f"{key}: unknown key (known: {', '.join(known)})")
+        problems.append(_unknown_key(key))
         return
     try:
         section, name = key.split(".")
@@ -446,16 +450,20 @@ def config_from_dict(raw: dict[str, Any], base: Config | None = None, origin: st
     return cfg
 
 
+def _recipes_dir() -> Path:
+    return Path(str(resources.files("lstm_lm") / "configs"))
+
+
 def recipe_path(name: str) -> Path | None:
     """The built-in recipe `name` (ptb-small, demo ...), shipped in lstm_lm/configs/, or None."""
     if not name.replace("-", "").replace("_", "").isalnum():
         return None
-    path = Path(str(resources.files("lstm_lm") / "configs" / f"{name}.yaml"))
+    path = _recipes_dir() / f"{name}.yaml"
     return path if path.is_file() else None
 
 
 def recipes() -> list[str]:
-    return sorted(p.stem for p in Path(str(resources.files("lstm_lm") / "configs")).glob("*.yaml"))
+    return sorted(p.stem for p in _recipes_dir().glob("*.yaml"))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -496,17 +504,16 @@ def load_config(
     for item in overrides or []:
         key, sep, text = item.partition("=")
         resolved = resolve_key(key.strip()) if sep else None
-        if resolved is None or resolved not in FIELDS:
-            if resolved is not None:
-                _set(cfg, resolved, None, problems)  # names the unknown key
-                continue
+        if resolved is None:
             problems.append(f"--set {item!r}: expected section.key=value or a unique key=value "
                             f"(sections: {', '.join(SECTIONS)})")
-            continue
-        try:
-            _set(cfg, resolved, parse_text(text, FIELDS[resolved]), problems)
-        except ValueError as e:
-            problems.append(str(e))
+        elif resolved not in FIELDS:
+            problems.append(_unknown_key(resolved))
+        else:
+            try:
+                _set(cfg, resolved, parse_text(text, FIELDS[resolved]), problems)
+            except ValueError as e:
+                problems.append(str(e))
     for key, value in (values or {}).items():
         _set(cfg, key, value, problems)
     problems += validate(cfg)
