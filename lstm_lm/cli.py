@@ -343,7 +343,8 @@ def plot(
     """Draw a run's training and validation loss, and its gradient flow when it was
     trained with --log-grad-flow. Prints the validation curve as a table."""
     from lstm_lm.errors import DataError
-    from lstm_lm.plots import PLOT_HINT, plot_run, read_run_logs
+    from lstm_lm.plots import PLOT_HINT, plot_run
+    from lstm_lm.runlogs import read_run_logs
 
     with user_errors():
         if not run_dir.is_dir():

@@ -27,7 +27,7 @@ import yaml
 
 from lstm_lm.errors import ConfigError
 
-FORMAT_VERSION = 2  # bumped when config.json / the checkpoint layout changes
+FORMAT_VERSION = 3  # bumped when config.json / the checkpoint layout changes
 DEMO_RECIPE = "demo"  # what `lstm-lm train` trains with no --config and no --data
 
 
@@ -165,6 +165,9 @@ class TrainConfig:
                               "(each update syncs the device).", ge=1)
     log_grad_flow: bool = param(False, "Every log_interval steps, also record how far back the gradient reaches "
                                 "(grad_flow.jsonl; drawn by lstm-lm plot). Costs one step-by-step pass per record.")
+    logger: str = param("jsonl", "Where the step and validation records go besides the JSONL logs, which are always "
+                        "written: jsonl (nowhere else) or tensorboard (RUN/tensorboard; pip install "
+                        "'lstm-lm[tensorboard]').", choices=("jsonl", "tensorboard"))
     checkpoint_every: int | None = param(None, "Besides the one after each validation, save a resumable "
                                          "checkpoint every this many steps (null: not).", ge=1)
     checkpoint_minutes: float | None = param(10.0, "Besides the one after each validation, save a resumable "

@@ -30,7 +30,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lstm_lm.config import DataConfig
 from lstm_lm.demo import DEMO_VERSION, demo_splits
 from lstm_lm.errors import DataError
-from lstm_lm.utils import log
+from lstm_lm.utils import log, write_atomically, write_text
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIAL_TOKENS = [UNK, EOS]  # ids 0 and 1 in every tokenizer
@@ -328,7 +328,7 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
             lines = read_source(src, cfg)
             log(f"building a {cfg.tokenizer} tokenizer from the train split ...")
             tokenizer = build_tokenizer(cfg, lines["train"])
-            _atomic_write_text(tok_path, tokenizer.to_str())
+            write_text(tok_path, tokenizer.to_str())
 
     ids_dir = cache / "ids" / _sha(fingerprint + tokenizer.to_str())
     if all((ids_dir / f"{s}.npy").is_file() for s in SPLITS):
@@ -342,9 +342,7 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
         splits = {s: encode_lines(tokenizer, lines[s]) for s in SPLITS}
         ids_dir.mkdir(parents=True, exist_ok=True)
         for s, arr in splits.items():
-            tmp = ids_dir / f"{s}.{os.getpid()}.tmp.npy"  # processes that share the cache write apart
-            np.save(tmp, arr)
-            os.replace(tmp, ids_dir / f"{s}.npy")
+            write_atomically(ids_dir / f"{s}.npy", lambda tmp, arr=arr: _save_npy(tmp, arr))
         log(f"cached token ids in {ids_dir}")
     eos = tokenizer.token_to_id(EOS)
     if not np.any(splits["train"] != eos):
@@ -356,11 +354,9 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add .npy to a name
+        np.save(f, arr)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Optimizers, learning-rate schedules and weight averaging for training.
+"""Optimizers, the learning-rate policy and weight averaging for training.
 
     optimizer = make_optimizer(cfg, model)
-    lr = scheduled_lr(cfg.train, base_lr, step, progress)   # progress: 0 -> 1 over the run
-    average = WeightAverage(model)                           # NT-ASGD, once triggered
+    policy = LearningRate(cfg.train, clock, total_steps)
+    policy.set(state, optimizer, chunk)        # before each step: state.lr, the optimizer's rate
+    policy.after_epoch(state, improved, averaging)
+    average = WeightAverage(model)             # NT-ASGD, once triggered
     average.update(); with average.swapped_in(): evaluate(...)
 
 NT-ASGD (Merity et al. 2017) is SGD whose iterates are averaged from a point the
@@ -18,11 +20,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from lstm_lm.clock import Clock
 from lstm_lm.config import Config, TrainConfig
+from lstm_lm.utils import log
+
+if TYPE_CHECKING:
+    from lstm_lm.training_state import TrainState
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -46,6 +54,46 @@ def scheduled_lr(t: TrainConfig, base_lr: float, step: int, progress: float) -> 
         return base_lr
     progress = min(max(progress, 0.0), 1.0)
     return t.min_lr + 0.5 * (base_lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class LearningRate:
+    """The one learning-rate policy of a run: linear warm-up, then constant, plateau
+    (divided by lr_decay when validation got worse), exponential (divided every epoch
+    from decay_start) or cosine over the run, where the run is its steps or, under a
+    time budget, its clock; a longer variable-BPTT chunk takes a proportionally longer
+    step. Its numbers live in the TrainState (lr, lr_peak, lr_set), saved with it.
+    """
+
+    def __init__(self, t: TrainConfig, clock: Clock, total_steps: int):
+        self.t, self.clock, self.total_steps = t, clock, total_steps
+
+    def progress(self, step: int) -> float:
+        """How far through the run, 0 -> 1: the cosine's clock."""
+        if self.t.time_budget:
+            return self.clock.progress()
+        return step / (self.t.max_steps or self.total_steps)
+
+    def set(self, state: TrainState, optimizer: torch.optim.Optimizer, chunk: int) -> None:
+        """The rate of the next step, into `state.lr` and the optimizer."""
+        t = self.t
+        state.lr = scheduled_lr(t, state.lr_peak, state.step, self.progress(state.step))
+        for group in optimizer.param_groups:
+            group["lr"] = state.lr * chunk / t.bptt if t.variable_bptt else state.lr
+
+    def after_epoch(self, state: TrainState, improved: bool, averaging: bool) -> None:
+        """At the end of a whole epoch: anneal on a plateau (not while NT-ASGD averages),
+        or decay every epoch."""
+        t = self.t
+        if t.schedule == "plateau" and not improved and t.lr_decay > 1 and not averaging:
+            state.lr_peak /= t.lr_decay
+        if t.schedule == "exponential" and state.epoch >= t.decay_start:
+            state.lr_peak /= t.lr_decay  # Zaremba et al. 2014: a fixed decay every epoch
+
+    def resumed(self, state: TrainState) -> None:
+        """A resume with another --lr than the run's sets the rate from here on."""
+        if self.t.lr != state.lr_set:
+            state.lr_peak = state.lr_set = self.t.lr
+            log(f"learning rate set to {self.t.lr:g} from here on")
 
 
 def nt_asgd_triggers(val_losses: list[float], nonmono: int) -> bool:

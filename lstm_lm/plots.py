@@ -7,7 +7,6 @@ their tables all the same with a hint from `missing_hint()`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lstm_lm.errors import DataError
@@ -131,26 +130,6 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     axes[-1].set_xticklabels(tokens, rotation=45, ha="right", fontsize=9)
     axes[-1].set_xlabel("prompt token (each column: the state after reading it)")
     return _save(fig, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}, line {n}: not JSON; the log is damaged") from None
-    return rows
-
-
-def read_run_logs(run_dir: str | Path) -> dict[str, list[dict]]:
-    """A run's logs: steps.jsonl, metrics.jsonl and grad_flow.jsonl (empty where absent)."""
-    run_dir = Path(run_dir)
-    return {"steps": read_jsonl(run_dir / "steps.jsonl"), "metrics": read_jsonl(run_dir / "metrics.jsonl"),
-            "flow": read_jsonl(run_dir / "grad_flow.jsonl")}
 
 
 def plot_run(name: str, logs: dict[str, list[dict]], path: str | Path) -> Path | None:

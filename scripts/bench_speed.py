@@ -51,7 +51,7 @@ from lstm_lm.config import ModelConfig  # noqa: E402
 from lstm_lm.evaluate import evaluate  # noqa: E402
 from lstm_lm.model import LSTMLanguageModel  # noqa: E402
 from lstm_lm.sample import generate  # noqa: E402
-from lstm_lm.train import compile_loss, train_step  # noqa: E402
+from lstm_lm.trainer import compile_loss, train_step  # noqa: E402
 from lstm_lm.utils import native_bf16, pick_device, pick_precision  # noqa: E402
 
 VOCAB, BATCH, BPTT, EVAL_BATCH = 10_000, 20, 35, 10

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from lstm_lm.checkpoint import (
-    load_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint, save_training_state,
-    update_latest,
-)
-from lstm_lm.config import Config, ModelConfig
+from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from lstm_lm.config import FORMAT_VERSION, Config, ModelConfig
+from lstm_lm.rundir import update_latest
+from lstm_lm.training_state import TrainState, load_training_state, save_training_state
 from lstm_lm.data import build_tokenizer
 from lstm_lm.errors import CheckpointError
 from lstm_lm.model import LSTMLanguageModel
@@ -30,7 +29,7 @@ def test_checkpoint_holds_exactly_these_files(saved):
     path, *_ = saved
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     meta = json.loads((path / "config.json").read_text())
-    assert meta["format_version"] == 2 and meta["vocab_size"] == 9
+    assert meta["format_version"] == FORMAT_VERSION and meta["vocab_size"] == 9
     assert set(meta) >= {"data", "model", "train"}
 
 
@@ -85,13 +84,15 @@ def test_training_state_round_trip(saved, optimizer):
     opt.step()
     hidden = [(torch.randn(2, 16), torch.randn(2, 16)) for _ in range(2)]
     extra = {"average.0": torch.randn(3, 4)}
-    save_training_state(path, model, opt, {"step": 3, "lr": 0.5}, hidden, extra)
+    state = TrainState(lr=0.25, lr_peak=0.5, lr_set=1.0, step=3, epoch=2, pos=17, val_losses=[5.0, 4.5],
+                       averaging_since=2, epoch_loss_sum=12.5, epoch_tokens=40)
+    save_training_state(path, model, opt, state, hidden, extra)
 
     torch.manual_seed(123)
     fresh = LSTMLanguageModel(cfg.model, 9)
     fresh_opt = make_optimizer(cfg, fresh)
-    state, restored, restored_extra = load_training_state(path, fresh, fresh_opt, torch.device("cpu"))
-    assert state == {"step": 3, "lr": 0.5}
+    restored_state, restored, restored_extra = load_training_state(path, fresh, fresh_opt, torch.device("cpu"))
+    assert restored_state == state
     torch.testing.assert_close(restored, hidden)
     torch.testing.assert_close(restored_extra, extra)
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):

@@ -14,12 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
-from lstm_lm.checkpoint import step_checkpoints
+from lstm_lm.rundir import step_checkpoints
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
 from lstm_lm.distributed import World
 from lstm_lm.errors import ConfigError
-from lstm_lm.train import METRICS, STEPS, train
+from lstm_lm.runlogs import METRICS, STEPS
+from lstm_lm.train import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo, POSIX here")
 

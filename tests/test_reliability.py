@@ -23,16 +23,18 @@ from typer.testing import CliRunner
 
 from conftest import TINY_TRAIN, tiny_overrides, tiny_sets, write_tiny_corpus
 from lstm_lm import checkpoint as ckpt_mod
-from lstm_lm.checkpoint import (
-    CHECKPOINTS, TRAINING_STATE, last_checkpoint, load_checkpoint, load_training_state,
-    resolve_checkpoint, save_checkpoint, save_step_checkpoint, step_checkpoints,
-)
+from lstm_lm import training_state as state_mod
+from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from lstm_lm.rundir import CHECKPOINTS, TRAINING_STATE, last_checkpoint, save_step_checkpoint, step_checkpoints
+from lstm_lm.training_state import TrainState, load_training_state
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.optim import make_optimizer
 from lstm_lm.errors import Interrupted
-from lstm_lm.train import STEPS, StopSignals, train
+from lstm_lm.runlogs import STEPS
+from lstm_lm.signals import StopSignals
+from lstm_lm.train import train
 
 runner = CliRunner()
 
@@ -308,12 +310,13 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(saved_run
 
         def fill(folder):
             save_checkpoint(folder, model, tokenizer, cfg)
-            ckpt_mod.save_training_state(folder, model, optimizer, {"step": 999}, None)
+            state_mod.save_training_state(folder, model, optimizer, TrainState.start(1.0), None)
 
         with monkeypatch.context() as m:
             for name in ("replace", "rename", "fsync"):
                 m.setattr(os, name, crashing(getattr(os, name)))
-            m.setattr(ckpt_mod, "save_file", crashing(ckpt_mod.save_file))
+            for module in (ckpt_mod, state_mod):  # the weights, then the training state
+                m.setattr(module, "save_file", crashing(module.save_file))
             try:
                 save_step_checkpoint(copy, 999, fill, best=True, keep_last=1)
                 finished = True
@@ -340,6 +343,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod, "save_file", full)
+    monkeypatch.setattr(state_mod, "save_file", full)
     line = _assert_one_error_line(_run("train", "--resume", "--out", run, "--epochs", "3"))
     assert "disk is full" in line and "unchanged" in line
     monkeypatch.undo()
@@ -526,19 +530,3 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_loads_and_resumes(tiny_c
         assert time.monotonic() - start < 60
     result = _run("train", "--resume", "--out", run, "--epochs", str(_saved_state(last_checkpoint(run))["epoch"] + 1))
     assert result.exit_code == 0, result.output
-
-
-def test_a_run_saved_before_step_directories_loads_and_resumes(tiny_corpus, tmp_path):
-    """Earlier versions kept one checkpoint in the run directory itself."""
-    run = tmp_path / "r"
-    cfg = tiny_overrides(tiny_corpus) + ["train.epochs=1"]
-    train(load_config(None, cfg), run)
-    last = last_checkpoint(run)
-    for f in last.iterdir():
-        shutil.copy2(f, run / f.name)
-    shutil.rmtree(run / CHECKPOINTS)
-    (run / "best").unlink()
-    assert last_checkpoint(run) == run and resolve_checkpoint(run) == run
-    summary = train(load_config(None, tiny_overrides(tiny_corpus) + ["train.epochs=2"]), run, resume=True)
-    assert summary["epochs"] == 2 and last_checkpoint(run).parent.name == CHECKPOINTS
-    load_checkpoint(run)
