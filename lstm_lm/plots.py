@@ -77,9 +77,7 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
         return None
     import numpy as np
 
-    tokens = trace["tokens"]
-    gates = trace["gates"]  # name -> (T, H) lists
-    swap = trace.get("swap")
+    tokens, gates, swap = trace["tokens"], trace["gates"], trace.get("swap")  # gates: name -> (T, H) lists
     memory_name = trace["memory"]
     memory = np.array(trace["states"][memory_name])  # (T, H)
     maps = [(name, np.array(values), None) for name, values in gates.items()]
@@ -110,9 +108,8 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
         norm_ax.plot(x, swap["distance"], color="#d62728", lw=2.2,
                      label=f"|{memory_name} - {memory_name}'|, {memory_name}' with {swap['other']} for {swap['word']}")
     norm_ax.set_ylabel(f"|{memory_name}| (norm)")
-    lines = ax.get_legend_handles_labels()
-    more = norm_ax.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8,
+    (lines, labels), (more, more_labels) = ax.get_legend_handles_labels(), norm_ax.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8,
               ncol=3, frameon=False)
     fig.suptitle(f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: "
                  f"{', '.join(f'{w} {p:.0%}' for w, p in trace['guesses'][-1][:3])}", fontsize=11)

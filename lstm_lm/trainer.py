@@ -205,13 +205,10 @@ class Trainer:
         """Train until the epochs, max_steps or the time budget run out, or a signal
         stops the run; then test the best checkpoint and summarise the run."""
         t, s = self.t, self.state
-        log(f"model: {self.model.cell}, {self.model.num_parameters():,} parameters, impl {self.model.impl}, "
-            f"vocab {self.corpus.vocab_size:,}, device {self.device}, precision {self.precision}"
-            f"{', compiled' if t.compile else ''}; data: {len(self.corpus.splits['train']):,} train tokens, "
-            f"{self.n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
-            + (f"; time budget {t.time_budget:g} min" if t.time_budget else ""))
-        if t.time_budget:
-            self._reserve_evaluation_time()
+        log(_describe(self.model, self.corpus, t, self.device, self.precision, self.n_batches))
+        if t.time_budget:  # keep room for the final validation and test even before the first validation
+            reserve_evaluation_time(self.clock, self.model, self.valid_data, t, self.precision,
+                                    len(self.corpus.splits["valid"]) + len(self.corpus.splits["test"]))
         with self.stop:
             while s.epoch <= t.epochs and not self._should_stop():
                 self._train_epoch()
@@ -244,7 +241,7 @@ class Trainer:
                                             "grad_norm": gradient_flow(self.model, x, y, self.hidden)})
             started = time.perf_counter()
             loss, self.hidden = train_step(self.model, self.optimizer, x, y, self.hidden, t.clip, self.precision,
-                                           self._loss_fn(x.size(0)), t.ar, t.tar, t.skip_nonfinite)
+                                           self.loss.for_chunk(x.size(0), t.bptt, self.ddp), t.ar, t.tar, t.skip_nonfinite)
             s.step, s.batch, s.pos = s.step + 1, s.batch + 1, s.pos + x.size(0)
             if loss is None:  # skip_nonfinite: the update was skipped
                 s.skipped_steps += 1
@@ -267,14 +264,6 @@ class Trainer:
                 self._save(best=False)
         bar.close()
         self._sync()
-
-    def _loss_fn(self, chunk: int) -> Callable | None:
-        """The loss for a chunk: compiled for the full length (a chunk of another length,
-        the epoch's last, runs eagerly rather than compiling anew); through DDP when distributed."""
-        compiled = self.loss.compiled is not None and chunk == self.t.bptt
-        if self.ddp is not None:
-            return functools.partial(self.ddp, compiled=compiled)
-        return self.loss.compiled if compiled else None
 
     def _sync(self) -> None:
         """Fold the device's loss sum into the state (one host sync), stop on a non-finite
@@ -325,16 +314,6 @@ class Trainer:
 
     # -- validation, checkpoints and the end --------------------------------------------
 
-    def _evaluate(self, data: torch.Tensor, model: LSTMLanguageModel | None = None) -> dict[str, float]:
-        """`evaluate` on this rank's streams, summed over ranks: the whole split's result."""
-        out = evaluate(model or self.model, data, self.t.bptt, self.precision)
-        n = out["tokens"]
-        loss, tokens, top1, top5 = self.world.sum(
-            [out["loss"] * n, n, out["top1_accuracy"] * n, out["top5_accuracy"] * n])
-        loss /= max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
-                "top1_accuracy": top1 / max(tokens, 1), "top5_accuracy": top5 / max(tokens, 1)}
-
     def _eval_weights(self):
         """The weights to validate and save: the NT-ASGD average once it has begun."""
         return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
@@ -345,7 +324,7 @@ class Trainer:
         t, s = self.t, self.state
         started = time.perf_counter()
         with self._eval_weights():
-            val = self._evaluate(self.valid_data)
+            val = evaluate_streams(self.model, self.valid_data, t.bptt, self.precision, self.world)
         if not math.isfinite(val["loss"]):
             raise TrainingError(f"the validation loss is not finite in epoch {s.epoch} at step {s.step}; "
                                 f"{resume_hint(self.run_dir)}. Lower the learning rate or set train.clip")
@@ -397,24 +376,13 @@ class Trainer:
         self.saved = (s.step, saved)
         return saved
 
-    def _reserve_evaluation_time(self) -> None:
-        """Time a short evaluation, so that a time budget keeps room for the final
-        validation and test even before the first validation."""
-        seconds, tokens = probe_evaluation(self.model, self.valid_data, self.t.bptt, self.precision)
-        self.clock.time_reserve(seconds, tokens, len(self.corpus.splits["valid"]) + len(self.corpus.splits["test"]))
-        if self.clock.out_of_time():
-            raise ConfigError([
-                f"train.time_budget: {self.t.time_budget:g} minutes leave no time to train: "
-                f"{self.clock.elapsed():.0f} s are gone and the final validation and test need about "
-                f"{self.clock.reserve_s:.0f} s; raise --time-budget"])
-
     def _finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint on the test split and summarise the run."""
         s, t = self.state, self.t
         best, _, _ = load_checkpoint(self.run_dir, self.device)
         test_data = batchify(to_tensor(self.corpus.splits["test"], self.device), t.eval_batch_size)
         test_data = test_data[:, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
-        test = self._evaluate(test_data, best) if test_data.size(0) > 1 else None
+        test = evaluate_streams(best, test_data, t.bptt, self.precision, self.world) if test_data.size(0) > 1 else None
         summary = _summary(s, self.run_dir, test, self.clock)
         log(f"best model in {summary['best_checkpoint']}: valid ppl {summary['best_valid_perplexity']:.6g}"
             + (f", test ppl {summary['test_perplexity']:.6g}" if test else ""))
@@ -434,18 +402,53 @@ class _TrainingLoss(torch.nn.Module):
         return (self.compiled if compiled and self.compiled is not None else self.model.training_loss)(
             x, y, hidden, ar, tar)
 
+    def for_chunk(self, chunk: int, bptt: int, ddp: DistributedDataParallel | None) -> Callable | None:
+        """The loss for a chunk of `chunk` steps: compiled for the full length (a chunk of
+        another length, the epoch's last, runs eagerly rather than compiling anew), through
+        DDP when distributed; None for model.training_loss itself."""
+        compiled = self.compiled is not None and chunk == bptt
+        if ddp is not None:
+            return functools.partial(ddp, compiled=compiled)
+        return self.compiled if compiled else None
 
-def probe_evaluation(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str) -> tuple[float, int]:
-    """(seconds, tokens) of evaluating a few chunks of `data`: the fastest of three,
-    after a first call that pays the one-off costs."""
-    probe = data[: 8 * bptt + 1]
-    evaluate(model, probe[: bptt + 1], bptt, precision)
+
+def evaluate_streams(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str,
+                     world: World) -> dict[str, float]:
+    """`evaluate` on this rank's streams, summed over ranks: the whole split's result."""
+    out = evaluate(model, data, bptt, precision)
+    n = out["tokens"]
+    loss, tokens, top1, top5 = world.sum([out["loss"] * n, n, out["top1_accuracy"] * n, out["top5_accuracy"] * n])
+    loss /= max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
+            "top1_accuracy": top1 / max(tokens, 1), "top5_accuracy": top5 / max(tokens, 1)}
+
+
+def reserve_evaluation_time(clock: Clock, model: LSTMLanguageModel, data: torch.Tensor, t: TrainConfig,
+                            precision: str, eval_tokens: int) -> None:
+    """Time the evaluation of a few chunks of `data` (the fastest of three, after a first
+    call that pays the one-off costs) and have the clock keep enough for `eval_tokens`;
+    refuse a budget that leaves no time to train."""
+    probe = data[: 8 * t.bptt + 1]
+    evaluate(model, probe[: t.bptt + 1], t.bptt, precision)
     timings = []
     for _ in range(3):  # a busy moment of the machine says little
         start = time.perf_counter()
-        result = evaluate(model, probe, bptt, precision)
+        result = evaluate(model, probe, t.bptt, precision)
         timings.append(time.perf_counter() - start)
-    return min(timings), result["tokens"]
+    clock.time_reserve(min(timings), result["tokens"], eval_tokens)
+    if clock.out_of_time():
+        raise ConfigError([
+            f"train.time_budget: {t.time_budget:g} minutes leave no time to train: {clock.elapsed():.0f} s are "
+            f"gone and the final validation and test need about {clock.reserve_s:.0f} s; raise --time-budget"])
+
+
+def _describe(model: LSTMLanguageModel, corpus: Corpus, t: TrainConfig, device: torch.device, precision: str,
+              n_batches: int) -> str:
+    return (f"model: {model.cell}, {model.num_parameters():,} parameters, impl {model.impl}, "
+            f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}"
+            f"{', compiled' if t.compile else ''}; data: {len(corpus.splits['train']):,} train tokens, "
+            f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
+            + (f"; time budget {t.time_budget:g} min" if t.time_budget else ""))
 
 
 def _metrics_record(s: TrainState, val: dict[str, float], improved: bool, whole: bool, averaged: bool,
