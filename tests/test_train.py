@@ -255,3 +255,39 @@ def test_exponential_schedule_divides_after_every_epoch_from_decay_start(tiny_co
                "train.lr_decay=2", "train.decay_start=2"), tmp_path / "r")
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [1.0, 1.0, 0.5, 0.25, 0.125]
+
+
+def test_tensorboard_logger_writes_the_same_records_as_the_jsonl_logs(tiny_corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    train(_cfg(tiny_corpus, "train.logger=tensorboard", "train.log_interval=5", "train.max_steps=20"), run)
+    train(_cfg(tiny_corpus, "train.logger=tensorboard", "train.log_interval=5", "train.max_steps=40"), run,
+          resume=True)  # the resumed run appends to the same event files' history
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in steps] == [5, 10, 15, 20, 25, 29, 30, 35, 40]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([r["lr"] for r in steps])
+    valid = events.Scalars("valid/loss")
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in valid] == [(r["step"], r["val_loss"]) for r in metrics]
+
+
+def test_tensorboard_logger_without_tensorboard_is_refused_before_any_work(tiny_corpus, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match=r"lstm-lm\[tensorboard\]"):
+        train(_cfg(tiny_corpus, "train.logger=tensorboard"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
