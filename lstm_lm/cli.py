@@ -175,11 +175,11 @@ def train(
 def complete(
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
-    words: Annotated[int, typer.Option(help="Stop after this many words (or at the end of the sentence).")] = 20,
+    words: Annotated[int, typer.Option(min=1, help="Stop after this many words (or at the end of the sentence).")] = 20,
     next_: Annotated[bool, typer.Option("--next", help="Print the --top-k most likely next words as word<TAB>probability instead.")] = False,
-    top_k: Annotated[Optional[int], typer.Option(help="With --next: how many words to list (default 5). Otherwise: sample from the K most likely.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 decodes greedily (the default); above 0 samples, higher is more random.")] = 0.0,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of words whose probability adds up to P.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="With --next: how many words to list (default 5). Otherwise: sample from the K most likely.")] = None,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily (the default); above 0 samples, higher is more random.")] = 0.0,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Sample from the smallest set of words whose probability adds up to P.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling, for repeatable output.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
@@ -215,7 +215,7 @@ def eval_(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus to evaluate on. Default: the one the model was trained on.")] = None,
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
-    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
 ) -> None:
@@ -247,10 +247,10 @@ def long_range(
     gaps: Annotated[str, typer.Option(help="Gaps to measure, in words between \"I am from X\" and \"and I speak Y\"; training sees every gap from 0 to the largest.")] = "0,5,10,20,40",
     cells: Annotated[str, typer.Option(help="Cells to compare: rnn, lstm, gru.")] = "rnn,lstm,gru",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where results.json, results.csv, accuracy_vs_gap.png and each cell's run go.")] = Path("runs/long-range"),
-    steps: Annotated[int, typer.Option(help="Training steps per cell (the same for every cell).")] = 5000,
-    hidden: Annotated[int, typer.Option(help="The LSTM's units; the other cells get the hidden size that gives as many parameters.")] = 128,
-    probes: Annotated[int, typer.Option(help="Held-out sentences per gap.")] = 300,
-    demo_size: Annotated[int, typer.Option(help="Training biographies.")] = 20000,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per cell (the same for every cell).")] = 5000,
+    hidden: Annotated[int, typer.Option(min=1, help="The LSTM's units; the other cells get the hidden size that gives as many parameters.")] = 128,
+    probes: Annotated[int, typer.Option(min=1, help="Held-out sentences per gap.")] = 300,
+    demo_size: Annotated[int, typer.Option(min=1, help="Training biographies.")] = 20000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the corpus, the weights and the probes.")] = 0,
 ) -> None:
@@ -268,13 +268,8 @@ def long_range(
     from lstm_lm.plots import PLOT_HINT, plot_long_range
 
     with user_errors():
-        problems = [f"--{name}: must be at least 1, got {value}"
-                    for name, value in {"steps": steps, "hidden": hidden, "probes": probes, "demo-size": demo_size}.items()
-                    if value < 1]
         if not is_device_name(device):
-            problems.append(f"--device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-        if problems:
-            raise ConfigError(problems, "command line")
+            raise ConfigError([f"--device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}"], "command line")
         budget = Budget(steps=steps, lstm_hidden=hidden, embedding_size=min(64, hidden), probes=probes,
                         demo_size=demo_size, device=device, seed=seed)
         results = run(parse_list(gaps, "gaps"), parse_list(cells, "cells", CELLS), out, budget)
@@ -297,9 +292,9 @@ def inspect(
     prompt: Annotated[str, typer.Argument(help="The text to read.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     out: Annotated[Path, typer.Option("--out", "-o", help="The picture (PNG).")] = Path("gates.png"),
-    layer: Annotated[Optional[int], typer.Option(help="Which layer to show, from 1 (default: the last).")] = None,
-    units: Annotated[int, typer.Option(help="Units in each heatmap: those that change most over the prompt.")] = 16,
-    top_k: Annotated[int, typer.Option(help="Next-word guesses per token.")] = 3,
+    layer: Annotated[Optional[int], typer.Option(min=1, help="Which layer to show, from 1 (default: the last).")] = None,
+    units: Annotated[int, typer.Option(min=1, help="Units in each heatmap: those that change most over the prompt.")] = 16,
+    top_k: Annotated[int, typer.Option(min=1, help="Next-word guesses per token.")] = 3,
     swap: Annotated[Optional[str], typer.Option(metavar="WORD=OTHER", help="Also read the prompt with OTHER in place of WORD, and show per token how far apart the two memories are: where WORD is written, and whether it is kept.")] = None,
 ) -> None:
     """Show the gates at work: per token, the mean forget / input / output gate (the GRU's
@@ -314,8 +309,6 @@ def inspect(
     from lstm_lm.plots import PLOT_HINT, plot_inspection
 
     with user_errors():
-        if units < 1 or top_k < 1:
-            raise PromptError(f"--units and --top-k must be at least 1, got {units} and {top_k}")
         pair = None
         if swap is not None:
             word, sep, other = swap.partition("=")

@@ -178,6 +178,13 @@ BAD_INPUTS = {
     "eval split unknown": (lambda r, c, run, t: ["eval", "--split", "train", "--checkpoint", run], "--split"),
     "eval batch size zero": (lambda r, c, run, t: ["eval", "--batch-size", "0", "--checkpoint", run], "--batch-size"),
     "device without a GPU": (lambda r, c, run, t: ["eval", "--device", "cuda:7", "--checkpoint", run], "cuda"),
+    "inspect units zero": (lambda r, c, run, t: ["inspect", "the", "--units", "0", "--checkpoint", run], "--units"),
+    "inspect layer zero": (lambda r, c, run, t: ["inspect", "the", "--layer", "0", "--checkpoint", run], "--layer"),
+    "top-p above one": (lambda r, c, run, t: ["complete", "the", "--top-p", "1.5", "--checkpoint", run], "--top-p"),
+    "experiment probes zero": (lambda r, c, run, t: ["experiment", "long-range", "--probes", "0", "--out", t / "lr"],
+                               "--probes"),
+    "train logger unknown": (lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", "--set", "train.logger=wandb"],
+                             "train.logger"),
     # the holes of issue 14
     "out under a regular file": (lambda r, c, run, t: ["train", "--data", c, "--out", _file(t, "notes.txt", b"x") / "run"],
                                  "notes.txt/run: a part of the path is a file"),
