@@ -87,12 +87,20 @@ def refuse_pickles(path: Path) -> None:
         if not f.is_file():
             continue
         with open(f, "rb") as fh:
-            head = fh.read(2)
-        if f.suffix.lower() in PICKLE_SUFFIXES or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            head = fh.read(9)
+        looks_pickled = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+        if f.suffix.lower() in PICKLE_SUFFIXES or (looks_pickled and not _is_safetensors(head, f.stat().st_size)):
             raise CheckpointError(
                 f"{f} looks like a pickle (torch.save) file; lstm-lm does not load pickles, since loading "
                 "one can run any code. Remove it, or convert trusted weights to safetensors"
             )
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file opens as safetensors does: an 8-byte little-endian header length
+    that fits the file, then the JSON header's '{'. (A header of 896 bytes starts
+    with 0x80 0x03, as a protocol-3 pickle does.)"""
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

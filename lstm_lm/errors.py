@@ -1,6 +1,7 @@
 """Exceptions for problems the user can fix. The CLI prints them as one `error: ...` line."""
 
 import errno
+import os
 
 
 class LSTMLMError(Exception):
@@ -57,4 +58,6 @@ _OS_REASONS = {
 def describe_os_error(e: OSError) -> str:
     """'runs/x: a part of the path is a file, not a directory': the path and what is wrong with it."""
     reason = _OS_REASONS.get(e.errno, e.strerror or str(e))
+    if e.errno == errno.EEXIST and e.filename is not None and os.path.isfile(e.filename):
+        reason = "is a file, so no directory can be made there"  # mkdir of a folder that a file stands in for
     return f"{e.filename}: {reason}" if e.filename is not None else reason

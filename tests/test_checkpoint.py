@@ -136,3 +136,22 @@ def test_config_saved_before_precision_and_compile_existed_loads_with_their_defa
     (ckpt / "config.json").write_text(json.dumps(cfg))
     _, _, loaded = load_checkpoint(ckpt)
     assert loaded.train.precision == "auto" and loaded.train.compile is False
+
+
+def test_a_safetensors_file_whose_header_starts_like_a_pickle_loads(saved):
+    """A header of 896 bytes is written as 80 03 00 ..: the first two bytes of a protocol-3 pickle."""
+    from safetensors.torch import save_file
+
+    path, model, *_ = saved
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "decoder.weight"}
+    pad = ""
+    while True:  # metadata pads the JSON header to exactly 896 bytes (safetensors aligns it to 8)
+        save_file(weights, str(path / "model.safetensors"), metadata={"pad": pad})
+        n = int.from_bytes((path / "model.safetensors").read_bytes()[:8], "little")
+        if n >= 896:
+            break
+        pad += "x" * max(1, (896 - n) // 2)
+    if n != 896:
+        pytest.skip(f"could not make an 896-byte header (got {n})")
+    assert (path / "model.safetensors").read_bytes()[:2] == b"\x80\x03"
+    load_checkpoint(path)
