@@ -3,7 +3,7 @@
     result = evaluate(model, batchify(ids, 10), bptt=35)
     # {"loss": ..., "perplexity": ..., "tokens": ..., "top1_accuracy": ..., "top5_accuracy": ...}
 
-The protocol (README, "Evaluation protocol"): perplexity is exp of the mean negative
+The protocol (docs/reference.md, "Evaluation protocol"): perplexity is exp of the mean negative
 log-likelihood per token over the whole split, `<eos>` counted as a token, with the
 hidden state carried from chunk to chunk through the split (each of the B streams
 reads its stretch of the text; B = 1 gives every token the most context). Top-k

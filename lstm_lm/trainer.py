@@ -240,8 +240,9 @@ class Trainer:
                 self.logs.write(GRAD_FLOW, {"step": s.step + 1, "cell": self.model.cell,
                                             "grad_norm": gradient_flow(self.model, x, y, self.hidden)})
             started = time.perf_counter()
+            loss_fn = self.loss.for_chunk(x.size(0), t.bptt, self.ddp)
             loss, self.hidden = train_step(self.model, self.optimizer, x, y, self.hidden, t.clip, self.precision,
-                                           self.loss.for_chunk(x.size(0), t.bptt, self.ddp), t.ar, t.tar, t.skip_nonfinite)
+                                           loss_fn, t.ar, t.tar, t.skip_nonfinite)
             s.step, s.batch, s.pos = s.step + 1, s.batch + 1, s.pos + x.size(0)
             if loss is None:  # skip_nonfinite: the update was skipped
                 s.skipped_steps += 1

@@ -8,7 +8,7 @@ Rows, all in one process on the same machine:
 - baseline: the shape of PyTorch's classic word_language_model example (embedding ->
   nn.LSTM -> linear, log_softmax + NLLLoss in float32, plain SGD written as
   `p.data.add_(-lr * grad)`, `.item()` on every evaluation batch);
-- lstm-lm's own training step (`lstm_lm.train.train_step`) and evaluation
+- lstm-lm's own training step (`lstm_lm.trainer.train_step`) and evaluation
   (`lstm_lm.evaluate.evaluate`) for each impl x precision x compile.
 Sizes are Penn Treebank's: 10k vocabulary, batch 20, bptt 35 (evaluation batch 10),
 ptb-small 2x200, ptb-medium 2x650, ptb-large 2x1500 (GPU only by default).

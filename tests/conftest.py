@@ -72,3 +72,20 @@ requires_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "ptb" / "train.txt").is_file(), reason="../shared/data is not present"
 )
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory) -> Path:
+    """A directory in which the quickstart's `lstm-lm train` has run once (runs/demo,
+    runs/latest): the demo model that the CLI and README tests share (45 s to train)."""
+    from typer.testing import CliRunner
+
+    from lstm_lm.cli import app
+
+    work = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(work)
+        m.setenv("LSTM_LM_CACHE", str(work / "cache"))
+        result = CliRunner().invoke(app, ["train", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return work

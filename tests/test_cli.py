@@ -152,11 +152,10 @@ def test_resume_through_the_cli(trained):
     assert epochs == [1, 2, 3]
 
 
-def test_demo_end_to_end_answers_tamil(tmp_path, monkeypatch):
+def test_demo_end_to_end_answers_tamil(demo_workdir, monkeypatch):
     """The quickstart: `lstm-lm train` (demo corpus -> runs/demo), then the seed sentence."""
+    tmp_path = demo_workdir
     monkeypatch.chdir(tmp_path)
-    result = _run("train", "--device", "cpu")
-    assert result.exit_code == 0, result.output
     assert (resolve_checkpoint(tmp_path / "runs" / "demo") / "model.safetensors").is_file()
     result = _run("complete", SEED_PROMPT)
     assert result.exit_code == 0, result.output
