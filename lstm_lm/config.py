@@ -5,7 +5,7 @@
 
 Each field is declared once, with its help, its choices and its bounds (`param`):
 that one declaration drives validation, the `--help` of `lstm-lm train` and the
-field table of docs/configuration.md. Unknown keys and bad values are errors, and
+field table of docs/reference.md. Unknown keys and bad values are errors, and
 all problems of one config are reported together in a single `ConfigError` that
 names the offending keys. Values typed on the command line stay typed; `--set`
 strings are parsed against the field's declared type, so a path is a path whatever
@@ -531,7 +531,7 @@ def demo_config(overrides: list[str] | None = None, values: dict[str, Any] | Non
 
 
 def reference_table() -> str:
-    """The Markdown table of every field, for docs/configuration.md (a test checks that they agree)."""
+    """The Markdown table of every field, for docs/reference.md (a test checks that they agree)."""
     rows = ["| field | type | default | allowed | what it does |", "|---|---|---|---|---|"]
     for key, spec in FIELDS.items():
         typ = spec.base_type

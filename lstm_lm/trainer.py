@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lstm_lm import distributed
-from lstm_lm.checkpoint import load_checkpoint, save_checkpoint
+from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lstm_lm.clock import Clock
 from lstm_lm.config import Config, TrainConfig
 from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, to_tensor
@@ -175,7 +175,7 @@ class Trainer:
         self.stop = StopSignals()
         self.segment_start = self.last_save = time.perf_counter()
         self.saved: tuple[int, Path] | None = None  # (step, directory) of the last save
-        self.compiled = False
+        self.compile_logged = False  # the first compiled step's time, logged once
 
     def resume(self) -> None:
         """Continue from the run's last checkpoint: its weights, optimizer, RNG, hidden state and TrainState."""
@@ -250,8 +250,8 @@ class Trainer:
             else:
                 if self.average is not None:
                     self.average.update()
-                if t.compile and not self.compiled and x.size(0) == t.bptt:
-                    self.compiled = True
+                if t.compile and not self.compile_logged and x.size(0) == t.bptt:
+                    self.compile_logged = True
                     loss.item()  # wait for the step, so the time is the compilation's
                     log(f"compiled the model in {time.perf_counter() - started:.1f} s (first step included)")
                 self.meter.add(loss, y.numel(), s.step)
@@ -380,11 +380,12 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint on the test split and summarise the run."""
         s, t = self.state, self.t
-        best, _, _ = load_checkpoint(self.run_dir, self.device)
+        best_dir = resolve_checkpoint(self.run_dir)
+        best, _, _ = load_checkpoint(best_dir, self.device)
         test_data = batchify(to_tensor(self.corpus.splits["test"], self.device), t.eval_batch_size)
         test_data = test_data[:, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
         test = evaluate_streams(best, test_data, t.bptt, self.precision, self.world) if test_data.size(0) > 1 else None
-        summary = _summary(s, self.run_dir, test, self.clock)
+        summary = _summary(s, self.run_dir, best_dir, test, self.clock)
         log(f"best model in {summary['best_checkpoint']}: valid ppl {summary['best_valid_perplexity']:.6g}"
             + (f", test ppl {summary['test_perplexity']:.6g}" if test else ""))
         return summary
@@ -467,14 +468,13 @@ def _metrics_record(s: TrainState, val: dict[str, float], improved: bool, whole:
     }
 
 
-def _summary(s: TrainState, run_dir: Path, test: dict[str, float] | None, clock: Clock) -> dict[str, Any]:
+def _summary(s: TrainState, run_dir: Path, best_dir: Path, test: dict[str, float] | None,
+             clock: Clock) -> dict[str, Any]:
     """What `train` prints: the run, its best validation and its test result."""
-    from lstm_lm.checkpoint import resolve_checkpoint
-
     best_val = s.best_val_loss
     return {
         "run_dir": str(run_dir),
-        "best_checkpoint": str(resolve_checkpoint(run_dir)),
+        "best_checkpoint": str(best_dir),
         "epochs": s.epoch - 1 if s.pos == 0 else s.epoch,
         "steps": s.step,
         "skipped_steps": s.skipped_steps,

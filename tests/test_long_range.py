@@ -229,7 +229,7 @@ def test_without_matplotlib_the_tables_come_with_a_hint(trained, tmp_path, monke
     (["experiment", "long-range", "--gaps", "0,ten"], "--gaps: expected whole numbers"),
     (["experiment", "long-range", "--gaps", "0,-5"], "--gaps: each gap must be between 0 and 500"),
     (["experiment", "long-range", "--cells", "lstm,transformer"], "--cells: transformer unknown"),
-    (["experiment", "long-range", "--steps", "0"], "--steps"),
+    (["experiment", "long-range", "--steps", "0"], "'--steps': Input should be greater than or equal to 1"),
     (["experiment", "long-range", "--device", "tpu"], "--device: must be"),
 ])
 def test_bad_inputs_give_one_error_line(trained, tmp_path, args, message):
