@@ -54,14 +54,19 @@ def load_weights(model: LSTMLanguageModel, weights: dict[str, torch.Tensor]) -> 
     model.load_state_dict(weights, strict=True)  # copies in place: the tying survives
 
 
-def save_checkpoint(run_dir: str | Path, model: LSTMLanguageModel, tokenizer: Tokenizer, cfg: Config) -> None:
-    """Write config.json, model.safetensors and tokenizer.json into `run_dir`."""
+def save_checkpoint(run_dir: str | Path, model: LSTMLanguageModel, tokenizer: Tokenizer, cfg: Config,
+                    measured: dict[str, Any] | None = None) -> None:
+    """Write config.json, model.safetensors and tokenizer.json into `run_dir`. `measured`
+    (the validation of these very weights: step, valid_loss, valid_perplexity) is kept
+    in config.json, for `lstm-lm serve` and the API to report."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     weights = weights_to_save(model)
     write_atomically(run_dir / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     write_atomically(run_dir / TOKENIZER, lambda tmp: tokenizer.save(str(tmp)))
     meta = {"format_version": FORMAT_VERSION, "lstm_lm_version": __version__, "vocab_size": model.vocab_size}
+    if measured:
+        meta["measured"] = measured
     write_json(run_dir / CONFIG, meta | cfg.to_dict())
 
 
@@ -127,7 +132,7 @@ def load_config_json(path: Path) -> tuple[Config, dict[str, Any]]:
             f"{path} has checkpoint format {version!r}, this lstm-lm reads format {FORMAT_VERSION} "
             "and older; upgrade lstm-lm"
         )
-    meta = {k: raw.pop(k) for k in ("format_version", "lstm_lm_version", "vocab_size") if k in raw}
+    meta = {k: raw.pop(k) for k in ("format_version", "lstm_lm_version", "vocab_size", "measured") if k in raw}
     try:
         cfg = config_from_dict(raw, origin=str(path / CONFIG))
     except ConfigError as e:
@@ -138,7 +143,17 @@ def load_config_json(path: Path) -> tuple[Config, dict[str, Any]]:
 def load_checkpoint(
     path: str | Path, device: torch.device | str = "cpu", impl: str | None = None
 ) -> tuple[LSTMLanguageModel, Tokenizer, Config]:
-    """The model (in eval mode, on `device`), its tokenizer and its config."""
+    """The model (in eval mode, on `device`), its tokenizer and its config. (Users of a
+    trained model want `lstm_lm.LanguageModel.load`, which keeps the three together.)"""
+    model, tokenizer, cfg, _, _ = load_checkpoint_dir(path, device, impl)
+    return model, tokenizer, cfg
+
+
+def load_checkpoint_dir(
+    path: str | Path, device: torch.device | str = "cpu", impl: str | None = None
+) -> tuple[LSTMLanguageModel, Tokenizer, Config, Path, dict[str, Any]]:
+    """load_checkpoint's three, the checkpoint directory `path` resolved to, and what
+    config.json says beside the settings (the measured validation, when it was saved)."""
     path = resolve_checkpoint(path)
     cfg, meta = load_config_json(path)
     try:
@@ -156,4 +171,5 @@ def load_checkpoint(
         load_weights(model, load_file(str(path / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot load {path / WEIGHTS}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer, cfg
+    measured = meta.get("measured") if isinstance(meta.get("measured"), dict) else {}
+    return model.to(device).eval(), tokenizer, cfg, path, measured

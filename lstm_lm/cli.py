@@ -12,6 +12,7 @@ Problems the user can fix are printed as one `error: ...` line with exit code 1
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import time
@@ -184,22 +185,19 @@ def complete(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
     """Continue PROMPT with the model's words; only the continuation is printed."""
-    from lstm_lm.checkpoint import load_checkpoint
-    from lstm_lm.sample import complete as complete_prompt
-    from lstm_lm.sample import next_words
-    from lstm_lm.utils import pick_device, pick_precision
+    from lstm_lm.api import LanguageModel
+    from lstm_lm.utils import log
 
     with user_errors():
-        dev = pick_device(device)
-        model, tokenizer, cfg = load_checkpoint(checkpoint, dev)
+        lm = LanguageModel.load(checkpoint, device, precision=None)  # the run's precision: bf16 is faster here
         if next_:
-            for word, p in next_words(model, tokenizer, prompt, k=5 if top_k is None else top_k,
-                                     kind=cfg.data.tokenizer):
+            for word, p in lm.next_words(prompt, k=5 if top_k is None else top_k):
                 typer.echo(f"{word}\t{p:.4f}")
             return
-        text = complete_prompt(model, tokenizer, cfg.data.tokenizer, prompt, words=words,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               precision=pick_precision(cfg.train.precision, dev))
+        text = lm.complete(prompt, words=words, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if not text:
+        log("the model ended the sentence here: the first token it chose is <eos>, the end of a line "
+            "(try --next to see its likeliest words, or sample with --temperature)")
     typer.echo(text)
 
 
@@ -220,10 +218,11 @@ def eval_(
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object."""
-    from lstm_lm.evaluate import evaluate_checkpoint
+    from lstm_lm.api import LanguageModel
 
     with user_errors():
-        result = evaluate_checkpoint(checkpoint, data, split, batch_size, device, precision)
+        lm = LanguageModel.load(checkpoint, device, precision=precision)
+        result = lm.evaluate(split, data, batch_size) | {"checkpoint": str(checkpoint)}
     typer.echo(json.dumps(result))
 
 
@@ -303,9 +302,9 @@ def inspect(
     The table goes to stdout; the picture (means, norms and heatmaps of the most active
     units) to --out. --swap WORD=OTHER shows where the memory of WORD is written and kept.
     """
-    from lstm_lm.checkpoint import load_checkpoint
+    from lstm_lm.api import LanguageModel
     from lstm_lm.errors import PromptError
-    from lstm_lm.inspection import trace_prompt, trace_table
+    from lstm_lm.inspection import trace_table
     from lstm_lm.plots import PLOT_HINT, plot_inspection
 
     with user_errors():
@@ -315,8 +314,7 @@ def inspect(
             if not (sep and word.strip() and other.strip()):
                 raise PromptError(f"--swap: expected WORD=OTHER, e.g. --swap Tamilnadu=Kerala, got {swap!r}")
             pair = (word.strip(), other.strip())
-        model, tokenizer, cfg = load_checkpoint(checkpoint, "cpu")
-        trace = trace_prompt(model, tokenizer, prompt, cfg.data.tokenizer, layer, top_k, pair)
+        trace = LanguageModel.load(checkpoint, "cpu").trace(prompt, layer, top_k, pair)
         png = plot_inspection(trace, out, units)
     typer.echo(trace_table(trace))
     typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
@@ -356,6 +354,66 @@ def plot(
         typer.echo(f"gradient flow at step {flow[-1]['step']} (last layer), |dL_T/dh_(T-k)| for k = "
                    + ", ".join(f"{k}: {last[k]:.2e}" for k in shown))
     typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
+
+
+@app.command(
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm score sentences.txt                       # one JSON line per line\n\n"
+        '    echo "I am from Kerala and I speak Malayalam." | lstm-lm score - --per-token\n\n'
+        "    lstm-lm score ../shared/data/ptb/test.txt --checkpoint runs/ptb-small > scores.jsonl"
+    )
+)
+def score(
+    file: Annotated[str, typer.Argument(metavar="FILE|-", help="A text file, one text per line, or - for stdin.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
+    per_token: Annotated[bool, typer.Option("--per-token", help="Add each token's log-probability: token_logprobs, [token, logprob] pairs.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 (exact), bf16 or auto.")] = "fp32",
+) -> None:
+    """Score each line as a sentence: one JSON line per input line on stdout, with `text`,
+    `tokens` (the line's tokens and the <eos> that ends it), `logprob` (natural log),
+    `perplexity` and `unknown` (tokens read as <unk>). A blank line scores the <eos> alone."""
+    from lstm_lm.api import LanguageModel
+    from lstm_lm.errors import DataError
+    from lstm_lm.scoring import read_lines
+
+    with user_errors():
+        lines = read_lines(file)
+        lm = LanguageModel.load(checkpoint, device, precision=precision)
+        scored = 0
+        for block in lines:
+            for result in lm.score(block, per_token=per_token):
+                typer.echo(json.dumps(result))
+            scored += len(block)
+        if scored == 0:
+            raise DataError(f"{'stdin' if file == '-' else file} holds no lines to score")
+
+
+@app.command(
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm serve                                     # runs/latest at http://127.0.0.1:8000\n\n"
+        "    lstm-lm serve --checkpoint runs/ptb-small --port 8080\n\n"
+        "    lstm-lm serve --host 0.0.0.0                      # reachable from other machines"
+    )
+)
+def serve(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+) -> None:
+    """Serve the model over HTTP: a web page at / (suggestions as you type, the gates at
+    work), the JSON API under /v1 and its documentation at /docs. Ctrl-C or SIGTERM stops it."""
+    with user_errors():
+        missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise LSTMLMError(f"lstm-lm serve needs {' and '.join(missing)}, which the serve extra installs: "
+                              "pip install 'lstm-lm[serve]' (scripts/setup.sh --serve in a clone)")
+        from lstm_lm.serve import run_server
+
+        run_server(checkpoint, host, port, device)
 
 
 def main() -> None:

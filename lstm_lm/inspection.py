@@ -131,3 +131,41 @@ def gradient_flow(model: LSTMLanguageModel, ids: Tensor, targets: Tensor, state:
         model.train(was_training)
     T = ids.size(0)
     return [[float(g.norm(dim=1).mean()) for g in reversed(grads[k * T:(k + 1) * T])] for k in range(len(hs))]
+
+
+def trace_summary(trace: dict, units: int = 12) -> dict:
+    """A trace made small enough to draw in a web page: per token, each gate's mean and the
+    values of the `units` units that change most over the prompt (as `inspect`'s picture
+    picks them), the state norms, how much the memory changed at each token
+    (|c_t - c_{t-1}| for an LSTM, |h_t - h_{t-1}| otherwise: where it is written), and
+    the guesses; with a swap, how far the swapped prompt's memory is after each token.
+    A simple RNN has no gates: `gates` is empty and `note` says so."""
+    memory = torch.tensor(trace["states"][trace["memory"]])  # (T, H)
+    previous = torch.cat([torch.zeros_like(memory[:1]), memory[:-1]])  # the memory before each token
+    gates = {}
+    for name, values in trace["gates"].items():
+        v = torch.tensor(values)  # (T, H)
+        picked = _most_changing(v, units)
+        gates[name] = {"mean": v.mean(1).tolist(), "units": picked, "values": v[:, picked].tolist()}
+    picked = _most_changing(memory, units)
+    summary = {
+        "cell": trace["cell"], "layer": trace["layer"], "tokens": trace["tokens"], "memory": trace["memory"],
+        "gates": gates,
+        "norms": {name: torch.tensor(v).norm(dim=1).tolist() for name, v in trace["states"].items()},
+        "memory_change": (memory - previous).norm(dim=1).tolist(),
+        "memory_units": {"units": picked, "values": memory[:, picked].tolist()},
+        "guesses": trace["guesses"],
+    }
+    if not gates:
+        summary["note"] = "a simple RNN has no gates: it rewrites its whole state h at every step"
+    if "swap" in trace:
+        swap = trace["swap"]
+        summary["swap"] = {"word": swap["word"], "other": swap["other"], "distance": swap["distance"],
+                           "guesses": swap["guesses"][-1]}
+    return summary
+
+
+def _most_changing(values: Tensor, n: int) -> list[int]:
+    """The n units (columns of a (T, H) tensor) whose values vary most over the tokens."""
+    spread = values.std(0) if values.size(0) > 1 else values.abs()[0]
+    return torch.argsort(spread, descending=True)[:n].tolist()

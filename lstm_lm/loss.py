@@ -134,3 +134,21 @@ def linear_cross_entropy_and_hits(
     with torch.autocast(h.device.type, enabled=False):
         total, _, hits = _blocked_loss(h, weight, bias, targets, _compute_dtype(h), with_grads=False, ks=ks)
     return total, hits
+
+
+@torch.no_grad()
+def token_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    """log softmax(h W^T + b)[target] for each row: h (N, H), targets (N,) -> (N,) float32.
+
+    Block by block as above, so that scoring many sentences never holds all their
+    (N, V) logits at once.
+    """
+    dtype = _compute_dtype(h)
+    out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        for start, end in _blocks(h.size(0), weight.size(0)):
+            logits = _logits(hc[start:end], wc, bc)
+            out[start:end] = torch.log_softmax(logits, dim=1).gather(1, targets[start:end, None])[:, 0]
+    return out

@@ -24,6 +24,7 @@ from lstm_lm.model import LSTMLanguageModel, State
 MAX_PROMPT_TOKENS = 4096
 SENTENCE_END = re.compile(r"[.!?]$")
 SENTENCE_END_TOKENS = {".", "!", "?"}
+BPE_WORD_START = "\u2581"  # "▁", the Metaspace pre-tokenizer's mark of a word's first piece
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, kind: str = "word") -> list[int]:
@@ -52,17 +53,98 @@ def _read_prompt(model: LSTMLanguageModel, ids: list[int]) -> tuple[torch.Tensor
     return logits[-1, 0].float().cpu(), state  # (V,) scores for the next token, picked on the CPU
 
 
+class WordPieces:
+    """How a tokenizer's tokens make whole words, for next-word suggestions.
+
+    A word is what the text has between two spaces. A word model's tokens are words;
+    a BPE model's word is a piece that begins with the word-start marker "▁" and the
+    pieces after it up to the next such piece (or `<eos>`); a character model's word
+    is a space and the characters up to the next space. `<unk>` and `<eos>` are never
+    part of a word.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, kind: str):
+        self.kind = kind
+        vocab = tokenizer.get_vocab_size()
+        self.text: list[str] = []  # what each token adds to a word
+        starts, continues = torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab, dtype=torch.bool)
+        for i in range(vocab):
+            token = tokenizer.id_to_token(i)
+            if token is None or token in (UNK, EOS):
+                self.text.append("")
+                continue
+            if kind == "word":
+                starts[i] = True
+            elif kind == "bpe":
+                (starts if token.startswith(BPE_WORD_START) else continues)[i] = True
+                token = token.removeprefix(BPE_WORD_START)
+            elif token.isspace():  # char: a space starts the next word
+                starts[i], token = token == " ", ""
+            else:
+                continues[i] = True
+            self.text.append(token)
+        self.starts, self.continues = starts, continues
+
+
+@torch.no_grad()
+def words_after(model: LSTMLanguageModel, pieces: WordPieces, logits: torch.Tensor, state: State, k: int,
+                beam: int | None = None, max_pieces: int = 24) -> list[tuple[str, float]]:
+    """The k most likely next words after a prompt whose next-token scores are `logits` (V,)
+    and whose memory is `state` (batch 1), with their probabilities, most likely first.
+
+    A word's probability is the product of its pieces' probabilities and of the
+    probability that the word ends there (the next token does not continue it), found
+    by a small beam search over pieces: each step runs the model once on every word
+    still growing. A growing word's probability bounds that of every word it can
+    become, so the search stops once none can enter the top k.
+    """
+    probs = torch.softmax(logits.float().cpu(), dim=-1)  # (V,)
+    if pieces.kind == "word":  # every token is a word: no search needed
+        top = torch.topk(probs.masked_fill(~pieces.starts, -1.0), min(k, int(pieces.starts.sum())))
+        return [(pieces.text[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+    beam = beam or max(2 * k, 8)
+    device = model.embedding.weight.device
+    top = torch.topk(probs.masked_fill(~pieces.starts, -1.0), min(beam, int(pieces.starts.sum())))
+    words = [pieces.text[int(i)] for i in top.indices]  # the words growing, (B,)
+    word_p = top.values.double()  # (B,) the probability of each so far
+    last = top.indices  # (B,) the token each read last
+    state = [tuple(t.expand(len(words), -1) for t in layer) for layer in state]
+    found: dict[str, float] = {}
+    for _ in range(max_pieces):
+        h, state = model.step_hidden(last.to(device), state)
+        probs = torch.softmax(model.decoder(h).float().cpu(), dim=-1)  # (B, V)
+        ends = 1.0 - (probs * pieces.continues).sum(1).double()  # P(the word ends here)
+        for word, p in zip(words, (word_p * ends.clamp(min=0)).tolist()):
+            if word:
+                found[word] = found.get(word, 0.0) + p  # two spellings of one word: their sum
+        kth = sorted(found.values(), reverse=True)[k - 1] if len(found) >= k else 0.0
+        longer = word_p[:, None] * probs.masked_fill(~pieces.continues, 0.0).double()  # (B, V)
+        best = torch.topk(longer.flatten(), min(beam, longer.numel()))
+        keep = best.values > kth  # words that may still enter the top k
+        if not keep.any():
+            break
+        rows, cols = best.indices[keep] // probs.size(1), best.indices[keep] % probs.size(1)
+        words = [words[int(r)] + pieces.text[int(c)] for r, c in zip(rows, cols)]
+        word_p, last = best.values[keep], cols
+        state = [tuple(t[rows.to(t.device)] for t in layer) for layer in state]
+    return sorted(found.items(), key=lambda wp: -wp[1])[:k]
+
+
 def next_words(
-    model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5, kind: str = "word"
+    model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5, kind: str = "word",
+    pieces: WordPieces | None = None,
 ) -> list[tuple[str, float]]:
-    """The k most likely next tokens and their probabilities, most likely first."""
+    """The k most likely next words after `prompt` and their probabilities, most likely first.
+
+    Whole words whatever the tokenizer (see `WordPieces`, `words_after`); a character
+    or BPE prompt's trailing space is dropped, since the next word starts after one.
+    """
     if k < 1:
         raise PromptError(f"--top-k must be at least 1, got {k}")
     model.eval()
-    logits, _ = _read_prompt(model, encode_prompt(tokenizer, prompt, kind))
-    probs = torch.softmax(logits, dim=-1)
-    top = torch.topk(probs, min(k, probs.numel()))
-    return [(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+    ids = encode_prompt(tokenizer, prompt.rstrip(), kind)
+    logits, state = _read_prompt(model, ids)
+    return words_after(model, pieces or WordPieces(tokenizer, kind), logits, state, k)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

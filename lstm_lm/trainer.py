@@ -351,10 +351,12 @@ class Trainer:
         if whole:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
-        self._save(best=improved)
+        self._save(best=improved, measured={"step": s.step, "valid_loss": val["loss"],
+                                            "valid_perplexity": val["perplexity"]})
 
-    def _save(self, best: bool) -> Path:
-        """Write a step checkpoint: the weights to evaluate, and everything --resume needs."""
+    def _save(self, best: bool, measured: dict[str, Any] | None = None) -> Path:
+        """Write a step checkpoint: the weights to evaluate, and everything --resume needs;
+        `measured`, the validation just run on these weights, goes into its config.json."""
         s = self.state
         self._sync()
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all().item():
@@ -365,7 +367,7 @@ class Trainer:
 
         def fill(folder: Path) -> None:
             with self._eval_weights():
-                save_checkpoint(folder, self.model, self.corpus.tokenizer, self.cfg)
+                save_checkpoint(folder, self.model, self.corpus.tokenizer, self.cfg, measured)
             save_training_state(folder, self.model, self.optimizer, s, hidden, extra)
 
         saved = self.run_dir / CHECKPOINTS / LAST

@@ -1,0 +1,235 @@
+"""The Python API: a trained model, its tokenizer and its settings in one object.
+
+    from lstm_lm import LanguageModel
+
+    lm = LanguageModel.load("runs/demo")                     # a run, or a checkpoint directory
+    lm.next_words("I am from Kerala and I speak", k=3)       # [("Malayalam", 0.98), ...]
+    lm.complete("My name is John, I am from Tamilnadu and I speak")   # "Tamil."
+    lm.score(["I am from Kerala and I speak Malayalam."])   # [{"logprob": ..., "perplexity": ...}]
+    lm.perplexity(["...", "..."])                            # one number for all the texts
+    lm.trace("I am from Kerala and I speak")                 # gates, |h|, |c|, guesses per token
+    s = lm.session("I am from Kerala"); s.feed("and I speak"); s.next_words()   # one step per new token
+
+`lstm-lm complete`, `eval`, `inspect`, `score`, `serve` and `export` all go through
+this class. Every method reads with dropout off and without gradients; `precision`
+("fp32", the default, or "bf16") is the precision of the matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from lstm_lm.config import Config, choices
+from lstm_lm.errors import ConfigError, DataError, PromptError
+from lstm_lm.model import LSTMLanguageModel, State
+from lstm_lm.data import EOS
+from lstm_lm.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
+from lstm_lm.utils import autocast, pick_device, pick_precision
+
+
+class LanguageModel:
+    """A trained model ready to use: `LanguageModel.load(path)`, then call its methods."""
+
+    def __init__(self, model: LSTMLanguageModel, tokenizer: Tokenizer, config: Config,
+                 checkpoint: Path | None = None, precision: str = "fp32", measured: dict[str, Any] | None = None):
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
+        self.checkpoint = checkpoint
+        self.measured = dict(measured or {})  # the validation of these weights when they were saved
+        self.precision = precision
+        self.kind = config.data.tokenizer  # word, char or bpe
+        self._pieces: WordPieces | None = None
+
+    @classmethod
+    def load(cls, path: str | Path = "runs/latest", device: str | torch.device = "cpu",
+             precision: str | None = "fp32") -> LanguageModel:
+        """Load a checkpoint directory, or a run directory's best checkpoint (`runs/latest`
+        is the run trained last). `device`: auto, cpu, cuda, cuda:N or mps. `precision`:
+        fp32, bf16, auto (bf16 where the device runs it natively) or None (the run's own
+        train.precision, as `lstm-lm eval` uses)."""
+        from lstm_lm.checkpoint import load_checkpoint_dir
+
+        if precision is not None and precision not in choices("train.precision"):
+            raise ConfigError([f"precision: must be one of {', '.join(choices('train.precision'))}, "
+                               f"got {precision!r}"], "command line")
+        dev = pick_device(str(device))
+        model, tokenizer, config, directory, measured = load_checkpoint_dir(path, dev)
+        precision = pick_precision(precision or config.train.precision, dev)
+        return cls(model, tokenizer, config, directory, precision, measured)
+
+    # -- what it is ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embedding.weight.device
+
+    @property
+    def cell(self) -> str:
+        return self.model.cell
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    def describe(self) -> dict[str, Any]:
+        """The model's facts: cell, sizes, vocabulary, training corpus and measured perplexity."""
+        m = self.config.model
+        return {
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "cell": self.cell, "layers": len(m.layer_sizes), "hidden_sizes": list(m.layer_sizes),
+            "embedding_size": m.embedding_size, "tied": m.tie_weights, "parameters": self.model.num_parameters(),
+            "vocab_size": self.vocab_size, "tokenizer": self.kind, "corpus": self.config.data.source,
+            "valid_perplexity": self.measured.get("valid_perplexity"), "step": self.measured.get("step"),
+            "precision": self.precision, "device": str(self.device),
+        }
+
+    # -- next words and completions ---------------------------------------------------
+
+    @property
+    def pieces(self) -> WordPieces:
+        """How the tokenizer's tokens make words (built once, on first use)."""
+        if self._pieces is None:
+            self._pieces = WordPieces(self.tokenizer, self.kind)
+        return self._pieces
+
+    def next_words(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        """The k most likely next words after `prompt`, with their probabilities, most likely
+        first: whole words whatever the tokenizer (a BPE or character model's pieces are
+        searched to the end of the word; `<eos>` and `<unk>` are not words)."""
+        return Session(self).feed(prompt).next_words(k)
+
+    def complete(self, prompt: str, words: int = 20, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> str:
+        """The continuation of `prompt`, up to the end of the sentence or `words` words.
+        Greedy at temperature 0; above it (or with top_k / top_p) sampled, repeatably
+        with `seed`. An empty string means the model ended the sentence at once."""
+        from lstm_lm.sample import complete
+
+        return complete(self.model, self.tokenizer, self.kind, prompt, words=words, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, precision=self.precision)
+
+    def session(self, prompt: str = "") -> Session:
+        """A reader that keeps the memory: feed it text and ask for the next words; each
+        new token costs one step of the model, not a re-read of what came before."""
+        session = Session(self)
+        return session.feed(prompt) if prompt.strip() else session
+
+    # -- scores -------------------------------------------------------------------------
+
+    def score(self, texts: list[str] | str, per_token: bool = False) -> list[dict[str, Any]]:
+        """For each text, scored as a sentence of its own (after an `<eos>`, up to and
+        including the `<eos>` that ends it): `text`, `tokens`, `logprob` (nats),
+        `perplexity`, `unknown` (tokens read as `<unk>`) and with `per_token` the
+        [token, logprob] pairs. See scoring.py."""
+        from lstm_lm.scoring import score_texts
+
+        if isinstance(texts, str):
+            texts = [texts]
+        with autocast(self.device, self.precision):
+            return score_texts(self.model, self.tokenizer, texts, per_token=per_token)
+
+    def perplexity(self, texts: list[str] | str) -> float:
+        """exp of the mean negative log-probability per token over all `texts` together."""
+        scores = self.score(texts)
+        tokens = sum(s["tokens"] for s in scores)
+        if tokens == 0:
+            raise PromptError("no texts to score")
+        return math.exp(min(-sum(s["logprob"] for s in scores) / tokens, 700.0))
+
+    def evaluate(self, split: str = "test", data: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+        """The evaluation protocol (docs/reference.md) on a split of the corpus the model was
+        trained on (or of `data`): what `lstm-lm eval` prints."""
+        from lstm_lm.data import batchify, load_corpus, to_tensor
+        from lstm_lm.evaluate import evaluate
+
+        if split not in ("test", "valid"):
+            raise DataError(f"--split must be test or valid, got {split!r}")
+        try:
+            corpus = load_corpus(self.config.data, tokenizer=self.tokenizer, source=data)
+        except DataError as e:
+            if data is not None:
+                raise
+            raise DataError(f"{e} (the corpus this model was trained on; pass --data to use another copy)") from None
+        ids = corpus.splits[split]
+        bsz = batch_size or self.config.train.eval_batch_size
+        if len(ids) < 2 * bsz:
+            raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
+        result = evaluate(self.model, batchify(to_tensor(ids, self.device), bsz), self.config.train.bptt,
+                          self.precision)
+        out: dict[str, Any] = {"split": split, "perplexity": result["perplexity"], "loss": result["loss"],
+                               "tokens": result["tokens"], "top1_accuracy": result["top1_accuracy"],
+                               "top5_accuracy": result["top5_accuracy"]}
+        if self.kind == "char":
+            out["bits_per_char"] = result["loss"] / math.log(2)
+        return out | {"batch_size": bsz, "bptt": self.config.train.bptt, "precision": self.precision,
+                      "data": corpus.source.spec}
+
+    # -- inside the model ---------------------------------------------------------------
+
+    def trace(self, prompt: str, layer: int | None = None, top_k: int = 3,
+              swap: tuple[str, str] | None = None) -> dict[str, Any]:
+        """What `lstm-lm inspect` shows: after each token of `prompt`, layer `layer`'s gates
+        (per unit), its state (h, and c for an LSTM) and the top_k next-token guesses.
+        See inspection.trace_prompt."""
+        from lstm_lm.inspection import trace_prompt
+
+        return trace_prompt(self.model, self.tokenizer, prompt, self.kind, layer, top_k, swap)
+
+
+class Session:
+    """The memory of a text read so far: `feed` more text, ask for `next_words` or
+    `probabilities`. Made by `LanguageModel.session()`.
+
+        s = lm.session("I am from Kerala")
+        s.feed("and I speak")        # reads 3 tokens, from the memory of the first 4
+        s.next_words(3)
+
+    A word model is fed words; a BPE or character model is fed text that continues
+    the text so far (a BPE piece of text starts a new word).
+    """
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+        self.tokens: list[int] = []  # every token read, the opening <eos> first
+        self.state: State = lm.model.init_state(1, lm.device)
+        self._logits: torch.Tensor | None = None
+        self._read([lm.tokenizer.token_to_id(EOS)])  # every text is read after an <eos>, as in training
+
+    def feed(self, text: str) -> Session:
+        """Read `text`: one step of the model per token. The first text fed is checked as a
+        prompt is (not empty, not all unknown words); later ones may be anything."""
+        tok, kind = self.lm.tokenizer, self.lm.kind
+        if len(self.tokens) == 1:
+            ids = encode_prompt(tok, text.rstrip(), kind)[1:]
+        else:  # a word model reads words; a BPE or char model the text exactly as it continues
+            ids = tok.encode(text.strip() if kind == "word" else text.rstrip(), add_special_tokens=False).ids
+        if len(self.tokens) - 1 + len(ids) > MAX_PROMPT_TOKENS:
+            raise PromptError(f"the text read would have more than {MAX_PROMPT_TOKENS} tokens, the limit")
+        if ids:
+            self._read(ids)
+        return self
+
+    @torch.no_grad()
+    def _read(self, ids: list[int]) -> None:
+        model = self.lm.model
+        x = torch.tensor(ids, device=self.lm.device).unsqueeze(1)  # (T, 1)
+        with autocast(self.lm.device, self.lm.precision):
+            out, self.state = model.features(x, self.state)
+            self._logits = model.decoder(out[-1, 0]).float().cpu()  # (V,)
+        self.tokens.extend(ids)
+
+    def probabilities(self) -> torch.Tensor:
+        """(V,) the probability of each token coming next."""
+        return torch.softmax(self._logits, dim=-1)
+
+    def next_words(self, k: int = 5) -> list[tuple[str, float]]:
+        """The k most likely next words and their probabilities (see LanguageModel.next_words)."""
+        if k < 1:
+            raise PromptError(f"k must be at least 1, got {k}")
+        with autocast(self.lm.device, self.lm.precision):
+            return words_after(self.lm.model, self.lm.pieces, self._logits, self.state, k)
+

@@ -1,0 +1,285 @@
+"""`lstm-lm serve`: a trained model over HTTP (FastAPI on uvicorn), with a web page at `/`.
+
+    app = create_app(LanguageModel.load("runs/demo"))      # an ASGI app; or, from the shell:
+    lstm-lm serve --checkpoint runs/demo --port 8000       # then open http://127.0.0.1:8000
+
+    POST /v1/next      {"prompt": "...", "k": 5}                  the likeliest next words
+    POST /v1/complete  {"prompt": "...", "words": 20, "temperature": 0, "top_k": null, "top_p": null, "seed": null}
+    POST /v1/score     {"texts": ["...", ...], "per_token": false}  log-probability of each text
+    POST /v1/trace     {"prompt": "...", "top_k": 3, "units": 12, "swap": {"word": "...", "other": "..."}}
+                       gates, norms and guesses per token (and with a swap, how far apart the memories are)
+    GET  /v1/model     the model's facts           GET /healthz    liveness
+    GET  /docs         the OpenAPI page FastAPI makes
+
+Every bad request gets a 4xx status and `{"error": "what is wrong"}`: malformed JSON
+(400), a body over MAX_BODY_BYTES (413), missing fields, wrong types or values out
+of range (422), a prompt the model cannot read (400). Unknown fields are refused,
+so that a misspelt option is not silently ignored.
+
+Concurrency: uvicorn runs one event loop; FastAPI runs these plain `def` endpoints
+in its thread pool, so several requests can be in flight. Each request reads from
+a memory (hidden state) of its own, and the model's weights are only ever read,
+so no request can see another's state. On top of that, every use of the model
+holds `ModelService.lock`: the model runs one request at a time. PyTorch's CPU
+kernels share one pool of threads (and a GPU one stream), so running two requests
+at once would only make both slower; in turn, each runs at full speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lstm_lm.api import LanguageModel
+from lstm_lm.errors import LSTMLMError
+
+WEB = Path(__file__).parent / "web"  # index.html, app.js, style.css: no build step
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_PROMPT_CHARS = 10_000  # and at most sample.MAX_PROMPT_TOKENS tokens
+MAX_TEXTS = 1000  # texts per /v1/score request
+
+
+class _Request(BaseModel):
+    # strict: "5" is not a number and 5 is not a string; forbid: {"topk": 3} is an error
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="The text so far.")
+
+
+class NextRequest(_Request):
+    prompt: str = Prompt
+    k: int = Field(5, ge=1, le=100, description="How many words.")
+
+
+class CompleteRequest(_Request):
+    prompt: str = Prompt
+    words: int = Field(20, ge=1, le=200, description="Stop after this many words (or at the sentence's end).")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy; above 0: sample.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the K likeliest tokens.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Sample from the smallest set holding P.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed for repeatable sampling.")
+
+
+class ScoreRequest(_Request):
+    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS, description="Texts, each scored as a sentence.")
+    per_token: bool = Field(False, description="Also each token's log-probability.")
+
+
+class Swap(_Request):
+    word: str = Field(min_length=1, max_length=200, description="A word of the prompt.")
+    other: str = Field(min_length=1, max_length=200, description="The word to read in its place.")
+
+
+class TraceRequest(_Request):
+    prompt: str = Prompt
+    top_k: int = Field(3, ge=1, le=20, description="Next-word guesses per token.")
+    units: int = Field(12, ge=1, le=64, description="Units per heatmap: those that change most.")
+    swap: Swap | None = Field(None, description="Also read the prompt with `other` for `word`, and say how far "
+                                                "apart the two memories are after each token.")
+
+
+class ModelService:
+    """The loaded model and the lock that lets one request at a time use it."""
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+        self.lock = threading.Lock()
+
+    def next_words(self, r: NextRequest) -> dict[str, Any]:
+        with self.lock:
+            words = self.lm.next_words(r.prompt, r.k)
+        return {"words": [{"word": w, "p": p} for w, p in words]}
+
+    def complete(self, r: CompleteRequest) -> dict[str, Any]:
+        with self.lock:
+            text = self.lm.complete(r.prompt, r.words, r.temperature, r.top_k, r.top_p, r.seed)
+        out: dict[str, Any] = {"completion": text}
+        if not text:
+            out["note"] = "the model ended the sentence here: the first token it chose is <eos>"
+        return out
+
+    def score(self, r: ScoreRequest) -> dict[str, Any]:
+        with self.lock:
+            return {"results": self.lm.score(r.texts, per_token=r.per_token)}
+
+    def trace(self, r: TraceRequest) -> dict[str, Any]:
+        from lstm_lm.inspection import trace_summary
+
+        with self.lock:
+            trace = self.lm.trace(r.prompt, top_k=r.top_k, swap=(r.swap.word, r.swap.other) if r.swap else None)
+        return trace_summary(trace, r.units)
+
+
+def create_app(lm: LanguageModel) -> FastAPI:
+    """The ASGI app serving `lm`: the JSON API under /v1, the web page at /."""
+    service = ModelService(lm)
+    app = FastAPI(title="lstm-lm", version=_version(),
+                  description="Next words, completions, scores and the gates of a trained LSTM language model.")
+    app.state.service = service
+    _add_error_handlers(app)
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.post("/v1/next", summary="The likeliest next words")
+    def next_words(r: NextRequest) -> dict[str, Any]:
+        return service.next_words(r)
+
+    @app.post("/v1/complete", summary="Continue the prompt")
+    def complete(r: CompleteRequest) -> dict[str, Any]:
+        return service.complete(r)
+
+    @app.post("/v1/score", summary="Log-probability and perplexity of each text")
+    def score(r: ScoreRequest) -> dict[str, Any]:
+        return service.score(r)
+
+    @app.post("/v1/trace", summary="Gates, state norms and guesses after each token")
+    def trace(r: TraceRequest) -> dict[str, Any]:
+        return service.trace(r)
+
+    @app.get("/v1/model", summary="What the model is")
+    def model() -> dict[str, Any]:
+        return lm.describe() | {"limits": {"body_bytes": MAX_BODY_BYTES, "prompt_chars": MAX_PROMPT_CHARS,
+                                           "texts": MAX_TEXTS}}
+
+    @app.get("/healthz", summary="Liveness")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+    return app
+
+
+def _version() -> str:
+    from lstm_lm import __version__
+
+    return __version__
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = e.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return _error(400, "the body is not valid JSON")
+        return _error(422, "; ".join(_describe(p) for p in problems))
+
+    @app.exception_handler(LSTMLMError)
+    async def unreadable(request: Request, e: LSTMLMError) -> JSONResponse:
+        return _error(400, str(e))  # an empty prompt, one of unknown words only, too many tokens
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        # A bug, not a bad request: say so without a traceback; the server keeps serving.
+        return _error(500, f"internal error ({type(e).__name__}); please report it")
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    """'k: Input should be less than or equal to 100', from one of pydantic's errors."""
+    where = [str(p) for p in problem.get("loc", ()) if p != "body"]
+    if problem.get("type") == "missing":
+        return f"{'.'.join(where)}: required"
+    if problem.get("type") == "extra_forbidden":
+        return f"{'.'.join(where)}: unknown field"
+    field = ".".join(where) or "body"
+    return f"{field}: {problem.get('msg', 'invalid')}"
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse a request body over `limit` bytes with 413, whether or not it
+    says its length. The body (at most `limit` bytes) is read here, then handed on."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        chunks, size = [], 0
+        while True:  # a chunked body is counted as it arrives
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": f"the request body is over the limit of {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
+    """Load the model once, listen on host:port and serve until Ctrl-C or SIGTERM, then
+    finish the requests in flight and return."""
+    import signal
+    import socket
+
+    import uvicorn
+
+    from lstm_lm.utils import log
+
+    lm = LanguageModel.load(checkpoint, device)
+    app = create_app(lm)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise LSTMLMError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    log(f"serving {lm.checkpoint} ({lm.cell}, {lm.vocab_size:,} tokens) at http://{shown}:{bound} "
+        f"(web page at /, API docs at /docs); Ctrl-C stops")
+    stopped: list[int] = []
+    # uvicorn catches SIGINT and SIGTERM, shuts down gracefully, puts the handlers it found
+    # back and raises the signal again: these handlers take it, so that a stop is a clean exit.
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    log(f"stopped ({signal.Signals(stopped[0]).name})" if stopped else "stopped")
