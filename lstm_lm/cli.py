@@ -416,6 +416,36 @@ def serve(
         run_server(checkpoint, host, port, device)
 
 
+@app.command(
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm export --format onnx                      # runs/latest -> model.onnx\n\n"
+        "    lstm-lm export --format onnx --checkpoint runs/ptb-small --out ptb-small.onnx\n\n"
+        "    lstm-lm export --format onnx --int8 --out model-int8.onnx   # int8 weights: smaller and faster"
+    )
+)
+def export(
+    format_: Annotated[str, typer.Option("--format", help="The format: onnx.")] = "onnx",
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The file to write. Default: model.onnx (model-int8.onnx with --int8).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize the weights to int8 (onnxruntime's dynamic quantization); reports the change in validation perplexity.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus for the validation perplexity. Default: the one the model was trained on.")] = None,
+) -> None:
+    """Export the model as an ONNX graph that reads a chunk of tokens with its state (see
+    docs/export.md); checks it against PyTorch and prints what it measured as JSON."""
+    from lstm_lm.api import LanguageModel
+    from lstm_lm.errors import ConfigError
+
+    with user_errors():
+        if format_ != "onnx":
+            raise ConfigError([f"--format: only onnx is supported, got {format_!r}"], "command line")
+        lm = LanguageModel.load(checkpoint, "cpu")
+        from lstm_lm.export import export_onnx
+
+        summary = export_onnx(lm, out or Path("model-int8.onnx" if int8 else "model.onnx"), int8=int8, data=data)
+    typer.echo(json.dumps(summary))
+
+
 def main() -> None:
     app()
 

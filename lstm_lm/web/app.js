@@ -8,6 +8,7 @@ const prompt = $("prompt");
 const EXAMPLE = "My name is John, I am from Tamilnadu and I speak";
 const SVG = "http://www.w3.org/2000/svg";
 let latest = 0; // the newest request's number: answers to older ones are dropped
+let compare = null; // {word, other}: also read the prompt with `other` for `word`
 
 async function post(path, body) {
   const response = await fetch(path, {
@@ -44,16 +45,16 @@ async function update() {
     return;
   }
   try {
-    const [next, trace] = await Promise.all([
-      post("/v1/next", { prompt: text, k: 5 }),
-      post("/v1/trace", { prompt: text, top_k: 3, units: 12 }),
-    ]);
+    const traceBody = { prompt: text, top_k: 3, units: 12 };
+    if (compare && text.includes(compare.word)) traceBody.swap = compare;
+    const [next, trace] = await Promise.all([post("/v1/next", { prompt: text, k: 5 }), post("/v1/trace", traceBody)]);
     if (mine !== latest) return;
     showSuggestions(next.words);
     drawTrace(trace);
     setStatus("");
   } catch (e) {
     if (mine !== latest) return;
+    if (compare) { compare = null; return update(); } // the compared word is gone: draw without it
     $("suggestions").replaceChildren();
     setStatus(e.message, true);
   }
@@ -128,17 +129,22 @@ function signedColour(v, max) {
 function title(node, text) { el("title", {}, node, text); }
 
 function drawTrace(t) {
-  const T = t.tokens.length, colW = 58, left = 150, unitH = 6, meanH = 18, barH = 54, gap = 16;
+  const T = t.tokens.length, colW = 58, left = 180, unitH = 6, meanH = 18, barH = 54, gap = 16;
   const gates = Object.entries(t.gates);
   const unitsShown = gates.length ? gates[0][1].units.length : 0;
-  let height = 78 + gates.length * (meanH + unitsShown * unitH + gap + 12) + 2 * (barH + gap + 12) + 40;
+  let height = 78 + gates.length * (meanH + unitsShown * unitH + gap + 12) + (t.swap ? 3 : 2) * (barH + gap) + 40;
   const width = left + T * colW + 10;
   const svg = el("svg", { id: "gates", width, height, viewBox: `0 0 ${width} ${height}`, "data-cell": t.cell });
   const x = (i) => left + i * colW;
 
   // tokens, rotated, along the top
   t.tokens.forEach((tok, i) => {
-    el("text", { x: x(i) + colW / 2, y: 70, transform: `rotate(-35 ${x(i) + colW / 2} 70)`, class: "token" }, svg, tok);
+    const label = el("text", { x: x(i) + colW / 2, y: 70, transform: `rotate(-35 ${x(i) + colW / 2} 70)`,
+                               class: "token", "data-index": i }, svg, tok);
+    // Click a word: read the prompt again with the word the model found likeliest in its place.
+    const other = i > 0 ? (t.guesses[i - 1].map(([w]) => w).find((w) => w !== tok) || "<unk>") : "<unk>";
+    title(label, `click: compare with the memory of the prompt with “${other}” in place of “${tok}”`);
+    label.addEventListener("click", () => { compare = { word: tok, other }; update(); });
   });
   let y = 80;
 
@@ -164,12 +170,12 @@ function drawTrace(t) {
     y = top + g.units.length * unitH + gap;
   }
 
-  const bars = (label, values, cls, colour, hint) => {
+  const bars = (label, values, cls, colour, hint, mark) => {
     const group = el("g", { class: cls }, svg);
     const max = Math.max(...values, 1e-9);
     el("text", { x: 4, y: y + 14, class: "label" }, group, label);
     el("text", { x: 4, y: y + 30, class: "small" }, group, hint);
-    const best = values.indexOf(Math.max(...values));
+    const best = mark ?? values.indexOf(Math.max(...values)); // the bar drawn in colour
     values.forEach((v, i) => {
       const h = (barH - 12) * v / max;
       const r = el("rect", { x: x(i) + 8, y: y + barH - h, width: colW - 16, height: h,
@@ -182,17 +188,32 @@ function drawTrace(t) {
   };
   const m = t.memory;
   bars(`|${m}|, the memory`, t.norms[m], "norm", "#444", "its size after each word");
-  const written = bars(`|Δ${m}|, written`, t.memory_change, "change", "#d62728", "how much each word changed it");
-  el("text", { x: 4, y: y + 4, id: "written-most", class: "label" }, svg,
-     `The memory ${m} changed most at “${t.tokens[written]}”. ` +
-     `Next: ${t.guesses[T - 1].map(([w, p]) => `${w} ${(100 * p).toFixed(0)}%`).join(", ")}`);
+  bars(`|Δ${m}|, written`, t.memory_change, "change", "#ff7f0e", "how much each word changed it");
+  const next = t.guesses[T - 1].map(([w, p]) => `${w} ${(100 * p).toFixed(0)}%`).join(", ");
+  if (t.swap) {
+    const s = t.swap;
+    const from = s.distance.findIndex((d) => d > 1e-6);
+    bars(`|${m} − ${m}'|`, s.distance, "swap", "#d62728", `${m}' with “${s.other}”`, from);
+    const caption = el("text", { x: 4, y: y + 4, id: "caption", class: "label" }, svg);
+    el("tspan", { x: 4 }, caption, `What the memory holds of “${s.word}”: written at “${t.tokens[from] ?? s.word}”, ` +
+       `kept to the end (|${m} − ${m}'| = ${s.distance[T - 1].toFixed(1)} after “${t.tokens[T - 1]}”).`);
+    el("tspan", { x: 4, dy: 18, class: "small" }, caption, `Next: ${next}; with “${s.other}” in its place: ` +
+       s.guesses.map(([w, p]) => `${w} ${(100 * p).toFixed(0)}%`).join(", "));
+  } else {
+    el("text", { x: 4, y: y + 4, id: "caption", class: "small" }, svg,
+       `Next: ${next}. Click a word above to see what the memory holds of it.`);
+  }
   $("picture").replaceChildren(svg);
 }
 
 let timer = null;
 prompt.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(update, 120); });
 $("complete").addEventListener("click", complete);
-$("clear").addEventListener("click", () => { prompt.value = ""; update(); prompt.focus(); });
-$("example").addEventListener("click", () => { prompt.value = EXAMPLE; update(); });
+$("clear").addEventListener("click", () => { prompt.value = ""; compare = null; update(); prompt.focus(); });
+$("example").addEventListener("click", () => {
+  prompt.value = EXAMPLE;
+  compare = { word: "Tamilnadu", other: "Kerala" }; // where the memory of the region is written, and kept
+  update();
+});
 describeModel().catch((e) => setStatus(`cannot reach the server: ${e.message}`, true));
 if (prompt.value.trim()) update();
