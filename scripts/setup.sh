@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Set up lstm-lm in a virtual environment, .venv, at the repository root.
 #
-#   bash scripts/setup.sh           # lstm-lm, what it needs, and matplotlib for its pictures ([plot])
-#   bash scripts/setup.sh --test    # ... plus pytest ([test])
+#   bash scripts/setup.sh           # lstm-lm, what it needs, matplotlib for its pictures ([plot]),
+#                                   # FastAPI and uvicorn for `lstm-lm serve` ([serve]), onnx and
+#                                   # onnxruntime for `lstm-lm export` ([export])
+#   bash scripts/setup.sh --test    # ... plus pytest, httpx and selenium ([test]); the browser test
+#                                   # also needs Debian's chromium and chromium-driver (.ci/run installs them)
 #
 # torch is installed first and pinned to 2.13.0 when it is missing: pyproject.toml asks
 # only for torch>=2.4, and an open range with no torch installed pulls a multi-GB CUDA
@@ -11,9 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-extras="[plot]"
+extras="[plot,serve,export]"
 case "${1:-}" in
-  --test) extras="[plot,test]" ;;
+  --test) extras="[plot,serve,export,test]" ;;
   "") ;;
   *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac

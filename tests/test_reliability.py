@@ -198,7 +198,37 @@ BAD_INPUTS = {
     "run directory in use": (lambda r, c, run, t: ["train", "--data", c, "--out", _locked_run(t), "--overwrite",
                                                    *tiny_sets(c)], f"in use by process {os.getpid()}"),
     "unknown option": (lambda r, c, run, t: ["complete", "the", "--no-such-option"], "No such option"),
+    # score, serve and export (issue 15)
+    "score file missing": (lambda r, c, run, t: ["score", t / "nope.txt", "--checkpoint", run], "does not exist"),
+    "score file empty": (lambda r, c, run, t: ["score", _file(t, "empty.txt", b""), "--checkpoint", run], "is empty"),
+    "score file not UTF-8": (lambda r, c, run, t: ["score", _file(t, "bin.txt", b"the cat\n\xff\xfe sat\n"),
+                                                   "--checkpoint", run], "not UTF-8"),
+    "score a directory": (lambda r, c, run, t: ["score", t, "--checkpoint", run], "is not a file"),
+    "score checkpoint missing": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint",
+                                                       t / "nothing"], "no checkpoint"),
+    "score precision unknown": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", run,
+                                                      "--precision", "fp8"], "precision"),
+    "serve port out of range": (lambda r, c, run, t: ["serve", "--port", "70000", "--checkpoint", run], "--port"),
+    "serve checkpoint missing": (lambda r, c, run, t: ["serve", "--checkpoint", t / "nothing"], "no checkpoint"),
+    "serve port in use": (lambda r, c, run, t: ["serve", "--port", str(_busy_port()), "--checkpoint", run], "in use"),
+    "export format unknown": (lambda r, c, run, t: ["export", "--format", "tflite", "--checkpoint", run,
+                                                    "--out", t / "m.onnx"], "only onnx"),
+    "export out is a directory": (lambda r, c, run, t: ["export", "--checkpoint", run, "--out", t], "is a directory"),
 }
+
+
+_BUSY = []
+
+
+def _busy_port() -> int:
+    """A loopback port that a socket of this process listens on."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    _BUSY.append(sock)
+    return sock.getsockname()[1]
 
 _HELD_LOCKS = []
 
