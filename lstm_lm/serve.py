@@ -27,9 +27,11 @@ at once would only make both slower; in turn, each runs at full speed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +123,18 @@ class ModelService:
         return trace_summary(trace, r.units)
 
 
-def create_app(lm: LanguageModel) -> FastAPI:
-    """The ASGI app serving `lm`: the JSON API under /v1, the web page at /."""
+def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI app serving `lm`: the JSON API under /v1, the web page at /. `on_ready` is
+    called once the server has started."""
     service = ModelService(lm)
-    app = FastAPI(title="lstm-lm", version=_version(),
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="lstm-lm", version=_version(), lifespan=lifespan,
                   description="Next words, completions, scores and the gates of a trained LSTM language model.")
     app.state.service = service
     _add_error_handlers(app)
@@ -255,7 +265,6 @@ def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000
     from lstm_lm.utils import log
 
     lm = LanguageModel.load(checkpoint, device)
-    app = create_app(lm)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -266,18 +275,23 @@ def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000
         why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise LSTMLMError(f"cannot listen on {host}:{port}: {why}") from None
     sock.listen(2048)
-    sock.set_inheritable(True)
-    bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    log(f"serving {lm.checkpoint} ({lm.cell}, {lm.vocab_size:,} tokens) at http://{shown}:{bound} "
-        f"(web page at /, API docs at /docs); Ctrl-C stops")
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    ready = lambda: log(f"serving {lm.checkpoint} ({lm.cell}, {lm.vocab_size:,} tokens) at {url} "  # noqa: E731
+                        f"(web page at /, API docs at /docs); Ctrl-C stops")
+    server = uvicorn.Server(uvicorn.Config(create_app(lm, ready), log_level="warning", timeout_graceful_shutdown=10))
     stopped: list[int] = []
-    # uvicorn catches SIGINT and SIGTERM, shuts down gracefully, puts the handlers it found
-    # back and raises the signal again: these handlers take it, so that a stop is a clean exit.
-    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum, frame):
+        # uvicorn takes SIGINT and SIGTERM while it runs, shuts down gracefully, puts these
+        # handlers back and raises the signal again: taken here, a stop is a clean exit.
+        stopped.append(signum)
+        if not server.should_exit:  # before uvicorn has taken over: stop at once
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
