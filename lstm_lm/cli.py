@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from lstm_lm.config import field_help
+from lstm_lm.config import choices, field_help
 from lstm_lm.errors import ConfigError, Interrupted, LSTMLMError, describe_os_error
 
 
@@ -62,6 +62,13 @@ app = typer.Typer(
 )
 
 DEFAULT_CHECKPOINT = Path("runs/latest")
+
+
+def _precision(value: str | None) -> str | None:
+    """--precision: one of train.precision's choices (a usage error otherwise)."""
+    if value is not None and value not in choices("train.precision"):
+        raise typer.BadParameter(f"must be one of {', '.join(choices('train.precision'))}, got {value!r}")
+    return value
 
 
 def _main_process() -> bool:
@@ -215,7 +222,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
+    precision: Annotated[Optional[str], typer.Option(callback=_precision, help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object."""
     from lstm_lm.api import LanguageModel
@@ -369,7 +376,7 @@ def score(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     per_token: Annotated[bool, typer.Option("--per-token", help="Add each token's log-probability: token_logprobs, [token, logprob] pairs.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 (exact), bf16 or auto.")] = "fp32",
+    precision: Annotated[str, typer.Option(callback=_precision, help="fp32 (exact), bf16 or auto.")] = "fp32",
 ) -> None:
     """Score each line as a sentence: one JSON line per input line on stdout, with `text`,
     `tokens` (the line's tokens and the <eos> that ends it), `logprob` (natural log),

@@ -182,6 +182,9 @@ HELP_OPTIONS = {
                               "--device", "--seed"],
     "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
     "eval": ["--checkpoint", "--data", "--split", "--batch-size", "--precision"],
+    "score": ["--checkpoint", "--per-token", "--device", "--precision"],
+    "serve": ["--checkpoint", "--host", "--port", "--device"],
+    "export": ["--format", "--checkpoint", "--out", "--int8", "--data"],
 }
 
 

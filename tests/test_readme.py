@@ -34,7 +34,8 @@ def test_readme_is_a_front_door():
     assert len(text.splitlines()) <= 250
     assert "bash scripts/setup.sh && .venv/bin/lstm-lm train" in text  # the main job, set-up included
     assert "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q" in text  # the tests, likewise
-    for page in ["results", "speed", "why-lstm", "reference", "checkpoints", "distributed", "development"]:
+    assert "](docs/serve-page.png)" in text  # a screenshot of the web page
+    for page in ["results", "speed", "why-lstm", "use", "reference", "checkpoints", "distributed", "development"]:
         assert f"](docs/{page}.md)" in text, page
 
 
@@ -88,7 +89,7 @@ def test_each_command_synopsis_in_the_reference_lists_its_options(command):
     text = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
     section = re.search(rf"### `lstm-lm {command}`\n\n```\n(.*?)```", text, re.S)
     assert section, f"docs/reference.md has no synopsis for lstm-lm {command}"
-    listed = set(re.findall(r"--[a-z][a-z-]*", section.group(1)))
+    listed = set(re.findall(r"--[a-z][a-z0-9-]*", section.group(1)))
     assert listed == _commands()[command]
 
 
