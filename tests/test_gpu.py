@@ -105,3 +105,17 @@ def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, imp
     assert summary["best_valid_perplexity"] < cpu_model.vocab_size / 4
     ids = torch.randint(0, cpu_model.vocab_size, (10, 3))
     torch.testing.assert_close(gpu_model(ids.cuda())[0].cpu(), cpu_model(ids)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_the_python_api_on_cuda_answers_as_on_the_cpu(demo_workdir):
+    """LanguageModel on the GPU (what `serve --device cuda` and `score --device cuda` use):
+    the same next words and scores as on the CPU."""
+    from lstm_lm import LanguageModel
+    from lstm_lm.demo import SEED_PROMPT
+
+    cpu, gpu = (LanguageModel.load(demo_workdir / "runs" / "demo", device) for device in ("cpu", "cuda"))
+    (a, pa), (b, pb) = zip(*cpu.next_words(SEED_PROMPT, 3)), zip(*gpu.next_words(SEED_PROMPT, 3))
+    assert a == b and pa == pytest.approx(pb, abs=1e-4)
+    texts = [SEED_PROMPT + " Tamil.", "My name is"]
+    for x, y in zip(cpu.score(texts), gpu.score(texts)):
+        assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-3)

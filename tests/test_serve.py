@@ -128,6 +128,24 @@ def test_many_clients_at_once_get_the_answers_one_client_gets(client):
     assert all(answer == want[p] for p, answer in got)
 
 
+@pytest.mark.parametrize("cell,gates", [("gru", {"reset", "update"}), ("rnn", set())])
+def test_gru_and_rnn_checkpoints_are_served_too(tmp_path, cell, gates):
+    from lstm_lm.checkpoint import save_checkpoint
+    from lstm_lm.config import load_config
+    from lstm_lm.data import build_tokenizer
+    from lstm_lm.model import LSTMLanguageModel
+
+    cfg = load_config(None, [f"model.cell={cell}", "model.embedding_size=8", "model.hidden_size=8"])
+    tokenizer = build_tokenizer(cfg.data, ["the cat sat on the mat", "the dog sat on the log"])
+    save_checkpoint(tmp_path / "ckpt", LSTMLanguageModel(cfg.model, tokenizer.get_vocab_size()), tokenizer, cfg)
+    client = TestClient(create_app(LanguageModel.load(tmp_path / "ckpt")))
+    trace = client.post("/v1/trace", json={"prompt": "the cat sat"}).json()
+    assert set(trace["gates"]) == gates and trace["memory"] == "h" and len(trace["norms"]["h"]) == 3
+    assert ("note" in trace) == (cell == "rnn") and "no gates" in trace.get("note", "no gates")
+    assert len(client.post("/v1/next", json={"prompt": "the cat", "k": 2}).json()["words"]) == 2
+    assert client.get("/v1/model").json()["cell"] == cell
+
+
 def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, demo_run):
     import importlib.util
 
