@@ -135,10 +135,8 @@ function title(node, text) { el("title", {}, node, text); }
 function drawTrace(t) {
   const T = t.tokens.length, colW = 58, left = 180, unitH = 6, meanH = 18, barH = 54, gap = 16;
   const gates = Object.entries(t.gates);
-  const unitsShown = gates.length ? gates[0][1].units.length : 0;
-  let height = 78 + gates.length * (meanH + unitsShown * unitH + gap + 12) + (t.swap ? 3 : 2) * (barH + gap) + 40;
   const width = left + T * colW + 10;
-  const svg = el("svg", { id: "gates", width, height, viewBox: `0 0 ${width} ${height}`, "data-cell": t.cell });
+  const svg = el("svg", { id: "gates", width, "data-cell": t.cell });
   const x = (i) => left + i * colW;
 
   // tokens, rotated, along the top
@@ -207,6 +205,9 @@ function drawTrace(t) {
     el("text", { x: 4, y: y + 4, id: "caption", class: "small" }, svg,
        `Next: ${next}. Click a word above to see what the memory holds of it.`);
   }
+  const drawn = y + (t.swap ? 30 : 14); // the picture's height, now that all is drawn
+  svg.setAttribute("height", drawn);
+  svg.setAttribute("viewBox", `0 0 ${width} ${drawn}`);
   $("picture").replaceChildren(svg);
 }
 
