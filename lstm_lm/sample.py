@@ -3,6 +3,8 @@
     text = complete(model, tokenizer, "word", "My name is John, I am from Tamilnadu and I speak")
     pairs = next_words(model, tokenizer, "I am from Kerala and I speak", k=5)  # [(word, p), ...]
 
+(`lstm_lm.LanguageModel` wraps these with the model's own tokenizer and settings.)
+
 The prompt is read after an `<eos>`, as every line of the training text was, so
 the model sees it as the start of a sentence.
 """
@@ -132,7 +134,6 @@ def words_after(model: LSTMLanguageModel, pieces: WordPieces, logits: torch.Tens
 
 def next_words(
     model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5, kind: str = "word",
-    pieces: WordPieces | None = None,
 ) -> list[tuple[str, float]]:
     """The k most likely next words after `prompt` and their probabilities, most likely first.
 
@@ -144,7 +145,7 @@ def next_words(
     model.eval()
     ids = encode_prompt(tokenizer, prompt.rstrip(), kind)
     logits, state = _read_prompt(model, ids)
-    return words_after(model, pieces or WordPieces(tokenizer, kind), logits, state, k)
+    return words_after(model, WordPieces(tokenizer, kind), logits, state, k)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
