@@ -136,25 +136,16 @@ def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None) ->
 
     app = FastAPI(title="lstm-lm", version=_version(), lifespan=lifespan,
                   description="Next words, completions, scores and the gates of a trained LSTM language model.")
-    app.state.service = service
     _add_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
-
-    @app.post("/v1/next", summary="The likeliest next words")
-    def next_words(r: NextRequest) -> dict[str, Any]:
-        return service.next_words(r)
-
-    @app.post("/v1/complete", summary="Continue the prompt")
-    def complete(r: CompleteRequest) -> dict[str, Any]:
-        return service.complete(r)
-
-    @app.post("/v1/score", summary="Log-probability and perplexity of each text")
-    def score(r: ScoreRequest) -> dict[str, Any]:
-        return service.score(r)
-
-    @app.post("/v1/trace", summary="Gates, state norms and guesses after each token")
-    def trace(r: TraceRequest) -> dict[str, Any]:
-        return service.trace(r)
+    # Plain (not async) functions: FastAPI runs them in its thread pool (see the module's docstring).
+    for path, endpoint, summary in [
+        ("/v1/next", service.next_words, "The likeliest next words"),
+        ("/v1/complete", service.complete, "Continue the prompt"),
+        ("/v1/score", service.score, "Log-probability and perplexity of each text"),
+        ("/v1/trace", service.trace, "Gates, state norms and guesses after each token"),
+    ]:
+        app.post(path, summary=summary)(endpoint)
 
     @app.get("/v1/model", summary="What the model is")
     def model() -> dict[str, Any]:
