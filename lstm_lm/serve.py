@@ -91,6 +91,15 @@ class TraceRequest(_Request):
                                                 "apart the two memories are after each token.")
 
 
+class Error(BaseModel):
+    error: str = Field(description="What is wrong with the request.")
+
+
+ERRORS = {code: {"model": Error, "description": what} for code, what in [
+    (400, "Malformed JSON, or a prompt the model cannot read"), (413, "The body is over the size limit"),
+    (422, "A missing field, a wrong type, an unknown field or a value out of range")]}
+
+
 class ModelService:
     """The loaded model and the lock that lets one request at a time use it."""
 
@@ -145,7 +154,7 @@ def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None) ->
         ("/v1/score", service.score, "Log-probability and perplexity of each text"),
         ("/v1/trace", service.trace, "Gates, state norms and guesses after each token"),
     ]:
-        app.post(path, summary=summary)(endpoint)
+        app.post(path, summary=summary, responses=ERRORS)(endpoint)
 
     @app.get("/v1/model", summary="What the model is")
     def model() -> dict[str, Any]:
@@ -170,8 +179,8 @@ def _version() -> str:
     return __version__
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -188,7 +197,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return _error(e.status_code, str(e.detail), e.headers)  # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:

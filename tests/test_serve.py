@@ -94,6 +94,8 @@ def test_a_bad_request_gets_a_4xx_and_a_json_error(client, method, path, body, s
     assert r.status_code == status, r.text
     assert set(r.json()) == {"error"} and message in r.json()["error"], r.json()
     assert client.get("/healthz").status_code == 200  # and the server goes on serving
+    if status == 405:
+        assert r.headers["allow"] == "POST"  # RFC 9110: say which methods are allowed
 
 
 def test_a_chunked_body_over_the_limit_is_refused(client):
