@@ -231,6 +231,7 @@ class Trainer:
         if self.hidden is None or s.pos == 0:
             self.hidden = self.model.init_state(self.train_data.size(1), self.device)  # this rank's streams
         self.segment_start = time.perf_counter()
+        self.logged_time = s.epoch_time_s if s.pos else 0.0  # the epoch's training time at the last steps.jsonl line
         bar = tqdm(total=self.n_batches, initial=s.batch, desc=f"epoch {s.epoch}", unit="batch", file=sys.stderr,
                    disable=None if self.world.main else True, dynamic_ncols=True, leave=False)
         while s.pos < self.rows and not self._should_stop():
@@ -281,16 +282,21 @@ class Trainer:
         self.segment_start = now
 
     def _log_steps(self, bar) -> None:
-        """Progress bar and a line of steps.jsonl: the mean loss of the steps since the last line."""
+        """Progress bar and a line of steps.jsonl: the mean loss of the steps since the last
+        line and their own tokens/s (the time between the two lines, validation left out),
+        and the mean tokens/s since the epoch began."""
         s, meter = self.state, self.meter
         self._sync()
         if meter.tokens:
-            tok_s = s.epoch_tokens / max(s.epoch_time_s, 1e-9)
+            interval_s, self.logged_time = s.epoch_time_s - self.logged_time, s.epoch_time_s
+            tok_s = meter.tokens / max(interval_s, 1e-9)
             avg = s.epoch_loss_sum / max(s.epoch_tokens, 1)
             bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{s.lr:.3g}",
                             tok_s=f"{tok_s:,.0f}")
             self.logs.write(STEPS, {"step": s.step, "epoch": s.epoch, "lr": s.lr, "loss": meter.loss / meter.tokens,
-                                    "tokens_per_s": tok_s, "elapsed_s": round(self.clock.elapsed(), 2)})
+                                    "tokens_per_s": tok_s,
+                                    "epoch_tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9),
+                                    "elapsed_s": round(self.clock.elapsed(), 2)})
         meter.tokens, meter.loss = 0, 0.0
 
     def _should_stop(self) -> bool:
@@ -351,6 +357,7 @@ class Trainer:
         if whole:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
+        self.segment_start = time.perf_counter()  # the validation is no epoch's training time
         self._save(best=improved, measured={"step": s.step, "valid_loss": val["loss"],
                                             "valid_perplexity": val["perplexity"]})
 

@@ -35,6 +35,13 @@ def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
     ]
     latest = tmp_path / "runs" / "latest"
     assert latest.resolve() == run.resolve()
+    # steps.jsonl: each line's own tokens/s, and the epoch's mean so far; the two are the
+    # same on an epoch's first line, which covers the same steps
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    firsts = [r for i, r in enumerate(steps) if i == 0 or steps[i - 1]["epoch"] != r["epoch"]]
+    assert len(firsts) == 3 and all(r["tokens_per_s"] > 0 for r in steps)
+    for r in firsts:
+        assert r["tokens_per_s"] == pytest.approx(r["epoch_tokens_per_s"], rel=1e-9)
 
 
 def test_learning_rate_is_divided_when_validation_stops_improving(tiny_corpus, tmp_path, monkeypatch):
