@@ -19,6 +19,15 @@ median of the per-round ratios, so a slow spell of a shared machine hits both si
 of a ratio alike. FLOP/s count the matrix products (3x the forward for a training
 step) and are given as a share of the float32 / bf16 peak measured at the start.
 
+Against the real thing: with ../shared/peer present, the upstream word_language_model
+example runs unmodified as its own process (`python main.py --data PTB --tied
+--log-interval N --save TMP`, CPU), in rounds interleaved with real `lstm-lm train`
+runs of the same recipe (its defaults, and --compile), each for --peer-batches
+batches. A run's tokens/s is the median of its log intervals after the first (the
+peer's reported ms/batch; lstm-lm's steps.jsonl tokens_per_s, each interval's own),
+so start-up, data loading and compilation are left out on both sides; a row's ratio
+to the peer is the median of the per-round ratios. --no-peer skips it.
+
 Also measured: batch-1 generation (tokens/s, ptb-small, model in memory; output layer
 in fp32 and in bf16, which `complete` uses where `precision: auto` means bf16) and the wall
 time of `lstm-lm complete` on the demo model from the shell (torch import included).
@@ -32,6 +41,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -315,6 +325,93 @@ def complete_wall(checkpoint: Path | None, repeats: int) -> dict:
 # ------------------------------------------------------------------------ targets
 
 
+# --------------------------------------------------------------------------- the peer
+
+PEER_DIR = ROOT.parent / "shared" / "peer" / "word_language_model"
+PTB_DIR = ROOT.parent / "shared" / "data" / "ptb"
+# The upstream example's options for each recipe: ptb-small is its default model, tied;
+# ptb-medium is Zaremba's medium model, untied as configs/ptb-medium.yaml is.
+PEER_ARGS = {"small": ["--tied"], "medium": ["--emsize", "650", "--nhid", "650", "--dropout", "0.5"],
+             "large": ["--emsize", "1500", "--nhid", "1500", "--dropout", "0.65"]}
+TRAIN_ROWS = {"lstm-lm train": [], "lstm-lm train --compile": ["--compile"]}  # the recipe's defaults, and compiled
+
+
+def _interval_rates(values: list[float]) -> float:
+    """The median tokens/s of a run's log intervals after the first (which carries the start)."""
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def run_peer(size: str, batches: int, interval: int, tmp: Path) -> list[float]:
+    """The upstream example on PTB for `batches` batches: tokens/s of each log interval."""
+    cmd = [sys.executable, "-u", "main.py", "--data", str(PTB_DIR), *PEER_ARGS[size], "--epochs", "1",
+           "--log-interval", str(interval), "--save", str(tmp / "peer.pt")]
+    proc = subprocess.Popen(cmd, cwd=PEER_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rates, lines = [], []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"ms/batch\s+([\d.]+)", line)
+            if m:
+                rates.append(BATCH * BPTT / (float(m.group(1)) / 1000))
+                if len(rates) * interval >= batches:
+                    break
+    finally:
+        proc.kill()
+        proc.wait()
+    if not rates:
+        raise RuntimeError("the peer printed no ms/batch line:\n" + "".join(lines[-20:]))
+    return rates
+
+
+def run_lstm_lm(size: str, extra: list[str], batches: int, interval: int, tmp: Path) -> list[float]:
+    """`lstm-lm train --config ptb-SIZE` on PTB for `batches` steps: steps.jsonl's tokens/s per interval."""
+    out = tmp / "lstm-lm-run"
+    cmd = [sys.executable, "-m", "lstm_lm", "train", "--config", f"ptb-{size}", "--data", str(PTB_DIR), "--out",
+           str(out), "--overwrite", "--set", f"train.log_interval={interval}", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    steps = out / "steps.jsonl"
+    try:
+        while proc.poll() is None:
+            if steps.is_file() and len(steps.read_text().splitlines()) * interval >= batches:
+                break
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    rates = [json.loads(line)["tokens_per_s"] for line in steps.read_text().splitlines()] if steps.is_file() else []
+    if not rates:
+        raise RuntimeError(f"lstm-lm train wrote no steps.jsonl line:\n{err[-2000:]}")
+    return rates
+
+
+def peer_comparison(sizes: list[str], batches: int, interval: int, rounds: int) -> list[dict]:
+    """Each size: the peer and lstm-lm's train rows, in turns, `rounds` times; one record per row."""
+    records = []
+    for size in sizes:
+        log(f"\nptb-{size} against the upstream example, {rounds} rounds of {batches} batches per run ...")
+        runs = {"peer (pytorch/examples)": lambda tmp: run_peer(size, batches, interval, tmp)}
+        runs |= {name: (lambda tmp, extra=extra: run_lstm_lm(size, extra, batches, interval, tmp))
+                 for name, extra in TRAIN_ROWS.items()}
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(rounds):
+            for name, run in runs.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    rates[name].append(_interval_rates(run(Path(tmp))))
+                log(f"  round {r + 1}: {name}: {rates[name][-1]:,.0f} tok/s")
+        peer = rates["peer (pytorch/examples)"]
+        log(f"ptb-{size}, real training runs, median tok/s of the log intervals after the first")
+        log(f"{'row':<28}{'train tok/s':>12}{'x peer':>8}   per round")
+        for name, values in rates.items():
+            ratios = [v / p for v, p in zip(values, peer)]
+            rec = {"size": f"ptb-{size}", "row": name, "tokens_per_s": statistics.median(values),
+                   "ratio_vs_peer": statistics.median(ratios), "rounds_tokens_per_s": [round(v) for v in values],
+                   "rounds_ratio_vs_peer": [round(x, 3) for x in ratios], "batches": batches, "interval": interval}
+            records.append(rec)
+            log(f"{name:<28}{rec['tokens_per_s']:>12,.0f}{rec['ratio_vs_peer']:>8.2f}   "
+                + ", ".join(f"{x:.2f}" for x in ratios))
+    return records
+
+
 def check_targets(records: list[dict], extra: dict, device: torch.device) -> list[dict]:
     """The issue's speed targets, computed from this run's rows (those it measured)."""
     def tok_s(size: str, row: str) -> float | None:
@@ -332,6 +429,16 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
         if project and device.type == "cpu":
             best = max(project, key=lambda r: r["ratio_vs_baseline"])
             target(f"{size}: best setting ({best['row']}) vs baseline", best["ratio_vs_baseline"], ">=", need)
+    # Issue 16: real `lstm-lm train` runs against the upstream example, same machine, same run.
+    for size, need_best, need_default in (("ptb-small", 2.0, 1.5), ("ptb-medium", 1.8, None)):
+        mine = [r for r in records if r["size"] == size and "ratio_vs_peer" in r and r["row"].startswith("lstm-lm")]
+        if mine:
+            best = max(mine, key=lambda r: r["ratio_vs_peer"])
+            target(f"{size}: best setting ({best['row']}) vs the upstream example", best["ratio_vs_peer"], ">=", need_best)
+            default = next((r for r in mine if r["row"] == "lstm-lm train"), None)
+            if need_default and default:
+                target(f"{size}: the recipe's defaults vs the upstream example", default["ratio_vs_peer"], ">=",
+                       need_default)
     fp32 = tok_s("ptb-small", "cudnn/fp32")
     for row, need in (("custom/fp32/compile", 0.9), ("custom/fp32", 0.7)):
         if fp32 and (mine := tok_s("ptb-small", row)):
@@ -382,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-checkpoint", type=Path, help="demo model for the complete-wall measurement "
                    "(default: train one first, about 30 s)")
     p.add_argument("--skip-complete", action="store_true", help="skip the `lstm-lm complete` wall measurement")
+    p.add_argument("--no-peer", action="store_true", help="skip the runs against the upstream example (../shared/peer)")
+    p.add_argument("--peer-batches", type=int, help="batches per run against the peer (default 300; 200 with --quick)")
+    p.add_argument("--peer-interval", type=int, default=100, help="log interval of those runs, in batches (default 100)")
+    p.add_argument("--peer-rounds", type=int, default=2, help="rounds of those runs (default 2)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     if args.sizes is None:
@@ -454,6 +565,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"`lstm-lm complete` on the demo model: {wall['wall_s']:.2f} s wall (median of 3) -> {wall['completion']!r}")
         records.append({"size": "demo", "row": "complete-wall", "wall_s": wall["wall_s"], "runs_s": wall["runs"],
                         "completion": wall["completion"]})
+
+    peer_ready = PEER_DIR.is_dir() and (PTB_DIR / "train.txt").is_file()
+    if not args.no_peer and device.type == "cpu" and peer_ready:
+        batches = args.peer_batches or (200 if args.quick else 300)
+        records += peer_comparison(["small"] if args.quick else sizes, batches, args.peer_interval, args.peer_rounds)
+    elif not args.no_peer:
+        log("\nno runs against the upstream example: " + ("it runs on the CPU here (scripts/gpu_check.sh runs it on "
+            "a GPU)" if device.type != "cpu" else f"{PEER_DIR} or {PTB_DIR} is missing"))
 
     targets = check_targets(records, extra, device)
     if targets:

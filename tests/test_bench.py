@@ -45,3 +45,16 @@ def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
 def test_bench_refuses_unknown_rows(bench):
     with pytest.raises(SystemExit):
         bench.main(["--rows", "cudnn/fp16"])
+
+
+@pytest.mark.shared_data
+def test_bench_runs_the_upstream_example_and_lstm_lm_train_side_by_side(bench):
+    """The peer as its own process, and real `lstm-lm train` runs, a few batches each."""
+    if not (bench.PEER_DIR / "main.py").is_file() or not (bench.PTB_DIR / "train.txt").is_file():
+        pytest.skip("../shared/peer or ../shared/data/ptb is not present")
+    records = bench.peer_comparison(["small"], batches=20, interval=10, rounds=1)
+    rows = {r["row"]: r for r in records}
+    assert set(rows) == {"peer (pytorch/examples)", "lstm-lm train", "lstm-lm train --compile"}
+    assert rows["peer (pytorch/examples)"]["ratio_vs_peer"] == 1.0
+    for r in records:
+        assert r["tokens_per_s"] > 0 and len(r["rounds_ratio_vs_peer"]) == 1
