@@ -454,6 +454,9 @@ def export(
 
 
 def main() -> None:
+    from lstm_lm.utils import keep_freed_memory
+
+    keep_freed_memory()  # before any large tensor: see its docstring
     app()
 
 

@@ -39,6 +39,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     the command line passes the moment the command began, before torch was imported.
     A directory that already holds a run is refused unless `resume` or `overwrite`.
     """
+    utils.keep_freed_memory()  # large CPU tensors reuse their pages: see its docstring
     run_dir = Path(out_dir)
     if not resume and not overwrite and holds_a_run(run_dir):  # before any work
         raise CheckpointError(

@@ -97,6 +97,39 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64 bits.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the large blocks PyTorch frees on a CPU, for reuse.
+
+    By default glibc serves each allocation over its (dynamic) mmap threshold with a
+    fresh mmap and returns it to the OS when freed, so every training step's
+    (700, 10000) logits, softmax and gradient buffers were new pages, each written
+    for the first time through a page fault: on the 2-core dev machine that made the
+    fused loss of a ptb-small step take 39 ms instead of 19 ms, and the whole eager
+    bf16 step run at 14,000 tokens/s instead of 20,000 (as jemalloc or tcmalloc
+    would also fix). Blocks up to 32 MiB (glibc's limit for this setting) now come
+    from the heap, and up to 1 GiB of freed heap is kept rather than trimmed. Linux
+    with glibc only; elsewhere (or if it fails) nothing changes. Returns whether set.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -62,7 +62,7 @@ from lstm_lm.evaluate import evaluate  # noqa: E402
 from lstm_lm.model import LSTMLanguageModel  # noqa: E402
 from lstm_lm.sample import generate  # noqa: E402
 from lstm_lm.trainer import compile_loss, train_step  # noqa: E402
-from lstm_lm.utils import native_bf16, pick_device, pick_precision  # noqa: E402
+from lstm_lm.utils import keep_freed_memory, native_bf16, pick_device, pick_precision  # noqa: E402
 
 VOCAB, BATCH, BPTT, EVAL_BATCH = 10_000, 20, 35, 10
 SIZES = {  # name: (layers, units, dropout), as in configs/ptb-*.yaml
@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-interval", type=int, default=100, help="log interval of those runs, in batches (default 100)")
     p.add_argument("--peer-rounds", type=int, default=2, help="rounds of those runs (default 2)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as every lstm-lm process does; the baseline rows, in this process, share it
     device = pick_device(args.device)
     if args.sizes is None:
         args.sizes = "small,medium" + (",large" if device.type == "cuda" else "")

@@ -43,3 +43,12 @@ def test_autocast_is_bf16_for_bf16_and_nothing_for_fp32():
     assert isinstance(ctx, contextlib.nullcontext)
     with ctx:
         assert (a @ a).dtype == torch.float32
+
+
+def test_freed_memory_is_kept_for_reuse_where_glibc_allows():
+    import platform
+
+    from lstm_lm.utils import keep_freed_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc and keep_freed_memory() is glibc  # set once, cached
