@@ -341,10 +341,11 @@ def _interval_rates(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
-def run_peer(size: str, batches: int, interval: int, tmp: Path) -> list[float]:
-    """The upstream example on PTB for `batches` batches: tokens/s of each log interval."""
+def run_peer(size: str, batches: int, interval: int, tmp: Path, device: str = "cpu") -> list[float]:
+    """The upstream example on PTB for `batches` batches: tokens/s of each log interval
+    (`--accel` puts it on the GPU)."""
     cmd = [sys.executable, "-u", "main.py", "--data", str(PTB_DIR), *PEER_ARGS[size], "--epochs", "1",
-           "--log-interval", str(interval), "--save", str(tmp / "peer.pt")]
+           "--log-interval", str(interval), "--save", str(tmp / "peer.pt"), *(["--accel"] if device != "cpu" else [])]
     proc = subprocess.Popen(cmd, cwd=PEER_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rates, lines = [], []
     try:
@@ -363,11 +364,11 @@ def run_peer(size: str, batches: int, interval: int, tmp: Path) -> list[float]:
     return rates
 
 
-def run_lstm_lm(size: str, extra: list[str], batches: int, interval: int, tmp: Path) -> list[float]:
+def run_lstm_lm(size: str, extra: list[str], batches: int, interval: int, tmp: Path, device: str = "cpu") -> list[float]:
     """`lstm-lm train --config ptb-SIZE` on PTB for `batches` steps: steps.jsonl's tokens/s per interval."""
     out = tmp / "lstm-lm-run"
     cmd = [sys.executable, "-m", "lstm_lm", "train", "--config", f"ptb-{size}", "--data", str(PTB_DIR), "--out",
-           str(out), "--overwrite", "--set", f"train.log_interval={interval}", *extra]
+           str(out), "--overwrite", "--device", device, "--set", f"train.log_interval={interval}", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     steps = out / "steps.jsonl"
     try:
@@ -384,13 +385,13 @@ def run_lstm_lm(size: str, extra: list[str], batches: int, interval: int, tmp: P
     return rates
 
 
-def peer_comparison(sizes: list[str], batches: int, interval: int, rounds: int) -> list[dict]:
+def peer_comparison(sizes: list[str], batches: int, interval: int, rounds: int, device: str = "cpu") -> list[dict]:
     """Each size: the peer and lstm-lm's train rows, in turns, `rounds` times; one record per row."""
     records = []
     for size in sizes:
-        log(f"\nptb-{size} against the upstream example, {rounds} rounds of {batches} batches per run ...")
-        runs = {"peer (pytorch/examples)": lambda tmp: run_peer(size, batches, interval, tmp)}
-        runs |= {name: (lambda tmp, extra=extra: run_lstm_lm(size, extra, batches, interval, tmp))
+        log(f"\nptb-{size} against the upstream example on {device}, {rounds} rounds of {batches} batches per run ...")
+        runs = {"peer (pytorch/examples)": lambda tmp: run_peer(size, batches, interval, tmp, device)}
+        runs |= {name: (lambda tmp, extra=extra: run_lstm_lm(size, extra, batches, interval, tmp, device))
                  for name, extra in TRAIN_ROWS.items()}
         rates: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(rounds):
@@ -568,12 +569,13 @@ def main(argv: list[str] | None = None) -> int:
                         "completion": wall["completion"]})
 
     peer_ready = PEER_DIR.is_dir() and (PTB_DIR / "train.txt").is_file()
-    if not args.no_peer and device.type == "cpu" and peer_ready:
+    if not args.no_peer and peer_ready:
         batches = args.peer_batches or (200 if args.quick else 300)
-        records += peer_comparison(["small"] if args.quick else sizes, batches, args.peer_interval, args.peer_rounds)
+        quick_sizes = ["small"] if device.type == "cpu" else sizes  # a GPU runs every size in seconds
+        records += peer_comparison(quick_sizes if args.quick else sizes, batches, args.peer_interval,
+                                   args.peer_rounds, device.type)
     elif not args.no_peer:
-        log("\nno runs against the upstream example: " + ("it runs on the CPU here (scripts/gpu_check.sh runs it on "
-            "a GPU)" if device.type != "cpu" else f"{PEER_DIR} or {PTB_DIR} is missing"))
+        log(f"\nno runs against the upstream example: {PEER_DIR} or {PTB_DIR} is missing")
 
     targets = check_targets(records, extra, device)
     if targets:

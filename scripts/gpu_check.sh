@@ -6,7 +6,8 @@
 #   2. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
 #      against the plain run;
 #   3. one epoch of ptb-small on CUDA with cuDNN, then eval and complete;
-#   4. the speed benchmark on CUDA (bench_speed.py --quick);
+#   4. the speed benchmark on CUDA (bench_speed.py --quick), with the upstream word_language_model
+#      example run beside lstm-lm train at every size when ../shared/peer and ../shared/data are there;
 #   5. the first two epochs of ptb-awd (AWD-LSTM's regularization on cuDNN);
 #   6. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default budget;
 #   7. one epoch of ptb-small with the hand-written cell.
