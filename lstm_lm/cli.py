@@ -55,7 +55,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     epilog=(
         "**Examples**\n\n"
-        "    lstm-lm train                     # the demo model, about 45 s on a laptop CPU\n\n"
+        "    lstm-lm train                     # the demo model, about 26 s on a 2-core CPU\n\n"
         '    lstm-lm complete "My name is John, I am from Tamilnadu and I speak"\n\n'
         "    lstm-lm eval                      # perplexity of the last run's test split"
     ),

@@ -23,7 +23,8 @@ def bench():
 def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--sizes", "small", "--rows", "cudnn/fp32,custom/bf16", "--steps", "1", "--rounds", "2",
-                     "--warmup", "1", "--eval-chunks", "1", "--gen-tokens", "5", "--skip-complete", "--json", str(out)])
+                     "--warmup", "1", "--eval-chunks", "1", "--gen-tokens", "5", "--skip-complete", "--no-peer",
+                     "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {r["row"]: r for r in result["rows"] if r["size"] == "ptb-small"}

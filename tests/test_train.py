@@ -205,7 +205,8 @@ def test_a_budget_shorter_than_an_epoch_still_keeps_time_for_the_final_evaluatio
     # validation and test are a good share of the budget, so without it the run overshoots.
     d = tmp_path / "big"
     d.mkdir()
-    for name, lines in (("train", TINY_TRAIN * 200), ("valid", TINY_VALID * 150), ("test", TINY_TEST * 150)):
+    # 600 copies: about 17,000 steps, more than 8 s of this model even on a fast moment of the machine
+    for name, lines in (("train", TINY_TRAIN * 600), ("valid", TINY_VALID * 150), ("test", TINY_TEST * 150)):
         (d / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     budget_s = 8.0  # the machine's speed drifts: room for a slow moment, still short of an epoch
     summary = train(_cfg(d, "train.epochs=1", f"train.time_budget={budget_s / 60}", "train.log_interval=5"),
