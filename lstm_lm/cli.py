@@ -410,6 +410,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="PyTorch's CPU threads for the model. The model answers one request at a time, and with 1 (the default) the other cores parse HTTP and JSON: faster here than 2 (docs/use.md).")] = 1,
 ) -> None:
     """Serve the model over HTTP: a web page at / (suggestions as you type, the gates at
     work), the JSON API under /v1 and its documentation at /docs. Ctrl-C or SIGTERM stops it."""
@@ -420,7 +421,7 @@ def serve(
                               "pip install 'lstm-lm[serve]' (scripts/setup.sh --serve in a clone)")
         from lstm_lm.serve import run_server
 
-        run_server(checkpoint, host, port, device)
+        run_server(checkpoint, host, port, device, threads)
 
 
 @app.command(

@@ -254,16 +254,19 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
+def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+               threads: int = 1) -> None:
     """Load the model once, listen on host:port and serve until Ctrl-C or SIGTERM, then
-    finish the requests in flight and return."""
+    finish the requests in flight and return. `threads`: PyTorch's CPU threads."""
     import signal
     import socket
 
+    import torch
     import uvicorn
 
     from lstm_lm.utils import log
 
+    torch.set_num_threads(threads)
     lm = LanguageModel.load(checkpoint, device)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -183,7 +183,7 @@ HELP_OPTIONS = {
     "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
     "eval": ["--checkpoint", "--data", "--split", "--batch-size", "--precision"],
     "score": ["--checkpoint", "--per-token", "--device", "--precision"],
-    "serve": ["--checkpoint", "--host", "--port", "--device"],
+    "serve": ["--checkpoint", "--host", "--port", "--device", "--threads"],
     "export": ["--format", "--checkpoint", "--out", "--int8", "--data"],
 }
 
