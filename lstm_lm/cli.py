@@ -418,7 +418,7 @@ def serve(
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:
             raise LSTMLMError(f"lstm-lm serve needs {' and '.join(missing)}, which the serve extra installs: "
-                              "pip install 'lstm-lm[serve]' (scripts/setup.sh --serve in a clone)")
+                              "pip install 'lstm-lm[serve]' (in a clone, scripts/setup.sh installs it)")
         from lstm_lm.serve import run_server
 
         run_server(checkpoint, host, port, device, threads)

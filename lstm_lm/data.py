@@ -81,10 +81,10 @@ def resolve_source(spec: str) -> Source:
                 "(a directory needs train.txt, valid.txt and test.txt; or pass a single text file)"
             )
         for p in files.values():
-            _check_file(p)
+            check_file(p)
         return Source("dir", spec, files)
     if path.is_file():
-        _check_file(path)
+        check_file(path)
         return Source("file", spec, {"text": path})
     if ":" in spec:  # "wikitext:wikitext-2-raw-v1", "org/name:config", "hf:org/name"
         return Source("hub", spec)
@@ -94,7 +94,8 @@ def resolve_source(spec: str) -> Source:
     )
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
+    """A readable, non-empty file, or a DataError that says which it is not."""
     if not os.access(path, os.R_OK):
         raise DataError(f"cannot read {path}: permission denied")
     if path.stat().st_size == 0:

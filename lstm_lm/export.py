@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lstm_lm.api import LanguageModel
-from lstm_lm.data import EOS
+from lstm_lm.data import EOS, get_batch
 from lstm_lm.errors import DataError, LSTMLMError
 from lstm_lm.model import STATE_NAMES
 from lstm_lm.utils import log, write_atomically
@@ -176,8 +176,7 @@ def onnx_evaluate(session, names: list[str], sizes: list[int], data: Tensor, bpt
     state = [np.zeros((B, sizes[int(n[1:])]), np.float32) for n in names]
     total, tokens = 0.0, 0
     for i in range(0, data.size(0) - 1, bptt):
-        x, y = data[i:i + bptt], data[i + 1:i + 1 + bptt]
-        x = x[: y.size(0)]
+        x, y = get_batch(data, i, bptt)
         logits, state = run_chunk(session, names, x.numpy(), state)
         logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
         total -= float(logp.gather(-1, y[..., None]).sum())

@@ -17,16 +17,17 @@ token's score), and only the real tokens go through the output layer.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from lstm_lm.data import EOS, UNK
+from lstm_lm.data import EOS, UNK, check_file
+from lstm_lm.errors import DataError, PromptError
 from lstm_lm.loss import token_log_probs
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.errors import DataError, PromptError
 from lstm_lm.sample import MAX_PROMPT_TOKENS
 
 # Padded tokens per batch: enough rows for the matrix products to run at full speed,
@@ -101,17 +102,14 @@ def _score_batch(model: LSTMLanguageModel, rows: list[list[int]]) -> list[torch.
 
 def read_lines(path: str, block: int = 4096) -> Iterator[list[str]]:
     """The lines of a file (or of stdin for "-"), `block` at a time, checked before any
-    is read: a missing or empty file is a DataError."""
-    import sys
-
+    is read: a missing, unreadable or empty file is a DataError."""
     if path != "-":
         p = Path(path)
         if not p.exists():
             raise DataError(f"{path} does not exist")
         if not p.is_file():
             raise DataError(f"{path} is not a file")
-        if p.stat().st_size == 0:
-            raise DataError(f"{path} is empty: give one text per line")
+        check_file(p)
     return _blocks_of_lines(path, block, sys.stdin)
 
 

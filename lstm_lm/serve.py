@@ -42,6 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lstm_lm import __version__
 from lstm_lm.api import LanguageModel
 from lstm_lm.errors import LSTMLMError
 
@@ -143,7 +144,7 @@ def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None) ->
             on_ready()
         yield
 
-    app = FastAPI(title="lstm-lm", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="lstm-lm", version=__version__, lifespan=lifespan,
                   description="Next words, completions, scores and the gates of a trained LSTM language model.")
     _add_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
@@ -171,12 +172,6 @@ def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None) ->
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     return app
-
-
-def _version() -> str:
-    from lstm_lm import __version__
-
-    return __version__
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
