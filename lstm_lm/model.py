@@ -20,12 +20,17 @@ every cell, because both engines read the weights afresh at every call: embeddin
 dropout (whole words), locked dropout (one mask for all time steps) on the
 embedding output, between layers and on the output, and weight drop (DropConnect
 on W_hh).
+
+The weights of the layers that one call of the fused kernel runs live in one flat
+buffer in cuDNN's order (per layer W_ih, W_hh, b_ih, b_hh), and the parameters are
+views of it, as in torch.nn.LSTM: cuDNN reads them where they are, where weights
+scattered in memory are first copied into one buffer at every call. Weight drop
+makes one masked copy of that buffer per batch, in which only the W_hh blocks differ.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -38,11 +43,6 @@ from lstm_lm.loss import linear_cross_entropy
 # Per layer a tuple of tensors, each (B, H_k): (h, c) for the LSTM, (h,) for the GRU and
 # the simple RNN. Layers may differ in size (AWD-LSTM's last layer is smaller).
 State = list[tuple[Tensor, ...]]
-
-# cuDNN copies weights that are not one flat buffer into one before each call and warns
-# about it; here the weights are fresh tensors at every call by design (weight drop).
-warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
-
 
 def detach_state(state: State) -> State:
     """The same memory with the gradient history cut (truncated BPTT)."""
@@ -180,6 +180,23 @@ def fused_rnn(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: list[Ten
     return out, tuple(new_state)
 
 
+class _MaskedCopy(torch.autograd.Function):
+    """`flat * mask` as a new buffer, differentiable in `params`, the tensors that are
+    consecutive views of `flat` (its gradient is split back into one per parameter)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, mask: Tensor, *params: Tensor) -> Tensor:
+        ctx.save_for_backward(mask)
+        ctx.shapes = [p.shape for p in params]
+        return flat * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        grads = (grad * mask).split([s.numel() for s in ctx.shapes])
+        return None, None, *(g.view(s) for g, s in zip(grads, ctx.shapes))
+
+
 class Recurrent(nn.Module):
     """A multi-layer LSTM, GRU or simple RNN with torch.nn's parameters, run by either engine (time-major).
 
@@ -207,7 +224,13 @@ class Recurrent(nn.Module):
             self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(blocks * H, H)))
             self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(blocks * H)))
             self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(blocks * H)))
+        # The layers each call of the fused kernel runs: all of them at once (torch.nn's
+        # dropout between them) when they share a size and need no locked dropout
+        # between them, else one call per layer.
+        stacked = len(set(sizes)) == 1 and not (locked_dropout and dropout > 0)
+        self.groups = [list(range(num_layers))] if stacked else [[k] for k in range(num_layers)]
         self.reset_parameters()
+        self.flatten_parameters()
 
     @property
     def hidden_size(self) -> int:
@@ -224,6 +247,60 @@ class Recurrent(nn.Module):
     def raw_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Layer k's (W_ih, W_hh, b_ih, b_hh) as stored."""
         return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def group_parameters(self, i: int) -> list[nn.Parameter]:
+        """The parameters of group i in the order the fused kernel takes them."""
+        return [w for k in self.groups[i] for w in self.raw_weights(k)]
+
+    @torch.no_grad()
+    def flatten_parameters(self) -> None:
+        """Copy each group's parameters into one new flat buffer and make them views of it."""
+        self._flat = []
+        for i in range(len(self.groups)):
+            params = self.group_parameters(i)
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            for p, view in zip(params, flat.split([p.numel() for p in params])):
+                p.data = view.view_as(p)
+            self._flat.append(flat)
+
+    def is_flat(self) -> bool:
+        """Whether every parameter is still its view of its group's buffer (moving the
+        module, loading with assign=True or copying it makes new tensors)."""
+        for i, flat in enumerate(self._flat):
+            ptr = flat.data_ptr()
+            for p in self.group_parameters(i):
+                if p.data_ptr() != ptr or p.dtype != flat.dtype or p.device != flat.device:
+                    return False
+                ptr += p.numel() * p.element_size()
+        return True
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16() make new tensors
+        module = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return module
+
+    @torch.compiler.disable
+    def fused_weights(self) -> list[list[Tensor]]:
+        """Each group's weights for its call of the fused kernel: the parameters
+        themselves, or in training with weight drop, views of one copy of the group's
+        buffer in which the W_hh blocks carry a fresh DropConnect mask and everything
+        else is unchanged. (Kept out of torch.compile's graph: it reads data pointers.)"""
+        if not self.is_flat():
+            self.flatten_parameters()
+        groups = [self.group_parameters(i) for i in range(len(self.groups))]
+        if not (self.training and self.weight_drop > 0):
+            return groups
+        weights = []
+        for flat, params in zip(self._flat, groups):
+            mask = flat.new_ones(flat.shape)
+            start = 0
+            for w_ih, w_hh, b_ih, b_hh in zip(*[iter(params)] * 4):  # layer by layer
+                start += w_ih.numel()
+                mask[start:start + w_hh.numel()] = dropout(w_hh.new_ones(w_hh.numel()), self.weight_drop, True)
+                start += w_hh.numel() + b_ih.numel() + b_hh.numel()
+            dropped = _MaskedCopy.apply(flat, mask, *params)
+            weights.append([v.view_as(p) for p, v in zip(params, dropped.split([p.numel() for p in params]))])
+        return weights
 
     def layer_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Layer k's (W_ih, W_hh, b_ih, b_hh) as this call uses them: in training with
@@ -242,15 +319,9 @@ class Recurrent(nn.Module):
         """x (T, B, I) and the per-layer state -> the last layer's output (T, B, H) and the new state."""
         if state is None:
             state = self.zero_state(x.size(1), x.device, x.dtype)
+        if self.engine == "cudnn":
+            return self._fused_forward(x, state)
         weights = [self.layer_weights(k) for k in range(self.num_layers)]
-        one_size = len(set(self.sizes)) == 1
-        if self.engine == "cudnn" and one_size and not (self.locked_dropout and self.dropout > 0):
-            # All layers in one kernel call, torch.nn's own dropout between them: what
-            # nn.LSTM.forward does, and on a GPU cuDNN overlaps the layers.
-            stacks = tuple(torch.stack(parts) for parts in zip(*state))  # (L, B, H) each
-            out, new = fused_rnn(self.cell, x, stacks, [w for ws in weights for w in ws], self.num_layers,
-                                 self.dropout, self.training)
-            return out, list(zip(*(s.unbind(0) for s in new)))
         new_state = []
         for k in range(self.num_layers):
             if k > 0 and self.dropout > 0:  # between layers
@@ -259,11 +330,22 @@ class Recurrent(nn.Module):
             new_state.append(layer_state)
         return x, new_state
 
+    def _fused_forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """The fused kernel, one call per group. A group of all the layers is what
+        nn.LSTM.forward runs (torch.nn's dropout between layers; on a GPU cuDNN overlaps
+        them); between groups of one layer, this module's (locked) dropout."""
+        new_state = []
+        for group, weights in zip(self.groups, self.fused_weights()):
+            if group[0] > 0 and self.dropout > 0:
+                x = (locked_dropout if self.locked_dropout else dropout)(x, self.dropout, self.training)
+            stacks = tuple(torch.stack(parts) for parts in zip(*(state[k] for k in group)))  # (L, B, H) each
+            between = self.dropout if len(group) > 1 else 0.0
+            x, new = fused_rnn(self.cell, x, stacks, weights, len(group), between, self.training)
+            new_state.extend(zip(*(s.unbind(0) for s in new)))
+        return x, new_state
+
     def _layer(self, x: Tensor, state: tuple[Tensor, ...], weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         w_ih, w_hh, b_ih, b_hh = weights
-        if self.engine == "cudnn":
-            out, new = fused_rnn(self.cell, x, tuple(s[None] for s in state), list(weights), 1, 0.0, self.training)
-            return out, tuple(s[0] for s in new)
         # The input half of every gate for all T steps in one matrix product; only the
         # recurrent half has to wait for the previous step.
         x_proj = input_projection(self.cell, x, w_ih, b_ih, b_hh)  # (T, B, G*H)

@@ -120,13 +120,19 @@ class WeightAverage:
         for avg, p in zip(self.averages, self.params):
             avg.lerp_(p, 1.0 / self.count)
 
+    @torch.no_grad()
+    def _swap(self) -> None:
+        # In place: the recurrent weights are views of one flat buffer (see model.py).
+        for avg, p in zip(self.averages, self.params):
+            own = p.clone()
+            p.copy_(avg)
+            avg.copy_(own)
+
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Inside the block the model holds the averaged weights; after it, its own again."""
-        for avg, p in zip(self.averages, self.params):
-            avg.data, p.data = p.data, avg.data
+        self._swap()
         try:
             yield
         finally:
-            for avg, p in zip(self.averages, self.params):
-                avg.data, p.data = p.data, avg.data
+            self._swap()

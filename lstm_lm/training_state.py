@@ -90,7 +90,8 @@ def save_training_state(
         tensors[f"extra.{name}"] = t
     meta = {"format_version": FORMAT_VERSION, "state": dataclasses.asdict(state),
             "param_groups": opt["param_groups"], "optim_scalars": opt_scalars}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # Copies: safetensors refuses tensors that share memory (views of one buffer).
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     write_atomically(folder / TRAINING_STATE,
                      lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)}))
 

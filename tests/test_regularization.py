@@ -131,3 +131,108 @@ def test_training_loss_adds_activation_and_temporal_activation_regularization():
     expected = ce + 2.0 * out.pow(2).mean() + 1.0 * (out[1:] - out[:-1]).pow(2).mean()
     torch.testing.assert_close(objective, expected)
     torch.testing.assert_close(ce2, ce)
+
+
+def _group_is_one_buffer(rnn, i, buffer):
+    """Group i's weights lie back to back from the start of `buffer`, in cuDNN's order."""
+    ptr = buffer.data_ptr()
+    for k in rnn.groups[i]:
+        for w in rnn.raw_weights(k):
+            assert w.data_ptr() == ptr
+            ptr += w.numel() * w.element_size()
+    return True
+
+
+@pytest.mark.parametrize("sizes, locked, groups", [
+    ([10, 10], False, [[0, 1]]),  # one kernel call for the stack: one buffer
+    ([10, 10], True, [[0], [1]]),  # locked dropout between layers: a call (and a buffer) per layer
+    ([12, 8], False, [[0], [1]]),  # per-layer sizes
+])
+def test_recurrent_weights_are_views_of_one_flat_buffer_per_kernel_call(sizes, locked, groups):
+    rnn = Recurrent(6, sizes, len(sizes), dropout=0.3, engine="cudnn", locked_dropout=locked)
+    assert rnn.groups == groups
+    for i, flat in enumerate(rnn._flat):
+        assert _group_is_one_buffer(rnn, i, flat)
+        assert flat.numel() == sum(p.numel() for p in rnn.group_parameters(i))
+    assert rnn.fused_weights() == [rnn.group_parameters(i) for i in range(len(groups))]  # no copy
+
+    # Still a state dict of separate tensors: it loads into torch.nn.LSTM and back.
+    if len(set(sizes)) == 1:
+        ref = nn.LSTM(6, sizes[0], len(sizes))
+        ref.load_state_dict(rnn.state_dict())
+        x = torch.randn(5, 3, 6)
+        torch.testing.assert_close(rnn.eval()(x)[0], ref(x)[0], atol=1e-5, rtol=0)
+        ref.weight_hh_l1.data.normal_()
+        rnn.load_state_dict(ref.state_dict())  # copies into the views
+        assert rnn.is_flat()
+        torch.testing.assert_close(rnn.weight_hh_l1, ref.weight_hh_l1, atol=0, rtol=0)
+
+
+def test_flat_buffer_survives_optimizer_steps_averaging_moves_and_copies():
+    import copy
+
+    from lstm_lm.optim import WeightAverage
+
+    torch.manual_seed(0)
+    rnn = Recurrent(6, 10, 2, engine="cudnn")
+    opt = torch.optim.SGD(rnn.parameters(), lr=0.5)
+    average = WeightAverage(rnn)
+    x = torch.randn(5, 3, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        rnn(x)[0].pow(2).sum().backward()
+        opt.step()
+        average.update()
+    assert rnn.is_flat()
+    own = {k: v.clone() for k, v in rnn.state_dict().items()}
+    with average.swapped_in():
+        assert rnn.is_flat()
+        assert not torch.equal(rnn.weight_ih_l0, own["weight_ih_l0"])
+    assert rnn.is_flat() and all(torch.equal(v, own[k]) for k, v in rnn.state_dict().items())
+
+    rnn.double()  # a move makes new tensors: flattened again, in the new dtype
+    assert rnn.is_flat() and rnn._flat[0].dtype == torch.float64
+    rnn.float()
+    twin = copy.deepcopy(rnn)  # separate tensors: the first forward flattens them again
+    assert not twin.is_flat()
+    torch.testing.assert_close(twin(x)[0], rnn(x)[0], atol=0, rtol=0)
+    assert twin.is_flat()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("sizes", [[10, 10], [12, 8]])
+def test_weight_drop_masks_a_copy_of_the_buffer_in_w_hh_only(cell, sizes):
+    torch.manual_seed(0)
+    rnn = Recurrent(6, sizes, len(sizes), cell=cell, engine="cudnn", weight_drop=0.5).train()
+    torch.manual_seed(1)
+    expected = [rnn.layer_weights(k) for k in range(len(sizes))]  # the masks the custom engine draws
+    torch.manual_seed(1)
+    weights = rnn.fused_weights()
+    for i, group in enumerate(rnn.groups):
+        assert _group_is_one_buffer(rnn, i, rnn._flat[i])  # the parameters stay where they were
+        copy_start = weights[i][0]
+        assert copy_start.data_ptr() != rnn._flat[i].data_ptr()
+        ptr = copy_start.data_ptr()
+        for w in weights[i]:  # the dropped weights: views of one new buffer, back to back
+            assert w.data_ptr() == ptr
+            ptr += w.numel() * w.element_size()
+        for k, (w_ih, w_hh, b_ih, b_hh) in zip(group, zip(*[iter(weights[i])] * 4)):
+            params = rnn.raw_weights(k)
+            for ours, param in ((w_ih, params[0]), (b_ih, params[2]), (b_hh, params[3])):
+                assert torch.equal(ours, param)  # untouched
+            assert torch.equal(w_hh, expected[k][1])  # the same DropConnect mask as the custom engine's
+            assert 0.4 < (w_hh == 0).float().mean() < 0.6
+
+    # Gradients reach each parameter through its view; W_hh only through the kept entries.
+    upstream = [[torch.randn_like(w) for w in ws] for ws in weights]
+    sum((w * u).sum() for ws, us in zip(weights, upstream) for w, u in zip(ws, us)).backward()
+    for i, group in enumerate(rnn.groups):
+        for j, k in enumerate(group):
+            params = rnn.raw_weights(k)
+            kept = (expected[k][1] != 0).float() * 2  # mask / (1 - p)
+            for n in (0, 2, 3):
+                assert torch.equal(params[n].grad, upstream[i][4 * j + n])
+            torch.testing.assert_close(params[1].grad, upstream[i][4 * j + 1] * kept, atol=0, rtol=0)
+
+    rnn.eval()  # no mask at evaluation: the parameters themselves
+    assert rnn.fused_weights() == [rnn.group_parameters(i) for i in range(len(rnn.groups))]
