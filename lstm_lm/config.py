@@ -160,6 +160,14 @@ class TrainConfig:
                            choices=("auto", "fp32", "bf16"))
     compile: bool = param(False, "torch.compile the training step (for the hand-written cell, its time loop "
                           "with it); compiling takes 20 s to 1.5 min once per run.")
+    compile_mode: str = param("default", "torch.compile's mode with train.compile: default, reduce-overhead "
+                              "(on a GPU it replays the step's kernels as CUDA graphs) or max-autotune (it also "
+                              "times kernel variants; compiling takes much longer).",
+                              choices=("default", "reduce-overhead", "max-autotune"))
+    loss_impl: str = param("auto", "How the output layer and its cross-entropy are computed in training: fused "
+                           "(block by block, the gradient computed at once and no logits kept: see loss.py), "
+                           "plain (F.linear then F.cross_entropy, the logits kept for backward) or auto (fused; "
+                           "measured faster on a CPU, see docs/speed.md).", choices=("auto", "fused", "plain"))
     seed: int = param(1111, "Seed for weights, dropout and sampling.")
     log_interval: int = param(50, "Update the progress bar and write a line to steps.jsonl every this many steps "
                               "(each update syncs the device).", ge=1)
@@ -384,6 +392,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.min_lr: must be below train.lr ({t.lr}), got {t.min_lr}")
     if t.nt_asgd and t.optimizer != "sgd":
         p.append(f"train.nt_asgd: averages SGD's iterates; needs train.optimizer=sgd, got {t.optimizer}")
+    if t.compile_mode != "default" and not t.compile:
+        p.append(f"train.compile_mode: {t.compile_mode} needs train.compile=true")
     if t.variable_bptt and t.compile:
         p.append("train.variable_bptt: does not combine with train.compile (every new chunk length would "
                  "compile anew); turn one of them off")

@@ -21,6 +21,7 @@ Without gradients (evaluation) the same blocks compute the loss only, or with
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Rows per block: the (rows, V) float32 block stays around 64 MiB at most, so the
@@ -121,6 +122,28 @@ def linear_cross_entropy(
         else:
             total, _, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=False)
     return total / targets.numel() if reduction == "mean" else total
+
+
+LOSS_IMPLS = ("fused", "plain")
+
+
+def output_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, impl: str = "fused") -> Tensor:
+    """The mean cross-entropy of the output layer `h @ weight.T + bias` against `targets`,
+    float32, by one of two paths with the same value: "fused" (linear_cross_entropy above)
+    or "plain", the textbook `F.cross_entropy` of float32 logits, which keeps them for
+    backward and leaves the kernels to the library (cuBLAS and PyTorch's own softmax on a GPU)."""
+    if impl == "fused":
+        return linear_cross_entropy(h, weight, bias, targets)
+    if impl != "plain":
+        raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    return F.cross_entropy(F.linear(h, weight, bias).float(), targets)
+
+
+def resolve_loss_impl(impl: str, device: torch.device) -> str:
+    """`auto` -> the path measured faster on this kind of device: fused on a CPU (see
+    docs/speed.md). No GPU has measured the two yet, so a GPU keeps fused too;
+    `scripts/bench_speed.py --device cuda` times both."""
+    return "fused" if impl == "auto" else impl
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_lm.config import ModelConfig
-from lstm_lm.loss import linear_cross_entropy
+from lstm_lm.loss import linear_cross_entropy, output_cross_entropy
 
 # Per layer a tuple of tensors, each (B, H_k): (h, c) for the LSTM, (h,) for the GRU and
 # the simple RNN. Layers may differ in size (AWD-LSTM's last layer is smaller).
@@ -376,6 +376,7 @@ class LSTMLanguageModel(nn.Module):
         self.rnn = Recurrent(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], cell=cfg.cell,
                              engine=self.impl, weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout)
         self.decoder = nn.Linear(sizes[-1], vocab_size)
+        self.loss_impl = "fused"  # the output layer's path in training_loss: "fused" or "plain" (loss.py)
         if cfg.tie_weights:
             # Weight tying (Press & Wolf 2017; Inan et al. 2017): the output projection
             # reuses the input embedding, saving V*H parameters and improving perplexity.
@@ -458,7 +459,8 @@ class LSTMLanguageModel(nn.Module):
         between time steps.
         """
         out, state, raw = self.features(ids, state, raw=True)
-        ce = linear_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias, targets.flatten())
+        ce = output_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias, targets.flatten(),
+                                  self.loss_impl)
         objective = ce
         if ar > 0:
             objective = objective + ar * out.float().pow(2).mean()

@@ -35,6 +35,7 @@ from lstm_lm.distributed import World
 from lstm_lm.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from lstm_lm.evaluate import evaluate
 from lstm_lm.inspection import gradient_flow
+from lstm_lm.loss import resolve_loss_impl
 from lstm_lm.model import LSTMLanguageModel, State, detach_state
 from lstm_lm.optim import LearningRate, WeightAverage, make_optimizer, nt_asgd_triggers
 from lstm_lm.rundir import CHECKPOINTS, LAST, last_checkpoint, resume_hint, save_step_checkpoint, update_latest
@@ -77,7 +78,7 @@ def train_step(
     return loss.detach(), hidden
 
 
-def compile_loss(model: LSTMLanguageModel) -> Callable:
+def compile_loss(model: LSTMLanguageModel, mode: str = "default") -> Callable:
     """`model.training_loss` compiled with torch.compile: embedding, dropout, the LSTM
     and the fused output layer + loss, forward and backward. With the hand-written
     cell that is one graph, its whole time loop included; the fused nn.LSTM kernel is
@@ -86,9 +87,10 @@ def compile_loss(model: LSTMLanguageModel) -> Callable:
     products do not.
 
     Compilation happens on the first call and again for each new input shape; the
-    model itself is unchanged, so checkpoints are the same.
+    model itself is unchanged, so checkpoints are the same. `mode` is torch.compile's
+    (reduce-overhead: CUDA graphs on a GPU).
     """
-    return torch.compile(model.training_loss, dynamic=False)
+    return torch.compile(model.training_loss, dynamic=False, mode=mode)
 
 
 def chunk_length(t: TrainConfig, step: int) -> int:
@@ -160,7 +162,8 @@ class Trainer:
 
         self.model = LSTMLanguageModel(cfg.model, self.corpus.vocab_size).to(self.device)
         self.precision = pick_precision(t.precision, self.device)
-        self.loss = _TrainingLoss(self.model, t.compile)
+        self.model.loss_impl = resolve_loss_impl(t.loss_impl, self.device)
+        self.loss = _TrainingLoss(self.model, t.compile, t.compile_mode)
         self.optimizer = make_optimizer(cfg, self.model)
         self.ddp = None
         if world.enabled:  # DistributedDataParallel averages the gradients across ranks during backward
@@ -404,10 +407,10 @@ class _TrainingLoss(torch.nn.Module):
     """`model.training_loss` as a module's forward, so that DistributedDataParallel (which
     hooks a module's forward) can wrap it; `compiled` is its torch.compile'd version."""
 
-    def __init__(self, model: LSTMLanguageModel, compile: bool):
+    def __init__(self, model: LSTMLanguageModel, compile: bool, mode: str = "default"):
         super().__init__()
         self.model = model
-        self.compiled = compile_loss(model) if compile else None
+        self.compiled = compile_loss(model, mode) if compile else None
 
     def forward(self, x, y, hidden, ar=0.0, tar=0.0, compiled=False):
         return (self.compiled if compiled and self.compiled is not None else self.model.training_loss)(
@@ -456,8 +459,8 @@ def reserve_evaluation_time(clock: Clock, model: LSTMLanguageModel, data: torch.
 def _describe(model: LSTMLanguageModel, corpus: Corpus, t: TrainConfig, device: torch.device, precision: str,
               n_batches: int) -> str:
     return (f"model: {model.cell}, {model.num_parameters():,} parameters, impl {model.impl}, "
-            f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}"
-            f"{', compiled' if t.compile else ''}; data: {len(corpus.splits['train']):,} train tokens, "
+            f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}, {model.loss_impl} loss"
+            f"{', compiled' if t.compile else ''}{f' ({t.compile_mode})' if t.compile_mode != 'default' else ''}; data: {len(corpus.splits['train']):,} train tokens, "
             f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
             + (f"; time budget {t.time_budget:g} min" if t.time_budget else ""))
 

@@ -191,14 +191,17 @@ def make_baseline(size: str, device: torch.device, data: torch.Tensor, eval_data
     return Row(size, "baseline", "nn.LSTM", "fp32", False, step, eval_pass)
 
 
-def make_project_row(size: str, impl: str, precision: str, compiled: bool, device: torch.device,
+def make_project_row(size: str, impl: str, precision: str, compiled: bool, variant: str, device: torch.device,
                      data: torch.Tensor, eval_data: torch.Tensor) -> Row:
     layers, units, dropout = SIZES[size]
     torch.manual_seed(0)
     cfg = ModelConfig(impl=impl, embedding_size=units, hidden_size=units, num_layers=layers, dropout=dropout,
                       tie_weights=True)
     model = LSTMLanguageModel(cfg, VOCAB).to(device)
-    loss_fn = compile_loss(model) if compiled else None
+    if variant == "plain-loss":  # train.loss_impl=plain
+        model.loss_impl = "plain"
+    mode = "reduce-overhead" if variant == "cudagraphs" else "default"  # train.compile_mode
+    loss_fn = compile_loss(model, mode) if compiled else None
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     hidden = [model.init_state(BATCH, device)]
 
@@ -210,24 +213,34 @@ def make_project_row(size: str, impl: str, precision: str, compiled: bool, devic
     def eval_pass() -> int:
         return evaluate(model, eval_data, BPTT, precision)["tokens"]
 
-    return Row(size, row_name(impl, precision, compiled), impl, precision, compiled, step, eval_pass)
+    return Row(size, row_name(impl, precision, compiled, variant), impl, precision, compiled, step, eval_pass)
 
 
-def row_name(impl: str, precision: str, compiled: bool) -> str:
-    return f"{impl}/{precision}" + ("/compile" if compiled else "")
+def row_name(impl: str, precision: str, compiled: bool, variant: str = "") -> str:
+    """e.g. cudnn/bf16, custom/fp32/compile, cudnn/bf16/plain-loss, cudnn/bf16/compile/cudagraphs."""
+    return "/".join([impl, precision] + (["compile"] if compiled else []) + ([variant] if variant else []))
 
 
-def plan(size: str, quick: bool, only: list[str] | None) -> list[tuple[str, str, bool]]:
-    """The (impl, precision, compile) combinations measured at this size."""
-    combos = [(impl, prec, comp) for impl in ("cudnn", "custom") for prec in ("fp32", "bf16") for comp in (False, True)]
+def plan(size: str, quick: bool, only: list[str] | None, device: str = "cpu") -> list[tuple[str, str, bool, str]]:
+    """The (impl, precision, compile, variant) combinations measured at this size. Variants:
+    plain-loss (train.loss_impl=plain, against the default fused loss) and, on a GPU,
+    cudagraphs (train.compile_mode=reduce-overhead)."""
+    combos = [(impl, prec, comp, "") for impl in ("cudnn", "custom") for prec in ("fp32", "bf16") for comp in (False, True)]
+    combos += [("cudnn", prec, False, "plain-loss") for prec in ("fp32", "bf16")]
+    if device == "cuda":
+        combos += [("cudnn", prec, True, "cudagraphs") for prec in ("fp32", "bf16")]
     if only is not None:
         return [c for c in combos if row_name(*c) in only]
     if not quick:
         return combos
-    # the engines in both precisions, the fastest setting, and the compile target's row
-    keep = {("cudnn", "fp32", False), ("cudnn", "bf16", False), ("custom", "fp32", False), ("cudnn", "bf16", True)}
+    # the engines in both precisions, the fastest setting, the loss paths, and the compile targets' rows
+    keep = {("cudnn", "fp32", False, ""), ("cudnn", "bf16", False, ""), ("custom", "fp32", False, ""),
+            ("cudnn", "bf16", True, ""), ("cudnn", "bf16", False, "plain-loss")}
     if size == "small":
-        keep |= {("custom", "bf16", False), ("custom", "fp32", True)}
+        keep |= {("custom", "bf16", False, ""), ("custom", "fp32", True, "")}
+    if device == "cuda":
+        keep |= {("cudnn", "fp32", False, "plain-loss"), ("cudnn", "bf16", True, "cudagraphs"),
+                 ("custom", "bf16", True, "")}
     return [c for c in combos if c in keep]
 
 
@@ -238,7 +251,8 @@ def run_size(size: str, args, device: torch.device) -> list[Row]:
     data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
     eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
     rows = [make_baseline(size, device, data, eval_data)]
-    rows += [make_project_row(size, impl, prec, comp, device, data, eval_data) for impl, prec, comp in plan(size, args.quick, args.rows)]
+    rows += [make_project_row(size, *combo, device, data, eval_data)
+             for combo in plan(size, args.quick, args.rows, device.type)]
     for row in list(rows):  # warm-up; the first step carries any compilation
         start = time.perf_counter()
         try:
@@ -333,7 +347,11 @@ PTB_DIR = ROOT.parent / "shared" / "data" / "ptb"
 # ptb-medium is Zaremba's medium model, untied as configs/ptb-medium.yaml is.
 PEER_ARGS = {"small": ["--tied"], "medium": ["--emsize", "650", "--nhid", "650", "--dropout", "0.5"],
              "large": ["--emsize", "1500", "--nhid", "1500", "--dropout", "0.65"]}
-TRAIN_ROWS = {"lstm-lm train": [], "lstm-lm train --compile": ["--compile"]}  # the recipe's defaults, and compiled
+# `lstm-lm train` rows against the peer: the recipe's defaults (bf16 where the hardware
+# has it), and compiled; on a GPU also float32 and the compiled hand-written cell.
+TRAIN_ROWS = {"lstm-lm train": [], "lstm-lm train --compile": ["--compile"]}
+GPU_TRAIN_ROWS = TRAIN_ROWS | {"lstm-lm train --precision fp32": ["--precision", "fp32"],
+                               "lstm-lm train --impl custom --compile": ["--impl", "custom", "--compile"]}
 
 
 def _interval_rates(values: list[float]) -> float:
@@ -392,7 +410,7 @@ def peer_comparison(sizes: list[str], batches: int, interval: int, rounds: int, 
         log(f"\nptb-{size} against the upstream example on {device}, {rounds} rounds of {batches} batches per run ...")
         runs = {"peer (pytorch/examples)": lambda tmp: run_peer(size, batches, interval, tmp, device)}
         runs |= {name: (lambda tmp, extra=extra: run_lstm_lm(size, extra, batches, interval, tmp, device))
-                 for name, extra in TRAIN_ROWS.items()}
+                 for name, extra in (TRAIN_ROWS if device == "cpu" else GPU_TRAIN_ROWS).items()}
         rates: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(rounds):
             for name, run in runs.items():
@@ -449,6 +467,16 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
         fast = tok_s("ptb-medium", "cudnn/bf16")
         if slow and fast:
             target("ptb-medium: cudnn/bf16 vs custom/fp32 (eager), same GPU", fast / slow, ">=", 20)
+        for size in ("ptb-small", "ptb-medium", "ptb-large"):
+            peer_rows = {r["row"]: r for r in records if r["size"] == size and "ratio_vs_peer" in r}
+            for row, label in (("lstm-lm train", "cuDNN, bf16"), ("lstm-lm train --precision fp32", "cuDNN, fp32")):
+                if row in peer_rows:
+                    target(f"{size}: {label} vs the upstream example, same GPU", peer_rows[row]["ratio_vs_peer"],
+                           ">=", 1.3)
+            custom, cudnn = peer_rows.get("lstm-lm train --impl custom --compile"), peer_rows.get("lstm-lm train")
+            if custom and cudnn:
+                target(f"{size}: compiled hand-written cell vs cuDNN (lstm-lm train)",
+                       custom["tokens_per_s"] / cudnn["tokens_per_s"], ">=", 0.5)
     if device.type == "cpu":
         gen = extra.get("generation_tokens_per_s", {})
         if gen:  # what `lstm-lm complete` does here by default: precision auto
@@ -501,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes = "small,medium" + (",large" if device.type == "cuda" else "")
     sizes = args.sizes.split(",")
     args.rows = args.rows.split(",") if args.rows else None
-    known = {row_name(*c) for c in plan("small", quick=False, only=None)}
+    known = {row_name(*c) for c in plan("small", quick=False, only=None, device="cuda")}
     if args.rows and (unknown := [r for r in args.rows if r not in known]):
         p.error(f"unknown row(s) {unknown}; choose from {sorted(known)}")
     if unknown := [s for s in sizes if s not in SIZES]:

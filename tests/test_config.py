@@ -145,6 +145,9 @@ def test_per_layer_sizes_from_yaml_and_the_command_line(tmp_path):
     ("train.time_budget=0", "train.time_budget"),
     ("train.ar=-1", "train.ar"),
     ("train.warmup_steps=-5", "train.warmup_steps"),
+    ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile
+    ("train.compile_mode=fastest", "train.compile_mode"),
+    ("train.loss_impl=blocked", "train.loss_impl"),
 ])
 def test_regularization_and_schedule_values_are_checked(override, key):
     if override == "model.hidden_sizes=[100, 200]":

@@ -1,5 +1,7 @@
 """CUDA checks (skipped without a GPU): the hand-written cell against cuDNN, and training on the GPU."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,26 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("weight_drop", [0.0, 0.5])
+@pytest.mark.parametrize("sizes", [[64, 64], [64, 48]])
+def test_cudnn_reads_the_flat_buffer_in_place(sizes, weight_drop):
+    """The parameters sit where torch.nn's cuDNN flattening puts them, and no call makes
+    cuDNN copy them (it warns "not part of single contiguous chunk" when it does)."""
+    torch.manual_seed(0)
+    ours = Recurrent(32, sizes, 2, engine="cudnn", weight_drop=weight_drop).cuda().train()
+    if len(set(sizes)) == 1:
+        ref = nn.LSTM(32, sizes[0], 2).cuda()  # flattened by torch._cudnn_rnn_flatten_weight
+        offsets = [p.data_ptr() - ref.weight_ih_l0.data_ptr() for p in ref._flat_weights]
+        assert [p.data_ptr() - ours._flat[0].data_ptr() for p in ours.group_parameters(0)] == offsets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for precision in (torch.float32, torch.bfloat16):
+            with torch.autocast("cuda", dtype=precision, enabled=precision != torch.float32):
+                out, _ = ours(torch.randn(20, 8, 32, device="cuda"))
+            out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

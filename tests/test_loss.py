@@ -88,3 +88,19 @@ def test_loss_and_top_k_hits_for_evaluation_match_the_logits(bias, monkeypatch):
     rank = (logits > logits.gather(1, y[:, None])).sum(1)  # how many tokens score above the target
     assert hits.tolist() == [(rank < 1).sum().item(), (rank < 5).sum().item()]
     assert 0 < hits[0] < hits[1] < 37
+
+
+def test_both_output_loss_paths_give_the_same_loss_and_gradients():
+    from lstm_lm.loss import output_cross_entropy
+
+    results = []
+    for impl in ("fused", "plain"):
+        h, w, b, y = _inputs()
+        loss = output_cross_entropy(h, w, b, y, impl)
+        loss.backward()
+        results.append((loss.detach(), _grads(h, w, b)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss impl"):
+        output_cross_entropy(*_inputs(), "other")

@@ -299,3 +299,14 @@ def test_tensorboard_logger_without_tensorboard_is_refused_before_any_work(tiny_
     with pytest.raises(ConfigError, match=r"lstm-lm\[tensorboard\]"):
         train(_cfg(tiny_corpus, "train.logger=tensorboard"), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_plain_loss_path_trains_like_the_fused_one(tiny_corpus, tmp_path):
+    """train.loss_impl picks the output layer's path; both give the same run to rounding."""
+    runs = {impl: train(_cfg(tiny_corpus, "train.max_steps=6", "train.log_interval=1", f"train.loss_impl={impl}",
+                             "train.precision=fp32"), tmp_path / impl)
+            for impl in ("fused", "plain")}
+    losses = {impl: [json.loads(line)["loss"] for line in (tmp_path / impl / "steps.jsonl").read_text().splitlines()]
+              for impl in runs}
+    assert len(losses["fused"]) == 6
+    assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
