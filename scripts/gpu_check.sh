@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # GPU checks for lstm-lm, in order of importance, each part under a time cap so that one
-# slow part cannot starve the rest (under 10 minutes in all):
-#   1. the suite's CUDA tests: every cell (LSTM, GRU, RNN) custom vs cuDNN on CUDA, fp32
-#      and bf16 training of each cell, the fused loss (tests/test_gpu.py, test_model.py, test_loss.py);
-#   2. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
-#      against the plain run;
+# slow part cannot starve the rest (9 minutes in all, 12 with --more):
+#   1. the suite's CUDA tests: every cell (LSTM, GRU, RNN) custom vs cuDNN on CUDA, the flat
+#      weight buffer read in place by cuDNN (no copy warning), no host sync in a training step,
+#      fp32 and bf16 training of each cell, the fused loss (tests/test_gpu.py, test_model.py, test_loss.py);
+#   2. the speed benchmark on CUDA (bench_speed.py --quick): in-process rows (cuDNN and the
+#      hand-written cell, fp32 and bf16, fused and plain loss, compiled, CUDA graphs) and, when
+#      ../shared/peer and ../shared/data are there, the upstream word_language_model example
+#      beside lstm-lm train (bf16, fp32, compiled hand-written cell) at ptb-small, -medium, -large;
 #   3. one epoch of ptb-small on CUDA with cuDNN, then eval and complete;
-#   4. the speed benchmark on CUDA (bench_speed.py --quick), with the upstream word_language_model
-#      example run beside lstm-lm train at every size when ../shared/peer and ../shared/data are there;
+#   4. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
+#      against the plain run;
 #   5. the first two epochs of ptb-awd (AWD-LSTM's regularization on cuDNN);
-#   6. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default budget;
-#   7. one epoch of ptb-small with the hand-written cell.
+#   with --more: 6. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default
+#   budget; 7. one epoch of ptb-small with the hand-written cell.
 #
-#   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]
+#   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON] [--more]
 #
-# Writes into DIR: env.txt, pytest.log, ddp-check.json (the largest difference of a
-# step's loss between the two runs), ptb-small-cudnn.json and ptb-small-custom.json (each
-# the `lstm-lm train` summary plus the per-epoch metrics), eval.jsonl (`lstm-lm eval` of
-# each run on CUDA), bench_gpu.json with its table in bench_gpu.log, ptb-awd-2-epochs.json,
+# Writes into DIR: env.txt, pytest.log, bench_gpu.json with its table in bench_gpu.log,
+# ddp-check.json (the largest difference of a step's loss between the two runs),
+# ptb-small-cudnn.json and ptb-small-custom.json (each the `lstm-lm train` summary plus the
+# per-epoch metrics), eval.jsonl (`lstm-lm eval` of each run on CUDA), ptb-awd-2-epochs.json,
 # long-range.json and parts.txt (each part's exit status and seconds; 124 = over its cap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,12 +28,14 @@ cd "$(dirname "$0")/.."
 OUT=gpu-check
 DATA=../shared/data/ptb
 PY=python3
+MORE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
-    *) echo "usage: scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON]" >&2; exit 2 ;;
+    --more) MORE=1; shift ;;
+    *) echo "usage: scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON] [--more]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -96,8 +101,9 @@ ptb_small() {  # ptb_small IMPL: one epoch, then eval and complete on CUDA
   "$PY" -m lstm_lm complete "the company said" --checkpoint "$runs/ptb-small-$impl" --device cuda
 }
 
-bench() {
-  "$PY" scripts/bench_speed.py --quick --device cuda --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+bench() {  # one round against the peer: a GPU of its own does not drift as the shared CPU does
+  "$PY" scripts/bench_speed.py --quick --device cuda --peer-rounds 1 --peer-batches 300 --peer-interval 50 \
+    --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
   return "${PIPESTATUS[0]}"
 }
 
@@ -115,13 +121,15 @@ long_range() {
 export -f summarize tests ddp_check ptb_small bench awd long_range
 export PY DATA OUT runs
 part "CUDA tests" 90 bash -c tests
+part "speed benchmark on CUDA" 270 bash -c bench
 if [ "$have_ptb" = 1 ]; then
-  part "DDP (torchrun, 1 process, NCCL) vs plain, ptb-small 300 steps" 80 bash -c ddp_check
   part "ptb-small, 1 epoch, cuDNN" 60 bash -c "ptb_small cudnn"
+  part "DDP (torchrun, 1 process, NCCL) vs plain, ptb-small 300 steps" 60 bash -c ddp_check
+  part "ptb-awd, first 2 epochs" 60 bash -c awd
 fi
-part "speed benchmark on CUDA" 90 bash -c bench
-[ "$have_ptb" = 1 ] && part "ptb-awd, first 2 epochs" 90 bash -c awd
-part "long-range experiment on CUDA" 100 bash -c long_range
-[ "$have_ptb" = 1 ] && part "ptb-small, 1 epoch, hand-written cell" 60 bash -c "ptb_small custom"
+if [ "$MORE" = 1 ]; then
+  part "long-range experiment on CUDA" 100 bash -c long_range
+  [ "$have_ptb" = 1 ] && part "ptb-small, 1 epoch, hand-written cell" 60 bash -c "ptb_small custom"
+fi
 cat "$OUT/parts.txt" >&2
 exit $status

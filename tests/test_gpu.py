@@ -110,6 +110,32 @@ def test_fused_loss_matches_cross_entropy_on_cuda(exact_float32):
         torch.testing.assert_close(t.grad, g, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss_impl", ["fused", "plain"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_never_waits_for_the_gpu(precision, loss_impl):
+    """No host sync in train_step (cuDNN engine, weight drop on): the CPU queues step after
+    step. torch.cuda's sync debug mode raises on any operation that synchronizes."""
+    from lstm_lm.config import ModelConfig
+    from lstm_lm.model import LSTMLanguageModel
+    from lstm_lm.trainer import train_step
+
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(ModelConfig(embedding_size=64, hidden_size=64, weight_drop=0.3), 1000).cuda().train()
+    model.loss_impl = loss_impl
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    data = torch.randint(0, 1000, (36 * 4, 8), device="cuda")
+    hidden = model.init_state(8, "cuda")
+    for i in range(4):
+        if i == 1:  # after the first step, which sets up cuDNN and the caching allocator
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, hidden = train_step(model, optimizer, data[i * 36:i * 36 + 35], data[i * 36 + 1:i * 36 + 36], hidden,
+                                   clip=0.25, precision=precision)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("impl,cell", [("cudnn", "lstm"), ("custom", "lstm"), ("cudnn", "gru"), ("cudnn", "rnn"),
                                        ("custom", "gru")])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
