@@ -25,8 +25,10 @@ import torch
 from tokenizers import Tokenizer
 
 from lstm_lm.config import Config, choices
+from lstm_lm.dynamic_eval import DynamicEval
 from lstm_lm.errors import ConfigError, DataError, PromptError
 from lstm_lm.model import LSTMLanguageModel, State
+from lstm_lm.neural_cache import NeuralCache
 from lstm_lm.data import EOS
 from lstm_lm.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.utils import autocast, pick_device, pick_precision
@@ -140,33 +142,131 @@ class LanguageModel:
             raise PromptError("no texts to score")
         return math.exp(min(-sum(s["logprob"] for s in scores) / tokens, 700.0))
 
-    def evaluate(self, split: str = "test", data: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
-        """The evaluation protocol (docs/reference.md) on a split of the corpus the model was
-        trained on (or of `data`): what `lstm-lm eval` prints."""
-        from lstm_lm.data import batchify, load_corpus, to_tensor
-        from lstm_lm.evaluate import evaluate
+    def _corpus(self, data: str | None):
+        from lstm_lm.data import load_corpus
 
-        if split not in ("test", "valid"):
-            raise DataError(f"--split must be test or valid, got {split!r}")
         try:
-            corpus = load_corpus(self.config.data, tokenizer=self.tokenizer, source=data)
+            return load_corpus(self.config.data, tokenizer=self.tokenizer, source=data)
         except DataError as e:
             if data is not None:
                 raise
             raise DataError(f"{e} (the corpus this model was trained on; pass --data to use another copy)") from None
+
+    def evaluate(self, split: str = "test", data: str | None = None, batch_size: int | None = None,
+                 cache: NeuralCache | None = None, dynamic: DynamicEval | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+        """The evaluation protocol (docs/reference.md) on a split of the corpus the model was
+        trained on (or of `data`): what `lstm-lm eval` prints. `protocol` in the result
+        names what was measured: "static" (the default), "neural cache" with `cache`, or
+        "dynamic evaluation" with `dynamic` (one stream: batch_size is 1), each with its
+        settings. `progress` shows a progress bar on stderr."""
+        import time
+
+        from lstm_lm.data import batchify, to_tensor
+        from lstm_lm.evaluate import evaluate, perplexity_of
+
+        if split not in ("test", "valid"):
+            raise DataError(f"--split must be test or valid, got {split!r}")
+        if cache is not None and dynamic is not None:
+            raise ConfigError(["the neural cache and dynamic evaluation are measured one at a time; "
+                               "choose one"], "command line")
+        corpus = self._corpus(data)
         ids = corpus.splits[split]
-        bsz = batch_size or self.config.train.eval_batch_size
+        bsz = 1 if dynamic is not None else batch_size or self.config.train.eval_batch_size
+        if dynamic is not None and batch_size not in (None, 1):
+            raise ConfigError([f"--batch-size: dynamic evaluation reads one stream (batch 1), got {batch_size}: "
+                               "streams sharing the adapted weights would each learn from later text"],
+                              "command line")
         if len(ids) < 2 * bsz:
             raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
-        result = evaluate(self.model, batchify(to_tensor(ids, self.device), bsz), self.config.train.bptt,
-                          self.precision)
-        out: dict[str, Any] = {"split": split, "perplexity": result["perplexity"], "loss": result["loss"],
-                               "tokens": result["tokens"], "top1_accuracy": result["top1_accuracy"],
-                               "top5_accuracy": result["top5_accuracy"]}
+        bptt = self.config.train.bptt
+        stream = batchify(to_tensor(ids, self.device), bsz)
+        started = time.perf_counter()
+        out: dict[str, Any] = {"split": split}
+        if cache is not None:
+            from lstm_lm.neural_cache import cache_log_probs, collect
+
+            with _progress(stream.numel(), f"neural cache on {split}", progress) as bar:
+                chunks = collect(self.model, stream, bptt, self.precision, bar)
+            static = perplexity_of(torch.cat([logp for _, logp, _ in chunks]))
+            result = perplexity_of(cache_log_probs(chunks, cache)[0])
+            out |= {"protocol": "neural cache", "settings": cache.to_dict()} | result
+            out["static_perplexity"] = static["perplexity"]
+        elif dynamic is not None:
+            from lstm_lm.dynamic_eval import dynamic_log_probs
+
+            stats, stats_info = self._gradient_statistics(corpus, dynamic, progress)
+            with _progress(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
+                log_probs = dynamic_log_probs(self.model, stream, dynamic, stats, self.precision, bar)
+            out |= {"protocol": "dynamic evaluation", "settings": dynamic.to_dict()} | perplexity_of(log_probs)
+            if stats_info:
+                out["gradient_statistics"] = stats_info
+        else:
+            result = evaluate(self.model, stream, bptt, self.precision)
+            out |= {"protocol": "static", "perplexity": result["perplexity"], "loss": result["loss"],
+                    "tokens": result["tokens"], "top1_accuracy": result["top1_accuracy"],
+                    "top5_accuracy": result["top5_accuracy"]}
         if self.kind == "char":
-            out["bits_per_char"] = result["loss"] / math.log(2)
-        return out | {"batch_size": bsz, "bptt": self.config.train.bptt, "precision": self.precision,
-                      "data": corpus.source.spec}
+            out["bits_per_char"] = out["loss"] / math.log(2)
+        return out | {"batch_size": bsz, "bptt": dynamic.segment if dynamic else bptt, "precision": self.precision,
+                      "data": corpus.source.spec, "seconds": round(time.perf_counter() - started, 1)}
+
+    def _gradient_statistics(self, corpus, dynamic: DynamicEval, progress: bool):
+        """The rms rule's mean squared gradients, over the first STATS_TOKENS of the training split."""
+        from lstm_lm.data import to_tensor
+        from lstm_lm.dynamic_eval import STATS_TOKENS, gradient_statistics
+
+        if dynamic.rule != "rms":
+            return None, None
+        train_ids = corpus.splits["train"][:STATS_TOKENS + 1]
+        if len(train_ids) < 2:
+            raise DataError("the rms rule needs training text for its gradient statistics; the train split is empty")
+        stream = to_tensor(train_ids, self.device)[:, None]
+        with _progress(stream.size(0) - 1, "gradient statistics on train", progress) as bar:
+            stats = gradient_statistics(self.model, stream, dynamic.segment, self.precision, bar)
+        return stats, {"split": "train", "tokens": stream.size(0) - 1}
+
+    def tune_cache(self, data: str | None = None, batch_size: int | None = None,
+                   progress: bool = False) -> dict[str, Any]:
+        """Fit the neural cache's settings on the validation split: one static pass, then
+        every (window, theta, lambda) of neural_cache's grid over the stored states.
+        Returns {"settings": NeuralCache, "search": what was tried, "trials": each result}."""
+        from lstm_lm.data import batchify, to_tensor
+        from lstm_lm.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
+
+        corpus = self._corpus(data)
+        bsz = batch_size or self.config.train.eval_batch_size
+        stream = batchify(to_tensor(corpus.splits["valid"], self.device), bsz)
+        with _progress(stream.numel(), "tuning the cache on valid: states", progress) as bar:
+            chunks = collect(self.model, stream, self.config.train.bptt, self.precision, bar)
+        with _progress(len(TUNE_WINDOWS) * len(TUNE_THETAS), "tuning the cache on valid: settings", progress) as bar:
+            best, trials = tune(chunks, progress=bar)
+        search = {"split": "valid", "tokens": stream.numel() - stream.size(1), "batch_size": bsz,
+                  "windows": list(TUNE_WINDOWS), "thetas": list(TUNE_THETAS), "lambdas": list(TUNE_LAMBDAS),
+                  "trials": len(trials)}
+        return {"settings": best, "search": search, "trials": trials}
+
+    def tune_dynamic(self, data: str | None = None, rule: str = "rms", segment: int = 20,
+                     tokens: int | None = None, progress: bool = False) -> dict[str, Any]:
+        """Fit dynamic evaluation's step size, then its decay, on the first `tokens`
+        (default TUNE_TOKENS) of the validation split. Returns {"settings": DynamicEval,
+        "search": what was tried, "trials": each result}."""
+        from lstm_lm.data import to_tensor
+        from lstm_lm.dynamic_eval import TUNE_DECAYS, TUNE_LRS, TUNE_TOKENS, DynamicEval, tune
+
+        corpus = self._corpus(data)
+        probe = DynamicEval(segment=segment, rule=rule)
+        stats, _ = self._gradient_statistics(corpus, probe, progress)
+        ids = corpus.splits["valid"][:(tokens or TUNE_TOKENS) + 1]
+        if len(ids) < 2:
+            raise DataError("the valid split is empty: nothing to tune on")
+        stream = to_tensor(ids, self.device)[:, None]
+        passes = len(TUNE_LRS[rule]) + len(TUNE_DECAYS)
+        with _progress(passes, "tuning dynamic evaluation on valid", progress) as bar:
+            best, trials = tune(self.model, stream, segment, rule, stats, self.precision, bar)
+        search = {"split": "valid", "tokens": stream.size(0) - 1, "lrs": list(TUNE_LRS[rule]),
+                  "decays": [0.0, *TUNE_DECAYS], "trials": len(trials)}
+        return {"settings": best, "search": search, "trials": trials}
 
     # -- inside the model ---------------------------------------------------------------
 
@@ -233,3 +333,29 @@ class Session:
         with autocast(self.lm.device, self.lm.precision):
             return words_after(self.lm.model, self.lm.pieces, self._logits, self.state, k)
 
+
+class _progress:
+    """A tqdm bar on stderr counting `total` (shown only when asked and stderr is a
+    terminal); calling it advances the bar."""
+
+    def __init__(self, total: int, desc: str, show: bool):
+        self.total, self.desc, self.show = total, desc, show
+        self.bar = None
+
+    def __enter__(self):
+        if self.show:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, disable=None, leave=False,
+                            dynamic_ncols=True)
+        return self
+
+    def __call__(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

@@ -213,7 +213,10 @@ def complete(
     epilog=(
         "**Examples**\n\n"
         "    lstm-lm eval                                  # test split of the latest run\n\n"
-        "    lstm-lm eval --checkpoint runs/ptb-small --split valid --batch-size 1"
+        "    lstm-lm eval --checkpoint runs/ptb-small --split valid --batch-size 1\n\n"
+        "    lstm-lm eval --cache --tune --batch-size 1    # the neural cache, fitted on valid first\n\n"
+        "    lstm-lm eval --dynamic --tune                 # dynamic evaluation, fitted on valid first\n\n"
+        "    lstm-lm eval --cache --window 2000 --theta 0.3 --lambda 0.1"
     ),
 )
 def eval_(
@@ -223,14 +226,75 @@ def eval_(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[Optional[str], typer.Option(callback=_precision, help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
+    cache: Annotated[bool, typer.Option("--cache", help="Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent hidden states.", rich_help_panel="Neural cache")] = False,
+    window: Annotated[Optional[int], typer.Option(min=1, help="Past positions the cache holds, per stream [default: 2000].", rich_help_panel="Neural cache")] = None,
+    theta: Annotated[Optional[float], typer.Option(min=0.0, help="How sharply the cache matches hidden states [default: 0.3].", rich_help_panel="Neural cache")] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", min=0.0, max=1.0, help="The cache's share of the mixture [default: 0.1].", rich_help_panel="Neural cache")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. One stream (batch 1).", rich_help_panel="Dynamic evaluation")] = False,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Step size [default: 1e-4 for rms, 0.1 for sgd].", rich_help_panel="Dynamic evaluation")] = None,
+    decay: Annotated[Optional[float], typer.Option(min=0.0, max=0.999, help="Pull back towards the trained weights per step [default: 0].", rich_help_panel="Dynamic evaluation")] = None,
+    segment: Annotated[Optional[int], typer.Option(min=1, help="Tokens per step [default: 20].", rich_help_panel="Dynamic evaluation")] = None,
+    rule: Annotated[Optional[str], typer.Option(help="Update rule: rms (steps scaled by the training text's gradient RMS) or sgd [default: rms].", rich_help_panel="Dynamic evaluation")] = None,
+    tune: Annotated[bool, typer.Option("--tune", help="First fit the technique's settings on the valid split (a fixed small search, stated in the output), then score --split once with them.")] = False,
 ) -> None:
-    """Print the perplexity of a checkpoint on a split as one JSON object."""
+    """Print the perplexity of a checkpoint on a split as one JSON object.
+
+    The static protocol is the default; --cache and --dynamic measure one of the two
+    evaluation-time techniques instead, and the JSON's `protocol` and `settings` say
+    which. Progress goes to stderr.
+    """
     from lstm_lm.api import LanguageModel
+    from lstm_lm.dynamic_eval import DEFAULT_LR, RULES, DynamicEval
+    from lstm_lm.neural_cache import NeuralCache
+    from lstm_lm.utils import log
 
     with user_errors():
+        cache_options = {"--window": window, "--theta": theta, "--lambda": lambda_}
+        dynamic_options = {"--lr": lr, "--decay": decay, "--segment": segment, "--rule": rule}
+        problems = [f"{flag} needs --cache" for flag, v in cache_options.items() if v is not None and not cache]
+        problems += [f"{flag} needs --dynamic" for flag, v in dynamic_options.items() if v is not None and not dynamic]
+        if cache and dynamic:
+            problems.append("--cache and --dynamic: measure one at a time")
+        if tune and not (cache or dynamic):
+            problems.append("--tune needs --cache or --dynamic (the static protocol has nothing to fit)")
+        if rule is not None and rule not in RULES:
+            problems.append(f"--rule: must be one of {', '.join(RULES)}, got {rule!r}")
+        if problems:
+            raise ConfigError(problems, "command line")
         lm = LanguageModel.load(checkpoint, device, precision=precision)
-        result = lm.evaluate(split, data, batch_size) | {"checkpoint": str(checkpoint)}
+        tuned = None
+        if cache:
+            settings = _settings(NeuralCache, window=window, theta=theta, lam=lambda_)
+            if tune:
+                tuned = lm.tune_cache(data, batch_size, progress=True)
+                settings = tuned["settings"]
+        elif dynamic:
+            rule = rule or "rms"
+            settings = _settings(DynamicEval, lr=lr if lr is not None else DEFAULT_LR[rule], decay=decay,
+                                 segment=segment, rule=rule)
+            if tune:
+                tuned = lm.tune_dynamic(data, rule, settings.segment, progress=True)
+                settings = tuned["settings"]
+        if tuned:
+            best = min(tuned["trials"], key=lambda t: t["loss"])
+            log(f"tuned on valid ({tuned['search']['trials']} trials, {tuned['search']['tokens']:,} tokens): "
+                + ", ".join(f"{k}={v}" for k, v in settings.to_dict().items())
+                + f" (valid perplexity {best['perplexity']:.2f})")
+        result = lm.evaluate(split, data, batch_size, cache=settings if cache else None,
+                             dynamic=settings if dynamic else None, progress=True)
+        if tuned:
+            result["tuned"] = tuned["search"] | {"valid_perplexity": best["perplexity"]}
+        result["checkpoint"] = str(checkpoint)
     typer.echo(json.dumps(result))
+
+
+def _settings(kind, **given):
+    """A NeuralCache or DynamicEval from the options given (None: its default); a bad
+    value is a ConfigError."""
+    try:
+        return kind(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise ConfigError([str(e)], "command line") from None
 
 
 experiment_app = typer.Typer(

@@ -52,3 +52,10 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision:
     for k, n in zip(TOP_K, hits.tolist()):
         result[f"top{k}_accuracy"] = n / max(tokens, 1)
     return result
+
+
+def perplexity_of(log_probs: torch.Tensor) -> dict[str, float]:
+    """Loss (mean negative log-likelihood, nats per token), perplexity and token count
+    from per-token log-probabilities (the cache's and dynamic evaluation's scores)."""
+    loss = -log_probs.double().mean().item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": log_probs.numel()}

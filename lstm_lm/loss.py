@@ -59,7 +59,9 @@ def _blocked_loss(
     many rows have their target among the k highest logits."""
     hc, wc = h.to(dtype), weight.to(dtype)
     bc = bias.to(dtype) if bias is not None else None
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    # Evaluation sums the float32 per-token losses in float64, as the cache and dynamic
+    # evaluation sum theirs, so that the protocols agree to float64 rounding.
+    total = torch.zeros((), dtype=torch.float32 if with_grads else torch.float64, device=h.device)
     hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
     kmax = min(max(ks, default=1), weight.size(0))
     if with_grads:
@@ -69,7 +71,7 @@ def _blocked_loss(
     for start, end in _blocks(h.size(0), weight.size(0)):
         h_blk, y = hc[start:end], targets[start:end]
         logits = _logits(h_blk, wc, bc)  # (n, V) float32
-        total -= torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum()
+        total -= torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum(dtype=total.dtype)
         if ks:
             found = logits.topk(kmax, dim=1).indices == y[:, None]  # (n, kmax): where the target ranks
             for i, k in enumerate(ks):
