@@ -45,6 +45,7 @@ class LanguageModel:
         self.precision = precision
         self.kind = config.data.tokenizer  # word, char or bpe
         self._pieces: WordPieces | None = None
+        self._statistics: dict = {}  # dynamic evaluation's gradient statistics, for one setting
 
     @classmethod
     def load(cls, path: str | Path = "runs/latest", device: str | torch.device = "cpu",
@@ -221,10 +222,13 @@ class LanguageModel:
         train_ids = corpus.splits["train"][:STATS_TOKENS + 1]
         if len(train_ids) < 2:
             raise DataError("the rms rule needs training text for its gradient statistics; the train split is empty")
-        stream = to_tensor(train_ids, self.device)[:, None]
-        with _progress(stream.size(0) - 1, "gradient statistics on train", progress) as bar:
-            stats = gradient_statistics(self.model, stream, dynamic.segment, self.precision, bar)
-        return stats, {"split": "train", "tokens": stream.size(0) - 1}
+        info = {"split": "train", "tokens": len(train_ids) - 1}
+        key = (corpus.source.spec, dynamic.segment, info["tokens"], self.precision)
+        if key not in self._statistics:  # kept: --tune and the evaluation after it share them
+            stream = to_tensor(train_ids, self.device)[:, None]
+            with _progress(info["tokens"], "gradient statistics on train", progress) as bar:
+                self._statistics = {key: gradient_statistics(self.model, stream, dynamic.segment, self.precision, bar)}
+        return self._statistics[key], info
 
     def tune_cache(self, data: str | None = None, batch_size: int | None = None,
                    progress: bool = False) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Dynamic evaluation (Krause, Kahembwe, Murray & Renals 2018): adapt the weights to the
 text being scored, as it is read.
 
-    settings = DynamicEval(lr=2e-4, decay=0.01, segment=20, rule="rms")
-    stats = gradient_statistics(model, train_ids, settings.segment)     # for the rms rule
-    result = dynamic_evaluate(model, ids, settings, stats)
+    settings = DynamicEval(lr=1e-4, decay=0.01, segment=20, rule="rms")
+    stats = gradient_statistics(model, train_ids[:, None], settings.segment)   # for the rms rule
+    log_probs = dynamic_log_probs(model, ids[:, None], settings, stats)        # (T - 1,)
 
 The text is cut into segments of `segment` tokens. Each segment is scored first, with
 the weights as they are, then one gradient step is taken on its loss, so a token's score
@@ -14,9 +14,9 @@ Two update rules, each pulled back towards the trained weights theta_0 by `decay
     rms: theta <- theta - lr * g / (sqrt(MS) + eps) + decay * r * (theta_0 - theta)
 
 where MS is each weight's mean squared gradient over segments of the training text
-(`gradient_statistics`) and r = sqrt(MS) / mean(sqrt(MS)), at most 1/decay: weights that
-training moved a lot may drift, the others are held close (the paper's "RMS with a
-global prior").
+(`gradient_statistics`), eps is 1% of the mean of sqrt(MS), and r = sqrt(MS) /
+mean(sqrt(MS)), at most 1/decay: weights that training moved a lot may drift, the
+others are held close (the paper's "RMS with a global prior").
 
 It runs on one stream (batch 1): streams that shared the adapted weights would each be
 adapted on the others' text, which lies later in the document, so a token's score would
@@ -38,7 +38,7 @@ from lstm_lm.utils import autocast
 
 RULES = ("sgd", "rms")
 DEFAULT_LR = {"rms": 1e-4, "sgd": 0.1}  # each rule's step size where none is given
-EPS = 1e-8
+EPS = 0.01  # eps of the rms rule, as a share of the mean RMS: weights training never moved move 100x at most
 STATS_TOKENS = 20_000  # training tokens behind the rms rule's gradient statistics
 TUNE_TOKENS = 20_000  # validation tokens each trial of the search reads
 
@@ -48,7 +48,7 @@ class DynamicEval:
     """Dynamic evaluation's settings: the step size, the pull back to the trained
     weights, the tokens per step and the update rule."""
 
-    lr: float = 2e-4
+    lr: float = 1e-4
     decay: float = 0.0
     segment: int = 20
     rule: str = "rms"
@@ -118,7 +118,7 @@ def dynamic_log_probs(model: LSTMLanguageModel, ids: Tensor, settings: DynamicEv
     if settings.rule == "rms":
         rms = [s.sqrt() for s in stats]
         mean_rms = torch.cat([r.flatten() for r in rms]).mean()
-        step_scale = [1.0 / (r + EPS) for r in rms]
+        step_scale = [1.0 / (r + EPS * mean_rms) for r in rms]
         pull = [(r / mean_rms).clamp(max=1.0 / settings.decay) if settings.decay > 0 else None for r in rms]
     out_parts = []
     state = adapted.init_state(1, ids.device)

@@ -123,6 +123,7 @@ def linear_cross_entropy(
             total = _LinearCrossEntropy.apply(h, weight, bias, targets, dtype)
         else:
             total, _, _ = _blocked_loss(h, weight, bias, targets, dtype, with_grads=False)
+            total = total.float()
     return total / targets.numel() if reduction == "mean" else total
 
 

@@ -2,7 +2,8 @@
 by remembering which word followed each recent hidden state.
 
     cache = NeuralCache(window=2000, theta=0.3, lam=0.1)
-    result = cache_evaluate(model, batchify(ids, 1), bptt=35, cache=cache)
+    chunks = collect(model, batchify(ids, 1), bptt=35)      # one static pass: states, log p, targets
+    log_probs = cache_log_probs(chunks, cache)[0]           # (N, B) with the cache mixed in
 
 At position t the model's distribution p_vocab is mixed with a distribution over the
 words that followed the last `window` hidden states h_j (j < t), each weighted by how
