@@ -25,28 +25,39 @@ from lstm_lm.utils import autocast
 TOP_K = (1, 5)
 
 
+def chunk_features(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str = "fp32"):
+    """The last layer's output (T, B, H) and the targets (T, B) of each `bptt` chunk of
+    `data` (T, B), the memory carried from chunk to chunk and dropout off: the one pass
+    that evaluation and the neural cache read. Call it under `torch.no_grad()`."""
+    was_training = model.training
+    model.eval()
+    try:
+        state = model.init_state(data.size(1), data.device)
+        for i in range(0, data.size(0) - 1, bptt):
+            x, y = get_batch(data, i, bptt)
+            with autocast(data.device, precision):
+                out, state = model.features(x, state)
+            yield out, y
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str = "fp32") -> dict[str, float]:
     """Mean loss (nats per token), perplexity, token count and top-1/top-5 accuracy over `data` (T, B).
 
     precision "bf16" runs the matrix products in bf16; the loss is summed in float32/64.
     """
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     hits = torch.zeros(len(TOP_K), dtype=torch.long, device=data.device)
     tokens = 0
-    state = model.init_state(data.size(1), data.device)
-    for i in range(0, data.size(0) - 1, bptt):
-        x, y = get_batch(data, i, bptt)
+    for out, y in chunk_features(model, data, bptt, precision):
         with autocast(data.device, precision):
-            out, state = model.features(x, state)
             loss, found = linear_cross_entropy_and_hits(out.flatten(0, 1), model.decoder.weight,
                                                         model.decoder.bias, y.flatten(), TOP_K)
         total += loss
         hits += found
         tokens += y.numel()
-    model.train(was_training)
     loss = total.item() / max(tokens, 1)  # one host sync for the whole split
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
     for k, n in zip(TOP_K, hits.tolist()):

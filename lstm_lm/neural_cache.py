@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from lstm_lm.data import get_batch
-from lstm_lm.evaluate import perplexity_of
+from lstm_lm.evaluate import chunk_features, perplexity_of
 from lstm_lm.loss import token_log_probs
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast
@@ -118,19 +117,13 @@ def mix(log_p_vocab: Tensor, p_cache: Tensor, has_cache: Tensor, lam: float) -> 
 def collect(model: LSTMLanguageModel, data: Tensor, bptt: int, precision: str = "fp32", progress=None):
     """One static pass over `data` (T, B): per chunk the last layer's output (T, B, H),
     the model's log p(target) (T, B) and the targets, as the cache needs them."""
-    was_training = model.training
-    model.eval()
     chunks = []
-    state = model.init_state(data.size(1), data.device)
-    for i in range(0, data.size(0) - 1, bptt):
-        x, y = get_batch(data, i, bptt)
+    for out, y in chunk_features(model, data, bptt, precision):
         with autocast(data.device, precision):
-            out, state = model.features(x, state)
             logp = token_log_probs(out.flatten(0, 1), model.decoder.weight, model.decoder.bias, y.flatten())
         chunks.append((out.float(), logp.view_as(y), y))
         if progress is not None:
             progress(y.numel())
-    model.train(was_training)
     return chunks
 
 
