@@ -231,7 +231,7 @@ def eval_(
     theta: Annotated[Optional[float], typer.Option(min=0.0, help="How sharply the cache matches hidden states [default: 0.3].", rich_help_panel="Neural cache")] = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", min=0.0, max=1.0, help="The cache's share of the mixture [default: 0.1].", rich_help_panel="Neural cache")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. One stream (batch 1).", rich_help_panel="Dynamic evaluation")] = False,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Step size [default: 1e-4 for rms, 0.1 for sgd].", rich_help_panel="Dynamic evaluation")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Step size [default: 2e-4 for rms, 1.0 for sgd].", rich_help_panel="Dynamic evaluation")] = None,
     decay: Annotated[Optional[float], typer.Option(min=0.0, max=0.999, help="Pull back towards the trained weights per step [default: 0].", rich_help_panel="Dynamic evaluation")] = None,
     segment: Annotated[Optional[int], typer.Option(min=1, help="Tokens per step [default: 20].", rich_help_panel="Dynamic evaluation")] = None,
     rule: Annotated[Optional[str], typer.Option(help="Update rule: rms (steps scaled by the training text's gradient RMS) or sgd [default: rms].", rich_help_panel="Dynamic evaluation")] = None,

@@ -144,7 +144,7 @@ def cache_log_probs(chunks, cache: NeuralCache, lams: tuple[float, ...] | None =
 
 # The search that `lstm-lm eval --cache --tune` runs on the validation split: every
 # (window, theta) pair, each with every lambda (lambda costs nothing: it only mixes).
-TUNE_WINDOWS = (500, 1000, 2000, 4000)
+TUNE_WINDOWS = (100, 200, 500, 1000, 2000, 4000)
 TUNE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 TUNE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 

@@ -158,7 +158,7 @@ def test_eval_tune_fits_on_valid_then_scores_the_split_once(tiny_run, monkeypatc
     result = _eval(tiny_run, "--cache", "--tune", "--batch-size", "1")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["split"] == "test" and out["tuned"]["split"] == "valid" and out["tuned"]["trials"] == 4 * 6 * 7
+    assert out["split"] == "test" and out["tuned"]["split"] == "valid" and out["tuned"]["trials"] == 6 * 6 * 7
     assert "tuned on valid" in result.stderr
     assert out["perplexity"] < out["static_perplexity"]  # the tiny corpus repeats its sentences
 
