@@ -163,7 +163,7 @@ class LanguageModel:
         settings. `progress` shows a progress bar on stderr."""
         import time
 
-        from lstm_lm.data import batchify, to_tensor
+        from lstm_lm.data import Streams
         from lstm_lm.evaluate import evaluate, perplexity_of
 
         if split not in ("test", "valid"):
@@ -181,7 +181,7 @@ class LanguageModel:
         if len(ids) < 2 * bsz:
             raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
         bptt = self.config.train.bptt
-        stream = batchify(to_tensor(ids, self.device), bsz)
+        stream = Streams(ids, bsz, self.device)
         started = time.perf_counter()
         out: dict[str, Any] = {"split": split}
         if cache is not None:
@@ -198,7 +198,7 @@ class LanguageModel:
 
             stats, stats_info = self._gradient_statistics(corpus, dynamic, progress)
             with _progress(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
-                log_probs = dynamic_log_probs(self.model, stream, dynamic, stats, self.precision, bar)
+                log_probs = dynamic_log_probs(self.model, stream[0:stream.size(0)], dynamic, stats, self.precision, bar)
             out |= {"protocol": "dynamic evaluation", "settings": dynamic.to_dict()} | perplexity_of(log_probs)
             if stats_info:
                 out["gradient_statistics"] = stats_info
@@ -235,12 +235,12 @@ class LanguageModel:
         """Fit the neural cache's settings on the validation split: one static pass, then
         every (window, theta, lambda) of neural_cache's grid over the stored states.
         Returns {"settings": NeuralCache, "search": what was tried, "trials": each result}."""
-        from lstm_lm.data import batchify, to_tensor
+        from lstm_lm.data import Streams
         from lstm_lm.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
 
         corpus = self._corpus(data)
         bsz = batch_size or self.config.train.eval_batch_size
-        stream = batchify(to_tensor(corpus.splits["valid"], self.device), bsz)
+        stream = Streams(corpus.splits["valid"], bsz, self.device)
         with _progress(stream.numel(), "tuning the cache on valid: states", progress) as bar:
             chunks = collect(self.model, stream, self.config.train.bptt, self.precision, bar)
         with _progress(len(TUNE_WINDOWS) * len(TUNE_THETAS), "tuning the cache on valid: settings", progress) as bar:
@@ -323,7 +323,7 @@ class Session:
         x = torch.tensor(ids, device=self.lm.device).unsqueeze(1)  # (T, 1)
         with autocast(self.lm.device, self.lm.precision):
             out, self.state = model.features(x, self.state)
-            self._logits = model.decoder(out[-1, 0]).float().cpu()  # (V,)
+            self._logits = model.scores(out[-1, 0]).float().cpu()  # (V,) (see LSTMLanguageModel.scores)
         self.tokens.extend(ids)
 
     def probabilities(self) -> torch.Tensor:

@@ -49,7 +49,7 @@ def weights_to_save(model: LSTMLanguageModel) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: LSTMLanguageModel, weights: dict[str, torch.Tensor]) -> None:
-    if model.cfg.tie_weights and "embedding.weight" in weights:
+    if model.cfg.tie_weights and model.decoder is not None and "embedding.weight" in weights:
         weights = weights | {"decoder.weight": weights["embedding.weight"]}
     model.load_state_dict(weights, strict=True)  # copies in place: the tying survives
 

@@ -101,7 +101,17 @@ class ModelConfig:
     weight_drop: float = param(0.0, "Weight drop: DropConnect (Wan et al. 2013) on the hidden-to-hidden matrices, "
                                "one mask per batch shared by every time step (AWD-LSTM's wdrop).", ge=0, lt=1)
     tie_weights: bool = param(True, "Share the input embedding with the output projection (Press & Wolf 2017, "
-                              "Inan et al. 2017); needs embedding_size == the last layer's size.")
+                              "Inan et al. 2017; with softmax adaptive, with the head's word rows); needs "
+                              "embedding_size == the last layer's size.")
+    softmax: str = param("full", "Output layer: full (one softmax over the vocabulary) or adaptive (Grave et al. "
+                         "2017: the frequent words in a head, the rest in clusters behind smaller projections; "
+                         "an exact distribution, several times faster for vocabularies of 50k words and more).",
+                         choices=("full", "adaptive"))
+    cutoffs: list[int] | None = param(None, "softmax adaptive: where the head ends and each cluster begins, in "
+                                      "word ids by frequency, e.g. [20000, 60000] for WikiText-103 (null: 1/12 "
+                                      "and 1/4 of the vocabulary).")
+    div_value: float = param(4.0, "softmax adaptive: cluster i projects the last layer's output down to "
+                             "size / div_value^(i+1) units.", ge=1)
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -388,6 +398,9 @@ def validate(cfg: Config) -> list[str]:
             f"model.tie_weights: tied weights need embedding_size == the last layer's size, got "
             f"{m.embedding_size} and {m.layer_sizes[-1]} (set model.tie_weights=false or make them equal)"
         )
+    if m.cutoffs is not None and (not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:]))
+                                  or m.cutoffs[0] < 1):
+        p.append(f"model.cutoffs: need one or more increasing sizes of at least 1, got {m.cutoffs}")
     if t.lr > 0 and not t.min_lr < t.lr:
         p.append(f"train.min_lr: must be below train.lr ({t.lr}), got {t.min_lr}")
     if t.nt_asgd and t.optimizer != "sgd":

@@ -1,25 +1,34 @@
-"""Corpus -> tokenizer -> flat token-id arrays -> truncated-BPTT batches.
+"""Corpus -> tokenizer -> flat token-id arrays on disk -> truncated-BPTT batches.
 
-    corpus = load_corpus(cfg.data)                # tokenizer + {"train", "valid", "test"} id arrays
-    data = batchify(torch.from_numpy(corpus.splits["train"]), batch_size=20)   # (T, B)
-    x, y = get_batch(data, i, bptt=35)            # (bptt, B) inputs, next-token targets
+    corpus = load_corpus(cfg.data)                  # tokenizer + {"train", "valid", "test"} id arrays
+    train = streams(corpus.splits["train"], 20)     # 20 parallel streams over the ids, (T, B)
+    x, y = get_batch(train, i, bptt=35)             # (bptt, B) inputs, next-token targets
 
-Text files are read with `datasets.load_dataset("text", ...)`; tokenizers are
-`tokenizers.Tokenizer` objects. Encoded splits are cached as `.npy` files keyed
-by a hash of the input text and the tokenizer, so a second run on the same data
-skips tokenization.
+The text is streamed: each split is read a block of lines at a time, the vocabulary
+is counted in one pass over the train split, and each block is encoded with a
+`tokenizers.Tokenizer` and appended to the split's id file, so that neither the text
+nor its encodings are ever held whole. The id files are cached, keyed by a hash of
+the input text and the tokenizer, so a second run on the same data skips all of it,
+and they are read memory-mapped: batches are gathered from the file as they are
+needed, never copied into one tensor (a corpus of 100 million tokens costs its page
+cache, not its size in RAM).
 """
 
 from __future__ import annotations
 
 import codecs
+import copy
 import hashlib
+import itertools
 import json
 import os
 import re
 import socket
+import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,12 +39,16 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lstm_lm.config import DataConfig
 from lstm_lm.demo import DEMO_VERSION, demo_splits
 from lstm_lm.errors import DataError
-from lstm_lm.utils import log, write_atomically, write_text
+from lstm_lm.utils import log, write_atomically, write_json, write_text
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIAL_TOKENS = [UNK, EOS]  # ids 0 and 1 in every tokenizer
 SPLITS = ("train", "valid", "test")
-CACHE_VERSION = "1"  # bump when the encoding of a corpus changes
+# The file names of a corpus directory: ours (PTB's) and WikiText's.
+SPLIT_FILES = ({s: f"{s}.txt" for s in SPLITS}, {s: f"wiki.{s}.tokens" for s in SPLITS})
+CACHE_VERSION = "2"  # bump when the encoding of a corpus or the cache's layout changes
+BLOCK_CHARS = 1 << 22  # text read at a time (4 Mi characters, then up to the end of a line)
+BLOCK_LINES = 20_000  # lines tokenized at a time
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
@@ -73,12 +86,15 @@ def resolve_source(spec: str) -> Source:
     if spec == "demo" and not path.exists():
         return Source("demo", spec)
     if path.is_dir():
-        files = {s: path / f"{s}.txt" for s in SPLITS}
+        # The first naming of which any file is there: train.txt, ... or wiki.train.tokens, ...
+        names = next((n for n in SPLIT_FILES if any((path / f).is_file() for f in n.values())), SPLIT_FILES[0])
+        files = {s: path / name for s, name in names.items()}
         missing = [p.name for p in files.values() if not p.is_file()]
         if missing:
             raise DataError(
-                f"data directory {path} is missing {', '.join(missing)} "
-                "(a directory needs train.txt, valid.txt and test.txt; or pass a single text file)"
+                f"data directory {path} is missing {', '.join(missing)} (a directory needs train.txt, "
+                "valid.txt and test.txt, or WikiText's wiki.train.tokens, wiki.valid.tokens and "
+                "wiki.test.tokens; or pass a single text file)"
             )
         for p in files.values():
             check_file(p)
@@ -102,28 +118,43 @@ def check_file(path: Path) -> None:
         raise DataError(f"{path} is empty")
 
 
-def read_source(source: Source, cfg: DataConfig) -> dict[str, list[str]]:
-    """The text of each split, one string per line."""
-    if source.kind == "demo":
-        return demo_splits(cfg.demo_size, cfg.demo_seed, cfg.gap_min, cfg.gap_max)
-    if source.kind == "hub":
-        return _read_hub(source.spec, cfg)
-    import datasets
+# For each split, a function that streams its lines (without their line endings) a
+# block at a time; calling it again reads the split again.
+Lines = Callable[[], Iterator[list[str]]]
 
-    datasets.disable_progress_bars()
-    files = {split: str(p) for split, p in source.files.items()}
+
+def read_source(source: Source, cfg: DataConfig) -> dict[str, Lines]:
+    """Each split's lines, streamed (see `Lines`)."""
+    if source.kind == "demo":
+        splits = demo_splits(cfg.demo_size, cfg.demo_seed, cfg.gap_min, cfg.gap_max)
+        return {s: partial(iter, [lines]) for s, lines in splits.items()}
+    if source.kind == "hub":
+        return _hub_lines(source.spec, cfg)
+    if source.kind == "dir":
+        return {s: partial(file_blocks, path) for s, path in source.files.items()}
+    path = source.files["text"]
+    n = sum(len(block) for block in file_blocks(path))
+    return {s: partial(file_blocks, path, start, stop) for s, (start, stop) in split_bounds(n, cfg, str(path)).items()}
+
+
+def file_blocks(path: Path, start: int = 0, stop: int | None = None) -> Iterator[list[str]]:
+    """Lines start .. stop - 1 of a UTF-8 text file, without their endings, a block at a
+    time. Lines end where str.splitlines() ends them, after "\r\n" and "\r" become "\n"
+    (as `datasets`' text loader reads a file); a block is BLOCK_CHARS characters and the
+    rest of the line they end in, so a line of any length is read whole."""
+    i = 0
     try:
-        ds = datasets.load_dataset("text", data_files=files)
-    except Exception as e:  # datasets wraps decode errors and the like in its own types
-        for path in source.files.values():
-            offset = _first_bad_utf8(path)
-            if offset is not None:
-                raise DataError(f"{path} is not UTF-8 text: invalid byte at offset {offset}") from e
-        raise DataError(f"could not read {', '.join(files.values())}: {_root_cause(e)}") from e
-    lines = {split: list(ds[split]["text"]) for split in ds}
-    if source.kind == "file":
-        return _split_lines(lines["text"], cfg, str(source.files["text"]))
-    return lines
+        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n and \r read as \n
+            while stop is None or i < stop:
+                text = f.read(BLOCK_CHARS)
+                if not text:
+                    return
+                lines = (text + f.readline()).splitlines()
+                if i + len(lines) > start:
+                    yield lines[max(start - i, 0):None if stop is None else stop - i]
+                i += len(lines)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: invalid byte at offset {_first_bad_utf8(path)}") from e
 
 
 def _first_bad_utf8(path: Path) -> int | None:
@@ -148,8 +179,9 @@ def _root_cause(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _split_lines(lines: list[str], cfg: DataConfig, name: str) -> dict[str, list[str]]:
-    n = len(lines)
+def split_bounds(n: int, cfg: DataConfig, name: str) -> dict[str, tuple[int, int]]:
+    """The line ranges of train, valid and test when one text of `n` lines is cut by
+    the config's fractions (train first, then valid, then test)."""
     n_valid, n_test = round(n * cfg.valid_fraction), round(n * cfg.test_fraction)
     n_train = n - n_valid - n_test
     if min(n_train, n_valid, n_test) < 1:
@@ -157,11 +189,7 @@ def _split_lines(lines: list[str], cfg: DataConfig, name: str) -> dict[str, list
             f"{name} has {n} lines, too few to split into train/valid/test by the fractions "
             f"{cfg.valid_fraction}/{cfg.test_fraction} (give it more lines or a directory of splits)"
         )
-    return {
-        "train": lines[:n_train],
-        "valid": lines[n_train : n_train + n_valid],
-        "test": lines[n_train + n_valid :],
-    }
+    return {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -175,7 +203,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _read_hub(spec: str, cfg: DataConfig) -> dict[str, list[str]]:
+def _hub_lines(spec: str, cfg: DataConfig) -> dict[str, Lines]:
     name, _, config = spec.removeprefix("hf:").partition(":")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
     if offline:
@@ -186,7 +214,7 @@ def _read_hub(spec: str, cfg: DataConfig) -> dict[str, list[str]]:
 
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(name, config or None)
+        ds = datasets.load_dataset(name, config or None)  # Arrow files, memory-mapped
     except Exception as e:
         why = "the hub is unreachable and it is not in the local cache" if offline else _root_cause(e)[:200]
         raise DataError(
@@ -196,22 +224,27 @@ def _read_hub(spec: str, cfg: DataConfig) -> dict[str, list[str]]:
     column = next((c for c, f in ds["train"].features.items() if getattr(f, "dtype", "") == "string"), None)
     if column is None:
         raise DataError(f"hub dataset {spec!r} has no text column")
+
+    def rows(table, start: int, stop: int) -> Iterator[list[str]]:
+        for i in range(start, stop, BLOCK_LINES):
+            yield [t.rstrip("\n") for t in table[i:min(i + BLOCK_LINES, stop)][column]]
+
     aliases = {"valid": ("validation", "valid", "dev"), "test": ("test",)}
-    out = {"train": [t.rstrip("\n") for t in ds["train"][column]]}
-    for split, names in aliases.items():
-        found = next((n for n in names if n in ds), None)
-        if found is None:  # no such split on the hub: carve it out of train
-            return _split_lines(out["train"], cfg, spec)
-        out[split] = [t.rstrip("\n") for t in ds[found][column]]
-    return out
+    found = {split: next((n for n in names if n in ds), None) for split, names in aliases.items()}
+    if None in found.values():  # a split the hub does not have: carve all three out of train
+        bounds = split_bounds(len(ds["train"]), cfg, spec)
+        return {s: partial(rows, ds["train"], start, stop) for s, (start, stop) in bounds.items()}
+    return {"train": partial(rows, ds["train"], 0, len(ds["train"])),
+            **{s: partial(rows, ds[n], 0, len(ds[n])) for s, n in found.items()}}
 
 
 # ---------------------------------------------------------------------------------------
 # Tokenizers
 
 
-def build_tokenizer(cfg: DataConfig, train_lines: list[str]) -> Tokenizer:
-    """A word, char or BPE tokenizer whose vocabulary comes from the train split only."""
+def build_tokenizer(cfg: DataConfig, train_lines: Iterable[str], progress=None) -> Tokenizer:
+    """A word, char or BPE tokenizer whose vocabulary comes from the train split only,
+    read once, as a stream of lines. `progress(n)`, if given, is told the tokens counted."""
     normalizer = normalizers.Lowercase() if cfg.lowercase else None
     if cfg.tokenizer == "word":
         pre = pre_tokenizers.WhitespaceSplit()
@@ -232,12 +265,7 @@ def build_tokenizer(cfg: DataConfig, train_lines: list[str]) -> Tokenizer:
     else:
         # Counted here rather than with WordLevelTrainer, which gives a corpus word that
         # equals a special token (PTB's literal "<unk>") a second id.
-        counts: Counter[str] = Counter()
-        for line in train_lines:
-            text = normalizer.normalize_str(line) if normalizer else line
-            for piece in _SPECIAL_RE.split(text):
-                if piece and piece not in SPECIAL_TOKENS:
-                    counts.update(w for w, _ in pre.pre_tokenize_str(piece))
+        counts = count_tokens(train_lines, cfg.tokenizer, normalizer, pre, progress)
         kept = [w for w, c in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if c >= cfg.min_freq]
         if cfg.max_size is not None:
             kept = kept[: cfg.max_size - len(SPECIAL_TOKENS)]
@@ -252,7 +280,36 @@ def build_tokenizer(cfg: DataConfig, train_lines: list[str]) -> Tokenizer:
     return tok
 
 
-def _without_specials(lines: list[str]):
+def count_tokens(lines: Iterable[str], kind: str, normalizer, pre, progress=None) -> Counter[str]:
+    """How often each word ("word") or character ("char") occurs in the lines, the
+    special tokens left out. Many lines are joined with "\n" and pre-tokenized in one
+    call: both pre-tokenizers cut at a line break as at a line's end."""
+    counts: Counter[str] = Counter()
+    for block in _chunks(lines, BLOCK_LINES):
+        text = "\n".join(block)
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        before = counts.total()
+        for piece in _SPECIAL_RE.split(text):
+            if not piece or piece in SPECIAL_TOKENS:
+                continue
+            if kind == "char":
+                counts.update(piece)  # Counter counts a string's characters in C
+            else:
+                counts.update(w for w, _ in pre.pre_tokenize_str(piece))
+        counts.pop("\n", None)  # the joins, not characters of any line
+        if progress is not None:
+            progress(counts.total() - before)
+    return counts
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _without_specials(lines: Iterable[str]):
     for line in lines:
         yield _SPECIAL_RE.sub(" ", line)
 
@@ -261,7 +318,7 @@ def encode_lines(tok: Tokenizer, lines: list[str]) -> np.ndarray:
     """Flat token ids with <eos> after every line, in the smallest integer type that fits."""
     eos = tok.token_to_id(EOS)
     ids: list[int] = []
-    for enc in tok.encode_batch(lines, add_special_tokens=False):
+    for enc in tok.encode_batch_fast(lines, add_special_tokens=False):  # ids, no offsets
         ids.extend(enc.ids)
         ids.append(eos)
     return np.asarray(ids, dtype=smallest_uint(tok.get_vocab_size()))
@@ -311,7 +368,8 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
     """Read, tokenize and encode a corpus, reusing cached ids when the inputs are unchanged.
 
     With `tokenizer` given (evaluating a checkpoint) the text is encoded with it;
-    otherwise a tokenizer is built from the train split as `cfg` says.
+    otherwise a tokenizer is built from the train split as `cfg` says. The splits come
+    back memory-mapped from the cache's id files.
     """
     src = resolve_source(source or cfg.source)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -325,39 +383,84 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
         if tok_path.is_file():
             tokenizer = Tokenizer.from_file(str(tok_path))
         else:
-            log(f"reading {src.spec} ...")
             lines = read_source(src, cfg)
-            log(f"building a {cfg.tokenizer} tokenizer from the train split ...")
-            tokenizer = build_tokenizer(cfg, lines["train"])
+            log(f"building a {cfg.tokenizer} tokenizer from the train split of {src.spec} ...")
+            with _progress(f"counting {cfg.tokenizer}s in train") as bar:
+                tokenizer = build_tokenizer(cfg, itertools.chain.from_iterable(lines["train"]()), bar)
             write_text(tok_path, tokenizer.to_str())
 
     ids_dir = cache / "ids" / _sha(fingerprint + tokenizer.to_str())
-    if all((ids_dir / f"{s}.npy").is_file() for s in SPLITS):
-        splits = {s: np.load(ids_dir / f"{s}.npy") for s in SPLITS}
+    meta_path = ids_dir / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
         log(f"using cached token ids from {ids_dir} (no tokenization needed)")
     else:
-        if lines is None:
-            log(f"reading {src.spec} ...")
-            lines = read_source(src, cfg)
-        log(f"tokenizing {sum(len(v) for v in lines.values()):,} lines ...")
-        splits = {s: encode_lines(tokenizer, lines[s]) for s in SPLITS}
-        ids_dir.mkdir(parents=True, exist_ok=True)
-        for s, arr in splits.items():
-            write_atomically(ids_dir / f"{s}.npy", lambda tmp, arr=arr: _save_npy(tmp, arr))
+        lines = lines or read_source(src, cfg)
+        meta = {"dtype": np.dtype(smallest_uint(tokenizer.get_vocab_size())).name, "tokens": {}}
+        for split in SPLITS:
+            with _progress(f"tokenizing {split}") as bar:
+                write_atomically(ids_dir / f"{split}.bin",
+                                 lambda tmp, split=split: meta["tokens"].__setitem__(
+                                     split, encode_to_file(tokenizer, lines[split](), tmp, bar)))
+        meta["train_text"] = _has_text(ids_dir / "train.bin", meta, tokenizer.token_to_id(EOS))
+        write_json(meta_path, meta)  # last: the mark of a whole cache
         log(f"cached token ids in {ids_dir}")
-    eos = tokenizer.token_to_id(EOS)
-    if not np.any(splits["train"] != eos):
+    if not meta["train_text"]:
         raise DataError(f"{src.spec}: the train split holds no text")
+    splits = {s: open_ids(ids_dir / f"{s}.bin", meta["dtype"], meta["tokens"][s]) for s in SPLITS}
     return Corpus(tokenizer, splits, src)
+
+
+def encode_to_file(tok: Tokenizer, blocks: Iterable[list[str]], path: Path, progress=None) -> int:
+    """Encode the lines block by block (with <eos> after each), appending the ids to `path`;
+    returns how many were written."""
+    n = 0
+    with open(path, "wb") as f:
+        for block in blocks:
+            for lines in _chunks(block, BLOCK_LINES):
+                ids = encode_lines(tok, lines)
+                ids.tofile(f)
+                n += ids.size
+                if progress is not None:
+                    progress(ids.size)
+    return n
+
+
+def open_ids(path: Path, dtype: str, n: int) -> np.ndarray:
+    """A split's ids, memory-mapped read-only (a file of no ids cannot be mapped)."""
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def _has_text(path: Path, meta: dict, eos: int) -> bool:
+    """Whether a split's id file holds any token but <eos>, read a block at a time."""
+    ids = open_ids(path, meta["dtype"], meta["tokens"]["train"])
+    return any(bool(np.any(ids[i:i + (1 << 24)] != eos)) for i in range(0, ids.size, 1 << 24))
+
+
+class _progress:
+    """A tqdm bar on stderr counting tokens, with their rate (only where stderr is a terminal)."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __enter__(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=self.desc, unit="tok", unit_scale=True, file=sys.stderr, disable=None,
+                        leave=False, dynamic_ncols=True)
+        return self
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add .npy to a name
-        np.save(f, arr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,9 +477,58 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     return ids[: n * batch_size].view(batch_size, n).t().contiguous()
 
 
-def get_batch(data: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
+class Streams:
+    """What `batchify` makes, (T, B) streams of a flat id array, without copying the array:
+    the ids stay where they are (the cache's memory-mapped file) and the rows a batch
+    needs are gathered from it when it asks, as int64 on the device.
+
+        train = Streams(corpus.splits["train"], 20, device)   # batchify(to_tensor(ids), 20), lazily
+        x, y = get_batch(train, i, bptt=35)                  # the same batches
+        mine = train[:, 0:10]                                # some of the streams (a rank's share)
+
+    Indexing rows (`data[i:j]`) returns a tensor; indexing all rows and some streams
+    (`data[:, a:b]`) returns those streams, still lazy.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, device: torch.device | str = "cpu"):
+        self.ids, self.rows = ids, len(ids) // batch_size
+        self.starts = np.arange(batch_size, dtype=np.int64) * self.rows  # where each stream begins
+        self.device = torch.device(device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, len(self.starts))
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.rows * len(self.starts)
+
+    def __getitem__(self, key) -> torch.Tensor | Streams:
+        if isinstance(key, tuple):  # data[:, a:b]
+            rows, columns = key
+            if rows != slice(None):
+                raise IndexError("Streams take data[i:j] (rows) or data[:, a:b] (streams)")
+            some = copy.copy(self)
+            some.starts = self.starts[columns]
+            return some
+        start, stop, step = key.indices(self.rows)
+        if step != 1:
+            raise IndexError("Streams take contiguous rows")
+        rows = np.arange(start, max(start, stop), dtype=np.int64)
+        block = torch.from_numpy(self.ids[rows[:, None] + self.starts[None, :]].astype(np.int64))  # (T, B)
+        if self.device.type == "cuda":  # a copy that does not wait for the GPU
+            return block.pin_memory().to(self.device, non_blocking=True)
+        return block.to(self.device)
+
+
+def get_batch(data: torch.Tensor | Streams, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows i .. i+bptt-1 as inputs and the rows one step later as targets, both (T, B)."""
     seq_len = min(bptt, data.size(0) - 1 - i)
+    if isinstance(data, Streams):  # one gather for both
+        rows = data[i : i + 1 + seq_len]
+        return rows[:-1], rows[1:]
     return data[i : i + seq_len], data[i + 1 : i + 1 + seq_len]
 
 

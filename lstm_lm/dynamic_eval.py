@@ -29,7 +29,6 @@ import copy
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lstm_lm.evaluate import perplexity_of
@@ -81,8 +80,8 @@ def _log_probs(model: LSTMLanguageModel, x: Tensor, y: Tensor, state, precision:
     """log p(target) of each position of a segment (n,) float32, differentiable, and the new state."""
     with autocast(x.device, precision):
         h, state = model.features(x, detach_state(state))
-        logits = F.linear(h.flatten(0, 1), model.decoder.weight, model.decoder.bias).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, y.reshape(-1, 1))[:, 0], state
+        log_probs = model.target_log_probs(h.flatten(0, 1), y.flatten())
+    return log_probs, state
 
 
 def gradient_statistics(model: LSTMLanguageModel, ids: Tensor, segment: int, precision: str = "fp32",

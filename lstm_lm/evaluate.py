@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 import torch
 
-from lstm_lm.data import get_batch
-from lstm_lm.loss import linear_cross_entropy_and_hits
+from lstm_lm.data import Streams, get_batch
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast
 
 TOP_K = (1, 5)
 
 
-def chunk_features(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str = "fp32"):
+def chunk_features(model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt: int, precision: str = "fp32"):
     """The last layer's output (T, B, H) and the targets (T, B) of each `bptt` chunk of
     `data` (T, B), the memory carried from chunk to chunk and dropout off: the one pass
     that evaluation and the neural cache read. Call it under `torch.no_grad()`."""
@@ -43,7 +42,7 @@ def chunk_features(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, prec
 
 
 @torch.no_grad()
-def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str = "fp32") -> dict[str, float]:
+def evaluate(model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt: int, precision: str = "fp32") -> dict[str, float]:
     """Mean loss (nats per token), perplexity, token count and top-1/top-5 accuracy over `data` (T, B).
 
     precision "bf16" runs the matrix products in bf16; the loss is summed in float32/64.
@@ -53,8 +52,7 @@ def evaluate(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision:
     tokens = 0
     for out, y in chunk_features(model, data, bptt, precision):
         with autocast(data.device, precision):
-            loss, found = linear_cross_entropy_and_hits(out.flatten(0, 1), model.decoder.weight,
-                                                        model.decoder.bias, y.flatten(), TOP_K)
+            loss, found = model.output_loss_and_hits(out.flatten(0, 1), y.flatten(), TOP_K)
         total += loss
         hits += found
         tokens += y.numel()

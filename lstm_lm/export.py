@@ -4,7 +4,8 @@
 
 The graph (docs/export.md shows how to run it with onnxruntime):
     inputs   input_ids (T, B) int64, and per layer k: h{k} (B, H_k) float32 (and c{k} for an LSTM)
-    outputs  logits (T, B, V) float32, and per layer k: h{k}_out (and c{k}_out): the state
+    outputs  logits (T, B, V) float32 (log-probabilities with model.softmax adaptive: the
+             same softmax), and per layer k: h{k}_out (and c{k}_out): the state
              after the chunk, to feed into the next one
 T and B are dynamic. The recurrent layers are ONNX's own LSTM / GRU / RNN operators
 (one per layer, so that layers may differ in size), exported in eval mode (no
@@ -19,6 +20,7 @@ fly) and measures what it costs in validation perplexity.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -56,10 +58,14 @@ class OnnxChunk(nn.Module):
                 for name, w in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), (w_ih, w_hh, b_ih, b_hh)):
                     getattr(layer, name).copy_(w)
             self.layers.append(layer)
-        self.decoder = nn.Linear(model.decoder.in_features, model.decoder.out_features)
-        with torch.no_grad():
-            self.decoder.weight.copy_(model.decoder.weight)
-            self.decoder.bias.copy_(model.decoder.bias)
+        self.decoder, self.adaptive, self.tied = None, None, model.cfg.tie_weights
+        if model.adaptive is not None:  # its log-probabilities are the output's scores
+            self.adaptive = copy.deepcopy(model.adaptive).float()
+        else:
+            self.decoder = nn.Linear(model.decoder.in_features, model.decoder.out_features)
+            with torch.no_grad():
+                self.decoder.weight.copy_(model.decoder.weight)
+                self.decoder.bias.copy_(model.decoder.bias)
         self.eval()
 
     def forward(self, input_ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
@@ -70,7 +76,11 @@ class OnnxChunk(nn.Module):
             mine = [s.unsqueeze(0) for s in state[k * per_layer:(k + 1) * per_layer]]  # (1, B, H) each
             x, out = layer(x, tuple(mine) if per_layer == 2 else mine[0])
             new_state += [s.squeeze(0) for s in (out if per_layer == 2 else (out,))]
-        return (self.decoder(x), *new_state)  # (T, B, V), then (B, H_k) per state tensor
+        if self.adaptive is not None:
+            scores = self.adaptive.log_probs(x, self.embedding.weight if self.tied else None)
+        else:
+            scores = self.decoder(x)
+        return (scores, *new_state)  # (T, B, V), then (B, H_k) per state tensor
 
 
 def state_names(model: nn.Module) -> list[str]:
@@ -187,7 +197,7 @@ def onnx_evaluate(session, names: list[str], sizes: list[int], data: Tensor, bpt
 
 def _perplexities(lm: LanguageModel, session, names: list[str], data: str | None) -> dict[str, Any]:
     """Validation perplexity of the PyTorch model (fp32) and of the exported one."""
-    from lstm_lm.data import batchify, load_corpus, to_tensor
+    from lstm_lm.data import Streams, load_corpus
 
     try:
         corpus = load_corpus(lm.config.data, tokenizer=lm.tokenizer, source=data)
@@ -195,7 +205,7 @@ def _perplexities(lm: LanguageModel, session, names: list[str], data: str | None
         log(f"not measuring the validation perplexity: {e} (pass --data to give the corpus)")
         return {"valid_perplexity": None}
     bsz, bptt = lm.config.train.eval_batch_size, lm.config.train.bptt
-    valid = batchify(to_tensor(corpus.splits["valid"]), bsz)
+    valid = Streams(corpus.splits["valid"], bsz)
     log(f"measuring the validation perplexity ({valid.numel():,} tokens) in PyTorch and onnxruntime ...")
     reference = LanguageModel(lm.model, lm.tokenizer, lm.config, lm.checkpoint, "fp32").evaluate("valid", data)
     exported = onnx_evaluate(session, names, lm.model.rnn.sizes, valid, bptt)

@@ -11,7 +11,6 @@ weights the fast engine uses, without dropout.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tokenizers import Tokenizer
 
@@ -72,7 +71,7 @@ def _read(model: LSTMLanguageModel, tokenizer: Tokenizer, ids: list[int], layer:
             gates[name].append(record[layer - 1][name][0].float().tolist())
         for name, t in zip(states, state[layer - 1]):
             states[name].append(t[0].float().tolist())
-        probs = torch.softmax(model.decoder(h)[0].float(), -1)
+        probs = model.log_probs(h)[0].exp()
         top = torch.topk(probs, min(top_k, probs.numel()))
         guesses.append([(tokenizer.id_to_token(int(j)), float(p)) for p, j in zip(top.values, top.indices)])
     return {"gates": gates, "states": states, "guesses": guesses}
@@ -125,7 +124,7 @@ def gradient_flow(model: LSTMLanguageModel, ids: Tensor, targets: Tensor, state:
                 top, state = model.step_hidden(ids[t], state)
                 for k, layer in enumerate(state):
                     hs[k].append(layer[0])
-            loss = F.cross_entropy(model.decoder(top).float(), targets[-1])
+            loss = -model.target_log_probs(top, targets[-1]).mean()
             grads = torch.autograd.grad(loss, [h for layer in hs for h in layer])
     finally:
         model.train(was_training)

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lstm_lm.adaptive import AdaptiveSoftmax, default_cutoffs
 from lstm_lm.config import ModelConfig
-from lstm_lm.loss import linear_cross_entropy, output_cross_entropy
+from lstm_lm.loss import linear_cross_entropy_and_hits, output_cross_entropy, token_log_probs
 
 # Per layer a tuple of tensors, each (B, H_k): (h, c) for the LSTM, (h,) for the GRU and
 # the simple RNN. Layers may differ in size (AWD-LSTM's last layer is smaller).
@@ -375,21 +376,30 @@ class LSTMLanguageModel(nn.Module):
         self.cell = cfg.cell
         self.rnn = Recurrent(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], cell=cfg.cell,
                              engine=self.impl, weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout)
-        self.decoder = nn.Linear(sizes[-1], vocab_size)
-        self.loss_impl = "fused"  # the output layer's path in training_loss: "fused" or "plain" (loss.py)
-        if cfg.tie_weights:
-            # Weight tying (Press & Wolf 2017; Inan et al. 2017): the output projection
-            # reuses the input embedding, saving V*H parameters and improving perplexity.
-            self.decoder.weight = self.embedding.weight
+        self.loss_impl = "fused"  # the full softmax's path in training_loss: "fused" or "plain" (loss.py)
+        # The output layer: a full softmax (decoder) or an adaptive one (adaptive.py), never both.
+        self.decoder: nn.Linear | None = None
+        self.adaptive: AdaptiveSoftmax | None = None
+        if cfg.softmax == "adaptive":
+            # With tie_weights the head's word rows are the embedding's first rows.
+            self.adaptive = AdaptiveSoftmax(sizes[-1], vocab_size, cfg.cutoffs or default_cutoffs(vocab_size),
+                                            cfg.div_value, tied=cfg.tie_weights)
+        else:
+            self.decoder = nn.Linear(sizes[-1], vocab_size)
+            if cfg.tie_weights:
+                # Weight tying (Press & Wolf 2017; Inan et al. 2017): the output projection
+                # reuses the input embedding, saving V*H parameters and improving perplexity.
+                self.decoder.weight = self.embedding.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
         # The classic word-language-model initialisation: small uniform embeddings and
         # a zero output bias; the recurrent layers keep torch.nn's own uniform(+-1/sqrt(H)).
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        if not self.cfg.tie_weights:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
+        if self.decoder is not None:
+            if not self.cfg.tie_weights:
+                nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return self.rnn.zero_state(batch_size, device or self.embedding.weight.device)
@@ -409,14 +419,57 @@ class LSTMLanguageModel(nn.Module):
         return (dropped, state, out) if raw else (dropped, state)
 
     def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """ids (T, B) -> logits (T, B, V) and the final state."""
+        """ids (T, B) -> scores (T, B, V) (see `scores`) and the final state."""
         out, state = self.features(ids, state)
-        return self.decoder(out), state
+        return self.scores(out), state
 
     def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """One time step for inference: ids (B,) -> logits (B, V) and the new state."""
+        """One time step for inference: ids (B,) -> scores (B, V) and the new state."""
         h, state = self.step_hidden(ids, state)
-        return self.decoder(h), state
+        return self.scores(h), state
+
+    # -- the output layer: a full or an adaptive softmax over the vocabulary --------------
+
+    def _head_words(self) -> Tensor | None:
+        """The adaptive head's tied word rows: the embedding (its first rows are used)."""
+        return self.embedding.weight if self.cfg.tie_weights else None
+
+    def scores(self, h: Tensor) -> Tensor:
+        """h (..., H) -> a score for every word (..., V) whose softmax is the model's
+        distribution: the logits of the full softmax, the log-probabilities of the adaptive one."""
+        if self.adaptive is not None:
+            return self.adaptive.log_probs(h, self._head_words())
+        return self.decoder(h)
+
+    def log_probs(self, h: Tensor) -> Tensor:
+        """h (..., H) -> log p(word) for every word (..., V), float32."""
+        if self.adaptive is not None:
+            return self.adaptive.log_probs(h, self._head_words())
+        return torch.log_softmax(self.decoder(h).float(), dim=-1)
+
+    def target_log_probs(self, h: Tensor, targets: Tensor) -> Tensor:
+        """log p(target) of each row: h (N, H), targets (N,) -> (N,) float32. Differentiable
+        where gradients are on (dynamic evaluation); else block by block, no logits kept."""
+        if self.adaptive is not None:
+            return self.adaptive.target_log_probs(h, targets, self._head_words())
+        if torch.is_grad_enabled():
+            logits = F.linear(h, self.decoder.weight, self.decoder.bias).float()
+            return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        return token_log_probs(h, self.decoder.weight, self.decoder.bias, targets)
+
+    def output_loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """The mean cross-entropy (float32) of the output layer on h (N, H) against targets (N,)."""
+        if self.adaptive is not None:
+            return self.adaptive.loss(h, targets, self._head_words())
+        return output_cross_entropy(h, self.decoder.weight, self.decoder.bias, targets, self.loss_impl)
+
+    @torch.no_grad()
+    def output_loss_and_hits(self, h: Tensor, targets: Tensor, ks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """For evaluation: the summed cross-entropy (float64) and, for each k in `ks`, how
+        many rows have their target among the k most likely words."""
+        if self.adaptive is not None:
+            return self.adaptive.loss_and_hits(h, targets, self._head_words(), ks)
+        return linear_cross_entropy_and_hits(h, self.decoder.weight, self.decoder.bias, targets, ks)
 
     def step_hidden(self, ids: Tensor, state: State, record: list[dict] | None = None) -> tuple[Tensor, State]:
         """One time step for inference: ids (B,) -> the last layer's h (B, H) and the new state.
@@ -437,17 +490,14 @@ class LSTMLanguageModel(nn.Module):
             x = layer[0]
         return x, new_state
 
-    def loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
-             reduction: str = "mean") -> tuple[Tensor, State]:
-        """Cross-entropy (float32) of predicting `targets` (T, B) from `ids` (T, B), and the final state.
+    def loss(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Mean cross-entropy (float32) of predicting `targets` (T, B) from `ids` (T, B), and the final state.
 
         The same value as `F.cross_entropy(forward(ids)[0].flatten(0, 1), targets.flatten())`,
-        computed without keeping the (T, B, V) logits (see loss.py): what evaluation uses.
+        computed without keeping the (T, B, V) logits (see loss.py).
         """
         out, state = self.features(ids, state)
-        loss = linear_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias,
-                                    targets.flatten(), reduction)
-        return loss, state
+        return self.output_loss(out.flatten(0, 1), targets.flatten()), state
 
     def training_loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
                       ar: float = 0.0, tar: float = 0.0) -> tuple[Tensor, Tensor, State]:
@@ -459,8 +509,7 @@ class LSTMLanguageModel(nn.Module):
         between time steps.
         """
         out, state, raw = self.features(ids, state, raw=True)
-        ce = output_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias, targets.flatten(),
-                                  self.loss_impl)
+        ce = self.output_loss(out.flatten(0, 1), targets.flatten())
         objective = ce
         if ar > 0:
             objective = objective + ar * out.float().pow(2).mean()

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from lstm_lm.evaluate import chunk_features, perplexity_of
-from lstm_lm.loss import token_log_probs
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast
 
@@ -120,7 +119,7 @@ def collect(model: LSTMLanguageModel, data: Tensor, bptt: int, precision: str = 
     chunks = []
     for out, y in chunk_features(model, data, bptt, precision):
         with autocast(data.device, precision):
-            logp = token_log_probs(out.flatten(0, 1), model.decoder.weight, model.decoder.bias, y.flatten())
+            logp = model.target_log_probs(out.flatten(0, 1), y.flatten())
         chunks.append((out.float(), logp.view_as(y), y))
         if progress is not None:
             progress(y.numel())

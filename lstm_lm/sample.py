@@ -51,8 +51,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, kind: str = "word") -> list
 def _read_prompt(model: LSTMLanguageModel, ids: list[int]) -> tuple[torch.Tensor, State]:
     device = model.embedding.weight.device
     x = torch.tensor(ids, device=device).unsqueeze(1)  # (T, 1)
-    logits, state = model(x)
-    return logits[-1, 0].float().cpu(), state  # (V,) scores for the next token, picked on the CPU
+    out, state = model.features(x)
+    return model.scores(out[-1, 0]).float().cpu(), state  # (V,) scores for the next token, picked on the CPU
 
 
 class WordPieces:
@@ -114,7 +114,7 @@ def words_after(model: LSTMLanguageModel, pieces: WordPieces, logits: torch.Tens
     found: dict[str, float] = {}
     for _ in range(max_pieces):
         h, state = model.step_hidden(last.to(device), state)
-        probs = torch.softmax(model.decoder(h).float().cpu(), dim=-1)  # (B, V)
+        probs = model.log_probs(h).exp().cpu()  # (B, V)
         ends = 1.0 - (probs * pieces.continues).sum(1).double()  # P(the word ends here)
         for word, p in zip(words, (word_p * ends.clamp(min=0)).tolist()):
             if word:
@@ -231,9 +231,10 @@ def generate(
     model.eval()
     device = model.embedding.weight.device
     logits, state = _read_prompt(model, ids)
-    out_w, out_b = model.decoder.weight.detach(), model.decoder.bias.detach()
-    if precision == "bf16":
-        out_w, out_b = out_w.to(torch.bfloat16), out_b.to(torch.bfloat16)
+    scores = model.scores
+    if precision == "bf16" and model.decoder is not None:  # the full softmax's weights, read once as bf16
+        out_w, out_b = model.decoder.weight.detach().to(torch.bfloat16), model.decoder.bias.detach().to(torch.bfloat16)
+        scores = lambda h: F.linear(h.to(torch.bfloat16), out_w, out_b)  # noqa: E731
     banned = list(banned)  # (logits[()] would be every element)
     token = torch.empty(1, dtype=torch.long, device=device)  # (B=1,), refilled each step
     while True:
@@ -243,7 +244,7 @@ def generate(
         yield nxt
         with torch.no_grad():
             h, state = model.step_hidden(token.fill_(nxt), state)
-            logits = F.linear(h.to(out_w.dtype), out_w, out_b)[0].float().cpu()
+            logits = scores(h)[0].float().cpu()
 
 
 def _end_of_nth_word(text: str, n: int) -> int:

@@ -26,7 +26,6 @@ from tokenizers import Tokenizer
 
 from lstm_lm.data import EOS, UNK, check_file
 from lstm_lm.errors import DataError, PromptError
-from lstm_lm.loss import token_log_probs
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.sample import MAX_PROMPT_TOKENS
 
@@ -94,7 +93,7 @@ def _score_batch(model: LSTMLanguageModel, rows: list[list[int]]) -> list[torch.
     ids = ids.to(device)
     out, _ = model.features(ids[:-1])  # (T, B, H)
     real = (torch.arange(T)[:, None] < lengths[None, :]).to(device)  # (T, B) the real tokens
-    lp = token_log_probs(out[real], model.decoder.weight, model.decoder.bias, ids[1:][real]).cpu()
+    lp = model.target_log_probs(out[real], ids[1:][real]).cpu()
     cols = torch.zeros(T, len(rows), dtype=torch.float32)
     cols[real.cpu()] = lp
     return [cols[: int(n), b] for b, n in enumerate(lengths)]

@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lstm_lm import distributed
+from lstm_lm.adaptive import check_cutoffs, default_cutoffs
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lstm_lm.clock import Clock
 from lstm_lm.config import Config, TrainConfig
-from lstm_lm.data import Corpus, batchify, get_batch, load_corpus, to_tensor
+from lstm_lm.data import Corpus, Streams, get_batch, load_corpus
 from lstm_lm.distributed import World
 from lstm_lm.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from lstm_lm.evaluate import evaluate
@@ -114,9 +115,8 @@ def training_streams(corpus: Corpus, t: TrainConfig, world: World, device: torch
         )
     if len(valid_ids) < t.eval_batch_size * 2:
         raise DataError(f"the valid split has {len(valid_ids)} tokens, too few for eval_batch_size {t.eval_batch_size}")
-    train = batchify(to_tensor(train_ids, device), t.batch_size)[:, world.share(t.batch_size, "train.batch_size")]
-    valid = batchify(to_tensor(valid_ids, device), t.eval_batch_size)[
-        :, world.share(t.eval_batch_size, "train.eval_batch_size")]
+    train = Streams(train_ids, t.batch_size, device)[:, world.share(t.batch_size, "train.batch_size")]
+    valid = Streams(valid_ids, t.eval_batch_size, device)[:, world.share(t.eval_batch_size, "train.eval_batch_size")]
     return train, valid
 
 
@@ -160,7 +160,11 @@ class Trainer:
         self.rows = self.train_data.size(0) - 1  # positions a chunk can start from
         self.n_batches = math.ceil(self.rows / t.bptt)  # per epoch (about that many with variable_bptt)
 
-        self.model = LSTMLanguageModel(cfg.model, self.corpus.vocab_size).to(self.device)
+        m = cfg.model
+        if m.softmax == "adaptive" and (problem := check_cutoffs(m.cutoffs or default_cutoffs(self.corpus.vocab_size),
+                                                                 self.corpus.vocab_size)):
+            raise ConfigError([problem])
+        self.model = LSTMLanguageModel(m, self.corpus.vocab_size).to(self.device)
         self.precision = pick_precision(t.precision, self.device)
         self.model.loss_impl = resolve_loss_impl(t.loss_impl, self.device)
         self.loss = _TrainingLoss(self.model, t.compile, t.compile_mode)
@@ -394,7 +398,7 @@ class Trainer:
         s, t = self.state, self.t
         best_dir = resolve_checkpoint(self.run_dir)
         best, _, _ = load_checkpoint(best_dir, self.device)
-        test_data = batchify(to_tensor(self.corpus.splits["test"], self.device), t.eval_batch_size)
+        test_data = Streams(self.corpus.splits["test"], t.eval_batch_size, self.device)
         test_data = test_data[:, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
         test = evaluate_streams(best, test_data, t.bptt, self.precision, self.world) if test_data.size(0) > 1 else None
         summary = _summary(s, self.run_dir, best_dir, test, self.clock)
@@ -458,9 +462,12 @@ def reserve_evaluation_time(clock: Clock, model: LSTMLanguageModel, data: torch.
 
 def _describe(model: LSTMLanguageModel, corpus: Corpus, t: TrainConfig, device: torch.device, precision: str,
               n_batches: int) -> str:
+    output = (f"adaptive softmax (cutoffs {model.adaptive.bounds[:-1]})" if model.adaptive is not None
+              else f"{model.loss_impl} loss")
+    compiled = f", compiled{f' ({t.compile_mode})' if t.compile_mode != 'default' else ''}" if t.compile else ""
     return (f"model: {model.cell}, {model.num_parameters():,} parameters, impl {model.impl}, "
-            f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}, {model.loss_impl} loss"
-            f"{', compiled' if t.compile else ''}{f' ({t.compile_mode})' if t.compile_mode != 'default' else ''}; data: {len(corpus.splits['train']):,} train tokens, "
+            f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}, {output}{compiled}; "
+            f"data: {len(corpus.splits['train']):,} train tokens, "
             f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
             + (f"; time budget {t.time_budget:g} min" if t.time_budget else ""))
 

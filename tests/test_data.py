@@ -1,6 +1,10 @@
 """Sources, tokenizers, the token-id cache and the truncated-BPTT layout."""
 
+import subprocess
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +14,8 @@ from conftest import SHARED_DATA, requires_shared_data
 from lstm_lm import data as data_mod
 from lstm_lm.config import DataConfig
 from lstm_lm.data import (
-    EOS, UNK, batchify, build_tokenizer, detokenize, encode_lines, get_batch, load_corpus, resolve_source,
-    smallest_uint,
+    EOS, UNK, Streams, batchify, build_tokenizer, detokenize, encode_lines, get_batch, load_corpus, resolve_source,
+    smallest_uint, to_tensor,
 )
 from lstm_lm.demo import REGION_LANGUAGE, SEED_ANSWER, SEED_PROMPT, demo_corpus, demo_splits, gap_of
 from lstm_lm.errors import DataError
@@ -207,3 +211,91 @@ def test_ptb_has_the_standard_10k_vocabulary():
     assert corpus.vocab_size == 10_000
     assert len(corpus.splits["train"]) == 887_521 + 42_068  # words + one <eos> per line
     assert corpus.splits["train"].dtype == np.uint16
+
+
+# -- the streamed cache and the memory-mapped batches ---------------------------------------
+
+ODD_TEXT = (
+    "the cat sat\r\n"            # Windows line ends
+    "on the mat\r"                # old Mac line ends
+    "\r\n"                       # an empty line
+    "<unk> the dog   sat\tdown\n"  # PTB's literal <unk>, runs of spaces and a tab
+    + " ".join(["long"] * 400) + " line\n"  # a line many blocks long
+    "caf\u00e9 na\u00efve \u00fcber\x85next\n"  # non-ASCII, and NEL, a line break to str.splitlines()
+    "the end, no final newline"
+)
+
+
+def _whole_text_lines(path: Path) -> list[str]:
+    """The lines as one read of the whole file cuts them (universal newlines, then splitlines)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_streamed_cache_has_the_ids_of_encoding_the_whole_text_at_once(tmp_path, monkeypatch, kind):
+    d = tmp_path / "odd"
+    d.mkdir()
+    for split in ("train", "valid", "test"):
+        (d / f"{split}.txt").write_bytes(ODD_TEXT.encode("utf-8"))
+    cfg = DataConfig(source=str(d), tokenizer=kind, vocab_size=60, lowercase=True)
+    lines = _whole_text_lines(d / "train.txt")
+    tok = build_tokenizer(cfg, lines)  # the whole train split in one block
+    want = encode_lines(tok, lines)
+    monkeypatch.setattr(data_mod, "BLOCK_CHARS", 16)  # the same text read 16 characters at a time,
+    monkeypatch.setattr(data_mod, "BLOCK_LINES", 2)   # counted and encoded two lines at a time
+    corpus = load_corpus(cfg)
+    assert corpus.tokenizer.get_vocab() == tok.get_vocab()
+    for split in ("train", "valid", "test"):
+        assert isinstance(corpus.splits[split], np.memmap)
+        np.testing.assert_array_equal(corpus.splits[split], want)
+    if kind == "word":  # the vocabulary, against a count of our own
+        counts = Counter(w for line in lines for w in line.lower().split() if w != "<unk>")
+        assert set(tok.get_vocab()) == set(counts) | {UNK, EOS}
+        assert tok.token_to_id("long") == 2  # the most frequent word comes first
+
+
+def test_wikitext_file_names_are_read(tmp_path):
+    d = tmp_path / "wikitext-2"
+    d.mkdir()
+    for split, text in (("train", " = Title = \n the cat sat \n"), ("valid", " the cat \n"), ("test", " the sat \n")):
+        (d / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
+    corpus = load_corpus(DataConfig(source=str(d)))
+    assert corpus.tokenizer.token_to_id("=") is not None and len(corpus.splits["valid"]) == 3
+    (d / "wiki.test.tokens").unlink()
+    with pytest.raises(DataError, match="missing wiki.test.tokens"):
+        load_corpus(DataConfig(source=str(d)))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_memory_mapped_streams_give_the_batches_of_batchify(tiny_corpus, batch_size):
+    corpus = load_corpus(DataConfig(source=str(tiny_corpus)))
+    ids = corpus.splits["train"]
+    eager, lazy = batchify(to_tensor(ids), batch_size), Streams(ids, batch_size)
+    assert lazy.shape == tuple(eager.shape) and lazy.numel() == eager.numel()
+    for data, streams in ((eager, lazy), (eager[:, 1:], lazy[:, 1:]), (eager[:, :1], lazy[:, :1])):
+        for i in range(0, data.size(0) - 1, 7):
+            for got, want in zip(get_batch(streams, i, 7), get_batch(data, i, 7)):
+                assert got.dtype == torch.int64 and torch.equal(got, want)
+    torch.testing.assert_close(lazy[2:5], eager[2:5])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_make_corpus_is_seeded_zipfian_and_in_the_ptb_layout(tmp_path):
+    def make(out, seed=0):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), str(out), "--tokens", "200000",
+                        "--vocab", "5000", "--seed", str(seed)], check=True, capture_output=True)
+        return {s: (out / f"{s}.txt").read_bytes() for s in ("train", "valid", "test")}
+
+    a, b, c = make(tmp_path / "a"), make(tmp_path / "b"), make(tmp_path / "c", seed=1)
+    assert a == b and a != c
+    words = {s: text.decode().split() for s, text in a.items()}
+    assert {s: len(w) for s, w in words.items()} == {"train": 184_000, "valid": 8_000, "test": 8_000}
+    assert all(text.endswith(b"\n") for text in a.values())
+    counts = Counter(words["train"]).most_common()
+    # Zipf-Mandelbrot, p(k) ~ 1 / (k + 2.7): the top word about 3.7 / 2.7 times the second
+    assert counts[0][1] / counts[1][1] == pytest.approx(3.7 / 2.7, rel=0.05)
+    corpus = load_corpus(DataConfig(source=str(tmp_path / "a")))
+    assert corpus.vocab_size <= 5000 + 2 and len(corpus.splits["train"]) == 184_000 + a["train"].count(b"\n")

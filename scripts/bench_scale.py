@@ -1,0 +1,278 @@
+"""Scale: preparing corpora of 1M to 100M tokens, and the full against the adaptive softmax.
+
+    .venv/bin/python scripts/bench_scale.py --quick --json scale.json   # under 5 minutes on a 2-core CPU
+    .venv/bin/python scripts/bench_scale.py --json scale.json           # with the 100M-token corpus too
+
+Data rows. For each corpus size (1M, 10M and 100M tokens; --quick leaves 100M out), a
+generated Zipfian corpus of 250,000 words (scripts/make_corpus.py, written once into
+--work and kept) is prepared as `lstm-lm train` prepares it: in a fresh process,
+`load_corpus` and the first training batch, first with an empty token cache (cold:
+counting, tokenizing and writing the id files) and then again with that cache (warm).
+Each row gives the process's wall time (interpreter and imports included) and its peak
+memory (ru_maxrss), and the cold seconds per million tokens, which show whether the
+cost grows linearly with the corpus.
+
+Softmax rows. For vocabularies of 10k, 50k and 250k words, a 2x256 tied LSTM (batch
+20, bptt 35, plain SGD, clip 0.25, precision auto, eager) with the full and with the
+adaptive softmax (default cutoffs: 1/12 and 1/4 of the vocabulary) is timed in this
+process on token ids drawn from the same Zipfian law: --steps steps of
+`lstm_lm.trainer.train_step` (after 2 untimed ones) and one `lstm_lm.evaluate.evaluate`
+pass over 7,000 tokens, the two models taking turns for --rounds rounds. A row's
+tokens/s is its median over rounds, and the adaptive row's ratio the median of the
+per-round ratios, so a slow spell of a shared machine falls on both sides. Without
+--quick, a real `lstm-lm train` of the adaptive model on the 100M-token corpus (a few
+steps, the token cache warm) reports the peak memory of training at that scale.
+
+The table goes to stderr, --json writes every record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
+VOCABS = {"10k": 10_000, "50k": 50_000, "250k": 250_000}
+DATA_VOCAB = 250_000
+EVAL_TOKENS = 7_000  # per evaluation pass of the softmax rows
+# The softmax rows' model: a 2x256 tied LSTM, eager, plain SGD, as `--set` overrides.
+MODEL = ["model.embedding_size=256", "model.hidden_size=256", "model.num_layers=2", "model.dropout=0.2",
+         "train.batch_size=20", "train.bptt=35", "train.optimizer=sgd", "train.lr=20", "train.clip=0.25",
+         "train.eval_batch_size=10", "train.precision=auto"]
+# Runs a command of lstm-lm's CLI in this process, then prints the process's peak memory.
+CLI_WITH_PEAK = """\
+import resource, runpy, sys
+sys.argv = ["lstm-lm", *sys.argv[1:]]
+try:
+    runpy.run_module("lstm_lm", run_name="__main__")
+    code = 0
+except SystemExit as e:
+    code = e.code
+print(f"peak_rss_kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
+# Prepares a corpus as training does, to its first batch, and reports what it found.
+PREPARE = """\
+import json, resource, sys
+from lstm_lm.config import DataConfig
+from lstm_lm.data import Streams, get_batch, load_corpus
+corpus = load_corpus(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2]))
+x, y = get_batch(Streams(corpus.splits["train"], 20), 0, 35)
+print(json.dumps({"train_tokens": len(corpus.splits["train"]), "vocab": corpus.vocab_size,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def corpus(work: Path, tokens: int, vocab: int) -> Path:
+    """The generated corpus of this size, made once."""
+    out = work / f"zipf-{tokens}-{vocab}"
+    if not (out / "test.txt").is_file():
+        log(f"generating {out.name} ...")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), str(out), "--tokens", str(tokens),
+                        "--vocab", str(vocab)], check=True)
+    return out
+
+
+def prepare(data: Path, cache: Path) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PREPARE, str(data), str(cache)], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"error: preparing {data} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout) | {"seconds": round(wall, 2)}
+
+
+def data_rows(work: Path, sizes: list[str]) -> list[dict]:
+    rows = []
+    for name in sizes:
+        data = corpus(work, SIZES[name], DATA_VOCAB)
+        cache = work / f"cache-{name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        for kind in ("cold", "warm"):
+            r = prepare(data, cache) | {"kind": "data", "size": name, "tokens": SIZES[name], "cache": kind}
+            r["seconds_per_million"] = round(r["seconds"] / (SIZES[name] / 1e6), 3)
+            log(f"  {name} {kind}: {r['seconds']:.1f} s, peak {r['peak_rss_mb']:.0f} MB")
+            rows.append(r)
+    return rows
+
+
+def cli(args: list[str], cache: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """`lstm-lm ARGS` in a fresh process with its own token cache; its peak RSS in MB."""
+    env = os.environ | {"LSTM_LM_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-c", CLI_WITH_PEAK, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: lstm-lm {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    peak = re.search(r"peak_rss_kb (\d+)", proc.stderr)
+    return proc, int(peak.group(1)) / 1024 if peak else float("nan")
+
+
+def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup: int = 2) -> list[dict]:
+    """Training and evaluation tokens/s of the full and the adaptive softmax, in this process."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_corpus import zipf_probabilities
+
+    from lstm_lm.config import load_config
+    from lstm_lm.data import Streams, get_batch
+    from lstm_lm.evaluate import evaluate
+    from lstm_lm.model import LSTMLanguageModel
+    from lstm_lm.optim import make_optimizer
+    from lstm_lm.trainer import train_step
+    from lstm_lm.utils import keep_freed_memory, pick_device, pick_precision
+
+    keep_freed_memory()
+    cfg = load_config(None, MODEL)
+    t = cfg.train
+    dev = pick_device(device)
+    precision = pick_precision(t.precision, dev)
+    rng = np.random.default_rng(0)
+    rows, tokens_per_step = [], t.batch_size * t.bptt
+    for name in vocabs:
+        V = VOCABS[name]
+        cdf = np.cumsum(zipf_probabilities(V))
+        draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), V - 1)  # noqa: E731
+        train = Streams(draw((steps + warmup) * tokens_per_step + t.batch_size), t.batch_size, dev)
+        valid = Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, dev)
+        models = {}
+        for softmax in ("full", "adaptive"):
+            torch.manual_seed(t.seed)
+            cfg.model.softmax = softmax
+            model = LSTMLanguageModel(cfg.model, V).to(dev)
+            models[softmax] = (model, make_optimizer(cfg, model))
+        speeds: dict[str, dict[str, list[float]]] = {s: {"train": [], "eval": []} for s in models}
+        for r in range(rounds):
+            for softmax in ("full", "adaptive") if r % 2 == 0 else ("adaptive", "full"):
+                model, opt = models[softmax]
+                model.train()
+                hidden = model.init_state(t.batch_size)
+                for i in range(warmup + steps):
+                    if i == warmup:
+                        started = _now(dev)
+                    x, y = get_batch(train, i * t.bptt, t.bptt)
+                    _, hidden = train_step(model, opt, x, y, hidden, t.clip, precision)
+                speeds[softmax]["train"].append(steps * tokens_per_step / (_now(dev) - started))
+                started = _now(dev)
+                n = evaluate(model, valid, t.bptt, precision)["tokens"]
+                speeds[softmax]["eval"].append(n / (_now(dev) - started))
+                log(f"  {name} words, {softmax} softmax, round {r + 1}: train {speeds[softmax]['train'][-1]:,.0f} "
+                    f"tokens/s, eval {speeds[softmax]['eval'][-1]:,.0f} tokens/s")
+        for what in ("train", "eval"):
+            ratios = [a / f for a, f in zip(speeds["adaptive"][what], speeds["full"][what])]
+            for softmax, (model, _) in models.items():
+                rows.append({"kind": "softmax", "vocab": name, "what": what, "softmax": softmax,
+                             "tokens_per_s": statistics.median(speeds[softmax][what]),
+                             "parameters": model.num_parameters(),
+                             "ratio_to_full": statistics.median(ratios) if softmax == "adaptive" else 1.0,
+                             "rounds": [round(v) for v in speeds[softmax][what]]})
+        del models
+    return rows
+
+
+def _now(device) -> float:
+    """The time, once the device has finished what it was given."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train_memory_row(work: Path, steps: int) -> dict:
+    """A real `lstm-lm train` of the adaptive model on the 100M-token corpus, its token
+    cache warm (the data rows' cache): its peak memory."""
+    data = corpus(work, SIZES["100M"], DATA_VOCAB)
+    run = work / "runs" / "100M-adaptive"
+    shutil.rmtree(run, ignore_errors=True)
+    args = ["train", "--data", str(data), "--out", str(run)]
+    for item in [*MODEL, "train.device=cpu", "model.softmax=adaptive", f"train.max_steps={steps}", f"train.log_interval={max(1, steps // 4)}"]:
+        args += ["--set", item]
+    cache = work / "cache-100M"
+    if not cache.is_dir():
+        prepare(data, cache)
+    proc, peak = cli(args, cache)
+    params = int(re.search(r"([\d,]+) parameters", proc.stderr).group(1).replace(",", ""))
+    model_mb = params * 4 * 2 / 2**20  # float32 weights and their gradients (plain SGD keeps nothing more)
+    log(f"  100M adaptive training: peak {peak:,.0f} MB, of which the model's weights and gradients {model_mb:,.0f} MB")
+    return {"kind": "train-memory", "size": "100M", "vocab": "250k", "peak_rss_mb": round(peak),
+            "model_mb": round(model_mb), "peak_minus_model_mb": round(peak - model_mb), "parameters": params}
+
+
+def print_table(records: list[dict]) -> None:
+    data = [r for r in records if r["kind"] == "data"]
+    if data:
+        log("\n| corpus | cache | wall | per 1M tokens | peak memory |")
+        log("|---|---|---|---|---|")
+        for r in data:
+            log(f"| {r['size']} tokens, {r['vocab']:,} words | {r['cache']} | {r['seconds']:.1f} s | "
+                f"{r['seconds_per_million']:.2f} s | {r['peak_rss_mb']:,.0f} MB |")
+    soft = [r for r in records if r["kind"] == "softmax"]
+    if soft:
+        log("\n| vocabulary | softmax | train tokens/s | eval tokens/s | train ratio | eval ratio |")
+        log("|---|---|---|---|---|---|")
+        for vocab in dict.fromkeys(r["vocab"] for r in soft):
+            for softmax in ("full", "adaptive"):
+                t = next(r for r in soft if r["vocab"] == vocab and r["softmax"] == softmax and r["what"] == "train")
+                e = next(r for r in soft if r["vocab"] == vocab and r["softmax"] == softmax and r["what"] == "eval")
+                log(f"| {vocab} | {softmax} | {t['tokens_per_s']:,.0f} | {e['tokens_per_s']:,.0f} | "
+                    f"{t['ratio_to_full']:.2f}x | {e['ratio_to_full']:.2f}x |")
+    for r in records:
+        if r["kind"] == "train-memory":
+            log(f"\ntraining on 100M tokens (adaptive, 250k words): peak {r['peak_rss_mb']:,.0f} MB, "
+                f"{r['peak_minus_model_mb']:,} MB beyond the model's weights and gradients ({r['model_mb']:,} MB)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1M and 10M tokens only, one round: under 5 minutes")
+    p.add_argument("--work", type=Path, default=Path("/tmp/lstm-lm-bench-scale"),
+                   help="where the generated corpora (kept between runs), caches and runs go")
+    p.add_argument("--sizes", help="comma-separated from 1M,10M,100M, or none (default all; --quick 1M,10M)")
+    p.add_argument("--device", default="cpu", help="where the softmax rows run: cpu, cuda or auto (default cpu)")
+    p.add_argument("--vocabs", help="comma-separated from 10k,50k,250k (default all)")
+    p.add_argument("--steps", type=int, help="timed training steps per softmax row per round (default 20; --quick 8)")
+    p.add_argument("--rounds", type=int, help="rounds of the full and adaptive rows, interleaved (default 3; --quick 2)")
+    p.add_argument("--json", type=Path, help="write every record here")
+    args = p.parse_args(argv)
+    sizes = (args.sizes or ("1M,10M" if args.quick else "1M,10M,100M")).split(",")
+    sizes = [] if sizes == ["none"] else sizes
+    vocabs = (args.vocabs or ",".join(VOCABS)).split(",")
+    if bad := [s for s in sizes if s not in SIZES] + [v for v in vocabs if v not in VOCABS]:
+        p.error(f"unknown size or vocabulary {bad}")
+    steps, rounds = args.steps or (8 if args.quick else 20), args.rounds or (2 if args.quick else 3)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; work dir {args.work}")
+    log("preparing corpora (cold, then warm cache):")
+    records = data_rows(args.work, sizes)
+    log("full against adaptive softmax:")
+    records += softmax_rows(vocabs, steps, rounds, args.device)
+    if "100M" in sizes:
+        log("training memory at 100M tokens:")
+        records.append(train_memory_row(args.work, steps))
+    print_table(records)
+    log(f"\n{time.perf_counter() - started:.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
