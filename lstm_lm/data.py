@@ -396,6 +396,7 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
         log(f"using cached token ids from {ids_dir} (no tokenization needed)")
     else:
         lines = lines or read_source(src, cfg)
+        log(f"tokenizing {src.spec} into {ids_dir} ...")
         meta = {"dtype": np.dtype(smallest_uint(tokenizer.get_vocab_size())).name, "tokens": {}}
         for split in SPLITS:
             with _progress(f"tokenizing {split}") as bar:

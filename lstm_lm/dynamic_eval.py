@@ -96,7 +96,7 @@ def gradient_statistics(model: LSTMLanguageModel, ids: Tensor, segment: int, pre
     state, n = model.init_state(1, ids.device), 0
     for x, y in _segments(ids, segment):
         log_probs, state = _log_probs(model, x, y, state, precision)
-        grads = torch.autograd.grad(-log_probs.mean(), params)
+        grads = torch.autograd.grad(-log_probs.mean(), params, allow_unused=True, materialize_grads=True)
         for s, g in zip(sums, grads):
             s.addcmul_(g, g)
         n += 1
@@ -133,7 +133,8 @@ def dynamic_log_probs(model: LSTMLanguageModel, ids: Tensor, settings: DynamicEv
             progress(y.numel())
         if frozen:
             continue
-        grads = torch.autograd.grad(-log_probs.mean(), params)
+        # (zeros for weights the segment did not reach: an adaptive softmax's cluster none of its words are in)
+        grads = torch.autograd.grad(-log_probs.mean(), params, allow_unused=True, materialize_grads=True)
         with torch.no_grad():
             for i, (p, g, p0) in enumerate(zip(params, grads, start)):
                 if settings.rule == "sgd":
