@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstm_lm.loss import linear_cross_entropy, token_log_probs
+from lstm_lm.loss import _blocks, _compute_dtype, _logits, linear_cross_entropy, token_log_probs
 
 
 def default_cutoffs(vocab_size: int) -> list[int]:
@@ -130,27 +130,41 @@ class AdaptiveSoftmax(nn.Module):
     def loss_and_hits(self, h: Tensor, targets: Tensor, words: Tensor | None, ks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """For evaluation: the summed cross-entropy (float64) and, for each k in `ks`, how many
         rows have their target among the k most likely words, exactly, without building
-        the whole distribution: a row's rank is the number of words more likely than its
-        target, counted in the head, then in a cluster only where the cluster itself is
-        more likely than the target (no word in it can be, otherwise) and the head has
-        not already found max(ks) of them."""
-        target_lp = self.target_log_probs(h, targets, words)
+        the whole distribution. One pass over the head, block by block, gives both p(target)
+        and a row's rank: the number of words more likely than its target, counted in the
+        head, then in a cluster only where the cluster itself is more likely than the
+        target (no word in it can be, otherwise) and the head has not already found
+        max(ks) of them."""
         kmax = max(ks)
-        weight, bias = self.head_weight(words), self.head_bias
+        dtype = _compute_dtype(h)
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
         better = torch.zeros(h.size(0), dtype=torch.long, device=h.device)
-        for start in range(0, h.size(0), 4096):
-            end = min(start + 4096, h.size(0))
-            head = torch.log_softmax(F.linear(h[start:end], weight, bias).float(), dim=-1)
-            t = target_lp[start:end, None]
-            better[start:end] = (head[:, : self.shortlist] > t).sum(1)
-            for i in range(self.n_clusters):
-                need = ((head[:, self.shortlist + i, None] > t)[:, 0] & (better[start:end] < kmax)).nonzero()[:, 0]
-                if need.numel():
-                    x, w, b = self._tail(i, h[start:end][need])
-                    tail = head[need, self.shortlist + i, None] + torch.log_softmax(F.linear(x, w, b).float(), dim=-1)
-                    better[start + need] += (tail > t[need]).sum(1)
-        hits = torch.stack([(better < k).sum() for k in ks])
-        return -target_lp.double().sum(), hits
+        head_targets, _ = self._split(targets)
+        with torch.autocast(h.device.type, enabled=False):  # casts are explicit here
+            hc, wc, bc = h.to(dtype), self.head_weight(words).to(dtype), self.head_bias.to(dtype)
+            for start, end in _blocks(h.size(0), wc.size(0)):
+                hb, y = hc[start:end], targets[start:end]
+                head = torch.log_softmax(_logits(hb, wc, bc), dim=1)  # (n, shortlist + clusters)
+                t = head.gather(1, head_targets[start:end, None])  # (n, 1), completed below for tail words
+                for i in range(self.n_clusters):
+                    r = ((y >= self.bounds[i]) & (y < self.bounds[i + 1])).nonzero()[:, 0]
+                    if r.numel():
+                        t[r, 0] += self._tail_log_probs(i, hb[r], dtype).gather(1, (y[r] - self.bounds[i])[:, None])[:, 0]
+                n_better = (head[:, : self.shortlist] > t).sum(1)
+                for i in range(self.n_clusters):
+                    need = ((head[:, self.shortlist + i, None] > t)[:, 0] & (n_better < kmax)).nonzero()[:, 0]
+                    if need.numel():
+                        tail = head[need, self.shortlist + i, None] + self._tail_log_probs(i, hb[need], dtype)
+                        n_better[need] += (tail > t[need]).sum(1)
+                better[start:end] = n_better
+                total -= t.sum(dtype=torch.float64)
+        return total, torch.stack([(better < k).sum() for k in ks])
+
+    def _tail_log_probs(self, i: int, h: Tensor, dtype: torch.dtype) -> Tensor:
+        """log p(word | cluster i) for every word of cluster i, (n, size) float32, in `dtype`'s products."""
+        proj, out = self.tails[i]
+        x = F.linear(h.to(dtype), proj.weight.to(dtype))
+        return torch.log_softmax(_logits(x, out.weight.to(dtype), out.bias.to(dtype)), dim=1)
 
 
 def _target_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
