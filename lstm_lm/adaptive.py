@@ -139,15 +139,14 @@ class AdaptiveSoftmax(nn.Module):
         dtype = _compute_dtype(h)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         better = torch.zeros(h.size(0), dtype=torch.long, device=h.device)
-        head_targets, _ = self._split(targets)
         with torch.autocast(h.device.type, enabled=False):  # casts are explicit here
             hc, wc, bc = h.to(dtype), self.head_weight(words).to(dtype), self.head_bias.to(dtype)
             for start, end in _blocks(h.size(0), wc.size(0)):
                 hb, y = hc[start:end], targets[start:end]
+                head_targets, rows = self._split(y)
                 head = torch.log_softmax(_logits(hb, wc, bc), dim=1)  # (n, shortlist + clusters)
-                t = head.gather(1, head_targets[start:end, None])  # (n, 1), completed below for tail words
-                for i in range(self.n_clusters):
-                    r = ((y >= self.bounds[i]) & (y < self.bounds[i + 1])).nonzero()[:, 0]
+                t = head.gather(1, head_targets[:, None])  # (n, 1), completed below for tail words
+                for i, r in enumerate(rows):
                     if r.numel():
                         t[r, 0] += self._tail_log_probs(i, hb[r], dtype).gather(1, (y[r] - self.bounds[i])[:, None])[:, 0]
                 n_better = (head[:, : self.shortlist] > t).sum(1)

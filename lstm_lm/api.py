@@ -31,7 +31,7 @@ from lstm_lm.model import LSTMLanguageModel, State
 from lstm_lm.neural_cache import NeuralCache
 from lstm_lm.data import EOS
 from lstm_lm.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
-from lstm_lm.utils import autocast, pick_device, pick_precision
+from lstm_lm.utils import autocast, pick_device, pick_precision, progress_bar
 
 
 class LanguageModel:
@@ -187,7 +187,7 @@ class LanguageModel:
         if cache is not None:
             from lstm_lm.neural_cache import cache_log_probs, collect
 
-            with _progress(stream.numel(), f"neural cache on {split}", progress) as bar:
+            with progress_bar(stream.numel(), f"neural cache on {split}", progress) as bar:
                 chunks = collect(self.model, stream, bptt, self.precision, bar)
             static = perplexity_of(torch.cat([logp for _, logp, _ in chunks]))
             result = perplexity_of(cache_log_probs(chunks, cache)[0])
@@ -197,7 +197,7 @@ class LanguageModel:
             from lstm_lm.dynamic_eval import dynamic_log_probs
 
             stats, stats_info = self._gradient_statistics(corpus, dynamic, progress)
-            with _progress(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
+            with progress_bar(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
                 log_probs = dynamic_log_probs(self.model, stream[0:stream.size(0)], dynamic, stats, self.precision, bar)
             out |= {"protocol": "dynamic evaluation", "settings": dynamic.to_dict()} | perplexity_of(log_probs)
             if stats_info:
@@ -226,7 +226,7 @@ class LanguageModel:
         key = (corpus.source.spec, dynamic.segment, info["tokens"], self.precision)
         if key not in self._statistics:  # kept: --tune and the evaluation after it share them
             stream = to_tensor(train_ids, self.device)[:, None]
-            with _progress(info["tokens"], "gradient statistics on train", progress) as bar:
+            with progress_bar(info["tokens"], "gradient statistics on train", progress) as bar:
                 self._statistics = {key: gradient_statistics(self.model, stream, dynamic.segment, self.precision, bar)}
         return self._statistics[key], info
 
@@ -241,9 +241,9 @@ class LanguageModel:
         corpus = self._corpus(data)
         bsz = batch_size or self.config.train.eval_batch_size
         stream = Streams(corpus.splits["valid"], bsz, self.device)
-        with _progress(stream.numel(), "tuning the cache on valid: states", progress) as bar:
+        with progress_bar(stream.numel(), "tuning the cache on valid: states", progress) as bar:
             chunks = collect(self.model, stream, self.config.train.bptt, self.precision, bar)
-        with _progress(len(TUNE_WINDOWS) * len(TUNE_THETAS), "tuning the cache on valid: settings", progress) as bar:
+        with progress_bar(len(TUNE_WINDOWS) * len(TUNE_THETAS), "tuning the cache on valid: settings", progress) as bar:
             best, trials = tune(chunks, progress=bar)
         search = {"split": "valid", "tokens": stream.numel() - stream.size(1), "batch_size": bsz,
                   "windows": list(TUNE_WINDOWS), "thetas": list(TUNE_THETAS), "lambdas": list(TUNE_LAMBDAS),
@@ -266,7 +266,7 @@ class LanguageModel:
             raise DataError("the valid split is empty: nothing to tune on")
         stream = to_tensor(ids, self.device)[:, None]
         passes = len(TUNE_LRS[rule]) + len(TUNE_DECAYS)
-        with _progress(passes, "tuning dynamic evaluation on valid", progress) as bar:
+        with progress_bar(passes, "tuning dynamic evaluation on valid", progress) as bar:
             best, trials = tune(self.model, stream, segment, rule, stats, self.precision, bar)
         search = {"split": "valid", "tokens": stream.size(0) - 1, "lrs": list(TUNE_LRS[rule]),
                   "decays": [0.0, *TUNE_DECAYS], "trials": len(trials)}
@@ -336,30 +336,3 @@ class Session:
             raise PromptError(f"k must be at least 1, got {k}")
         with autocast(self.lm.device, self.lm.precision):
             return words_after(self.lm.model, self.lm.pieces, self._logits, self.state, k)
-
-
-class _progress:
-    """A tqdm bar on stderr counting `total` (shown only when asked and stderr is a
-    terminal); calling it advances the bar."""
-
-    def __init__(self, total: int, desc: str, show: bool):
-        self.total, self.desc, self.show = total, desc, show
-        self.bar = None
-
-    def __enter__(self):
-        if self.show:
-            import sys
-
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, disable=None, leave=False,
-                            dynamic_ncols=True)
-        return self
-
-    def __call__(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()

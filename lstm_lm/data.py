@@ -1,7 +1,7 @@
 """Corpus -> tokenizer -> flat token-id arrays on disk -> truncated-BPTT batches.
 
     corpus = load_corpus(cfg.data)                  # tokenizer + {"train", "valid", "test"} id arrays
-    train = streams(corpus.splits["train"], 20)     # 20 parallel streams over the ids, (T, B)
+    train = Streams(corpus.splits["train"], 20)     # 20 parallel streams over the ids, (T, B)
     x, y = get_batch(train, i, bptt=35)             # (bptt, B) inputs, next-token targets
 
 The text is streamed: each split is read a block of lines at a time, the vocabulary
@@ -24,7 +24,6 @@ import json
 import os
 import re
 import socket
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lstm_lm.config import DataConfig
 from lstm_lm.demo import DEMO_VERSION, demo_splits
 from lstm_lm.errors import DataError
-from lstm_lm.utils import log, write_atomically, write_json, write_text
+from lstm_lm.utils import log, progress_bar, write_atomically, write_json, write_text
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIAL_TOKENS = [UNK, EOS]  # ids 0 and 1 in every tokenizer
@@ -385,7 +384,7 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
         else:
             lines = read_source(src, cfg)
             log(f"building a {cfg.tokenizer} tokenizer from the train split of {src.spec} ...")
-            with _progress(f"counting {cfg.tokenizer}s in train") as bar:
+            with progress_bar(None, f"counting {cfg.tokenizer}s in train", unit="tok") as bar:
                 tokenizer = build_tokenizer(cfg, itertools.chain.from_iterable(lines["train"]()), bar)
             write_text(tok_path, tokenizer.to_str())
 
@@ -399,7 +398,7 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
         log(f"tokenizing {src.spec} into {ids_dir} ...")
         meta = {"dtype": np.dtype(smallest_uint(tokenizer.get_vocab_size())).name, "tokens": {}}
         for split in SPLITS:
-            with _progress(f"tokenizing {split}") as bar:
+            with progress_bar(None, f"tokenizing {split}", unit="tok") as bar:
                 write_atomically(ids_dir / f"{split}.bin",
                                  lambda tmp, split=split: meta["tokens"].__setitem__(
                                      split, encode_to_file(tokenizer, lines[split](), tmp, bar)))
@@ -438,26 +437,6 @@ def _has_text(path: Path, meta: dict, eos: int) -> bool:
     """Whether a split's id file holds any token but <eos>, read a block at a time."""
     ids = open_ids(path, meta["dtype"], meta["tokens"]["train"])
     return any(bool(np.any(ids[i:i + (1 << 24)] != eos)) for i in range(0, ids.size, 1 << 24))
-
-
-class _progress:
-    """A tqdm bar on stderr counting tokens, with their rate (only where stderr is a terminal)."""
-
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def __enter__(self):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(desc=self.desc, unit="tok", unit_scale=True, file=sys.stderr, disable=None,
-                        leave=False, dynamic_ncols=True)
-        return self
-
-    def __call__(self, n: int) -> None:
-        self.bar.update(n)
-
-    def __exit__(self, *exc):
-        self.bar.close()
 
 
 def _sha(text: str) -> str:

@@ -175,3 +175,28 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class progress_bar:
+    """A tqdm bar on stderr (shown only when `show` and stderr is a terminal) counting up
+    to `total` (None: an open count, with its rate); calling it advances the bar."""
+
+    def __init__(self, total: int | None, desc: str, show: bool = True, unit: str = "it"):
+        self.total, self.desc, self.show, self.unit = total, desc, show, unit
+        self.bar = None
+
+    def __enter__(self):
+        if self.show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, unit_scale=self.total is None,
+                            file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+        return self
+
+    def __call__(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
