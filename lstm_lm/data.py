@@ -49,6 +49,7 @@ CACHE_VERSION = "2"  # bump when the encoding of a corpus or the cache's layout 
 BLOCK_CHARS = 1 << 22  # text read at a time (4 Mi characters, then up to the end of a line)
 BLOCK_LINES = 20_000  # lines tokenized at a time
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+_ODD_SPACE = "\x1c\x1d\x1e\x1f"  # whitespace to str.split, not to tokenizers' WhitespaceSplit
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,21 +285,28 @@ def count_tokens(lines: Iterable[str], kind: str, normalizer, pre, progress=None
     special tokens left out. Many lines are joined with "\n" and pre-tokenized in one
     call: both pre-tokenizers cut at a line break as at a line's end."""
     counts: Counter[str] = Counter()
+    plain = kind == "word" and isinstance(pre, pre_tokenizers.WhitespaceSplit)
     for block in _chunks(lines, BLOCK_LINES):
         text = "\n".join(block)
         if normalizer is not None:
             text = normalizer.normalize_str(text)
-        before = counts.total()
-        for piece in _SPECIAL_RE.split(text):
-            if not piece or piece in SPECIAL_TOKENS:
-                continue
-            if kind == "char":
-                counts.update(piece)  # Counter counts a string's characters in C
-            else:
-                counts.update(w for w, _ in pre.pre_tokenize_str(piece))
-        counts.pop("\n", None)  # the joins, not characters of any line
+        if plain and not _has_odd_space(text):  # str.split is WhitespaceSplit, 8x faster
+            words = text.replace(UNK, " ").replace(EOS, " ").split()
+            counts.update(words)
+            n = len(words)
+        else:
+            before = counts.total()
+            for piece in _SPECIAL_RE.split(text):
+                if not piece or piece in SPECIAL_TOKENS:
+                    continue
+                if kind == "char":
+                    counts.update(piece)  # Counter counts a string's characters in C
+                else:
+                    counts.update(w for w, _ in pre.pre_tokenize_str(piece))
+            counts.pop("\n", None)  # the joins, not characters of any line
+            n = counts.total() - before
         if progress is not None:
-            progress(counts.total() - before)
+            progress(n)
     return counts
 
 
@@ -315,12 +323,53 @@ def _without_specials(lines: Iterable[str]):
 
 def encode_lines(tok: Tokenizer, lines: list[str]) -> np.ndarray:
     """Flat token ids with <eos> after every line, in the smallest integer type that fits."""
-    eos = tok.token_to_id(EOS)
-    ids: list[int] = []
-    for enc in tok.encode_batch_fast(lines, add_special_tokens=False):  # ids, no offsets
-        ids.extend(enc.ids)
-        ids.append(eos)
-    return np.asarray(ids, dtype=smallest_uint(tok.get_vocab_size()))
+    return line_encoder(tok)(lines)
+
+
+def line_encoder(tok: Tokenizer) -> Callable[[list[str]], np.ndarray]:
+    """`encode_lines` for one tokenizer, set up once for many blocks of lines.
+
+    The plain word tokenizer (a WordLevel vocabulary over whitespace-separated words,
+    as for PTB and WikiText) is encoded here with str.split and a dict look-up, 2.5x
+    faster than through `tokenizers` and with the same ids: Python's whitespace is
+    WhitespaceSplit's except for the characters \x1c-\x1f, and a block holding one of
+    them goes through `tokenizers`. Any other tokenizer always does.
+    """
+    dtype, eos = smallest_uint(tok.get_vocab_size()), tok.token_to_id(EOS)
+
+    def through_tokenizers(lines: list[str]) -> np.ndarray:
+        ids: list[int] = []
+        for enc in tok.encode_batch_fast(lines, add_special_tokens=False):  # ids, no offsets
+            ids.extend(enc.ids)
+            ids.append(eos)
+        return np.asarray(ids, dtype=dtype)
+
+    plain = (
+        isinstance(tok.model, models.WordLevel)
+        and isinstance(tok.pre_tokenizer, pre_tokenizers.WhitespaceSplit)
+        and (tok.normalizer is None or isinstance(tok.normalizer, normalizers.Lowercase))
+    )
+    if not plain:
+        return through_tokenizers
+    lookup, unk = tok.get_vocab().get, tok.token_to_id(UNK)
+
+    def encode(lines: list[str]) -> np.ndarray:
+        text = f" {EOS} ".join(lines) + f" {EOS}" if lines else ""
+        if _has_odd_space(text):
+            return through_tokenizers(lines)
+        # Special tokens are matched in the text as it is, before normalizing, and cut
+        # out of the words around them, as `tokenizers` does with added tokens.
+        text = text.replace(UNK, f" {UNK} ").replace(EOS, f" {EOS} ")
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        words = text.split()
+        return np.fromiter(map(lookup, words, itertools.repeat(unk)), dtype=dtype, count=len(words))
+
+    return encode
+
+
+def _has_odd_space(text: str) -> bool:
+    return any(c in text for c in _ODD_SPACE)
 
 
 def smallest_uint(vocab_size: int):
@@ -396,13 +445,16 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
     else:
         lines = lines or read_source(src, cfg)
         log(f"tokenizing {src.spec} into {ids_dir} ...")
-        meta = {"dtype": np.dtype(smallest_uint(tokenizer.get_vocab_size())).name, "tokens": {}}
+        meta = {"dtype": np.dtype(smallest_uint(tokenizer.get_vocab_size())).name, "tokens": {}, "lines": {}}
+        encode = line_encoder(tokenizer)
         for split in SPLITS:
             with progress_bar(None, f"tokenizing {split}", unit="tok") as bar:
-                write_atomically(ids_dir / f"{split}.bin",
-                                 lambda tmp, split=split: meta["tokens"].__setitem__(
-                                     split, encode_to_file(tokenizer, lines[split](), tmp, bar)))
-        meta["train_text"] = _has_text(ids_dir / "train.bin", meta, tokenizer.token_to_id(EOS))
+
+                def write(tmp: Path, split=split, bar=bar) -> None:
+                    meta["tokens"][split], meta["lines"][split] = encode_to_file(encode, lines[split](), tmp, bar)
+
+                write_atomically(ids_dir / f"{split}.bin", write)
+        meta["train_text"] = meta["tokens"]["train"] > meta["lines"]["train"]  # a token besides the lines' <eos>
         write_json(meta_path, meta)  # last: the mark of a whole cache
         log(f"cached token ids in {ids_dir}")
     if not meta["train_text"]:
@@ -411,19 +463,20 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
     return Corpus(tokenizer, splits, src)
 
 
-def encode_to_file(tok: Tokenizer, blocks: Iterable[list[str]], path: Path, progress=None) -> int:
-    """Encode the lines block by block (with <eos> after each), appending the ids to `path`;
-    returns how many were written."""
-    n = 0
+def encode_to_file(encode: Callable[[list[str]], np.ndarray], blocks: Iterable[list[str]], path: Path,
+                   progress=None) -> tuple[int, int]:
+    """Encode the lines block by block with `encode` (a `line_encoder`), appending the ids
+    to `path`; returns how many ids were written and how many lines they came from."""
+    n, lines = 0, 0
     with open(path, "wb") as f:
         for block in blocks:
-            for lines in _chunks(block, BLOCK_LINES):
-                ids = encode_lines(tok, lines)
+            for chunk in _chunks(block, BLOCK_LINES):
+                ids = encode(chunk)
                 ids.tofile(f)
-                n += ids.size
+                n, lines = n + ids.size, lines + len(chunk)
                 if progress is not None:
                     progress(ids.size)
-    return n
+    return n, lines
 
 
 def open_ids(path: Path, dtype: str, n: int) -> np.ndarray:
@@ -431,12 +484,6 @@ def open_ids(path: Path, dtype: str, n: int) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
-
-
-def _has_text(path: Path, meta: dict, eos: int) -> bool:
-    """Whether a split's id file holds any token but <eos>, read a block at a time."""
-    ids = open_ids(path, meta["dtype"], meta["tokens"]["train"])
-    return any(bool(np.any(ids[i:i + (1 << 24)] != eos)) for i in range(0, ids.size, 1 << 24))
 
 
 def _sha(text: str) -> str:

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import normalizers, pre_tokenizers
 
 from conftest import SHARED_DATA, requires_shared_data
 from lstm_lm import data as data_mod
 from lstm_lm.config import DataConfig
 from lstm_lm.data import (
-    EOS, UNK, Streams, batchify, build_tokenizer, detokenize, encode_lines, get_batch, load_corpus, resolve_source,
-    smallest_uint, to_tensor,
+    EOS, UNK, Streams, batchify, build_tokenizer, count_tokens, detokenize, encode_lines, get_batch, line_encoder,
+    load_corpus, resolve_source, smallest_uint, to_tensor,
 )
 from lstm_lm.demo import REGION_LANGUAGE, SEED_ANSWER, SEED_PROMPT, demo_corpus, demo_splits, gap_of
 from lstm_lm.errors import DataError
@@ -226,6 +227,12 @@ ODD_TEXT = (
 )
 
 
+def _tokenizers_ids(tok, lines: list[str]) -> np.ndarray:
+    """The ids `tokenizers` itself gives the lines, each followed by <eos>."""
+    eos = tok.token_to_id(EOS)
+    return np.array([i for enc in tok.encode_batch(lines, add_special_tokens=False) for i in [*enc.ids, eos]])
+
+
 def _whole_text_lines(path: Path) -> list[str]:
     """The lines as one read of the whole file cuts them (universal newlines, then splitlines)."""
     with open(path, encoding="utf-8") as f:
@@ -241,7 +248,7 @@ def test_streamed_cache_has_the_ids_of_encoding_the_whole_text_at_once(tmp_path,
     cfg = DataConfig(source=str(d), tokenizer=kind, vocab_size=60, lowercase=True)
     lines = _whole_text_lines(d / "train.txt")
     tok = build_tokenizer(cfg, lines)  # the whole train split in one block
-    want = encode_lines(tok, lines)
+    want = _tokenizers_ids(tok, lines)
     monkeypatch.setattr(data_mod, "BLOCK_CHARS", 16)  # the same text read 16 characters at a time,
     monkeypatch.setattr(data_mod, "BLOCK_LINES", 2)   # counted and encoded two lines at a time
     corpus = load_corpus(cfg)
@@ -253,6 +260,31 @@ def test_streamed_cache_has_the_ids_of_encoding_the_whole_text_at_once(tmp_path,
         counts = Counter(w for line in lines for w in line.lower().split() if w != "<unk>")
         assert set(tok.get_vocab()) == set(counts) | {UNK, EOS}
         assert tok.token_to_id("long") == 2  # the most frequent word comes first
+
+
+# Text the plain word tokenizer's own encoder (str.split and a dict) must read as
+# `tokenizers` does: special tokens glued to words and in upper case, empty and blank
+# lines, Unicode spaces (no-break, ideographic) and a non-space (zero-width), and the
+# characters \x1c-\x1f, whitespace to Python only (their blocks go to tokenizers).
+ODD_WORDS = [
+    "a<unk>b <UNK> x<eos>y <eos><unk>", "", "   ", "caf\u00e9\u00a0na\u00efve\u3000z\u200bw",
+    "Abc ABC abc <Unk> <EOS>", "tab\there\x1fodd", "\x1c a \x1d\x1e", "<eo<unk>s> <un<eos>k>",
+]
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_plain_word_encoder_gives_the_ids_of_tokenizers(lowercase):
+    cfg = DataConfig(lowercase=lowercase)
+    tok = build_tokenizer(cfg, ["a b x y Abc abc caf\u00e9 na\u00efve z w <eo s> odd"])
+    assert line_encoder(tok).__name__ == "encode"  # the plain word tokenizer's own encoder
+    for lines in [ODD_WORDS, *([line] for line in ODD_WORDS), []]:
+        np.testing.assert_array_equal(encode_lines(tok, lines), _tokenizers_ids(tok, lines).astype(np.uint8))
+    # The vocabulary is counted the same way: a Sequence of one WhitespaceSplit is the
+    # same pre-tokenizer, counted through tokenizers.
+    norm = normalizers.Lowercase() if lowercase else None
+    through = count_tokens(ODD_WORDS, "word", norm, pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()]))
+    assert count_tokens(ODD_WORDS, "word", norm, pre_tokenizers.WhitespaceSplit()) == through
+    assert through["a"] == 2 and "<unk>" not in through
 
 
 def test_wikitext_file_names_are_read(tmp_path):
