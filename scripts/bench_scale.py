@@ -21,7 +21,8 @@ pass over 7,000 tokens, the two models taking turns for --rounds rounds. A row's
 tokens/s is its median over rounds, and the adaptive row's ratio the median of the
 per-round ratios, so a slow spell of a shared machine falls on both sides. Without
 --quick, a real `lstm-lm train` of the adaptive model on the 100M-token corpus (a few
-steps, the token cache warm) reports the peak memory of training at that scale.
+steps, the token cache warm) reports how long after its launch the first training step
+is logged and the peak memory of training at that scale.
 
 The table goes to stderr, --json writes every record.
 """
@@ -37,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,14 +114,27 @@ def data_rows(work: Path, sizes: list[str]) -> list[dict]:
     return rows
 
 
-def cli(args: list[str], cache: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """`lstm-lm ARGS` in a fresh process with its own token cache; its peak RSS in MB."""
+def cli(args: list[str], cache: Path, first_line_of: Path | None = None
+        ) -> tuple[subprocess.CompletedProcess, float, float | None]:
+    """`lstm-lm ARGS` in a fresh process with its own token cache: the finished process,
+    its peak RSS in MB and, with `first_line_of`, how many seconds after the launch that
+    file had its first line (polled every 20 ms)."""
     env = os.environ | {"LSTM_LM_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-c", CLI_WITH_PEAK, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    started, first = time.perf_counter(), None
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block it
+        popen = subprocess.Popen([sys.executable, "-c", CLI_WITH_PEAK, *args], cwd=ROOT, env=env, stdout=out,
+                                 stderr=err, text=True)
+        while first_line_of is not None and first is None and popen.poll() is None:
+            if first_line_of.is_file() and first_line_of.read_text().count("\n") >= 1:
+                first = time.perf_counter() - started
+            time.sleep(0.02)
+        popen.wait()
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(popen.args, popen.returncode, out.read(), err.read())
     if proc.returncode != 0:
         raise SystemExit(f"error: lstm-lm {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     peak = re.search(r"peak_rss_kb (\d+)", proc.stderr)
-    return proc, int(peak.group(1)) / 1024 if peak else float("nan")
+    return proc, int(peak.group(1)) / 1024 if peak else float("nan"), first
 
 
 def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup: int = 2) -> list[dict]:
@@ -197,22 +212,25 @@ def _now(device) -> float:
 
 def train_memory_row(work: Path, steps: int) -> dict:
     """A real `lstm-lm train` of the adaptive model on the 100M-token corpus, its token
-    cache warm (the data rows' cache): its peak memory."""
+    cache warm (the data rows' cache): how long after the launch its first training step
+    was logged, and its peak memory."""
     data = corpus(work, SIZES["100M"], DATA_VOCAB)
     run = work / "runs" / "100M-adaptive"
     shutil.rmtree(run, ignore_errors=True)
     args = ["train", "--data", str(data), "--out", str(run)]
-    for item in [*MODEL, "train.device=cpu", "model.softmax=adaptive", f"train.max_steps={steps}", f"train.log_interval={max(1, steps // 4)}"]:
+    for item in [*MODEL, "train.device=cpu", "model.softmax=adaptive", f"train.max_steps={steps}", "train.log_interval=1"]:
         args += ["--set", item]
     cache = work / "cache-100M"
     if not cache.is_dir():
         prepare(data, cache)
-    proc, peak = cli(args, cache)
+    proc, peak, first_step = cli(args, cache, first_line_of=run / "steps.jsonl")
     params = int(re.search(r"([\d,]+) parameters", proc.stderr).group(1).replace(",", ""))
     model_mb = params * 4 * 2 / 2**20  # float32 weights and their gradients (plain SGD keeps nothing more)
-    log(f"  100M adaptive training: peak {peak:,.0f} MB, of which the model's weights and gradients {model_mb:,.0f} MB")
-    return {"kind": "train-memory", "size": "100M", "vocab": "250k", "peak_rss_mb": round(peak),
-            "model_mb": round(model_mb), "peak_minus_model_mb": round(peak - model_mb), "parameters": params}
+    log(f"  100M adaptive training: first step logged {first_step:.1f} s after the launch; peak {peak:,.0f} MB, "
+        f"of which the model's weights and gradients {model_mb:,.0f} MB")
+    return {"kind": "train-memory", "size": "100M", "vocab": "250k", "first_step_s": round(first_step, 2),
+            "peak_rss_mb": round(peak), "model_mb": round(model_mb), "peak_minus_model_mb": round(peak - model_mb),
+            "parameters": params}
 
 
 def print_table(records: list[dict]) -> None:
@@ -235,8 +253,9 @@ def print_table(records: list[dict]) -> None:
                     f"{t['ratio_to_full']:.2f}x | {e['ratio_to_full']:.2f}x |")
     for r in records:
         if r["kind"] == "train-memory":
-            log(f"\ntraining on 100M tokens (adaptive, 250k words): peak {r['peak_rss_mb']:,.0f} MB, "
-                f"{r['peak_minus_model_mb']:,} MB beyond the model's weights and gradients ({r['model_mb']:,} MB)")
+            log(f"\ntraining on 100M tokens (adaptive, 250k words), warm cache: first step {r['first_step_s']:.1f} s "
+                f"after the launch; peak {r['peak_rss_mb']:,.0f} MB, {r['peak_minus_model_mb']:,} MB beyond the "
+                f"model's weights and gradients ({r['model_mb']:,} MB)")
 
 
 def main(argv: list[str] | None = None) -> int:
