@@ -48,7 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
 VOCABS = {"10k": 10_000, "50k": 50_000, "250k": 250_000}
 DATA_VOCAB = 250_000
-EVAL_TOKENS = 7_000  # per evaluation pass of the softmax rows
+EVAL_TOKENS = 7_000  # per evaluation pass of the softmax and recipe rows
+# The WikiText recipes (configs/NAME.yaml): the dataset's vocabulary and train tokens.
+RECIPES = {"wikitext-2": (33_278, 2_088_628), "wikitext-103": (267_735, 103_227_021)}
 # The softmax rows' model: a 2x256 tied LSTM, eager, plain SGD, as `--set` overrides.
 MODEL = ["model.embedding_size=256", "model.hidden_size=256", "model.num_layers=2", "model.dropout=0.2",
          "train.batch_size=20", "train.bptt=35", "train.optimizer=sgd", "train.lr=20", "train.clip=0.25",
@@ -201,6 +203,62 @@ def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup
     return rows
 
 
+def recipe_rows(names: list[str], steps: int, device: str, warmup: int = 2) -> list[dict]:
+    """Each WikiText recipe as its config file gives it (model, optimizer, batch, bptt,
+    precision, torch.compile), trained on Zipfian ids over the dataset's vocabulary in
+    this process: tokens/s over `steps` steps after `warmup` untimed ones (which take
+    the compilation), one evaluation pass, and what one epoch of the dataset's train
+    split takes at that rate."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_corpus import zipf_probabilities
+
+    from lstm_lm.config import load_config
+    from lstm_lm.data import Streams, get_batch
+    from lstm_lm.evaluate import evaluate
+    from lstm_lm.model import LSTMLanguageModel
+    from lstm_lm.optim import make_optimizer
+    from lstm_lm.trainer import compile_loss, train_step
+    from lstm_lm.utils import pick_device, pick_precision
+
+    rng, rows = np.random.default_rng(0), []
+    for name in names:
+        V, epoch_tokens = RECIPES[name]
+        cfg = load_config(name)
+        t = cfg.train
+        dev = pick_device(device)
+        precision = pick_precision(t.precision, dev)
+        cdf = np.cumsum(zipf_probabilities(V))
+        draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), V - 1)  # noqa: E731
+        train = Streams(draw((steps + warmup) * t.batch_size * t.bptt + t.batch_size), t.batch_size, dev)
+        valid = Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, dev)
+        torch.manual_seed(t.seed)
+        model = LSTMLanguageModel(cfg.model, V).to(dev)
+        opt = make_optimizer(cfg, model)
+        loss_fn = compile_loss(model, t.compile_mode) if t.compile else None
+        model.train()
+        hidden = model.init_state(t.batch_size)
+        log(f"  {name}: {model.num_parameters():,} parameters, {precision}{', compiled' if t.compile else ''} ...")
+        for i in range(warmup + steps):
+            if i == warmup:
+                started = _now(dev)
+            x, y = get_batch(train, i * t.bptt, t.bptt)
+            _, hidden = train_step(model, opt, x, y, hidden, t.clip, precision, loss_fn=loss_fn)
+        train_rate = steps * t.batch_size * t.bptt / (_now(dev) - started)
+        started = _now(dev)
+        n = evaluate(model, valid, t.bptt, precision)["tokens"]
+        eval_rate = n / (_now(dev) - started)
+        hours = epoch_tokens / train_rate / 3600
+        log(f"  {name}: train {train_rate:,.0f} tokens/s, eval {eval_rate:,.0f} tokens/s: an epoch of "
+            f"{epoch_tokens:,} tokens takes {hours:.2f} h")
+        rows.append({"kind": "recipe", "recipe": name, "device": str(dev), "vocab": V, "precision": precision,
+                     "compile": t.compile, "parameters": model.num_parameters(), "train_tokens_per_s": round(train_rate),
+                     "eval_tokens_per_s": round(eval_rate), "epoch_tokens": epoch_tokens, "epoch_hours": round(hours, 3)})
+        del model, opt, loss_fn
+    return rows
+
+
 def _now(device) -> float:
     """The time, once the device has finished what it was given."""
     if device.type == "cuda":
@@ -251,6 +309,14 @@ def print_table(records: list[dict]) -> None:
                 e = next(r for r in soft if r["vocab"] == vocab and r["softmax"] == softmax and r["what"] == "eval")
                 log(f"| {vocab} | {softmax} | {t['tokens_per_s']:,.0f} | {e['tokens_per_s']:,.0f} | "
                     f"{t['ratio_to_full']:.2f}x | {e['ratio_to_full']:.2f}x |")
+    recipes = [r for r in records if r["kind"] == "recipe"]
+    if recipes:
+        log("\n| recipe | device | vocabulary | train tokens/s | eval tokens/s | one epoch |")
+        log("|---|---|---|---|---|---|")
+        for r in recipes:
+            log(f"| {r['recipe']} | {r['device']}, {r['precision']}{', compiled' if r['compile'] else ''} | "
+                f"{r['vocab']:,} | {r['train_tokens_per_s']:,} | {r['eval_tokens_per_s']:,} | "
+                f"{r['epoch_tokens'] / 1e6:.1f}M tokens: {r['epoch_hours']:.2f} h |")
     for r in records:
         if r["kind"] == "train-memory":
             log(f"\ntraining on 100M tokens (adaptive, 250k words), warm cache: first step {r['first_step_s']:.1f} s "
@@ -268,13 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocabs", help="comma-separated from 10k,50k,250k (default all)")
     p.add_argument("--steps", type=int, help="timed training steps per softmax row per round (default 20; --quick 8)")
     p.add_argument("--rounds", type=int, help="rounds of the full and adaptive rows, interleaved (default 3; --quick 2)")
+    p.add_argument("--recipes", help="comma-separated from wikitext-2,wikitext-103, or none (default both; "
+                   "--quick none)")
     p.add_argument("--json", type=Path, help="write every record here")
     args = p.parse_args(argv)
     sizes = (args.sizes or ("1M,10M" if args.quick else "1M,10M,100M")).split(",")
     sizes = [] if sizes == ["none"] else sizes
     vocabs = (args.vocabs or ",".join(VOCABS)).split(",")
-    if bad := [s for s in sizes if s not in SIZES] + [v for v in vocabs if v not in VOCABS]:
-        p.error(f"unknown size or vocabulary {bad}")
+    recipes = (args.recipes or ("none" if args.quick else ",".join(RECIPES))).split(",")
+    recipes = [] if recipes == ["none"] else recipes
+    if bad := [s for s in sizes if s not in SIZES] + [v for v in vocabs if v not in VOCABS] + \
+            [r for r in recipes if r not in RECIPES]:
+        p.error(f"unknown size, vocabulary or recipe {bad}")
     steps, rounds = args.steps or (8 if args.quick else 20), args.rounds or (2 if args.quick else 3)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -283,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     records = data_rows(args.work, sizes)
     log("full against adaptive softmax:")
     records += softmax_rows(vocabs, steps, rounds, args.device)
+    if recipes:
+        log("the WikiText recipes as their configs give them:")
+        records += recipe_rows(recipes, max(2, steps // 4), args.device)
     if "100M" in sizes:
         log("training memory at 100M tokens:")
         records.append(train_memory_row(args.work, steps))
