@@ -50,6 +50,9 @@ BLOCK_CHARS = 1 << 22  # text read at a time (4 Mi characters, then up to the en
 BLOCK_LINES = 20_000  # lines tokenized at a time
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 _ODD_SPACE = "\x1c\x1d\x1e\x1f"  # whitespace to str.split, not to tokenizers' WhitespaceSplit
+# The plain word tokenizer counted and encoded in Python (see `line_encoder`); False sends
+# it through `tokenizers` like the others (scripts/bench_scale.py times the two).
+PLAIN_WORDS_IN_PYTHON = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,12 +288,12 @@ def count_tokens(lines: Iterable[str], kind: str, normalizer, pre, progress=None
     special tokens left out. Many lines are joined with "\n" and pre-tokenized in one
     call: both pre-tokenizers cut at a line break as at a line's end."""
     counts: Counter[str] = Counter()
-    plain = kind == "word" and isinstance(pre, pre_tokenizers.WhitespaceSplit)
+    plain = PLAIN_WORDS_IN_PYTHON and kind == "word" and isinstance(pre, pre_tokenizers.WhitespaceSplit)
     for block in _chunks(lines, BLOCK_LINES):
         text = "\n".join(block)
         if normalizer is not None:
             text = normalizer.normalize_str(text)
-        if plain and not _has_odd_space(text):  # str.split is WhitespaceSplit, 8x faster
+        if plain and not _has_odd_space(text):  # str.split is WhitespaceSplit, in less time
             words = text.replace(UNK, " ").replace(EOS, " ").split()
             counts.update(words)
             n = len(words)
@@ -330,8 +333,8 @@ def line_encoder(tok: Tokenizer) -> Callable[[list[str]], np.ndarray]:
     """`encode_lines` for one tokenizer, set up once for many blocks of lines.
 
     The plain word tokenizer (a WordLevel vocabulary over whitespace-separated words,
-    as for PTB and WikiText) is encoded here with str.split and a dict look-up, 2.5x
-    faster than through `tokenizers` and with the same ids: Python's whitespace is
+    as for PTB and WikiText) is encoded here with str.split and a dict look-up, in less
+    time than through `tokenizers` and with the same ids: Python's whitespace is
     WhitespaceSplit's except for the characters \x1c-\x1f, and a block holding one of
     them goes through `tokenizers`. Any other tokenizer always does.
     """
@@ -345,7 +348,8 @@ def line_encoder(tok: Tokenizer) -> Callable[[list[str]], np.ndarray]:
         return np.asarray(ids, dtype=dtype)
 
     plain = (
-        isinstance(tok.model, models.WordLevel)
+        PLAIN_WORDS_IN_PYTHON
+        and isinstance(tok.model, models.WordLevel)
         and isinstance(tok.pre_tokenizer, pre_tokenizers.WhitespaceSplit)
         and (tok.normalizer is None or isinstance(tok.normalizer, normalizers.Lowercase))
     )

@@ -9,8 +9,10 @@ generated Zipfian corpus of 250,000 words (scripts/make_corpus.py, written once 
 `load_corpus` and the first training batch, first with an empty token cache (cold:
 counting, tokenizing and writing the id files) and then again with that cache (warm).
 Each row gives the process's wall time (interpreter and imports included) and its peak
-memory (ru_maxrss), and the cold seconds per million tokens, which show whether the
-cost grows linearly with the corpus.
+memory (VmHWM), and the cold seconds per million tokens, which show whether the
+cost grows linearly with the corpus. Below 100M a third row prepares the corpus cold
+again with its words counted and encoded by `tokenizers` instead of in Python (the
+path every tokenizer but the plain word one takes), for comparison.
 
 Softmax rows. For vocabularies of 10k, 50k and 250k words, a 2x256 tied LSTM (batch
 20, bptt 35, plain SGD, clip 0.25, precision auto, eager) with the full and with the
@@ -55,27 +57,43 @@ RECIPES = {"wikitext-2": (33_278, 2_088_628), "wikitext-103": (267_735, 103_227_
 MODEL = ["model.embedding_size=256", "model.hidden_size=256", "model.num_layers=2", "model.dropout=0.2",
          "train.batch_size=20", "train.bptt=35", "train.optimizer=sgd", "train.lr=20", "train.clip=0.25",
          "train.eval_batch_size=10", "train.precision=auto"]
+# The peak memory of the process that runs this, in KB: the high-water mark of its own
+# memory since it began (/proc/self/status's VmHWM). Not ru_maxrss, which on Linux also
+# counts the RSS of the parent that started it (a child made with vfork inherits its
+# parent's mark): this script itself holds models of gigabytes by the time it starts
+# the training run.
+PEAK_KB = """\
+def peak_kb():
+    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
 # Runs a command of lstm-lm's CLI in this process, then prints the process's peak memory.
-CLI_WITH_PEAK = """\
-import resource, runpy, sys
+CLI_WITH_PEAK = PEAK_KB + """\
+import runpy, sys
 sys.argv = ["lstm-lm", *sys.argv[1:]]
 try:
     runpy.run_module("lstm_lm", run_name="__main__")
     code = 0
 except SystemExit as e:
     code = e.code
-print(f"peak_rss_kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+print(f"peak_rss_kb {peak_kb()}", file=sys.stderr)
 sys.exit(code)
 """
 # Prepares a corpus as training does, to its first batch, and reports what it found.
-PREPARE = """\
-import json, resource, sys
+PREPARE = PEAK_KB + """\
+import json, sys
+from lstm_lm import data
 from lstm_lm.config import DataConfig
 from lstm_lm.data import Streams, get_batch, load_corpus
+data.PLAIN_WORDS_IN_PYTHON = sys.argv[3] == "python"
 corpus = load_corpus(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2]))
 x, y = get_batch(Streams(corpus.splits["train"], 20), 0, 35)
 print(json.dumps({"train_tokens": len(corpus.splits["train"]), "vocab": corpus.vocab_size,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_kb() / 1024}))
 """
 
 
@@ -93,9 +111,10 @@ def corpus(work: Path, tokens: int, vocab: int) -> Path:
     return out
 
 
-def prepare(data: Path, cache: Path) -> dict:
+def prepare(data: Path, cache: Path, words_in: str = "python") -> dict:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PREPARE, str(data), str(cache)], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", PREPARE, str(data), str(cache), words_in], cwd=ROOT,
+                          capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"error: preparing {data} failed:\n{proc.stderr[-2000:]}")
@@ -103,15 +122,21 @@ def prepare(data: Path, cache: Path) -> dict:
 
 
 def data_rows(work: Path, sizes: list[str]) -> list[dict]:
+    """Cold then warm; below 100M also cold with the words counted and encoded by
+    `tokenizers` rather than in Python (data.PLAIN_WORDS_IN_PYTHON), the path the
+    other tokenizers take."""
     rows = []
     for name in sizes:
         data = corpus(work, SIZES[name], DATA_VOCAB)
         cache = work / f"cache-{name}"
-        shutil.rmtree(cache, ignore_errors=True)
-        for kind in ("cold", "warm"):
-            r = prepare(data, cache) | {"kind": "data", "size": name, "tokens": SIZES[name], "cache": kind}
+        runs = [("cold", "python"), ("warm", "python")] + ([("cold", "tokenizers")] if name != "100M" else [])
+        for kind, words_in in runs:
+            if kind == "cold":
+                shutil.rmtree(cache, ignore_errors=True)
+            r = prepare(data, cache, words_in) | {"kind": "data", "size": name, "tokens": SIZES[name], "cache": kind,
+                                                  "words_in": words_in}
             r["seconds_per_million"] = round(r["seconds"] / (SIZES[name] / 1e6), 3)
-            log(f"  {name} {kind}: {r['seconds']:.1f} s, peak {r['peak_rss_mb']:.0f} MB")
+            log(f"  {name} {kind}, words in {words_in}: {r['seconds']:.1f} s, peak {r['peak_rss_mb']:.0f} MB")
             rows.append(r)
     return rows
 
@@ -294,10 +319,10 @@ def train_memory_row(work: Path, steps: int) -> dict:
 def print_table(records: list[dict]) -> None:
     data = [r for r in records if r["kind"] == "data"]
     if data:
-        log("\n| corpus | cache | wall | per 1M tokens | peak memory |")
-        log("|---|---|---|---|---|")
+        log("\n| corpus | cache | words counted and encoded by | wall | per 1M tokens | peak memory |")
+        log("|---|---|---|---|---|---|")
         for r in data:
-            log(f"| {r['size']} tokens, {r['vocab']:,} words | {r['cache']} | {r['seconds']:.1f} s | "
+            log(f"| {r['size']} tokens, {r['vocab']:,} words | {r['cache']} | {r['words_in']} | {r['seconds']:.1f} s | "
                 f"{r['seconds_per_million']:.2f} s | {r['peak_rss_mb']:,.0f} MB |")
     soft = [r for r in records if r["kind"] == "softmax"]
     if soft:

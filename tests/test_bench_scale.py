@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,14 @@ def test_bench_scale_writes_data_softmax_and_training_records(bench, tmp_path, c
                      "--rounds", "2", "--json", str(out)])
     assert rc == 0
     records = json.loads(out.read_text())
-    data = {(r["size"], r["cache"]): r for r in records if r["kind"] == "data"}
-    assert set(data) == {("1M", "cold"), ("1M", "warm"), ("100M", "cold"), ("100M", "warm")}
+    data = {(r["size"], r["cache"], r["words_in"]): r for r in records if r["kind"] == "data"}
+    assert set(data) == {("1M", "cold", "python"), ("1M", "warm", "python"), ("1M", "cold", "tokenizers"),
+                         ("100M", "cold", "python"), ("100M", "warm", "python")}
     for r in data.values():
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["vocab"] > 100
-    assert data["1M", "cold"]["train_tokens"] > 18_000  # the words and their lines' <eos>
+    python, tokenizers = data["1M", "cold", "python"], data["1M", "cold", "tokenizers"]
+    assert python["train_tokens"] > 18_000  # the words and their lines' <eos>
+    assert (python["train_tokens"], python["vocab"]) == (tokenizers["train_tokens"], tokenizers["vocab"])
     soft = {(r["softmax"], r["what"]): r for r in records if r["kind"] == "softmax"}
     assert set(soft) == {(s, w) for s in ("full", "adaptive") for w in ("train", "eval")}
     assert all(r["tokens_per_s"] > 0 and len(r["rounds"]) == 2 for r in soft.values())
