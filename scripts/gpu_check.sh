@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks for lstm-lm, in order of importance, each part under a time cap so that one
-# slow part cannot starve the rest (9 minutes in all, 12 with --more):
+# slow part cannot starve the rest (about 10 minutes in all, 13 with --more):
 #   1. the suite's CUDA tests: every cell (LSTM, GRU, RNN) custom vs cuDNN on CUDA, the flat
 #      weight buffer read in place by cuDNN (no copy warning), no host sync in a training step,
 #      fp32 and bf16 training of each cell, the fused loss (tests/test_gpu.py, test_model.py, test_loss.py);
@@ -8,16 +8,19 @@
 #      hand-written cell, fp32 and bf16, fused and plain loss, compiled, CUDA graphs) and, when
 #      ../shared/peer and ../shared/data are there, the upstream word_language_model example
 #      beside lstm-lm train (bf16, fp32, compiled hand-written cell) at ptb-small, -medium, -large;
-#   3. one epoch of ptb-small on CUDA with cuDNN, then eval and complete;
-#   4. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
+#   3. scale on CUDA (bench_scale.py): the full against the adaptive softmax at 250k words,
+#      and the wikitext-103 recipe as its config gives it (compiled), with its epoch time;
+#   4. one epoch of ptb-small on CUDA with cuDNN, then eval and complete;
+#   5. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
 #      against the plain run;
-#   5. the first two epochs of ptb-awd (AWD-LSTM's regularization on cuDNN);
-#   with --more: 6. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default
-#   budget; 7. one epoch of ptb-small with the hand-written cell.
+#   6. the first two epochs of ptb-awd (AWD-LSTM's regularization on cuDNN);
+#   with --more: 7. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default
+#   budget; 8. one epoch of ptb-small with the hand-written cell.
 #
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON] [--more]
 #
 # Writes into DIR: env.txt, pytest.log, bench_gpu.json with its table in bench_gpu.log,
+# scale_gpu.json with its table in scale_gpu.log,
 # ddp-check.json (the largest difference of a step's loss between the two runs),
 # ptb-small-cudnn.json and ptb-small-custom.json (each the `lstm-lm train` summary plus the
 # per-epoch metrics), eval.jsonl (`lstm-lm eval` of each run on CUDA), ptb-awd-2-epochs.json,
@@ -107,6 +110,12 @@ bench() {  # one round against the peer: a GPU of its own does not drift as the 
   return "${PIPESTATUS[0]}"
 }
 
+scale() {
+  "$PY" scripts/bench_scale.py --device cuda --sizes none --vocabs 250k --recipes wikitext-103 --steps 20 \
+    --rounds 2 --json "$OUT/scale_gpu.json" 2>&1 | tee "$OUT/scale_gpu.log"
+  return "${PIPESTATUS[0]}"
+}
+
 awd() {
   "$PY" -m lstm_lm train --config configs/ptb-awd.yaml --data "$DATA" --epochs 2 --device cuda \
     --out "$runs/ptb-awd" > "$runs/awd-summary.json" || return 1
@@ -118,10 +127,11 @@ long_range() {
   cp "$runs/long-range/results.json" "$OUT/long-range.json"
 }
 
-export -f summarize tests ddp_check ptb_small bench awd long_range
+export -f summarize tests ddp_check ptb_small bench scale awd long_range
 export PY DATA OUT runs
 part "CUDA tests" 90 bash -c tests
-part "speed benchmark on CUDA" 270 bash -c bench
+part "speed benchmark on CUDA" 230 bash -c bench
+part "scale on CUDA: adaptive softmax, wikitext-103 recipe" 90 bash -c scale
 if [ "$have_ptb" = 1 ]; then
   part "ptb-small, 1 epoch, cuDNN" 60 bash -c "ptb_small cudnn"
   part "DDP (torchrun, 1 process, NCCL) vs plain, ptb-small 300 steps" 60 bash -c ddp_check
