@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # lstm_lm and make_corpus, from any directory
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
 VOCABS = {"10k": 10_000, "50k": 50_000, "250k": 250_000}
 DATA_VOCAB = 250_000
@@ -164,20 +165,13 @@ def cli(args: list[str], cache: Path, first_line_of: Path | None = None
     return proc, int(peak.group(1)) / 1024 if peak else float("nan"), first
 
 
-def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup: int = 2) -> list[dict]:
+def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str) -> list[dict]:
     """Training and evaluation tokens/s of the full and the adaptive softmax, in this process."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_corpus import zipf_probabilities
-
     from lstm_lm.config import load_config
-    from lstm_lm.data import Streams, get_batch
-    from lstm_lm.evaluate import evaluate
     from lstm_lm.model import LSTMLanguageModel
     from lstm_lm.optim import make_optimizer
-    from lstm_lm.trainer import train_step
     from lstm_lm.utils import keep_freed_memory, pick_device, pick_precision
 
     keep_freed_memory()
@@ -185,14 +179,10 @@ def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup
     t = cfg.train
     dev = pick_device(device)
     precision = pick_precision(t.precision, dev)
-    rng = np.random.default_rng(0)
-    rows, tokens_per_step = [], t.batch_size * t.bptt
+    rng, rows = np.random.default_rng(0), []
     for name in vocabs:
         V = VOCABS[name]
-        cdf = np.cumsum(zipf_probabilities(V))
-        draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), V - 1)  # noqa: E731
-        train = Streams(draw((steps + warmup) * tokens_per_step + t.batch_size), t.batch_size, dev)
-        valid = Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, dev)
+        train, valid = zipf_streams(V, steps, t, dev, rng)
         models = {}
         for softmax in ("full", "adaptive"):
             torch.manual_seed(t.seed)
@@ -203,17 +193,8 @@ def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup
         for r in range(rounds):
             for softmax in ("full", "adaptive") if r % 2 == 0 else ("adaptive", "full"):
                 model, opt = models[softmax]
-                model.train()
-                hidden = model.init_state(t.batch_size)
-                for i in range(warmup + steps):
-                    if i == warmup:
-                        started = _now(dev)
-                    x, y = get_batch(train, i * t.bptt, t.bptt)
-                    _, hidden = train_step(model, opt, x, y, hidden, t.clip, precision)
-                speeds[softmax]["train"].append(steps * tokens_per_step / (_now(dev) - started))
-                started = _now(dev)
-                n = evaluate(model, valid, t.bptt, precision)["tokens"]
-                speeds[softmax]["eval"].append(n / (_now(dev) - started))
+                speeds[softmax]["train"].append(training_speed(model, opt, train, t, precision, steps))
+                speeds[softmax]["eval"].append(evaluation_speed(model, valid, t, precision))
                 log(f"  {name} words, {softmax} softmax, round {r + 1}: train {speeds[softmax]['train'][-1]:,.0f} "
                     f"tokens/s, eval {speeds[softmax]['eval'][-1]:,.0f} tokens/s")
         for what in ("train", "eval"):
@@ -228,23 +209,18 @@ def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str, warmup
     return rows
 
 
-def recipe_rows(names: list[str], steps: int, device: str, warmup: int = 2) -> list[dict]:
+def recipe_rows(names: list[str], steps: int, device: str) -> list[dict]:
     """Each WikiText recipe as its config file gives it (model, optimizer, batch, bptt,
     precision, torch.compile), trained on Zipfian ids over the dataset's vocabulary in
-    this process: tokens/s over `steps` steps after `warmup` untimed ones (which take
+    this process: tokens/s over `steps` steps after the untimed warm-up ones (which take
     the compilation), one evaluation pass, and what one epoch of the dataset's train
     split takes at that rate."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_corpus import zipf_probabilities
-
     from lstm_lm.config import load_config
-    from lstm_lm.data import Streams, get_batch
-    from lstm_lm.evaluate import evaluate
     from lstm_lm.model import LSTMLanguageModel
     from lstm_lm.optim import make_optimizer
-    from lstm_lm.trainer import compile_loss, train_step
+    from lstm_lm.trainer import compile_loss
     from lstm_lm.utils import pick_device, pick_precision
 
     rng, rows = np.random.default_rng(0), []
@@ -254,26 +230,14 @@ def recipe_rows(names: list[str], steps: int, device: str, warmup: int = 2) -> l
         t = cfg.train
         dev = pick_device(device)
         precision = pick_precision(t.precision, dev)
-        cdf = np.cumsum(zipf_probabilities(V))
-        draw = lambda n: np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), V - 1)  # noqa: E731
-        train = Streams(draw((steps + warmup) * t.batch_size * t.bptt + t.batch_size), t.batch_size, dev)
-        valid = Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, dev)
+        train, valid = zipf_streams(V, steps, t, dev, rng)
         torch.manual_seed(t.seed)
         model = LSTMLanguageModel(cfg.model, V).to(dev)
         opt = make_optimizer(cfg, model)
         loss_fn = compile_loss(model, t.compile_mode) if t.compile else None
-        model.train()
-        hidden = model.init_state(t.batch_size)
         log(f"  {name}: {model.num_parameters():,} parameters, {precision}{', compiled' if t.compile else ''} ...")
-        for i in range(warmup + steps):
-            if i == warmup:
-                started = _now(dev)
-            x, y = get_batch(train, i * t.bptt, t.bptt)
-            _, hidden = train_step(model, opt, x, y, hidden, t.clip, precision, loss_fn=loss_fn)
-        train_rate = steps * t.batch_size * t.bptt / (_now(dev) - started)
-        started = _now(dev)
-        n = evaluate(model, valid, t.bptt, precision)["tokens"]
-        eval_rate = n / (_now(dev) - started)
+        train_rate = training_speed(model, opt, train, t, precision, steps, loss_fn)
+        eval_rate = evaluation_speed(model, valid, t, precision)
         hours = epoch_tokens / train_rate / 3600
         log(f"  {name}: train {train_rate:,.0f} tokens/s, eval {eval_rate:,.0f} tokens/s: an epoch of "
             f"{epoch_tokens:,} tokens takes {hours:.2f} h")
@@ -282,6 +246,49 @@ def recipe_rows(names: list[str], steps: int, device: str, warmup: int = 2) -> l
                      "eval_tokens_per_s": round(eval_rate), "epoch_tokens": epoch_tokens, "epoch_hours": round(hours, 3)})
         del model, opt, loss_fn
     return rows
+
+
+WARMUP = 2  # untimed training steps before the timed ones (the first compiles, where compiling)
+
+
+def zipf_streams(vocab: int, steps: int, t, device, rng: np.random.Generator):
+    """Training streams for WARMUP + `steps` steps and validation streams of EVAL_TOKENS,
+    token ids drawn from the Zipf-Mandelbrot law of scripts/make_corpus.py."""
+    from make_corpus import zipf_probabilities
+
+    from lstm_lm.data import Streams
+
+    cdf = np.cumsum(zipf_probabilities(vocab))
+
+    def draw(n: int) -> np.ndarray:
+        return np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), vocab - 1)
+
+    return (Streams(draw((WARMUP + steps) * t.batch_size * t.bptt + t.batch_size), t.batch_size, device),
+            Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, device))
+
+
+def training_speed(model, opt, train, t, precision: str, steps: int, loss_fn=None) -> float:
+    """Tokens/s of `steps` steps of lstm_lm.trainer.train_step after WARMUP untimed ones."""
+    from lstm_lm.data import get_batch
+    from lstm_lm.trainer import train_step
+
+    model.train()
+    hidden = model.init_state(t.batch_size)
+    for i in range(WARMUP + steps):
+        if i == WARMUP:
+            started = _now(train.device)
+        x, y = get_batch(train, i * t.bptt, t.bptt)
+        _, hidden = train_step(model, opt, x, y, hidden, t.clip, precision, loss_fn=loss_fn)
+    return steps * t.batch_size * t.bptt / (_now(train.device) - started)
+
+
+def evaluation_speed(model, valid, t, precision: str) -> float:
+    """Tokens/s of one lstm_lm.evaluate.evaluate pass."""
+    from lstm_lm.evaluate import evaluate
+
+    started = _now(valid.device)
+    n = evaluate(model, valid, t.bptt, precision)["tokens"]
+    return n / (_now(valid.device) - started)
 
 
 def _now(device) -> float:
