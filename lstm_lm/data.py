@@ -6,7 +6,8 @@
 
 The text is streamed: each split is read a block of lines at a time, the vocabulary
 is counted in one pass over the train split, and each block is encoded with a
-`tokenizers.Tokenizer` and appended to the split's id file, so that neither the text
+`tokenizers.Tokenizer` (the plain word tokenizer's blocks in Python, with the same
+ids: `line_encoder`) and appended to the split's id file, so that neither the text
 nor its encodings are ever held whole. The id files are cached, keyed by a hash of
 the input text and the tokenizer, so a second run on the same data skips all of it,
 and they are read memory-mapped: batches are gathered from the file as they are
