@@ -109,11 +109,11 @@ class AdaptiveSoftmax(nn.Module):
         """log p(target) of each row, (N,) float32; differentiable where gradients are on
         (dynamic evaluation), else computed block by block without keeping logits."""
         head_targets, rows = self._split(targets)
-        out = _target_log_probs(h, self.head_weight(words), self.head_bias, head_targets)
+        out = token_log_probs(h, self.head_weight(words), self.head_bias, head_targets)
         for i, r in enumerate(rows):
             if r.numel():
                 x, w, b = self._tail(i, h[r])
-                out = out.index_add(0, r, _target_log_probs(x, w, b, targets[r] - self.bounds[i]))
+                out = out.index_add(0, r, token_log_probs(x, w, b, targets[r] - self.bounds[i]))
         return out
 
     def log_probs(self, h: Tensor, words: Tensor | None = None) -> Tensor:
@@ -164,9 +164,3 @@ class AdaptiveSoftmax(nn.Module):
         proj, out = self.tails[i]
         x = F.linear(h.to(dtype), proj.weight.to(dtype))
         return torch.log_softmax(_logits(x, out.weight.to(dtype), out.bias.to(dtype)), dim=1)
-
-
-def _target_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1).gather(1, targets[:, None])[:, 0]
-    return token_log_probs(h, weight, bias, targets)

@@ -162,16 +162,18 @@ def linear_cross_entropy_and_hits(
     return total, hits
 
 
-@torch.no_grad()
 def token_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
     """log softmax(h W^T + b)[target] for each row: h (N, H), targets (N,) -> (N,) float32.
 
-    Block by block as above, so that scoring many sentences never holds all their
-    (N, V) logits at once.
+    Differentiable where autograd needs it (gradients on and h or the weight requiring
+    them: dynamic evaluation, gradient flow); otherwise block by block as above, so that
+    scoring many sentences never holds all their (N, V) logits at once.
     """
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1).gather(1, targets[:, None])[:, 0]
     dtype = _compute_dtype(h)
     out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
         hc, wc = h.to(dtype), weight.to(dtype)
         bc = bias.to(dtype) if bias is not None else None
         for start, end in _blocks(h.size(0), weight.size(0)):

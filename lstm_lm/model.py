@@ -452,9 +452,6 @@ class LSTMLanguageModel(nn.Module):
         where gradients are on (dynamic evaluation); else block by block, no logits kept."""
         if self.adaptive is not None:
             return self.adaptive.target_log_probs(h, targets, self._head_words())
-        if torch.is_grad_enabled():
-            logits = F.linear(h, self.decoder.weight, self.decoder.bias).float()
-            return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
         return token_log_probs(h, self.decoder.weight, self.decoder.bias, targets)
 
     def output_loss(self, h: Tensor, targets: Tensor) -> Tensor:
