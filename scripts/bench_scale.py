@@ -324,36 +324,36 @@ def train_memory_row(work: Path, steps: int) -> dict:
 
 
 def print_table(records: list[dict]) -> None:
-    data = [r for r in records if r["kind"] == "data"]
-    if data:
-        log("\n| corpus | cache | words counted and encoded by | wall | per 1M tokens | peak memory |")
-        log("|---|---|---|---|---|---|")
-        for r in data:
-            log(f"| {r['size']} tokens, {r['vocab']:,} words | {r['cache']} | {r['words_in']} | {r['seconds']:.1f} s | "
-                f"{r['seconds_per_million']:.2f} s | {r['peak_rss_mb']:,.0f} MB |")
-    soft = [r for r in records if r["kind"] == "softmax"]
-    if soft:
-        log("\n| vocabulary | softmax | train tokens/s | eval tokens/s | train ratio | eval ratio |")
-        log("|---|---|---|---|---|---|")
-        for vocab in dict.fromkeys(r["vocab"] for r in soft):
-            for softmax in ("full", "adaptive"):
-                t = next(r for r in soft if r["vocab"] == vocab and r["softmax"] == softmax and r["what"] == "train")
-                e = next(r for r in soft if r["vocab"] == vocab and r["softmax"] == softmax and r["what"] == "eval")
-                log(f"| {vocab} | {softmax} | {t['tokens_per_s']:,.0f} | {e['tokens_per_s']:,.0f} | "
-                    f"{t['ratio_to_full']:.2f}x | {e['ratio_to_full']:.2f}x |")
-    recipes = [r for r in records if r["kind"] == "recipe"]
-    if recipes:
-        log("\n| recipe | device | vocabulary | train tokens/s | eval tokens/s | one epoch |")
-        log("|---|---|---|---|---|---|")
-        for r in recipes:
-            log(f"| {r['recipe']} | {r['device']}, {r['precision']}{', compiled' if r['compile'] else ''} | "
-                f"{r['vocab']:,} | {r['train_tokens_per_s']:,} | {r['eval_tokens_per_s']:,} | "
-                f"{r['epoch_tokens'] / 1e6:.1f}M tokens: {r['epoch_hours']:.2f} h |")
+    _table(["corpus", "cache", "words counted and encoded by", "wall", "per 1M tokens", "peak memory"],
+           [[f"{r['size']} tokens, {r['vocab']:,} words", r["cache"], r["words_in"], f"{r['seconds']:.1f} s",
+             f"{r['seconds_per_million']:.2f} s", f"{r['peak_rss_mb']:,.0f} MB"] for r in records if r["kind"] == "data"])
+    soft = {(r["vocab"], r["softmax"], r["what"]): r for r in records if r["kind"] == "softmax"}
+    rows = []
+    for vocab in dict.fromkeys(v for v, _, _ in soft):
+        for softmax in ("full", "adaptive"):
+            t, e = soft[vocab, softmax, "train"], soft[vocab, softmax, "eval"]
+            rows.append([vocab, softmax, f"{t['tokens_per_s']:,.0f}", f"{e['tokens_per_s']:,.0f}",
+                         f"{t['ratio_to_full']:.2f}x", f"{e['ratio_to_full']:.2f}x"])
+    _table(["vocabulary", "softmax", "train tokens/s", "eval tokens/s", "train ratio", "eval ratio"], rows)
+    _table(["recipe", "device", "vocabulary", "train tokens/s", "eval tokens/s", "one epoch"],
+           [[r["recipe"], f"{r['device']}, {r['precision']}{', compiled' if r['compile'] else ''}", f"{r['vocab']:,}",
+             f"{r['train_tokens_per_s']:,}", f"{r['eval_tokens_per_s']:,}",
+             f"{r['epoch_tokens'] / 1e6:.1f}M tokens: {r['epoch_hours']:.2f} h"]
+            for r in records if r["kind"] == "recipe"])
     for r in records:
         if r["kind"] == "train-memory":
             log(f"\ntraining on 100M tokens (adaptive, 250k words), warm cache: first step {r['first_step_s']:.1f} s "
                 f"after the launch; peak {r['peak_rss_mb']:,.0f} MB, {r['peak_minus_model_mb']:,} MB beyond the "
                 f"model's weights and gradients ({r['model_mb']:,} MB)")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table on stderr, after a blank line; nothing when there are no rows."""
+    if rows:
+        log("\n| " + " | ".join(header) + " |")
+        log("|" + "---|" * len(header))
+        for row in rows:
+            log("| " + " | ".join(row) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
