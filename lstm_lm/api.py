@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from lstm_lm.arguments import check, check_texts
 from lstm_lm.config import Config, choices
 from lstm_lm.dynamic_eval import DynamicEval
-from lstm_lm.errors import ConfigError, DataError, PromptError
+from lstm_lm.errors import ArgumentError, ConfigError, DataError, PromptError
 from lstm_lm.model import LSTMLanguageModel, State
 from lstm_lm.neural_cache import NeuralCache
 from lstm_lm.data import EOS
@@ -56,6 +57,10 @@ class LanguageModel:
         train.precision, as `lstm-lm eval` uses)."""
         from lstm_lm.checkpoint import load_checkpoint_dir
 
+        if not isinstance(path, (str, Path)):
+            raise ArgumentError(f"path: must be a string or a Path, got {type(path).__name__}")
+        if not isinstance(device, (str, torch.device)):
+            raise ArgumentError(f"device: must be a string such as 'cpu', got {type(device).__name__}")
         if precision is not None and precision not in choices("train.precision"):
             raise ConfigError([f"precision: must be one of {', '.join(choices('train.precision'))}, "
                                f"got {precision!r}"], "command line")
@@ -112,6 +117,7 @@ class LanguageModel:
         with `seed`. An empty string means the model ended the sentence at once."""
         from lstm_lm.sample import complete
 
+        check("prompt", prompt)
         return complete(self.model, self.tokenizer, self.kind, prompt, words=words, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, precision=self.precision)
 
@@ -119,7 +125,7 @@ class LanguageModel:
         """A reader that keeps the memory: feed it text and ask for the next words; each
         new token costs one step of the model, not a re-read of what came before."""
         session = Session(self)
-        return session.feed(prompt) if prompt.strip() else session
+        return session.feed(prompt) if check("prompt", prompt).strip() else session
 
     # -- scores -------------------------------------------------------------------------
 
@@ -130,8 +136,8 @@ class LanguageModel:
         [token, logprob] pairs. See scoring.py."""
         from lstm_lm.scoring import score_texts
 
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = check_texts(texts)
+        check("per_token", per_token)
         with autocast(self.device, self.precision):
             return score_texts(self.model, self.tokenizer, texts, per_token=per_token)
 
@@ -166,14 +172,13 @@ class LanguageModel:
         from lstm_lm.data import Streams
         from lstm_lm.evaluate import evaluate, perplexity_of
 
-        if split not in ("test", "valid"):
-            raise DataError(f"--split must be test or valid, got {split!r}")
+        check("split", split), check("data", data), check("batch_size", batch_size), check("progress", progress)
         if cache is not None and dynamic is not None:
             raise ConfigError(["the neural cache and dynamic evaluation are measured one at a time; "
                                "choose one"], "command line")
         corpus = self._corpus(data)
         ids = corpus.splits[split]
-        bsz = 1 if dynamic is not None else batch_size or self.config.train.eval_batch_size
+        bsz = 1 if dynamic is not None else batch_size if batch_size is not None else self.config.train.eval_batch_size
         if dynamic is not None and batch_size not in (None, 1):
             raise ConfigError([f"--batch-size: dynamic evaluation reads one stream (batch 1), got {batch_size}: "
                                "streams sharing the adapted weights would each learn from later text"],
@@ -238,8 +243,9 @@ class LanguageModel:
         from lstm_lm.data import Streams
         from lstm_lm.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
 
+        check("data", data), check("batch_size", batch_size), check("progress", progress)
         corpus = self._corpus(data)
-        bsz = batch_size or self.config.train.eval_batch_size
+        bsz = batch_size if batch_size is not None else self.config.train.eval_batch_size
         stream = Streams(corpus.splits["valid"], bsz, self.device)
         with progress_bar(stream.numel(), "tuning the cache on valid: states", progress) as bar:
             chunks = collect(self.model, stream, self.config.train.bptt, self.precision, bar)
@@ -258,6 +264,7 @@ class LanguageModel:
         from lstm_lm.data import to_tensor
         from lstm_lm.dynamic_eval import TUNE_DECAYS, TUNE_LRS, TUNE_TOKENS, DynamicEval, tune
 
+        check("data", data), check("segment", segment), check("tokens", tokens), check("progress", progress)
         corpus = self._corpus(data)
         probe = DynamicEval(segment=segment, rule=rule)
         stats, _ = self._gradient_statistics(corpus, probe, progress)
@@ -281,6 +288,10 @@ class LanguageModel:
         See inspection.trace_prompt."""
         from lstm_lm.inspection import trace_prompt
 
+        check("prompt", prompt), check("layer", layer), check("k", top_k)
+        if swap is not None and not (isinstance(swap, (tuple, list)) and len(swap) == 2
+                                     and all(isinstance(w, str) for w in swap)):
+            raise ArgumentError(f"swap: must be a pair of words (WORD, OTHER), got {swap!r:.60}")
         return trace_prompt(self.model, self.tokenizer, prompt, self.kind, layer, top_k, swap)
 
 
@@ -307,6 +318,7 @@ class Session:
         """Read `text`: one step of the model per token. The first text fed is checked as a
         prompt is (not empty, not all unknown words); later ones may be anything."""
         tok, kind = self.lm.tokenizer, self.lm.kind
+        check("text", text)
         if len(self.tokens) == 1:
             ids = encode_prompt(tok, text.rstrip(), kind)[1:]
         else:  # a word model reads words; a BPE or char model the text exactly as it continues
@@ -332,7 +344,6 @@ class Session:
 
     def next_words(self, k: int = 5) -> list[tuple[str, float]]:
         """The k most likely next words and their probabilities (see LanguageModel.next_words)."""
-        if k < 1:
-            raise PromptError(f"k must be at least 1, got {k}")
+        check("k", k)
         with autocast(self.lm.device, self.lm.precision):
             return words_after(self.lm.model, self.lm.pieces, self._logits, self.state, k)

@@ -12,8 +12,8 @@ Problems the user can fix are printed as one `error: ...` line with exit code 1
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 
 from lstm_lm.config import choices, field_help
 from lstm_lm.errors import ConfigError, Interrupted, LSTMLMError, describe_os_error
+from lstm_lm.writing import check_stdout, dumps, emit
 
 
 class _Commands(TyperGroup):
@@ -77,16 +78,20 @@ def _main_process() -> bool:
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Known problems -> one `error:` line on stderr and exit code 1, no traceback."""
+def user_errors(results: bool = True):
+    """Known problems -> one `error:` line on stderr and exit code 1, no traceback.
+    `results`: the command writes its results to stdout, which must then be open."""
     try:
+        if results:
+            check_stdout()
         yield
     except Interrupted as e:  # a checkpoint was saved: say where, and how to go on
         if _main_process():
             typer.echo(str(e), err=True)
         raise typer.Exit(e.exit_code) from None
-    except (LSTMLMError, OSError) as e:  # an OSError here is about a path the user gave
-        if os.environ.get("LSTM_LM_DEBUG") == "1" or (isinstance(e, OSError) and e.filename is None):
+    except (LSTMLMError, OSError) as e:  # an OSError here is about a path the user gave, or a full disk
+        if os.environ.get("LSTM_LM_DEBUG") == "1" or (isinstance(e, OSError) and e.filename is None
+                                                      and e.errno not in _USER_ERRNOS):
             raise
         if _main_process():
             typer.echo(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", err=True)
@@ -94,6 +99,10 @@ def user_errors():
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+# OSErrors that are the machine's state, not a bug, even where they name no file.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EPIPE, errno.EIO}
 
 
 # `lstm-lm train`'s own options and the config field each sets: their help comes from the
@@ -168,8 +177,8 @@ def train(
                                    values=values)
         except ConfigError as e:
             raise _name_flags(e, TRAIN_FLAGS) from None
-    if _main_process():
-        typer.echo(json.dumps(summary))
+        if _main_process():
+            emit(dumps(summary))
 
 
 @app.command(
@@ -183,11 +192,11 @@ def train(
 def complete(
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
-    words: Annotated[int, typer.Option(min=1, help="Stop after this many words (or at the end of the sentence).")] = 20,
+    words: Annotated[int, typer.Option(help="Stop after this many words (or at the end of the sentence).")] = 20,
     next_: Annotated[bool, typer.Option("--next", help="Print the --top-k most likely next words as word<TAB>probability instead.")] = False,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="With --next: how many words to list (default 5). Otherwise: sample from the K most likely.")] = None,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily (the default); above 0 samples, higher is more random.")] = 0.0,
-    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Sample from the smallest set of words whose probability adds up to P.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="With --next: how many words to list (default 5). Otherwise: sample from the K most likely.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily (the default); above 0 samples, higher is more random.")] = 0.0,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of words whose probability adds up to P.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling, for repeatable output.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
@@ -198,14 +207,13 @@ def complete(
     with user_errors():
         lm = LanguageModel.load(checkpoint, device, precision=None)  # the run's precision: bf16 is faster here
         if next_:
-            for word, p in lm.next_words(prompt, k=5 if top_k is None else top_k):
-                typer.echo(f"{word}\t{p:.4f}")
+            emit("\n".join(f"{word}\t{p:.4f}" for word, p in lm.next_words(prompt, k=5 if top_k is None else top_k)))
             return
         text = lm.complete(prompt, words=words, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if not text:
-        log("the model ended the sentence here: the first token it chose is <eos>, the end of a line "
-            "(try --next to see its likeliest words, or sample with --temperature)")
-    typer.echo(text)
+        if not text:
+            log("the model ended the sentence here: the first token it chose is <eos>, the end of a line "
+                "(try --next to see its likeliest words, or sample with --temperature)")
+        emit(text)
 
 
 @app.command(
@@ -223,7 +231,7 @@ def eval_(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus to evaluate on. Default: the one the model was trained on.")] = None,
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[Optional[str], typer.Option(callback=_precision, help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
     cache: Annotated[bool, typer.Option("--cache", help="Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent hidden states.", rich_help_panel="Neural cache")] = False,
@@ -285,7 +293,7 @@ def eval_(
         if tuned:
             result["tuned"] = tuned["search"] | {"valid_perplexity": best["perplexity"]}
         result["checkpoint"] = str(checkpoint)
-    typer.echo(json.dumps(result))
+        emit(dumps(result))
 
 
 def _settings(kind, **given):
@@ -344,7 +352,7 @@ def long_range(
                         demo_size=demo_size, device=device, seed=seed)
         results = run(parse_list(gaps, "gaps"), parse_list(cells, "cells", CELLS), out, budget)
         png = plot_long_range(results, out / "accuracy_vs_gap.png")
-    typer.echo(results_table(results))
+        emit(results_table(results))
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.csv'}" + (f" and {png}" if png else ""), err=True)
     if png is None:
         typer.echo(PLOT_HINT, err=True)
@@ -362,9 +370,9 @@ def inspect(
     prompt: Annotated[str, typer.Argument(help="The text to read.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     out: Annotated[Path, typer.Option("--out", "-o", help="The picture (PNG).")] = Path("gates.png"),
-    layer: Annotated[Optional[int], typer.Option(min=1, help="Which layer to show, from 1 (default: the last).")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="Which layer to show, from 1 (default: the last).")] = None,
     units: Annotated[int, typer.Option(min=1, help="Units in each heatmap: those that change most over the prompt.")] = 16,
-    top_k: Annotated[int, typer.Option(min=1, help="Next-word guesses per token.")] = 3,
+    top_k: Annotated[int, typer.Option(help="Next-word guesses per token.")] = 3,
     swap: Annotated[Optional[str], typer.Option(metavar="WORD=OTHER", help="Also read the prompt with OTHER in place of WORD, and show per token how far apart the two memories are: where WORD is written, and whether it is kept.")] = None,
 ) -> None:
     """Show the gates at work: per token, the mean forget / input / output gate (the GRU's
@@ -387,7 +395,7 @@ def inspect(
             pair = (word.strip(), other.strip())
         trace = LanguageModel.load(checkpoint, "cpu").trace(prompt, layer, top_k, pair)
         png = plot_inspection(trace, out, units)
-    typer.echo(trace_table(trace))
+        emit(trace_table(trace))
     typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
 
 
@@ -416,14 +424,15 @@ def plot(
         if not metrics:
             raise DataError(f"{run_dir} holds no metrics.jsonl lines; is it a run directory that has validated once?")
         png = plot_run(run_dir.name, logs, out or run_dir / "training.png")
-    typer.echo(f"{'epoch':>5} {'step':>7} {'train loss':>10} {'valid loss':>10} {'valid ppl':>10}")
-    for r in metrics:
-        typer.echo(f"{r['epoch']:>5} {r['step']:>7} {r['train_loss']:>10.4f} {r['val_loss']:>10.4f} {r['val_ppl']:>10.2f}")
-    if flow:
-        last = flow[-1]["grad_norm"][-1]
-        shown = [k for k in (0, 1, 2, 5, 10, 20, 40, 80) if k < len(last)]
-        typer.echo(f"gradient flow at step {flow[-1]['step']} (last layer), |dL_T/dh_(T-k)| for k = "
-                   + ", ".join(f"{k}: {last[k]:.2e}" for k in shown))
+        lines = [f"{'epoch':>5} {'step':>7} {'train loss':>10} {'valid loss':>10} {'valid ppl':>10}"]
+        lines += [f"{r['epoch']:>5} {r['step']:>7} {r['train_loss']:>10.4f} {r['val_loss']:>10.4f} {r['val_ppl']:>10.2f}"
+                  for r in metrics]
+        if flow:
+            last = flow[-1]["grad_norm"][-1]
+            shown = [k for k in (0, 1, 2, 5, 10, 20, 40, 80) if k < len(last)]
+            lines.append(f"gradient flow at step {flow[-1]['step']} (last layer), |dL_T/dh_(T-k)| for k = "
+                         + ", ".join(f"{k}: {last[k]:.2e}" for k in shown))
+        emit("\n".join(lines))
     typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
 
 
@@ -455,7 +464,7 @@ def score(
         scored = 0
         for block in lines:
             for result in lm.score(block, per_token=per_token):
-                typer.echo(json.dumps(result))
+                emit(dumps(result))
             scored += len(block)
         if scored == 0:
             raise DataError(f"{'stdin' if file == '-' else file} holds no lines to score")
@@ -478,7 +487,7 @@ def serve(
 ) -> None:
     """Serve the model over HTTP: a web page at / (suggestions as you type, the gates at
     work), the JSON API under /v1 and its documentation at /docs. Ctrl-C or SIGTERM stops it."""
-    with user_errors():
+    with user_errors(results=False):
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:
             raise LSTMLMError(f"lstm-lm serve needs {' and '.join(missing)}, which the serve extra installs: "
@@ -515,7 +524,7 @@ def export(
         from lstm_lm.export import export_onnx
 
         summary = export_onnx(lm, out or Path("model-int8.onnx" if int8 else "model.onnx"), int8=int8, data=data)
-    typer.echo(json.dumps(summary))
+        emit(dumps(summary))
 
 
 def main() -> None:

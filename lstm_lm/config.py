@@ -28,7 +28,10 @@ import yaml
 from lstm_lm.errors import ConfigError
 
 FORMAT_VERSION = 3  # bumped when config.json / the checkpoint layout changes
-DEMO_RECIPE = "demo"  # what `lstm-lm train` trains with no --config and no --data
+DEMO_RECIPE = "demo"
+# Bounds on a model's sizes, far above any model a CPU or GPU here could train, so that a
+# hostile config.json cannot ask for a model of astronomical size before its weights are read.
+MAX_UNITS, MAX_LAYERS = 1 << 20, 256  # what `lstm-lm train` trains with no --config and no --data
 
 
 def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None, ge: float | None = None,
@@ -79,9 +82,9 @@ class ModelConfig:
     impl: str = param("auto", "Engine: custom (the hand-written cell), cudnn (the kernel behind torch.nn.LSTM, GRU "
                       "or RNN: cuDNN on a GPU) or auto (cudnn; every feature works with either).",
                       choices=("auto", "custom", "cudnn"))
-    embedding_size: int = param(200, "Size of the word vectors.", ge=1)
-    hidden_size: int = param(200, "Units in each recurrent layer.", ge=1)
-    num_layers: int = param(2, "Number of stacked recurrent layers.", ge=1)
+    embedding_size: int = param(200, "Size of the word vectors.", ge=1, le=MAX_UNITS)
+    hidden_size: int = param(200, "Units in each recurrent layer.", ge=1, le=MAX_UNITS)
+    num_layers: int = param(2, "Number of stacked recurrent layers.", ge=1, le=MAX_LAYERS)
     hidden_sizes: list[int] | None = param(None, "Units of each layer, one entry per layer, overriding hidden_size "
                                            "(null: all hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last "
                                            "layer matches the embedding so that the weights can be tied.")
@@ -368,13 +371,14 @@ def describe_bounds(spec: FieldSpec) -> str:
     b = spec.bounds
     low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
     high = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
+    g = lambda v: str(v) if isinstance(v, int) else f"{v:g}"  # noqa: E731
     if low and high:
-        text = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        text = f"in {low[0]}{g(low[1])}, {g(high[1])}{high[0]}"
     elif low:
-        text = (f"at least {low[1]:g}" if low[0] == "[" else
-                "a positive number" if low[1] == 0 else f"above {low[1]:g}")
+        text = (f"at least {g(low[1])}" if low[0] == "[" else
+                "a positive number" if low[1] == 0 else f"above {g(low[1])}")
     elif high:
-        text = f"at most {high[1]:g}" if high[0] == "]" else f"below {high[1]:g}"
+        text = f"at most {g(high[1])}" if high[0] == "]" else f"below {g(high[1])}"
     else:
         text = "a finite number"
     return text + (" or null" if spec.optional else "")
@@ -391,9 +395,9 @@ def validate(cfg: Config) -> list[str]:
         if len(m.hidden_sizes) != m.num_layers:
             p.append(f"model.hidden_sizes: has {len(m.hidden_sizes)} entries but model.num_layers is "
                      f"{m.num_layers}; give one size per layer")
-        if any(size < 1 for size in m.hidden_sizes):
-            p.append(f"model.hidden_sizes: every size must be at least 1, got {m.hidden_sizes}")
-    if m.tie_weights and m.num_layers >= 1 and m.layer_sizes and m.embedding_size != m.layer_sizes[-1]:
+        if any(not 1 <= size <= MAX_UNITS for size in m.hidden_sizes):
+            p.append(f"model.hidden_sizes: every size must be in [1, {MAX_UNITS}], got {m.hidden_sizes[:8]}")
+    if m.tie_weights and 1 <= m.num_layers <= MAX_LAYERS and m.layer_sizes and m.embedding_size != m.layer_sizes[-1]:
         p.append(
             f"model.tie_weights: tied weights need embedding_size == the last layer's size, got "
             f"{m.embedding_size} and {m.layer_sizes[-1]} (set model.tie_weights=false or make them equal)"

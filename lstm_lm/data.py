@@ -39,7 +39,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lstm_lm.config import DataConfig
 from lstm_lm.demo import DEMO_VERSION, demo_splits
 from lstm_lm.errors import DataError
-from lstm_lm.utils import log, progress_bar, write_atomically, write_json, write_text
+from lstm_lm.utils import log, progress_bar
+from lstm_lm.writing import write_atomically, write_json, write_text
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIAL_TOKENS = [UNK, EOS]  # ids 0 and 1 in every tokenizer

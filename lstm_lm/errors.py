@@ -28,6 +28,14 @@ class PromptError(LSTMLMError):
     """A prompt the model cannot continue (empty, for example)."""
 
 
+class ArgumentError(LSTMLMError, ValueError):
+    """An argument out of its bounds or of the wrong type (arguments.py declares them)."""
+
+
+class WriteError(LSTMLMError):
+    """An output could not be written (a full disk, a closed stdout ...); nothing half-written is left."""
+
+
 class TrainingError(LSTMLMError):
     """Training cannot go on (the loss stopped being a finite number, for example)."""
 

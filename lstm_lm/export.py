@@ -34,7 +34,8 @@ from lstm_lm.api import LanguageModel
 from lstm_lm.data import EOS, get_batch
 from lstm_lm.errors import DataError, LSTMLMError
 from lstm_lm.model import STATE_NAMES
-from lstm_lm.utils import log, write_atomically
+from lstm_lm.utils import log
+from lstm_lm.writing import write_atomically
 
 OPSET = 18
 _MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}

@@ -167,6 +167,13 @@ def cell_step(cell: str, x_proj: Tensor, state: tuple[Tensor, ...], w_hh: Tensor
 _FUSED = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
 
 
+def _cpu_runs_bf16() -> bool:
+    """Whether this CPU has the instructions oneDNN's bf16 recurrent kernels need."""
+    from lstm_lm.utils import native_bf16
+
+    return native_bf16(torch.device("cpu"))
+
+
 @torch.compiler.disable
 def fused_rnn(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: list[Tensor], num_layers: int,
               dropout: float, training: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -176,6 +183,12 @@ def fused_rnn(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: list[Ten
     Kept out of torch.compile's graph, as nn.LSTM is: traced, it decomposes into one
     small graph node per time step, which took minutes to compile and ran no faster.
     """
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _cpu_runs_bf16():
+        # oneDNN's recurrent kernels take bf16 only on CPUs with AVX-512 (BF16) or AMX;
+        # elsewhere they refuse it, so this kernel runs in float32 there.
+        with torch.autocast("cpu", enabled=False):
+            return fused_rnn(cell, x.float(), tuple(s.float() for s in state), [w.float() for w in weights],
+                             num_layers, dropout, training)
     hx = state if cell == "lstm" else state[0]
     out, *new_state = _FUSED[cell](x, hx, weights, True, num_layers, dropout, training, False, False)
     return out, tuple(new_state)

@@ -20,7 +20,6 @@ none, one-line pointer files.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shlex
@@ -28,8 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from lstm_lm.errors import CheckpointError
-from lstm_lm.utils import fsync_dir
+from lstm_lm.errors import CheckpointError, WriteError
+from lstm_lm.writing import describe_write_error, fsync_dir
 
 CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "training_state.safetensors",
@@ -131,9 +130,9 @@ def write_checkpoint_dir(final: Path, fill: Callable[[Path], None], keeps: str) 
         fsync_dir(tmp)
         os.rename(tmp, final)
         fsync_dir(final.parent)
-    except OSError as e:
+    except Exception as e:  # whichever library failed to write (safetensors, tokenizers, the OS)
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        reason = describe_write_error(e.__cause__ if isinstance(e, WriteError) and e.__cause__ else e)
         raise CheckpointError(f"could not save the checkpoint {final}: {reason}; {keeps} is unchanged") from None
 
 

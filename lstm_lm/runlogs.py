@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_lm.errors import ConfigError, DataError
-from lstm_lm.utils import write_text
+from lstm_lm.writing import write_text
 
 METRICS, STEPS, GRAD_FLOW = "metrics.jsonl", "steps.jsonl", "grad_flow.jsonl"
 TENSORBOARD = "tensorboard"  # the event files' folder

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from lstm_lm.arguments import check
 from lstm_lm.data import EOS, UNK, detokenize
 from lstm_lm.errors import PromptError
 from lstm_lm.model import LSTMLanguageModel, State
@@ -140,8 +141,7 @@ def next_words(
     Whole words whatever the tokenizer (see `WordPieces`, `words_after`); a character
     or BPE prompt's trailing space is dropped, since the next word starts after one.
     """
-    if k < 1:
-        raise PromptError(f"--top-k must be at least 1, got {k}")
+    check("k", k)
     model.eval()
     ids = encode_prompt(tokenizer, prompt.rstrip(), kind)
     logits, state = _read_prompt(model, ids)
@@ -152,7 +152,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
           generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # Scaled from the largest score down, so that no temperature overflows: at one so
+    # small that every other score falls to -inf, this is greedy decoding.
+    logits = (logits.double() - logits.max()) / temperature
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -177,14 +179,9 @@ def complete(
 
     Greedy by default; with a temperature above 0 (or top-k / top-p) it samples.
     """
-    if words < 1:
-        raise PromptError(f"--words must be at least 1, got {words}")
-    if temperature < 0:
-        raise PromptError(f"--temperature must not be negative, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise PromptError(f"--top-p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise PromptError(f"--top-k must be at least 1, got {top_k}")
+    for name, value in (("words", words), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                        ("seed", seed)):
+        check(name, value)
     if temperature == 0 and (top_k is not None or top_p is not None):
         temperature = 1.0  # asking for top-k / top-p means asking to sample
     generator = None

@@ -29,7 +29,8 @@ from lstm_lm.errors import CheckpointError
 from lstm_lm.model import State
 from lstm_lm.optim import WeightAverage
 from lstm_lm.rundir import TRAINING_STATE
-from lstm_lm.utils import log, write_atomically
+from lstm_lm.utils import log
+from lstm_lm.writing import write_atomically
 
 
 @dataclass

@@ -1,22 +1,18 @@
 """Small helpers shared by the commands: stderr logging, device and precision choice,
-and the one way files are written.
+progress bars. (Files and results are written by writing.py.)
 
     device = pick_device("auto")                 # CUDA, then MPS, then CPU
     precision = pick_precision("auto", device)   # "bf16" where the hardware runs it natively
     with autocast(device, precision): ...
     log("reading corpus ...")                    # to stderr: stdout carries results only
-    write_atomically(path, lambda tmp: tmp.write_text(text))   # the old file or the new, never half
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
@@ -128,53 +124,6 @@ def keep_freed_memory() -> bool:
             libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)`, flush tmp to disk, give it the usual permissions and rename it
-    to `path`: a reader (or a crash) sees the old file or the new one, never half of one.
-
-    The temporary name holds the process id, so processes that write the same file (the
-    ranks of a distributed run sharing a cache) do not write into each other's.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files readable by the owner only
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (new names, renames) to disk, where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class progress_bar:

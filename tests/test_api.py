@@ -10,7 +10,7 @@ from conftest import tiny_sets, write_tiny_corpus
 from lstm_lm import LanguageModel
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT
-from lstm_lm.errors import PromptError
+from lstm_lm.errors import ArgumentError, PromptError
 from lstm_lm.scoring import encode_text
 
 
@@ -119,7 +119,7 @@ def test_bad_prompts_are_refused(demo):
     for prompt, message in [("  ", "empty"), ("Zyxwv Qwrtp", "vocabulary")]:
         with pytest.raises(PromptError, match=message):
             demo.next_words(prompt)
-    with pytest.raises(PromptError, match="k must be"):
+    with pytest.raises(ArgumentError, match=r"k \(--top-k\): must be"):
         demo.session("My name").next_words(0)
 
 
