@@ -83,14 +83,17 @@ class LanguageModel:
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
-    def describe(self) -> dict[str, Any]:
-        """The model's facts: cell, sizes, vocabulary, training corpus and measured perplexity."""
+    def describe(self, paths: bool = True) -> dict[str, Any]:
+        """The model's facts: cell, sizes, vocabulary, training corpus and measured perplexity.
+        `paths=False` (what the server answers) leaves out the checkpoint's path and names
+        the corpus without its directory."""
         m = self.config.model
+        corpus = self.config.data.source if paths else Path(self.config.data.source).name
         return {
-            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            **({"checkpoint": str(self.checkpoint) if self.checkpoint else None} if paths else {}),
             "cell": self.cell, "layers": len(m.layer_sizes), "hidden_sizes": list(m.layer_sizes),
             "embedding_size": m.embedding_size, "tied": m.tie_weights, "parameters": self.model.num_parameters(),
-            "vocab_size": self.vocab_size, "tokenizer": self.kind, "corpus": self.config.data.source,
+            "vocab_size": self.vocab_size, "tokenizer": self.kind, "corpus": corpus,
             "valid_perplexity": self.measured.get("valid_perplexity"), "step": self.measured.get("step"),
             "precision": self.precision, "device": str(self.device),
         }
@@ -140,6 +143,16 @@ class LanguageModel:
         check("per_token", per_token)
         with autocast(self.device, self.precision):
             return score_texts(self.model, self.tokenizer, texts, per_token=per_token)
+
+    def score_stream(self, pieces, per_token: bool = False) -> dict[str, Any]:
+        """Score one text of any length given as an iterable of pieces cut at spaces (a
+        file read a piece at a time, say), as `score` scores it whole, in memory that does
+        not grow with it: `tokens`, `logprob`, `perplexity`, `unknown` (and `token_logprobs`)."""
+        from lstm_lm.scoring import score_stream
+
+        check("per_token", per_token)
+        with autocast(self.device, self.precision):
+            return score_stream(self.model, self.tokenizer, (check("text", p) for p in pieces), per_token)
 
     def perplexity(self, texts: list[str] | str) -> float:
         """exp of the mean negative log-probability per token over all `texts` together."""

@@ -33,7 +33,7 @@ from lstm_lm import __version__
 from lstm_lm.config import FORMAT_VERSION, Config, config_from_dict
 from lstm_lm.errors import CheckpointError, ConfigError
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.rundir import BEST, CONFIG, TOKENIZER, WEIGHTS, follow
+from lstm_lm.rundir import BEST, CHECKPOINTS, CONFIG, LAST, TOKENIZER, WEIGHTS, follow, step_checkpoints
 from lstm_lm.writing import write_atomically, write_json
 
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, TOKENIZER)
@@ -127,6 +127,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = follow(Path(path))
     if path.is_dir() and (path / BEST).exists():
         path = follow(path / BEST)
+    elif path.is_dir() and not (path / CONFIG).exists() and step_checkpoints(path):
+        last = path / CHECKPOINTS / LAST
+        raise CheckpointError(
+            f"{path} is a run with no validated checkpoint yet (it stopped before its first validation): load "
+            f"its newest with --checkpoint {last}, or train on with: lstm-lm train --out {path} --resume")
     return check_checkpoint_dir(path)
 
 

@@ -62,7 +62,7 @@ app = typer.Typer(
     ),
 )
 
-DEFAULT_CHECKPOINT = Path("runs/latest")
+DEFAULT_CHECKPOINT = Path("runs/latest")  # rundir.LATEST_POINTER: what train points at the run it trained
 
 
 def _precision(value: str | None) -> str | None:
@@ -453,16 +453,22 @@ def score(
 ) -> None:
     """Score each line as a sentence: one JSON line per input line on stdout, with `text`,
     `tokens` (the line's tokens and the <eos> that ends it), `logprob` (natural log),
-    `perplexity` and `unknown` (tokens read as <unk>). A blank line scores the <eos> alone."""
+    `perplexity` and `unknown` (tokens read as <unk>). A blank line scores the <eos> alone.
+    A line of any length is scored, in windows with the memory carried; the `text` of a
+    line over 65,536 characters is its first 200, with `text_cut: true`."""
     from lstm_lm.api import LanguageModel
     from lstm_lm.errors import DataError
-    from lstm_lm.scoring import read_lines
+    from lstm_lm.scoring import LongText, read_lines
 
     with user_errors():
         lines = read_lines(file)
         lm = LanguageModel.load(checkpoint, device, precision=precision)
         scored = 0
         for block in lines:
+            if isinstance(block, LongText):  # one line too long to hold: read and scored in windows
+                emit(dumps({"text": block.head + "...", "text_cut": True} | lm.score_stream(block.pieces, per_token)))
+                scored += 1
+                continue
             for result in lm.score(block, per_token=per_token):
                 emit(dumps(result))
             scored += len(block)
@@ -475,7 +481,7 @@ def score(
         "**Examples**\n\n"
         "    lstm-lm serve                                     # runs/latest at http://127.0.0.1:8000\n\n"
         "    lstm-lm serve --checkpoint runs/ptb-small --port 8080\n\n"
-        "    lstm-lm serve --host 0.0.0.0                      # reachable from other machines"
+        "    lstm-lm serve --host 0.0.0.0                      # reachable from other machines, with an access token"
     )
 )
 def serve(
@@ -484,6 +490,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="PyTorch's CPU threads for the model. The model answers one request at a time, and with 1 (the default) the other cores parse HTTP and JSON: faster here than 2 (docs/use.md).")] = 1,
+    token: Annotated[Optional[str], typer.Option(envvar="LSTM_LM_TOKEN", help="The access token requests must carry (Authorization: Bearer TOKEN, or /?token=TOKEN for the page). Default: none on a loopback address; beyond it, a new one, printed at start.")] = None,
+    no_token: Annotated[bool, typer.Option("--no-token", help="Serve beyond loopback without an access token (a warning is printed): anyone who can reach the port can use it.")] = False,
 ) -> None:
     """Serve the model over HTTP: a web page at / (suggestions as you type, the gates at
     work), the JSON API under /v1 and its documentation at /docs. Ctrl-C or SIGTERM stops it."""
@@ -494,7 +502,7 @@ def serve(
                               "pip install 'lstm-lm[serve]' (in a clone, scripts/setup.sh installs it)")
         from lstm_lm.serve import run_server
 
-        run_server(checkpoint, host, port, device, threads)
+        run_server(checkpoint, host, port, device, threads, token, no_token)
 
 
 @app.command(

@@ -16,7 +16,7 @@ keep it in the memory cell.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import platform
 import random
 import time
@@ -33,6 +33,7 @@ from lstm_lm.errors import ConfigError
 from lstm_lm.model import CELLS, GATE_BLOCKS, LSTMLanguageModel
 from lstm_lm.sample import encode_prompt
 from lstm_lm.utils import log
+from lstm_lm.writing import write_json, write_text
 
 @dataclass
 class Budget:
@@ -203,12 +204,13 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["cell", "hidden_size", "parameters", *(f"gap_{g}" for g in results["gaps"])])
-        for cell, r in results["cells"].items():
-            w.writerow([cell, r["hidden_size"], r["parameters"], *(f"{r['accuracy'][str(g)]:.4f}" for g in results["gaps"])])
+    write_json(out_dir / "results.json", results)
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["cell", "hidden_size", "parameters", *(f"gap_{g}" for g in results["gaps"])])
+    for cell, r in results["cells"].items():
+        w.writerow([cell, r["hidden_size"], r["parameters"], *(f"{r['accuracy'][str(g)]:.4f}" for g in results["gaps"])])
+    write_text(out_dir / "results.csv", table.getvalue())
 
 
 def results_table(results: dict) -> str:

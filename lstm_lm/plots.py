@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lstm_lm.errors import DataError
+from lstm_lm.writing import write_atomically
 
 PLOT_HINT = "no picture: matplotlib is missing; install it with  pip install 'lstm-lm[plot]'  (or: pip install matplotlib)"
 CELL_COLOURS = {"lstm": "#1f77b4", "gru": "#2ca02c", "rnn": "#d62728"}
@@ -35,8 +36,7 @@ def _save(fig, path: str | Path) -> Path:
         path = Path(path)
         if path.suffix.lower() != ".png":
             raise DataError(f"{path}: the picture is written as PNG; give a file name ending in .png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
         return path
     finally:
         plt.close(fig)

@@ -8,18 +8,27 @@
     runs/NAME/checkpoints/last             -> the newest one (what --resume continues)
     runs/NAME/best                         -> the best by validation loss (what
                                               `--checkpoint runs/NAME` loads)
-    runs/latest                            -> the run trained last
+    runs/NAME/.lstm-lm-run                 the marker: lstm-lm made this run directory
     runs/NAME/metrics.jsonl, steps.jsonl   the run's logs (runlogs.py)
+    runs/latest                            -> the run trained last (in the working directory,
+                                              wherever --out put the run)
 
 A checkpoint is written into a temporary directory, flushed to disk and renamed
 into place; the `last` and `best` pointers move only after that, and older
 checkpoints are deleted only after those. A process killed at any moment leaves
 the previous checkpoint whole. Pointers are symlinks, or where the file system has
 none, one-line pointer files.
+
+lstm-lm touches only what it wrote: a directory counts as a run only with the marker
+file that `train` writes into it (or, for a run made before the marker existed,
+checkpoints whose config.json lstm-lm wrote); `--overwrite` deletes only the names a
+run is made of, and a pointer replaces only a pointer. `check_run_dir` finds every
+problem with a run directory before the corpus is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -34,14 +43,17 @@ CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "training_state.safetensors",
 )
 CHECKPOINTS, LAST, BEST, LATEST = "checkpoints", "last", "best", "latest"
+MARKER = ".lstm-lm-run"  # written into every run directory: only a folder holding it is a run
+LATEST_POINTER = Path("runs") / LATEST  # "the model trained last": train writes it, complete/eval/score read it
 STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-00001200, or step-00001200-2 if saved again
 
 
 def point(link: Path, target: str) -> None:
     """Make `link` point at `target` (relative to the link's directory) in one atomic step:
-    a symlink, or where links are not allowed a one-line pointer file."""
-    if link.is_dir() and not link.is_symlink():
-        raise CheckpointError(f"{link} is a real directory; move it away so it can point at {target}")
+    a symlink, or where links are not allowed a one-line pointer file. Only a pointer is
+    ever replaced."""
+    if problem := pointer_problem(link):
+        raise CheckpointError(problem)
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -62,9 +74,51 @@ def follow(link: Path) -> Path:
     return target if target.is_absolute() else link.parent / target
 
 
-def update_latest(run_dir: Path) -> None:
-    """Point `<parent>/latest` at this run."""
-    point(run_dir.parent / LATEST, run_dir.name)
+def pointer_problem(link: Path) -> str | None:
+    """Why `link` may not be made a pointer, or None: it does not exist, or it is a
+    pointer (a symlink, or a short one-line pointer file) that lstm-lm could have written."""
+    if link.is_symlink() or not link.exists():
+        return None
+    if link.is_dir():
+        return f"{link} is a real directory, not a pointer that lstm-lm wrote; move it away or choose another --out"
+    try:
+        if link.is_file() and link.stat().st_size <= 4096:
+            lines = link.read_text(encoding="utf-8").splitlines()
+            target = link.parent / lines[0].strip() if len(lines) == 1 and lines[0].strip() else None
+            if target is not None and (is_run(target) or (target / CONFIG).is_file() or is_run(target.parent.parent)):
+                return None
+    except (OSError, UnicodeDecodeError):
+        pass
+    return f"{link} is a file that lstm-lm did not write; it is left as it is: move it away or choose another --out"
+
+
+def update_latest(run_dir: Path, latest: Path = LATEST_POINTER) -> None:
+    """Point `latest` (runs/latest in the working directory) at this run."""
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    point(latest, os.path.relpath(run_dir.resolve(), latest.parent.resolve()))
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether `run_dir` is a run directory that lstm-lm made: it holds the marker, or it
+    is a run made before the marker existed (step checkpoints whose config.json lstm-lm wrote)."""
+    if (run_dir / MARKER).is_file():
+        return True
+    for d in step_checkpoints(run_dir):
+        try:
+            if '"lstm_lm_version"' in (d / CONFIG).read_text(encoding="utf-8")[:200_000]:
+                return True
+        except (OSError, UnicodeDecodeError):
+            continue
+    return False
+
+
+def mark_run(run_dir: Path) -> None:
+    """Write the marker that makes `run_dir` a run (once)."""
+    from lstm_lm import __version__
+    from lstm_lm.writing import write_json
+
+    if not (run_dir / MARKER).is_file():
+        write_json(run_dir / MARKER, {"made_by": "lstm-lm", "lstm_lm_version": __version__})
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -72,9 +126,54 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in (CHECKPOINTS, BEST))
 
 
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, logs: tuple[str, ...],
+                  latest: Path | None = LATEST_POINTER) -> None:
+    """Every problem with training into `run_dir` (and pointing `latest` at it), found
+    before any work: a path through a file, a folder with another tool's files under the
+    names a run is made of, a run that needs --resume or --overwrite, a `latest` that is
+    not a pointer."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "" if parent == run_dir else ": a part of the path is a file, not a directory"
+            raise CheckpointError(f"{run_dir}{where}" if where else f"{run_dir} is a file, not a run directory")
+    if latest is not None and (problem := pointer_problem(latest)):
+        raise CheckpointError(problem)
+    if not run_dir.is_dir():
+        if resume:
+            raise CheckpointError(f"cannot resume: {run_dir} holds no saved run (start it without --resume)")
+        return
+    ours = is_run(run_dir)
+    taken = [name for name in (CHECKPOINTS, BEST, *logs) if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    if taken and not ours:
+        raise CheckpointError(
+            f"{run_dir} holds {', '.join(taken)}, which lstm-lm did not write (there is no {MARKER} marker); "
+            "nothing there is touched: choose another --out")
+    for name in (BEST, f"{CHECKPOINTS}/{LAST}"):
+        if problem := pointer_problem(run_dir / name):
+            raise CheckpointError(problem)
+    if resume:
+        if not ours:
+            raise CheckpointError(f"cannot resume: {run_dir} holds no saved run (start it without --resume)")
+    elif not overwrite and holds_a_run(run_dir):
+        raise CheckpointError(
+            f"{run_dir} already holds a run; continue it with --resume, start it again with --overwrite "
+            "(which deletes it), or choose another --out"
+        )
+
+
 def clear_run(run_dir: Path, logs: tuple[str, ...]) -> None:
-    """Delete what an earlier run left in `run_dir`: its checkpoints and its `logs`."""
-    for name in (CHECKPOINTS, BEST, *logs):
+    """Delete what an earlier run left in `run_dir`, and only that: its step checkpoints,
+    pointers and `logs`. Anything else in the folder stays."""
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir() and not folder.is_symlink():
+        for d in folder.iterdir():
+            if d.is_dir() and not d.is_symlink() and STEP_DIR.fullmatch(d.name.lstrip(".").split(".")[0]):
+                shutil.rmtree(d)  # step-N, and the .step-N.tmp / .step-N.deleting of interrupted writes
+            elif d.name in (LAST, f".{LAST}.tmp") and (d.is_symlink() or pointer_problem(d) is None):
+                d.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing of anyone else's is left in it
+    for name in (BEST, *logs):
         p = run_dir / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

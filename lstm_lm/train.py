@@ -5,7 +5,8 @@
 
 Setting up is everything around the loop: the rules for a run directory that
 already holds a run (refused, unless --resume continues it or --overwrite deletes
-it), its lock (one process trains a run directory at a time), the process group of
+it; only a folder that lstm-lm marked as a run, and only what it wrote there), its lock
+(one process trains a run directory at a time), the process group of
 a torchrun launch, and the default run name. The run directory holds its
 checkpoints (rundir.py) and logs (runlogs.py). Ctrl-C or SIGTERM stops the run
 after the current step with a resumable checkpoint.
@@ -25,7 +26,7 @@ from lstm_lm.config import Config
 from lstm_lm.data import Corpus
 from lstm_lm.distributed import World
 from lstm_lm.errors import CheckpointError, ConfigError
-from lstm_lm.rundir import CONFIG, clear_run, holds_a_run, last_checkpoint
+from lstm_lm.rundir import CONFIG, check_run_dir, clear_run, last_checkpoint, mark_run
 from lstm_lm.runlock import RunInUseError, RunLock
 from lstm_lm.runlogs import LOGS, RunLog
 from lstm_lm.trainer import Trainer
@@ -41,11 +42,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
     """
     utils.keep_freed_memory()  # large CPU tensors reuse their pages: see its docstring
     run_dir = Path(out_dir)
-    if not resume and not overwrite and holds_a_run(run_dir):  # before any work
-        raise CheckpointError(
-            f"{run_dir} already holds a run; continue it with --resume, start it again with --overwrite "
-            "(which deletes it), or choose another --out"
-        )
+    check_run_dir(run_dir, resume, overwrite, LOGS)  # every problem with it, before any work
     clock = Clock(cfg.train.time_budget, start=started)
     world = distributed.setup(cfg.train.device)  # a single process unless started by torchrun
     utils.QUIET = not world.main
@@ -62,6 +59,8 @@ def _train(cfg: Config, run_dir: Path, world: World, clock: Clock, resume: bool,
     logs = RunLog(run_dir, cfg.train.logger, enabled=world.main)
     trainer = Trainer(cfg, run_dir, world, clock, logs, corpus)  # the data loads before RUN is made
     with locked(run_dir, world):
+        if world.main:
+            mark_run(run_dir)  # what makes the folder a run: only lstm-lm's runs are ever resumed or cleared
         if resume:
             trainer.resume()
         else:

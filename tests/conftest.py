@@ -37,6 +37,21 @@ def _token_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LSTM_LM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_working_directory(tmp_path_factory):
+    """Module and session fixtures, too, run outside the repository (see below)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+    """Each test runs in a directory of its own: `train` points runs/latest, in the working
+    directory, at the run it trained, and no test may write into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_tiny_corpus(d: Path) -> Path:
     """Write the tiny corpus into a new directory `d` in the PTB layout: train.txt, valid.txt, test.txt."""
     d.mkdir()

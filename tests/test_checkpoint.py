@@ -121,8 +121,8 @@ def test_weights_that_share_one_buffer_are_saved(saved, tmp_path):
 
 def test_latest_is_a_link_or_a_pointer_file(saved):
     path, *_ = saved
-    update_latest(path)
     latest = path.parent / "latest"
+    update_latest(path, latest)
     assert latest.is_symlink() and resolve_checkpoint(latest) == path
     latest.unlink()
     latest.write_text("ckpt\n")  # what update_latest writes where symlinks are not allowed

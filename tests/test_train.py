@@ -29,7 +29,7 @@ def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
     assert records[-1]["val_ppl"] < 4
     assert summary["best_valid_perplexity"] == pytest.approx(min(r["val_ppl"] for r in records))
     assert summary["test_perplexity"] is not None and summary["steps"] == records[-1]["step"]
-    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "metrics.jsonl", "steps.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lstm-lm-run", "best", "checkpoints", "metrics.jsonl", "steps.jsonl"]
     assert sorted(p.name for p in resolve_checkpoint(run).iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "training_state.safetensors",
     ]
