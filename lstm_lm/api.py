@@ -111,7 +111,8 @@ class LanguageModel:
         """The k most likely next words after `prompt`, with their probabilities, most likely
         first: whole words whatever the tokenizer (a BPE or character model's pieces are
         searched to the end of the word; `<eos>` and `<unk>` are not words)."""
-        return Session(self).feed(prompt).next_words(k)
+        check("k", k)
+        return Session(self).feed(check("prompt", prompt)).next_words(k)
 
     def complete(self, prompt: str, words: int = 20, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None) -> str:

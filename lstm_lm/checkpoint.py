@@ -213,7 +213,7 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if not (isinstance(shape, list) and all(_count(d) for d in shape) and isinstance(offsets, list)
                 and len(offsets) == 2 and all(_count(o) for o in offsets)):
             raise CheckpointError(f"{what} has a malformed shape or data_offsets")
-        if dtype not in FLOAT_DTYPES:
+        if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{what} has dtype {str(dtype)[:20]}; weights must be floating point "
                                   f"({', '.join(FLOAT_DTYPES)})")
         start, end = offsets

@@ -4,12 +4,15 @@ Signals and SIGKILL need a real process: those tests run `python -m lstm_lm trai
 a subprocess on tiny data. Everything else goes through typer's CliRunner in-process.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import pickle
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -214,7 +217,103 @@ BAD_INPUTS = {
     "export format unknown": (lambda r, c, run, t: ["export", "--format", "tflite", "--checkpoint", run,
                                                     "--out", t / "m.onnx"], "only onnx"),
     "export out is a directory": (lambda r, c, run, t: ["export", "--checkpoint", run, "--out", t], "is a directory"),
+    # issue 27: untrusted checkpoints
+    "config sizes far above its weights": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
+        run, t, lambda p: _edit_model(p, hidden_size=12000, embedding_size=12000))], "does not fit"),
+    "config a million layers": (lambda r, c, run, t: ["eval", "--checkpoint", _broken(
+        run, t, lambda p: _edit_model(p, num_layers=1_000_000))], "model.num_layers"),
+    "config a billion units": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", _broken(
+        run, t, lambda p: _edit_model(p, hidden_size=10**9, embedding_size=10**9))], "model.hidden_size"),
+    "config nested brackets": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
+        run, t, lambda p: (p / "config.json").write_text("[" * 100_000 + "]" * 100_000))], "not valid JSON"),
+    "weights of another shape": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
+        run, t, lambda p: _edit_model(p, hidden_size=8, embedding_size=8))], "has shape (14, 16), config.json's model needs (14, 8)"),
+    "weights integer-typed": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _integer_weights)],
+                              "dtype I32"),
+    "weights with a NaN (complete)": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _nan_weight)],
+                                      "'rnn.weight_hh_l0' holds 1 values that are not finite"),
+    "weights with a NaN (eval)": (lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, _nan_weight)], "not finite"),
+    "weights with a NaN (score)": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint",
+                                                         _broken(run, t, _nan_weight)], "not finite"),
+    "weights with a NaN (serve)": (lambda r, c, run, t: ["serve", "--port", "0", "--checkpoint", _broken(run, t, _nan_weight)],
+                                   "not finite"),
+    "safetensors header lies about its size": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
+        run, t, lambda p: _edit_header(p, lambda h: h["embedding.weight"].update(shape=[1400, 16])))], "needs"),
+    # non-finite numbers
+    "temperature not a number": (lambda r, c, run, t: ["complete", "the", "--temperature", "nan", "--checkpoint", run],
+                                 "finite"),
+    "temperature infinite": (lambda r, c, run, t: ["complete", "the", "--temperature", "inf", "--checkpoint", run],
+                             "finite"),
+    # other people's files
+    "runs/latest a file of the user's": (lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", *tiny_sets(c)]
+                                         if _file(t / _mkdir(t / "runs"), "latest", b"my notes\n") else [],
+                                         "did not write"),
+    "runs/latest a real directory": (lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", *tiny_sets(c)]
+                                     if _mkdir(t / "runs" / "latest") else [], "real directory"),
+    "another tool's checkpoints folder": (lambda r, c, run, t: ["train", "--data", c, "--out", _foreign_run(t), "--overwrite",
+                                                                *tiny_sets(c)], "did not write"),
+    "a run with no validation yet": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _unvalidated(run, t)],
+                                     "no validated checkpoint"),
+    # the API's bounds, through the CLI
+    "eval batch size negative": (lambda r, c, run, t: ["eval", "--batch-size", "-1", "--checkpoint", run], "--batch-size"),
+    "serve token too short": (lambda r, c, run, t: ["serve", "--token", "abc", "--checkpoint", run], "--token"),
+    "serve token and no token": (lambda r, c, run, t: ["serve", "--token", "abcdefgh12", "--no-token", "--checkpoint", run],
+                                 "choose one"),
 }
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _edit_model(path: Path, **changes):
+    raw = json.loads((path / "config.json").read_text())
+    raw["model"].update(changes)
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+def _edit_header(path: Path, edit) -> None:
+    """Rewrite model.safetensors' JSON header with `edit(header)`, the data as it was."""
+    data = (path / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _rewrite_weights(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def _nan_weight(path: Path) -> None:
+    _rewrite_weights(path, lambda t: t["rnn.weight_hh_l0"].view(-1).__setitem__(3, float("nan")))
+
+
+def _integer_weights(path: Path) -> None:
+    _rewrite_weights(path, lambda t: t.__setitem__("rnn.bias_ih_l0", (t["rnn.bias_ih_l0"] * 100).to(torch.int32)))
+
+
+def _foreign_run(tmp: Path) -> Path:
+    """A folder of another tool's, with a checkpoints/ subfolder of its own files."""
+    other = tmp / "other-tool"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "epoch-3.h5").write_bytes(b"not ours")
+    (other / "notes.txt").write_text("keep me")
+    return other
+
+
+def _unvalidated(run: Path, tmp: Path) -> Path:
+    """A copy of a run whose `best` pointer is gone, as if it stopped before its first validation."""
+    copy = tmp / "unvalidated"
+    shutil.copytree(run, copy, symlinks=True)
+    (copy / "best").unlink()
+    return copy
 
 
 _BUSY = []
@@ -294,6 +393,13 @@ def test_bad_input_gets_one_error_line_and_changes_nothing_saved(case, saved_run
     if case == "run directory in use":
         assert (tmp_path / "busy" / "keep.txt").is_file()  # --overwrite deleted nothing
         _HELD_LOCKS.pop().release()
+    if case == "another tool's checkpoints folder":  # --overwrite deleted nothing of it
+        assert (tmp_path / "other-tool" / "checkpoints" / "epoch-3.h5").read_bytes() == b"not ours"
+        assert (tmp_path / "other-tool" / "notes.txt").is_file()
+        assert not (tmp_path / "other-tool" / ".lstm-lm-run").exists()
+    if case == "runs/latest a file of the user's":
+        assert (tmp_path / "runs" / "latest").read_text() == "my notes\n"
+        assert not (tmp_path / "o").exists()  # found before any work
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
@@ -570,3 +676,373 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_loads_and_resumes(tiny_c
         assert time.monotonic() - start < 60
     result = _run("train", "--resume", "--out", run, "--epochs", str(_saved_state(last_checkpoint(run))["epoch"] + 1))
     assert result.exit_code == 0, result.output
+
+
+# --- untrusted checkpoints: checked before anything is allocated ------------------------
+
+
+def _peak_rss_reset() -> bool:
+    """Reset this process's peak resident memory (VmHWM), where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_hostile_config_sizes_allocate_nothing_before_the_error(saved_run, tmp_path):
+    from lstm_lm import LanguageModel
+    from lstm_lm.errors import CheckpointError
+
+    _, _, run = saved_run
+    path = _copy_best(run, tmp_path / "big")
+    _edit_model(path, hidden_size=12000, embedding_size=12000)  # 9 GB of weights if it were built
+    measured = _peak_rss_reset()
+    before = _rss_kb("VmRSS")
+    with pytest.raises(CheckpointError, match="does not fit") as e:
+        LanguageModel.load(path)
+    assert "model.hidden_sizes[0] is 12000" in str(e.value)
+    if measured:
+        assert _rss_kb("VmHWM") - before < 50_000  # KB: nothing of the model's size was made
+
+
+def _hypothesis():
+    return pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install 'lstm-lm[test]')")
+
+
+def test_random_mutations_of_config_and_header_load_or_give_one_clear_error(saved_run, tmp_path):
+    """A few hundred random mutations of a small checkpoint's config.json and safetensors
+    header: each loads (and gives finite probabilities) or raises a CheckpointError, in
+    well under 10 s and without allocating more than a small multiple of the model."""
+    hypothesis = _hypothesis()
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from lstm_lm import LanguageModel
+    from lstm_lm.errors import CheckpointError
+
+    _, _, run = saved_run
+    original = _copy_best(run, tmp_path / "original")
+    config = json.loads((original / "config.json").read_text())
+    weights = (original / "model.safetensors").read_bytes()
+    n = int.from_bytes(weights[:8], "little")
+    header, data = json.loads(weights[8:8 + n]), weights[8 + n:]
+    model_bytes = len(weights)
+
+    sizes = st.one_of(st.integers(-3, 40), st.integers(10**3, 10**12), st.sampled_from([0, 1, 2, 16, 14, 64]))
+    junk = st.recursive(st.one_of(st.none(), st.booleans(), sizes, st.floats(allow_nan=True), st.text(max_size=5)),
+                        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+                        max_leaves=8)
+    config_keys = ["hidden_size", "embedding_size", "num_layers", "hidden_sizes", "cell", "softmax", "cutoffs",
+                   "tie_weights", "impl", "div_value"]
+    config_edit = st.tuples(st.sampled_from(["model", "top"]),
+                            st.sampled_from(config_keys + ["vocab_size", "format_version", "measured"]),
+                            st.one_of(junk, sizes, st.lists(sizes, max_size=4)))
+    tensor_names = sorted(header)
+    header_edit = st.tuples(st.sampled_from(tensor_names), st.sampled_from(["shape", "dtype", "data_offsets", "extra"]),
+                            st.one_of(junk, st.lists(sizes, max_size=3), st.sampled_from(
+                                ["F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3"])))
+    nesting = st.integers(0, 3000)
+    edits = st.tuples(st.lists(config_edit, max_size=3), st.lists(header_edit, max_size=2), nesting,
+                      st.booleans())
+    count = {"n": 0}
+    memory = _peak_rss_reset()
+
+    @settings(max_examples=300, deadline=10_000, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(edits)
+    def load_mutated(edit):
+        config_edits, header_edits, depth, nest_config = edit
+        path = tmp_path / f"m{count['n']}"
+        count["n"] += 1
+        shutil.copytree(original, path)
+        cfg = json.loads(json.dumps(config))
+        for where, key, value in config_edits:
+            (cfg["model"] if where == "model" else cfg)[key] = value
+        text = json.dumps(cfg)
+        if nest_config and depth:
+            text = text[:-1] + ', "deep": ' + "[" * depth + "]" * depth + "}"
+        (path / "config.json").write_text(text)
+        h = json.loads(json.dumps(header))
+        for name, key, value in header_edits:
+            if key == "extra":
+                h[name + "x"] = value
+            else:
+                h[name][key] = value
+        raw = json.dumps(h).encode()
+        (path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+        before = _rss_kb("VmRSS")
+        if memory:
+            _peak_rss_reset()
+        try:
+            lm = LanguageModel.load(path)
+        except CheckpointError as e:
+            assert str(e) and "\n" not in str(e)
+        else:
+            probs = lm.session("the cat").probabilities()
+            assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-4
+        if memory:  # a small multiple of the real model (and the interpreter's own churn)
+            assert _rss_kb("VmHWM") - before < 20_000 + 10 * model_bytes // 1024
+        shutil.rmtree(path)
+
+    load_mutated()
+    assert count["n"] >= 300
+    del hypothesis
+
+
+# --- non-finite numbers -----------------------------------------------------------------
+
+
+def test_a_temperature_so_small_that_the_logits_overflow_decodes_greedily(saved_run):
+    from lstm_lm import LanguageModel
+
+    _, _, run = saved_run
+    lm = LanguageModel.load(run)
+    greedy = lm.complete("the cat", words=6)
+    for t in (1e-45, 5e-324, 1e-300, 1e-30):
+        assert lm.complete("the cat", words=6, temperature=t, seed=1) == greedy
+    result = _run("complete", "the cat", "--words", "6", "--temperature", "1e-45", "--checkpoint", run)
+    assert result.exit_code == 0 and result.stdout.strip() == greedy
+
+
+def _strict_json(text: str):
+    def refuse(word):
+        raise AssertionError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_printed_is_valid_json(saved_run, tmp_path):
+    from lstm_lm.writing import dumps
+
+    _, corpus, run = saved_run
+    for args in (["eval", "--checkpoint", run], ["score", corpus / "test.txt", "--checkpoint", run, "--per-token"]):
+        result = _run(*args)
+        assert result.exit_code == 0, result.output
+        for line in result.stdout.splitlines():
+            _strict_json(line)
+    assert _strict_json(dumps({"a": float("nan"), "b": [float("inf"), 1.5]})) == {"a": None, "b": [None, 1.5]}
+
+
+# --- write failures ---------------------------------------------------------------------
+
+
+def test_a_safetensors_error_while_saving_is_one_error_line(tiny_corpus, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError."""
+    from safetensors import SafetensorError
+
+    run = tmp_path / "r"
+    assert _run("train", "--data", tiny_corpus, "--out", run, *tiny_sets(tiny_corpus)).exit_code == 0
+    before = _snapshot(run / CHECKPOINTS)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    line = _assert_one_error_line(_run("train", "--resume", "--out", run, "--epochs", "3"))
+    assert "disk is full" in line and "unchanged" in line
+    monkeypatch.undo()
+    assert _snapshot(run / CHECKPOINTS) == before and not list((run / CHECKPOINTS).glob(".*"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KB file system (root can mount a tmpfs); skipped where it cannot be mounted."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_really_full_disk_stops_training_with_one_line_and_the_run_resumes_exactly(tiny_corpus, tmp_path,
+                                                                                      small_tmpfs):
+    sets = tiny_sets(tiny_corpus, "train.epochs=3",
+                     "train.log_interval=1", "train.checkpoint_every=3", "train.keep_last=3", "train.seed=3")
+    run = small_tmpfs / "run"
+    line = _assert_one_error_line(_run("train", "--data", tiny_corpus, "--out", run, *sets))
+    assert "disk is full" in line and "unchanged" in line, line
+    assert not [p for p in (run / CHECKPOINTS).iterdir() if p.name.startswith(".step-")]  # no half-written save
+    last = _assert_resumable(run)
+    copy = tmp_path / "copy"  # resumed where there is room: the same curve as a run never stopped
+    shutil.copytree(run, copy, symlinks=True)
+    assert _run("train", "--resume", "--out", copy).exit_code == 0
+    whole = tmp_path / "whole"
+    assert _run("train", "--data", tiny_corpus, "--out", whole, *sets).exit_code == 0
+    assert _step_losses(copy) == _step_losses(whole) and max(_step_losses(whole)) > _saved_state(last)["step"]
+
+
+def test_export_and_pictures_onto_a_full_disk_are_one_error_line(saved_run, small_tmpfs):
+    _, _, run = saved_run
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as f:  # fill it, but for a few KB
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * (256 * 1024 - 8 * 1024))
+    (small_tmpfs / "model.onnx").write_bytes(b"an older export")
+    line = _assert_one_error_line(_run("export", "--checkpoint", run, "--out", small_tmpfs / "model.onnx"))
+    assert "disk is full" in line
+    assert (small_tmpfs / "model.onnx").read_bytes() == b"an older export"
+    pytest.importorskip("matplotlib")
+    line = _assert_one_error_line(_run("inspect", "the cat", "--checkpoint", run, "--out", small_tmpfs / "g.png"))
+    assert "disk is full" in line
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "model.onnx"]  # no temporary file left
+
+
+def _lstm_lm(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lstm_lm", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_results_onto_a_full_or_closed_stdout_are_one_error_line(saved_run, tmp_path):
+    _, corpus, run = saved_run
+    for command in (["complete", "the cat"], ["score", corpus / "test.txt"], ["eval"]):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "lstm_lm", *map(str, command), "--checkpoint", str(run)],
+                                  stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+            "error: could not write the results to stdout: the disk is full"], proc.stderr
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    closed = subprocess.run(f"exec {shlex.quote(sys.executable)} -m lstm_lm score {corpus / 'test.txt'} "
+                            f"--checkpoint {run} >&-", shell=True, capture_output=True, text=True, timeout=120)
+    assert closed.returncode == 1 and "error: stdout is closed" in closed.stderr and "Traceback" not in closed.stderr
+
+
+# --- other people's files -----------------------------------------------------------------
+
+
+def test_train_touches_only_what_it_wrote(tiny_corpus, tmp_path):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "latest").write_text("a file of my own\n")  # beside --out, where lstm-lm once wrote its pointer
+    run = mine / "run"
+    assert _run("train", "--data", tiny_corpus, "--out", run, *tiny_sets(tiny_corpus)).exit_code == 0
+    assert (mine / "latest").read_text() == "a file of my own\n"
+    # "the model trained last" is runs/latest in the working directory, wherever --out put it
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
+    result = _run("complete", "the cat")
+    assert result.exit_code == 0 and result.stdout.strip()
+    # --overwrite deletes the run's own files and nothing else
+    (run / "notes.txt").write_text("mine")
+    (run / CHECKPOINTS / "mine.txt").write_text("mine too")
+    assert _run("train", "--data", tiny_corpus, "--out", run, "--overwrite", *tiny_sets(tiny_corpus)).exit_code == 0
+    assert (run / "notes.txt").read_text() == "mine" and (run / CHECKPOINTS / "mine.txt").read_text() == "mine too"
+    # a folder with its own files but none of a run's names is trained into, its files kept
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.csv").write_text("1,2\n")
+    assert _run("train", "--data", tiny_corpus, "--out", theirs, *tiny_sets(tiny_corpus)).exit_code == 0
+    assert (theirs / "data.csv").read_text() == "1,2\n" and (theirs / ".lstm-lm-run").is_file()
+
+
+def test_a_run_made_before_the_marker_still_resumes(tiny_corpus, tmp_path):
+    run = tmp_path / "old"
+    assert _run("train", "--data", tiny_corpus, "--out", run, *tiny_sets(tiny_corpus)).exit_code == 0
+    (run / ".lstm-lm-run").unlink()
+    result = _run("train", "--resume", "--out", run, "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert (run / ".lstm-lm-run").is_file()
+
+
+# --- the API checks what the CLI checks ---------------------------------------------------
+
+
+# Each row: the command line, the same call through the API, and the message both must give.
+BAD_ARGUMENTS = [
+    (["complete", "the", "--words", "0"], lambda lm: lm.complete("the", words=0), "words (--words): must be in [1, 1000]"),
+    (["complete", "the", "--temperature", "-1"], lambda lm: lm.complete("the", temperature=-1.0),
+     "temperature (--temperature): must be at least 0"),
+    (["complete", "the", "--temperature", "nan"], lambda lm: lm.complete("the", temperature=float("nan")),
+     "must be a finite number"),
+    (["complete", "the", "--top-p", "1.5"], lambda lm: lm.complete("the", top_p=1.5), "top_p (--top-p): must be in (0, 1]"),
+    (["complete", "the", "--top-p", "0"], lambda lm: lm.complete("the", top_p=0.0), "top_p (--top-p)"),
+    (["complete", "the", "--top-k", "0"], lambda lm: lm.complete("the", top_k=0), "top_k (--top-k): must be at least 1"),
+    (["complete", "the", "--seed", "-5"], lambda lm: lm.complete("the", seed=-5), "seed (--seed)"),
+    (["complete", "the", "--next", "--top-k", "0"], lambda lm: lm.next_words("the", k=0), "k (--top-k): must be in [1, 1000]"),
+    (["complete", "the", "--next", "--top-k", "5000"], lambda lm: lm.next_words("the", k=5000), "k (--top-k)"),
+    (["eval", "--batch-size", "0"], lambda lm: lm.evaluate(batch_size=0), "batch_size (--batch-size): must be at least 1"),
+    (["eval", "--batch-size", "-1"], lambda lm: lm.evaluate(batch_size=-1), "batch_size (--batch-size)"),
+    (["eval", "--split", "train"], lambda lm: lm.evaluate("train"), "split (--split): must be one of test, valid"),
+    (["inspect", "the", "--layer", "0"], lambda lm: lm.trace("the", layer=0), "layer (--layer): must be at least 1"),
+    (["inspect", "the", "--top-k", "0"], lambda lm: lm.trace("the", top_k=0), "k (--top-k)"),
+]
+# What only the API can be given: wrong types.
+BAD_API_ONLY = [
+    (lambda lm: lm.next_words("the", k=2.5), "k (--top-k): must be an integer, got float 2.5"),
+    (lambda lm: lm.next_words("the", k=True), "must be an integer"),
+    (lambda lm: lm.next_words(None), "prompt (PROMPT): required, got None"),
+    (lambda lm: lm.complete(42), "prompt (PROMPT): must be a string"),
+    (lambda lm: lm.score(None), "texts: must be a string or a list of strings"),
+    (lambda lm: lm.score(["fine", 3]), "texts[1]: must be a string"),
+    (lambda lm: lm.perplexity([b"bytes"]), "texts[0]: must be a string"),
+    (lambda lm: lm.session("the").feed(None), "text: required"),
+    (lambda lm: lm.evaluate(batch_size=2.0), "must be an integer"),
+    (lambda lm: lm.trace("the", swap="cat"), "swap: must be a pair"),
+    (lambda lm: lm.complete("the", words=20, temperature="hot"), "must be a number"),
+]
+
+
+def test_one_table_of_bad_arguments_gets_the_same_error_from_the_cli_and_the_api(saved_run):
+    from lstm_lm import LanguageModel
+    from lstm_lm.errors import ArgumentError
+
+    _, _, run = saved_run
+    lm = LanguageModel.load(run)
+    for argv, call, message in BAD_ARGUMENTS:
+        line = _assert_one_error_line(_run(*argv, "--checkpoint", run))
+        with pytest.raises(ArgumentError) as e:
+            call(lm)
+        assert message in str(e.value) and line == f"error: {e.value}", (argv, line, str(e.value))
+    for call, message in BAD_API_ONLY:
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            call(lm)
+
+
+# --- score of any length ----------------------------------------------------------------------
+
+
+def test_a_long_text_scored_in_windows_equals_the_text_read_whole(saved_run, monkeypatch):
+    from lstm_lm import LanguageModel
+    from lstm_lm import scoring
+
+    _, _, run = saved_run
+    lm = LanguageModel.load(run)
+    text = " ".join(TINY_TRAIN[:40])  # about 250 tokens
+    whole = lm.score([text], per_token=True)[0]
+    monkeypatch.setattr(scoring, "LONG_TEXT_CHARS", 50)  # pieces of ~50 characters ...
+    monkeypatch.setattr(scoring, "WINDOW", 16)  # ... read 16 tokens at a time
+    windowed = lm.score([text], per_token=True)[0]
+    assert windowed["tokens"] == whole["tokens"] and windowed["unknown"] == whole["unknown"]
+    assert windowed["logprob"] == pytest.approx(whole["logprob"], abs=1e-4)
+    assert [t for t, _ in windowed["token_logprobs"]] == [t for t, _ in whole["token_logprobs"]]
+    for (_, a), (_, b) in zip(windowed["token_logprobs"], whole["token_logprobs"]):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_score_reads_a_line_of_any_length_in_bounded_memory_and_scores_the_others(saved_run, tmp_path):
+    _, _, run = saved_run
+    words = ("the cat sat on the mat " * 800_000).strip()  # 4.8M tokens, 18 MB on one line
+    f = tmp_path / "long.txt"
+    f.write_text("the dog sat\n" + words + "\nthe bird sang\n")
+    probe = ("import resource, runpy, sys; sys.argv = ['lstm-lm', 'score', sys.argv[1], '--checkpoint', sys.argv[2]]\n"
+             "try:\n    runpy.run_module('lstm_lm', run_name='__main__')\nfinally:\n"
+             "    peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+             "    print(peak.strip(), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(f), str(run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"][:11] for r in rows] == ["the dog sat", "the cat sat", "the bird sa"]
+    assert rows[1]["text_cut"] and rows[1]["tokens"] == 4_800_001 and rows[1]["unknown"] == 0
+    peak_kb = int(proc.stderr.strip().splitlines()[-1].split()[1])
+    assert peak_kb < 1_200_000, peak_kb  # the interpreter, torch and a few pieces: not the line's tokens
