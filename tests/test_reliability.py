@@ -1046,3 +1046,140 @@ def test_score_reads_a_line_of_any_length_in_bounded_memory_and_scores_the_other
     assert rows[1]["text_cut"] and rows[1]["tokens"] == 4_800_001 and rows[1]["unknown"] == 0
     peak_kb = int(proc.stderr.strip().splitlines()[-1].split()[1])
     assert peak_kb < 1_200_000, peak_kb  # the interpreter, torch and a few pieces: not the line's tokens
+
+
+# --- the server: no 5xx from a client, bounded answers, fair turns, a token, no paths ----------
+
+
+def _client(run, **kwargs):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from lstm_lm import LanguageModel
+    from lstm_lm.serve import create_app
+
+    return TestClient(create_app(LanguageModel.load(run), **kwargs))
+
+
+def test_the_server_answers_4xx_to_any_number_and_bounds_its_answers(saved_run):
+    from lstm_lm.serve import MAX_SCORE_TOKENS, MAX_TRACE_TOKENS
+
+    _, _, run = saved_run
+    client = _client(run)
+    greedy = client.post("/v1/complete", json={"prompt": "the cat", "words": 6}).json()["completion"]
+    r = client.post("/v1/complete", json={"prompt": "the cat", "words": 6, "temperature": 1e-45, "seed": 3})
+    assert r.status_code == 200 and r.json()["completion"] == greedy
+    for body in (b'{"prompt": "the", "temperature": NaN}', b'{"prompt": "the", "temperature": Infinity}',
+                 b'{"prompt": "the", "temperature": -1e-300}', b'{"prompt": "the", "top_p": NaN}',
+                 b'{"prompt": "the", "seed": 1e400}', b'{"prompt": "the", "words": 1e308}'):
+        r = client.post("/v1/complete", content=body, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (body, r.status_code, r.text)
+    # /v1/score: at most MAX_SCORE_TOKENS tokens a request, and what is allowed answers in a bounded size
+    line = " ".join(["the cat sat on the mat"] * 3 + ["the"])  # 20 tokens with its <eos>
+    allowed = [line] * (MAX_SCORE_TOKENS // 20)
+    r = client.post("/v1/score", json={"texts": allowed, "per_token": True})
+    assert r.status_code == 200 and len(r.content) < 2_000_000, len(r.content)
+    r = client.post("/v1/score", json={"texts": allowed[:-1] + [line + " cat"]})
+    assert r.status_code == 400 and "limit per request" in r.json()["error"]
+    # /v1/trace: at most MAX_TRACE_TOKENS tokens, its largest answer bounded
+    longest = " ".join(["the cat sat on the mat"] * 40).split()[:MAX_TRACE_TOKENS]
+    r = client.post("/v1/trace", json={"prompt": " ".join(longest), "top_k": 20, "units": 64,
+                                       "swap": {"word": "cat", "other": "dog"}})
+    assert r.status_code == 200 and len(r.content) < 2_000_000, len(r.content)
+    r = client.post("/v1/trace", json={"prompt": " ".join(longest + ["the"])})
+    assert r.status_code == 400 and f"at most {MAX_TRACE_TOKENS}" in r.json()["error"]
+    # no filesystem path in what the API says of the model
+    facts = client.get("/v1/model").json()
+    assert "checkpoint" not in facts and not any(isinstance(v, str) and "/" in v for v in facts.values()), facts
+
+
+def test_a_light_request_waits_for_one_slice_of_a_heavy_one_not_for_all_of_it(saved_run):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import threading
+
+    from lstm_lm import LanguageModel
+    from lstm_lm.serve import SLICE_TOKENS, ModelService, NextRequest, ScoreRequest
+
+    _, _, run = saved_run
+    lm = LanguageModel.load(run)
+    service = ModelService(lm)
+    order, real_score, real_next = [], lm.score, lm.next_words
+
+    def score(texts, per_token=False):
+        order.append("score")
+        if len(order) == 1:  # the first slice holds the model until the light request is queued for it
+            for _ in range(10_000):
+                if len(service.lock._queue) == 1:
+                    break
+                threading.Event().wait(0.001)
+        return real_score(texts, per_token)
+
+    lm.score = score
+    lm.next_words = lambda prompt, k: order.append("next") or real_next(prompt, k)
+    heavy_texts = [" ".join(["the cat sat on the mat"] * 3 + ["the"])] * (8 * SLICE_TOKENS // 20)  # 8 slices
+    answers = {}
+    heavy = threading.Thread(target=lambda: answers.update(score=service.score(ScoreRequest(texts=heavy_texts))))
+    heavy.start()
+    for _ in range(60_000):
+        if order or not heavy.is_alive():
+            break
+        threading.Event().wait(0.001)
+    light = threading.Thread(target=lambda: answers.update(next=service.next_words(NextRequest(prompt="the cat"))))
+    light.start()
+    heavy.join(60)
+    light.join(60)
+    assert order[:2] == ["score", "next"] and order.count("score") >= 8, order
+    assert len(answers["score"]["results"]) == len(heavy_texts) and answers["next"]["words"]
+
+
+def _serve(run, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(run), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not lines or not lines[-1].startswith("serving"):
+        lines.append(proc.stderr.readline())
+        assert lines[-1], "".join(lines)
+    return proc, lines
+
+
+def _get(url, headers=None):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_serving_beyond_loopback_needs_the_token_it_prints(saved_run):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    _, _, run = saved_run
+    proc, lines = _serve(run, "--host", "0.0.0.0")
+    try:
+        port, token = re.search(r"http://0\.0\.0\.0:(\d+)/\?token=(\S+) ", lines[-1]).groups()
+        base = f"http://127.0.0.1:{port}"
+        status, body, _ = _get(f"{base}/v1/model")
+        assert status == 401 and "access token" in json.loads(body)["error"]
+        assert _get(f"{base}/", {"Authorization": "Bearer wrong-token"})[0] == 401
+        assert _get(f"{base}/healthz")[0] == 200  # liveness stays open
+        status, body, _ = _get(f"{base}/v1/model", {"Authorization": f"Bearer {token}"})
+        assert status == 200 and json.loads(body)["cell"] == "lstm"
+        status, _, headers = _get(f"{base}/?token={token}")  # the page, opened once with the token ...
+        assert status == 200 and "HttpOnly" in headers["set-cookie"]
+        cookie = headers["set-cookie"].split(";")[0]
+        assert _get(f"{base}/v1/model", {"Cookie": cookie})[0] == 200  # ... then its own requests carry the cookie
+    finally:
+        proc.kill()
+        proc.wait()
+    proc, lines = _serve(run, "--host", "0.0.0.0", "--no-token")
+    try:
+        assert any(line.startswith("warning: serving on 0.0.0.0 with no access token") for line in lines), lines
+        found = re.search(r"http://0\.0\.0\.0:(\d+) ", lines[-1])
+        assert found, lines
+        port = found.group(1)
+        assert _get(f"http://127.0.0.1:{port}/v1/model")[0] == 200
+    finally:
+        proc.kill()
+        proc.wait()
