@@ -93,7 +93,7 @@ def user_errors(results: bool = True):
         if os.environ.get("LSTM_LM_DEBUG") == "1" or (isinstance(e, OSError) and e.filename is None
                                                       and e.errno not in _USER_ERRNOS):
             raise
-        if _main_process():
+        if _main_process() or getattr(e, "every_rank", False):
             typer.echo(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lstm_lm.errors import ConfigError
+from lstm_lm.errors import ConfigError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,33 @@ def _wants_cuda(device: str) -> bool:
 def device_for(world: World, device: str) -> str:
     """The device name this rank trains on: its own GPU under CUDA, else the config's."""
     return f"cuda:{world.local_rank}" if world.enabled and _wants_cuda(device) else device
+
+
+# How gloo and NCCL say that a peer is gone (a process killed, a node lost).
+_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+         "NCCL communicator was aborted", "Socket Timeout", "Timed out")
+
+
+def lost_a_process(e: BaseException) -> bool:
+    """Whether `e`, raised in a collective or DDP's backward, means another rank is gone."""
+    return isinstance(e, dist.DistError) or any(marker in str(e) for marker in _LOST)
+
+
+class LostProcess(TrainingError):
+    """Another process of the distributed run died. Every surviving rank says so (not only
+    rank 0, which may be the one lost), and where the run continues from."""
+
+    every_rank = True
+
+    def __init__(self, run_dir, checkpoint, cause: BaseException):
+        import shlex
+
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+        where = (f"the last checkpoint, {checkpoint}, is whole: continue with the same torchrun command and "
+                 f"lstm-lm train --out {shlex.quote(str(run_dir))} --resume") if checkpoint else \
+            "nothing had been saved yet"
+        super().__init__(f"rank {os.environ.get('RANK', '?')}: another process of this distributed run was lost "
+                         f"({first}); {where}")
 
 
 def teardown() -> None:

@@ -50,6 +50,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
         # The trainer (with its DistributedDataParallel) is gone when _train returns: a
         # process group torn down under a live DDP reducer hangs the process on exit.
         return _train(cfg, run_dir, world, clock, resume, corpus)
+    except RuntimeError as e:
+        if world.enabled and distributed.lost_a_process(e):
+            raise distributed.LostProcess(run_dir, last_checkpoint(run_dir), e) from None
+        raise
     finally:
         distributed.teardown()
 
