@@ -3,7 +3,7 @@
     python scripts/bench_fairness.py --checkpoint runs/demo --rounds 10
 
 Starts `lstm-lm serve --port 0` as its own process. Each round sends the heaviest
-/v1/score the server takes (1,000 texts, 20,000 tokens) on one connection, and 50 ms
+/v1/score the server takes (as many texts as fit its 20,000 tokens) on one connection, and 50 ms
 later a /v1/next on another, and records the /v1/next's latency and the score's; a
 round of /v1/next alone gives the baseline. Prints a table (stdout) of the medians
 and maxima. The clients run on the same machine as the server.
@@ -27,15 +27,17 @@ HEAVY_TEXT = " ".join(["My name is John, I am from Tamilnadu and I speak Tamil .
 LIGHT = {"prompt": "My name is John, I am from Tamilnadu and I speak", "k": 5}
 
 
-def post(host: str, port: int, path: str, body: dict) -> float:
+def post(host: str, port: int, path: str, body: dict, answer: list | None = None) -> float:
     conn = http.client.HTTPConnection(host, port, timeout=120)
     started = time.perf_counter()
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
-    response.read()
+    data = response.read()
     if response.status != 200:
-        raise SystemExit(f"{path}: HTTP {response.status}")
+        raise SystemExit(f"{path}: HTTP {response.status} {data[:200]!r}")
     conn.close()
+    if answer is not None:
+        answer.append(json.loads(data))
     return time.perf_counter() - started
 
 
@@ -46,7 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     proc, host, port = start_server(args.checkpoint)
     try:
-        heavy = {"texts": [HEAVY_TEXT] * 1000}
+        probe: list = []
+        post(host, port, "/v1/score", {"texts": [HEAVY_TEXT]}, probe)
+        per_text = probe[0]["results"][0]["tokens"]
+        heavy = {"texts": [HEAVY_TEXT] * min(1000, 20_000 // per_text)}  # as many tokens as one request may hold
         post(host, port, "/v1/score", heavy)  # warm up
         alone = [post(host, port, "/v1/next", LIGHT) for _ in range(args.rounds)]
         behind, scores = [], []
@@ -63,7 +68,8 @@ def main() -> None:
     print("| request | latency, median (max) |")
     print("|---|---|")
     print(f"| /v1/next alone | {ms(alone)} |")
-    print(f"| /v1/next sent 50 ms into a 20,000-token /v1/score | {ms(behind)} |")
+    tokens = len(heavy["texts"]) * per_text
+    print(f"| /v1/next sent 50 ms into a /v1/score of {len(heavy['texts'])} texts, {tokens:,} tokens | {ms(behind)} |")
     print(f"| that /v1/score | {ms(scores)} |")
 
 
