@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lstm_lm.arguments import check, check_texts
+from lstm_lm.arguments import check, check_all, check_texts
 from lstm_lm.config import Config, choices
 from lstm_lm.dynamic_eval import DynamicEval
 from lstm_lm.errors import ArgumentError, ConfigError, DataError, PromptError
@@ -186,7 +186,7 @@ class LanguageModel:
         from lstm_lm.data import Streams
         from lstm_lm.evaluate import evaluate, perplexity_of
 
-        check("split", split), check("data", data), check("batch_size", batch_size), check("progress", progress)
+        check_all(split=split, data=data, batch_size=batch_size, progress=progress)
         if cache is not None and dynamic is not None:
             raise ConfigError(["the neural cache and dynamic evaluation are measured one at a time; "
                                "choose one"], "command line")
@@ -257,7 +257,7 @@ class LanguageModel:
         from lstm_lm.data import Streams
         from lstm_lm.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
 
-        check("data", data), check("batch_size", batch_size), check("progress", progress)
+        check_all(data=data, batch_size=batch_size, progress=progress)
         corpus = self._corpus(data)
         bsz = batch_size if batch_size is not None else self.config.train.eval_batch_size
         stream = Streams(corpus.splits["valid"], bsz, self.device)
@@ -278,7 +278,7 @@ class LanguageModel:
         from lstm_lm.data import to_tensor
         from lstm_lm.dynamic_eval import TUNE_DECAYS, TUNE_LRS, TUNE_TOKENS, DynamicEval, tune
 
-        check("data", data), check("segment", segment), check("tokens", tokens), check("progress", progress)
+        check_all(data=data, segment=segment, tokens=tokens, progress=progress)
         corpus = self._corpus(data)
         probe = DynamicEval(segment=segment, rule=rule)
         stats, _ = self._gradient_statistics(corpus, probe, progress)
@@ -302,7 +302,7 @@ class LanguageModel:
         See inspection.trace_prompt."""
         from lstm_lm.inspection import trace_prompt
 
-        check("prompt", prompt), check("layer", layer), check("k", top_k)
+        check_all(prompt=prompt, layer=layer, k=top_k)
         if swap is not None and not (isinstance(swap, (tuple, list)) and len(swap) == 2
                                      and all(isinstance(w, str) for w in swap)):
             raise ArgumentError(f"swap: must be a pair of words (WORD, OTHER), got {swap!r:.60}")

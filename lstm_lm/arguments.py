@@ -106,6 +106,12 @@ def check(name: str, value: Any) -> Any:
     return float(value) if a.type is float else value
 
 
+def check_all(**values: Any) -> None:
+    """check() each keyword argument: check_all(split=split, batch_size=batch_size)."""
+    for name, value in values.items():
+        check(name, value)
+
+
 def check_texts(texts: Any) -> list[str]:
     """A string or a list (or tuple) of strings, as a list."""
     if isinstance(texts, str):

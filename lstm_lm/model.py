@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from lstm_lm.adaptive import AdaptiveSoftmax, default_cutoffs
 from lstm_lm.config import ModelConfig
 from lstm_lm.loss import linear_cross_entropy_and_hits, output_cross_entropy, token_log_probs
+from lstm_lm.utils import native_bf16
 
 # Per layer a tuple of tensors, each (B, H_k): (h, c) for the LSTM, (h,) for the GRU and
 # the simple RNN. Layers may differ in size (AWD-LSTM's last layer is smaller).
@@ -169,8 +170,6 @@ _FUSED = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
 
 def _cpu_runs_bf16() -> bool:
     """Whether this CPU has the instructions oneDNN's bf16 recurrent kernels need."""
-    from lstm_lm.utils import native_bf16
-
     return native_bf16(torch.device("cpu"))
 
 

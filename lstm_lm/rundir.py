@@ -36,7 +36,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from lstm_lm.errors import CheckpointError, WriteError
+from lstm_lm.errors import CheckpointError
 from lstm_lm.writing import describe_write_error, fsync_dir
 
 CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE = (
@@ -132,10 +132,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, logs: tuple[str,
     before any work: a path through a file, a folder with another tool's files under the
     names a run is made of, a run that needs --resume or --overwrite, a `latest` that is
     not a pointer."""
-    for parent in [run_dir, *run_dir.parents]:
-        if parent.exists() and not parent.is_dir():
-            where = "" if parent == run_dir else ": a part of the path is a file, not a directory"
-            raise CheckpointError(f"{run_dir}{where}" if where else f"{run_dir} is a file, not a run directory")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run directory")
+    if any(parent.exists() and not parent.is_dir() for parent in run_dir.parents):
+        raise CheckpointError(f"{run_dir}: a part of the path is a file, not a directory")
     if latest is not None and (problem := pointer_problem(latest)):
         raise CheckpointError(problem)
     if not run_dir.is_dir():
@@ -231,7 +231,7 @@ def write_checkpoint_dir(final: Path, fill: Callable[[Path], None], keeps: str) 
         fsync_dir(final.parent)
     except Exception as e:  # whichever library failed to write (safetensors, tokenizers, the OS)
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = describe_write_error(e.__cause__ if isinstance(e, WriteError) and e.__cause__ else e)
+        reason = describe_write_error(e)
         raise CheckpointError(f"could not save the checkpoint {final}: {reason}; {keeps} is unchanged") from None
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lstm_lm.arguments import check
+from lstm_lm.arguments import check, check_all
 from lstm_lm.data import EOS, UNK, detokenize
 from lstm_lm.errors import PromptError
 from lstm_lm.model import LSTMLanguageModel, State
@@ -179,9 +179,7 @@ def complete(
 
     Greedy by default; with a temperature above 0 (or top-k / top-p) it samples.
     """
-    for name, value in (("words", words), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                        ("seed", seed)):
-        check(name, value)
+    check_all(words=words, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if temperature == 0 and (top_k is not None or top_p is not None):
         temperature = 1.0  # asking for top-k / top-p means asking to sample
     generator = None

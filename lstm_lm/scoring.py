@@ -43,6 +43,7 @@ BATCH_TOKENS = 8192
 LONG_TEXT_CHARS = 1 << 16  # longer texts are read in pieces of about this size and scored in windows
 WINDOW = 4096  # tokens per window of a long text
 TEXT_SHOWN = 200  # characters of a long line of a file kept for its result's `text`
+_SPACE = re.compile(r"\s")
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -58,7 +59,7 @@ def text_pieces(text: str, size: int = LONG_TEXT_CHARS) -> Iterator[str]:
     while start < len(text):
         end = start + size
         if end < len(text):
-            space = re.compile(r"\s").search(text, end)  # the piece ends at the next space
+            space = _SPACE.search(text, end)  # the piece ends at the next space
             end = space.start() if space else len(text)
         yield text[start:end]
         start = end
@@ -90,22 +91,27 @@ def score_texts(model: LSTMLanguageModel, tokenizer: Tokenizer, texts: Iterable[
     results = []
     for i, text in enumerate(texts):
         if i not in encoded:  # a long text: in windows
-            results.append(score_stream(model, tokenizer, text_pieces(text), per_token) | {"text": text})
+            results.append({"text": text} | score_stream(model, tokenizer, text_pieces(text), per_token))
             continue
-        ids, lp = encoded[i], scores[i]
-        results.append(_result(text, ids[1:], float(lp.double().sum()), unk, lp.tolist() if per_token else None,
-                               tokenizer))
+        targets, lp = encoded[i][1:], scores[i]
+        pairs = _pairs(tokenizer, targets, lp.tolist()) if per_token else None
+        results.append({"text": text} | _result(len(targets), float(lp.double().sum()),
+                                                sum(t == unk for t in targets), pairs))
     return results
 
 
-def _result(text: str, targets: list[int], total: float, unk: int, per_token: list[float] | None,
-            tokenizer: Tokenizer) -> dict:
-    n = len(targets)
-    out = {"text": text, "tokens": n, "logprob": total, "perplexity": math.exp(min(-total / n, 700.0)),
-           "unknown": sum(i == unk for i in targets)}
-    if per_token is not None:
-        out["token_logprobs"] = [[tokenizer.id_to_token(i), v] for i, v in zip(targets, per_token)]
+def _result(tokens: int, logprob: float, unknown: int, pairs: list[list] | None) -> dict:
+    """One text's scores (without its `text`), however it was read."""
+    out = {"tokens": tokens, "logprob": logprob, "perplexity": math.exp(min(-logprob / tokens, 700.0)),
+           "unknown": unknown}
+    if pairs is not None:
+        out["token_logprobs"] = pairs
     return out
+
+
+def _pairs(tokenizer: Tokenizer, targets: list[int], logprobs: list[float]) -> list[list]:
+    """[token, logprob] for each target."""
+    return [[tokenizer.id_to_token(i), v] for i, v in zip(targets, logprobs)]
 
 
 @torch.no_grad()
@@ -131,7 +137,7 @@ def score_stream(model: LSTMLanguageModel, tokenizer: Tokenizer, pieces: Iterabl
         total += float(lp.double().sum())
         n, unknown = n + count, unknown + sum(i == unk for i in targets)
         if pairs is not None:
-            pairs.extend([tokenizer.id_to_token(i), v] for i, v in zip(targets, lp.tolist()))
+            pairs.extend(_pairs(tokenizer, targets, lp.tolist()))
         pending = pending[count:]
 
     first = True
@@ -144,10 +150,7 @@ def score_stream(model: LSTMLanguageModel, tokenizer: Tokenizer, pieces: Iterabl
             read(window)
     pending.append(eos)
     read(len(pending) - 1)
-    out = {"tokens": n, "logprob": total, "perplexity": math.exp(min(-total / n, 700.0)), "unknown": unknown}
-    if pairs is not None:
-        out["token_logprobs"] = pairs
-    return out
+    return _result(n, total, unknown, pairs)
 
 
 def _batches(encoded: list[list[int]], batch_tokens: int) -> Iterator[list[int]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,18 +27,19 @@ from typing import Any, Callable
 from lstm_lm.errors import WriteError, describe_os_error
 
 # How libraries that do not raise OSError say that the disk is full (safetensors: its
-# Rust io::Error, "No space left on device (os error 28)", StorageFull).
-_DISK_FULL = ("no space left", "os error 28", "storagefull", "disk quota", "os error 122")
+# Rust io::Error, "No space left on device (os error 28)", StorageFull), lowercased and
+# without spaces.
+_DISK_FULL = ("nospaceleft", "oserror28", "storagefull", "diskquota", "oserror122")
 
 
 def describe_write_error(e: BaseException) -> str:
     """Why a write failed, in a few words: 'the disk is full', 'permission denied' ..."""
-    if isinstance(e, WriteError):
-        return str(e)
+    if isinstance(e, WriteError):  # why the write it wraps failed, or its own message
+        return describe_write_error(e.__cause__) if e.__cause__ is not None else str(e)
     if isinstance(e, OSError) and e.errno is not None:
         return "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else describe_os_error(e)
     text = str(e)
-    if any(marker in text.lower().replace(" ", "") or marker in text.lower() for marker in _DISK_FULL):
+    if any(marker in text.lower().replace(" ", "") for marker in _DISK_FULL):
         return "the disk is full"
     first = text.splitlines()[0][:200] if text.strip() else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -104,7 +106,7 @@ def finite_json(obj: Any) -> Any:
     """`obj` with every float that is not finite (NaN, inf) replaced by None: JSON has no
     such numbers, and Python's json would write the invalid bare words NaN and Infinity."""
     if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
