@@ -91,7 +91,8 @@ class LanguageModel:
         corpus = self.config.data.source if paths else Path(self.config.data.source).name
         return {
             **({"checkpoint": str(self.checkpoint) if self.checkpoint else None} if paths else {}),
-            "cell": self.cell, "layers": len(m.layer_sizes), "hidden_sizes": list(m.layer_sizes),
+            "cell": self.cell, "cell_title": self.model.rnn.cells[-1].title, "gates": list(self.model.rnn.cells[-1].gate_names),
+            "layers": len(m.layer_sizes), "hidden_sizes": list(m.layer_sizes), "proj_size": m.proj_size,
             "embedding_size": m.embedding_size, "tied": m.tie_weights, "parameters": self.model.num_parameters(),
             "vocab_size": self.vocab_size, "tokenizer": self.kind, "corpus": corpus,
             "valid_perplexity": self.measured.get("valid_perplexity"), "step": self.measured.get("step"),

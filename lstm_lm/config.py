@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from lstm_lm import cells
 from lstm_lm.errors import ConfigError
 
 FORMAT_VERSION = 3  # bumped when config.json / the checkpoint layout changes
@@ -76,12 +77,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    cell: str = param("lstm", "Recurrent cell: lstm (long short-term memory), gru (gated recurrent unit) or rnn "
-                      "(the simple tanh RNN, which forgets over long gaps; see lstm-lm experiment).",
-                      choices=("lstm", "gru", "rnn"))
+    cell: str = param("lstm", f"Recurrent cell: {', '.join(cells.module_names())} (the modules of lstm_lm/cells/; "
+                      "the table of cells in docs/reference.md says what each is and which paper it comes from).",
+                      choices=cells.module_names())
     impl: str = param("auto", "Engine: custom (the hand-written cell), cudnn (the kernel behind torch.nn.LSTM, GRU "
-                      "or RNN: cuDNN on a GPU) or auto (cudnn; every feature works with either).",
-                      choices=("auto", "custom", "cudnn"))
+                      "or RNN: cuDNN on a GPU; for the cells that have one) or auto (cudnn where the cell has it, "
+                      "else custom; every feature works with either).", choices=("auto", "custom", "cudnn"))
+    proj_size: int | None = param(None, "Cells lstm and cifg: project h to this many units (< each layer's size) "
+                                  "after the output gate, the LSTMP of Sak et al. 2014 (null: no projection). The "
+                                  "state each step multiplies shrinks; c keeps the layer's size.", ge=1, le=MAX_UNITS)
+    mogrify_rounds: int | None = param(None, "Cell mogrifier: rounds in which x and h gate each other before each "
+                                       "LSTM step (null: the paper's 5; 0: a plain LSTM).", ge=0, le=64)
+    mogrify_rank: int | None = param(None, "Cell mogrifier: the rank of its Q and R matrices, each the product of "
+                                     "two thin ones (null: full rank).", ge=1, le=MAX_UNITS)
     embedding_size: int = param(200, "Size of the word vectors.", ge=1, le=MAX_UNITS)
     hidden_size: int = param(200, "Units in each recurrent layer.", ge=1, le=MAX_UNITS)
     num_layers: int = param(2, "Number of stacked recurrent layers.", ge=1, le=MAX_LAYERS)
@@ -384,6 +392,28 @@ def describe_bounds(spec: FieldSpec) -> str:
     return text + (" or null" if spec.optional else "")
 
 
+def _cell_problems(m: ModelConfig) -> list[str]:
+    """The options a cell reads (lstm_lm/cells/) set only for a cell that reads them, and fitting its sizes."""
+    if m.cell not in cells.module_names():
+        return []  # its choices already said so
+    spec, p = cells.get(m.cell), []
+    for name in ("proj_size", "mogrify_rounds", "mogrify_rank"):
+        if getattr(m, name) is not None and name not in spec.options:
+            readers = [c for c in cells.names() if name in cells.get(c).options]
+            p.append(f"model.{name}: the {m.cell} cell does not read it (cells that do: {', '.join(readers)}); "
+                     "leave it null")
+    if m.proj_size is not None and _sizes_ok(m) and any(m.proj_size >= size for size in m.layer_sizes):
+        p.append(f"model.proj_size: must be smaller than every layer's size ({min(m.layer_sizes)}), got {m.proj_size}")
+    if m.impl == "cudnn" and spec.kernel is None:
+        p.append(f"model.impl: the {m.cell} cell has no fused kernel; use custom or auto")
+    return p
+
+
+def _sizes_ok(m: ModelConfig) -> bool:
+    """Whether the layer sizes are sane enough to compare against."""
+    return 1 <= m.num_layers <= MAX_LAYERS and bool(m.layer_sizes) and all(isinstance(s, int) for s in m.layer_sizes)
+
+
 def validate(cfg: Config) -> list[str]:
     """Every field's choices and bounds, then the checks that involve several fields; every problem found."""
     p = [problem for key, spec in FIELDS.items()
@@ -397,10 +427,13 @@ def validate(cfg: Config) -> list[str]:
                      f"{m.num_layers}; give one size per layer")
         if any(not 1 <= size <= MAX_UNITS for size in m.hidden_sizes):
             p.append(f"model.hidden_sizes: every size must be in [1, {MAX_UNITS}], got {m.hidden_sizes[:8]}")
-    if m.tie_weights and 1 <= m.num_layers <= MAX_LAYERS and m.layer_sizes and m.embedding_size != m.layer_sizes[-1]:
+    p += _cell_problems(m)
+    last = m.proj_size or (m.layer_sizes[-1] if 1 <= m.num_layers <= MAX_LAYERS and m.layer_sizes else None)
+    if m.tie_weights and last is not None and m.embedding_size != last:
+        what = "model.proj_size" if m.proj_size else "the last layer's size"
         p.append(
-            f"model.tie_weights: tied weights need embedding_size == the last layer's size, got "
-            f"{m.embedding_size} and {m.layer_sizes[-1]} (set model.tie_weights=false or make them equal)"
+            f"model.tie_weights: tied weights need embedding_size == {what}, got "
+            f"{m.embedding_size} and {last} (set model.tie_weights=false or make them equal)"
         )
     if m.cutoffs is not None and (not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:]))
                                   or m.cutoffs[0] < 1):

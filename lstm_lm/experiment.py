@@ -1,6 +1,6 @@
 """The long-range experiment: how far back can each cell remember?
 
-    results = long_range(gaps=[0, 5, 10, 20, 40], cells=["rnn", "lstm", "gru"], out_dir="runs/long-range")
+    results = long_range(gaps=[0, 5, 10, 20, 40], cells=cells.names(), out_dir="runs/long-range")
 
 Each cell is trained on one corpus of demo biographies, half with gaps of 0 to 10
 words between "I am from X" and "and I speak Y" and half with 0 to max(gaps) (see
@@ -30,7 +30,8 @@ from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import Config, config_from_dict
 from lstm_lm.demo import biography
 from lstm_lm.errors import ConfigError
-from lstm_lm.model import CELLS, GATE_BLOCKS, LSTMLanguageModel
+from lstm_lm import cells as registry
+from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.sample import encode_prompt
 from lstm_lm.utils import log
 from lstm_lm.writing import write_json, write_text
@@ -52,8 +53,8 @@ class Budget:
 
 
 def recurrent_parameters(cell: str, embedding_size: int, hidden: int) -> int:
-    """Weights and biases of one recurrent layer of `cell`."""
-    return GATE_BLOCKS[cell] * (hidden * embedding_size + hidden * hidden + 2 * hidden)
+    """Weights and biases of one recurrent layer of `cell`, as the cell declares them."""
+    return registry.get(cell)(embedding_size, hidden).num_parameters()
 
 
 def matched_hidden_size(cell: str, budget: Budget, vocab_size: int) -> int:
@@ -168,9 +169,10 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
     from lstm_lm.data import load_corpus
     from lstm_lm.train import train
 
-    bad = [cell for cell in cells if cell not in CELLS]
+    bad = [cell for cell in cells if cell not in registry.names()]
     if bad:
-        raise ConfigError([f"cell {', '.join(bad)} unknown (choose from {', '.join(CELLS)})"], "command line")
+        raise ConfigError([f"cell {', '.join(bad)} unknown (choose from {', '.join(registry.names())})"],
+                          "command line")
     budget = budget or Budget()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

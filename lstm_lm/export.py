@@ -3,13 +3,15 @@
     summary = export_onnx(LanguageModel.load("runs/demo"), Path("demo.onnx"))
 
 The graph (docs/export.md shows how to run it with onnxruntime):
-    inputs   input_ids (T, B) int64, and per layer k: h{k} (B, H_k) float32 (and c{k} for an LSTM)
+    inputs   input_ids (T, B) int64, and per layer k: h{k} (B, H_k) float32 (and c{k} for the LSTM family)
     outputs  logits (T, B, V) float32 (log-probabilities with model.softmax adaptive: the
              same softmax), and per layer k: h{k}_out (and c{k}_out): the state
              after the chunk, to feed into the next one
-T and B are dynamic. The recurrent layers are ONNX's own LSTM / GRU / RNN operators
-(one per layer, so that layers may differ in size), exported in eval mode (no
-dropout). The file also carries, in its metadata, the tokenizer (tokenizer.json's
+T and B are dynamic. Each cell says how its layers export (its `export_layer`): ONNX's
+own LSTM / GRU / RNN operators where they compute the cell (the CIFG is an LSTM whose
+input gate is its forget gate negated), else the cell's step loop as an ONNX Loop over
+time (LSTMP, the Mogrifier). One per layer, so that layers may differ in size;
+exported in eval mode (no dropout). The file also carries, in its metadata, the tokenizer (tokenizer.json's
 text), the cell, the layer sizes and the id of `<eos>`: it needs nothing beside it.
 
 Exported with torch.onnx's TorchScript-based exporter (see `_export` for why not
@@ -33,32 +35,29 @@ from torch import Tensor, nn
 from lstm_lm.api import LanguageModel
 from lstm_lm.data import EOS, get_batch
 from lstm_lm.errors import DataError, LSTMLMError
-from lstm_lm.model import STATE_NAMES
 from lstm_lm.utils import log
 from lstm_lm.writing import write_atomically
 
 OPSET = 18
-_MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class OnnxChunk(nn.Module):
-    """The language model reading one chunk, written with torch.nn's recurrent modules
-    (which the exporter turns into ONNX's LSTM / GRU / RNN operators), its weights
-    copied from `model`: input_ids (T, B) and the flat per-layer state -> logits and the
-    new state."""
+    """The language model reading one chunk, each layer as its cell exports it (torch.nn's
+    recurrent modules, which the exporter turns into ONNX's LSTM / GRU / RNN operators,
+    or a scripted step loop), its weights copied from `model`: input_ids (T, B) and the
+    flat per-layer state -> logits and the new state."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.cell = model.cell
         self.embedding = nn.Embedding.from_pretrained(model.embedding.weight.detach().clone())
+        self.per_layer = len(model.rnn.cells[0].state_names)
         self.layers = nn.ModuleList()
-        for k, H in enumerate(model.rnn.sizes):
-            w_ih, w_hh, b_ih, b_hh = (w.detach() for w in model.rnn.raw_weights(k))
-            layer = _MODULES[self.cell](w_ih.size(1), H)
-            with torch.no_grad():
-                for name, w in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), (w_ih, w_hh, b_ih, b_hh)):
-                    getattr(layer, name).copy_(w)
-            self.layers.append(layer)
+        with torch.no_grad():
+            for k, cell in enumerate(model.rnn.cells):
+                layer = cell.export_layer({name: w.detach() for name, w in model.rnn.params(k).items()})
+                if layer is None:
+                    raise LSTMLMError(f"the {model.cell} cell has no ONNX export")
+                self.layers.append(layer)
         self.decoder, self.adaptive, self.tied = None, None, model.cfg.tie_weights
         if model.adaptive is not None:  # its log-probabilities are the output's scores
             self.adaptive = copy.deepcopy(model.adaptive).float()
@@ -71,12 +70,11 @@ class OnnxChunk(nn.Module):
 
     def forward(self, input_ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         x = self.embedding(input_ids)  # (T, B, E)
-        per_layer = len(STATE_NAMES[self.cell])
+        n = self.per_layer
         new_state: list[Tensor] = []
         for k, layer in enumerate(self.layers):
-            mine = [s.unsqueeze(0) for s in state[k * per_layer:(k + 1) * per_layer]]  # (1, B, H) each
-            x, out = layer(x, tuple(mine) if per_layer == 2 else mine[0])
-            new_state += [s.squeeze(0) for s in (out if per_layer == 2 else (out,))]
+            x, *out = layer(x, *state[k * n:(k + 1) * n])  # (B, size) each
+            new_state += out
         if self.adaptive is not None:
             scores = self.adaptive.log_probs(x, self.embedding.weight if self.tied else None)
         else:
@@ -86,7 +84,12 @@ class OnnxChunk(nn.Module):
 
 def state_names(model: nn.Module) -> list[str]:
     """['h0', 'c0', 'h1', 'c1'] for a 2-layer LSTM; ['h0', 'h1'] for a GRU or RNN."""
-    return [f"{name}{k}" for k in range(len(model.rnn.sizes)) for name in STATE_NAMES[model.cell]]
+    return [f"{name}{k}" for k, cell in enumerate(model.rnn.cells) for name in cell.state_names]
+
+
+def state_sizes(model: nn.Module) -> list[int]:
+    """The size of each state input, in `state_names`' order."""
+    return [size for cell in model.rnn.cells for size in cell.state_sizes()]
 
 
 def export_onnx(lm: LanguageModel, out: Path, int8: bool = False, data: str | None = None) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def _export(chunk: OnnxChunk, names: list[str], path: Path, lm: LanguageModel) -
     import onnx
 
     ids = torch.zeros(5, 2, dtype=torch.long)
-    state = [torch.zeros(2, chunk.layers[int(n[1:])].hidden_size) for n in names]
+    state = [torch.zeros(2, size) for size in state_sizes(lm.model)]
     outputs = [f"{n}_out" for n in names]
     axes = {"input_ids": {0: "T", 1: "B"}, "logits": {0: "T", 1: "B"}} | {n: {0: "B"} for n in names + outputs}
     with warnings.catch_warnings():
@@ -144,6 +147,7 @@ def _export(chunk: OnnxChunk, names: list[str], path: Path, lm: LanguageModel) -
                           output_names=["logits", *outputs], opset_version=OPSET, dynamic_axes=axes, dynamo=False)
     proto = onnx.load(str(path))
     meta = {"tokenizer": lm.tokenizer.to_str(), "cell": lm.cell, "hidden_sizes": json.dumps(lm.model.rnn.sizes),
+            "state_sizes": json.dumps(state_sizes(lm.model)),
             "eos_id": str(lm.tokenizer.token_to_id(EOS)), "tokenizer_kind": lm.kind,
             "state_inputs": json.dumps(names), "lstm_lm_checkpoint": str(lm.checkpoint)}
     onnx.helper.set_model_props(proto, meta)
@@ -171,7 +175,7 @@ def max_logit_difference(model: nn.Module, session, names: list[str], seed: int 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.vocab_size, (48, 2), generator=g)
     want, _ = model(ids)  # (T, B, V) read whole
-    state = [np.zeros((2, model.rnn.sizes[int(n[1:])]), np.float32) for n in names]
+    state = [np.zeros((2, size), np.float32) for size in state_sizes(model)]
     got, start = [], 0
     for size in (7, 1, 16, 24):
         logits, state = run_chunk(session, names, ids[start:start + size].numpy(), state)
@@ -182,9 +186,10 @@ def max_logit_difference(model: nn.Module, session, names: list[str], seed: int 
 
 def onnx_evaluate(session, names: list[str], sizes: list[int], data: Tensor, bptt: int) -> dict[str, float]:
     """The evaluation protocol (evaluate.py) on the ONNX model: data (N, B) read `bptt` rows
-    at a time with the state carried; mean loss and perplexity."""
+    at a time with the state carried, `sizes` the state inputs' (see `state_sizes`); mean
+    loss and perplexity."""
     B = data.size(1)
-    state = [np.zeros((B, sizes[int(n[1:])]), np.float32) for n in names]
+    state = [np.zeros((B, size), np.float32) for size in sizes]
     total, tokens = 0.0, 0
     for i in range(0, data.size(0) - 1, bptt):
         x, y = get_batch(data, i, bptt)
@@ -209,7 +214,7 @@ def _perplexities(lm: LanguageModel, session, names: list[str], data: str | None
     valid = Streams(corpus.splits["valid"], bsz)
     log(f"measuring the validation perplexity ({valid.numel():,} tokens) in PyTorch and onnxruntime ...")
     reference = LanguageModel(lm.model, lm.tokenizer, lm.config, lm.checkpoint, "fp32").evaluate("valid", data)
-    exported = onnx_evaluate(session, names, lm.model.rnn.sizes, valid, bptt)
+    exported = onnx_evaluate(session, names, state_sizes(lm.model), valid, bptt)
     return {"valid_perplexity": {"pytorch_fp32": reference["perplexity"], "onnx": exported["perplexity"],
                                  "change": exported["perplexity"] - reference["perplexity"],
                                  "tokens": exported["tokens"]}}

@@ -15,7 +15,7 @@ from torch import Tensor
 from tokenizers import Tokenizer
 
 from lstm_lm.errors import PromptError
-from lstm_lm.model import GATE_NAMES, STATE_NAMES, LSTMLanguageModel, State
+from lstm_lm.model import LSTMLanguageModel, State
 from lstm_lm.sample import encode_prompt
 
 
@@ -36,8 +36,9 @@ def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, ki
     if not 1 <= layer <= layers:
         raise PromptError(f"--layer must be between 1 and {layers} (the model has {layers} layer(s)), got {layer}")
     ids = encode_prompt(tokenizer, prompt, kind)
-    memory = STATE_NAMES[model.cell][-1]  # what carries the past: c for an LSTM, h otherwise
-    trace = {"prompt": prompt, "cell": model.cell, "layer": layer, "memory": memory,
+    cell = model.rnn.cells[layer - 1]
+    memory = cell.memory  # what carries the past: c for the LSTM family, h otherwise
+    trace = {"prompt": prompt, "cell": model.cell, "title": cell.title, "layer": layer, "memory": memory,
              "tokens": [tokenizer.id_to_token(i) for i in ids[1:]], **_read(model, tokenizer, ids, layer, top_k)}
     if swap is not None:
         word, other = swap
@@ -59,8 +60,9 @@ def _read(model: LSTMLanguageModel, tokenizer: Tokenizer, ids: list[int], layer:
     """Gates, states and guesses after each token but the first (the <eos> a prompt starts with)."""
     device = model.embedding.weight.device
     state = model.init_state(1, device)
-    gates = {name: [] for name in GATE_NAMES[model.cell]}
-    states = {name: [] for name in STATE_NAMES[model.cell]}
+    cell = model.rnn.cells[layer - 1]
+    gates = {name: [] for name in cell.gate_names}
+    states = {name: [] for name in cell.state_names}
     guesses = []
     for pos, i in enumerate(ids):
         record = [{} for _ in range(model.rnn.num_layers)]
@@ -138,7 +140,7 @@ def trace_summary(trace: dict, units: int = 12) -> dict:
     picks them), the state norms, how much the memory changed at each token
     (|c_t - c_{t-1}| for an LSTM, |h_t - h_{t-1}| otherwise: where it is written), and
     the guesses; with a swap, how far the swapped prompt's memory is after each token.
-    A simple RNN has no gates: `gates` is empty and `note` says so."""
+    A cell without gates (the simple RNN): `gates` is empty and `note` says so."""
     memory = torch.tensor(trace["states"][trace["memory"]])  # (T, H)
     previous = torch.cat([torch.zeros_like(memory[:1]), memory[:-1]])  # the memory before each token
     gates = {}
@@ -148,7 +150,7 @@ def trace_summary(trace: dict, units: int = 12) -> dict:
         gates[name] = {"mean": v.mean(1).tolist(), "units": picked, "values": v[:, picked].tolist()}
     picked = _most_changing(memory, units)
     summary = {
-        "cell": trace["cell"], "layer": trace["layer"], "tokens": trace["tokens"], "memory": trace["memory"],
+        "cell": trace["cell"], "title": trace["title"], "layer": trace["layer"], "tokens": trace["tokens"], "memory": trace["memory"],
         "gates": gates,
         "norms": {name: torch.tensor(v).norm(dim=1).tolist() for name, v in trace["states"].items()},
         "memory_change": (memory - previous).norm(dim=1).tolist(),
@@ -156,7 +158,8 @@ def trace_summary(trace: dict, units: int = 12) -> dict:
         "guesses": trace["guesses"],
     }
     if not gates:
-        summary["note"] = "a simple RNN has no gates: it rewrites its whole state h at every step"
+        cell = trace["title"].split(":")[0]  # "the simple RNN"
+        summary["note"] = f"{cell} has no gates: it rewrites its whole state h at every step"
     if "swap" in trace:
         swap = trace["swap"]
         summary["swap"] = {"word": swap["word"], "other": swap["other"], "distance": swap["distance"],

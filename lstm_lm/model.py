@@ -1,25 +1,25 @@
-"""The language model: embedding -> stacked recurrent layers (LSTM, GRU or simple RNN) -> linear projection.
+"""The language model: embedding -> stacked recurrent layers -> linear projection.
 
     model = LSTMLanguageModel(cfg.model, vocab_size=10_000)
     logits, state = model(ids)            # ids (T, B) -> logits (T, B, V)
     logits, state = model(ids2, state)    # carry the memory into the next chunk
 
-`model.cell` picks the recurrent cell: "lstm" (the default), "gru" or "rnn" (the
-simple tanh RNN of Elman 1990, which the LSTM was invented to improve on). Each
-cell is written out below so that it reads like the textbook, and each keeps its
-torch.nn counterpart's parameters: `weight_ih_l{k}` (G*H, I), `weight_hh_l{k}`
-(G*H, H), `bias_ih_l{k}`, `bias_hh_l{k}` (G*H,), with G gate blocks in torch.nn's
-order: LSTM (input, forget, candidate, output), GRU (reset, update, candidate),
-RNN one block. Two engines share those weights: the hand-written cell ("custom")
-and the fused kernel behind torch.nn.LSTM / GRU / RNN ("cudnn": cuDNN on a GPU,
-oneDNN or ATen's own loop on a CPU). A state dict saved with one engine loads into
-the other, and into the torch.nn module.
+`model.cell` picks the recurrent cell from the registry of lstm_lm/cells/: the LSTM
+(the default), the simple RNN it was invented to improve on, the GRU, and the LSTM's
+relatives CIFG and the Mogrifier; `model.proj_size` projects an LSTM's h (LSTMP).
+Each cell is written out so that it reads like the textbook, and each cell torch.nn
+has keeps its parameters: `weight_ih_l{k}` (G*H, I), `weight_hh_l{k}` (G*H, H),
+`bias_ih_l{k}`, `bias_hh_l{k}` (G*H,), with G gate blocks in torch.nn's order.
+Two engines share those weights: the hand-written cell ("custom") and the fused
+kernel behind torch.nn.LSTM / GRU / RNN ("cudnn": cuDNN on a GPU, oneDNN or ATen's
+own loop on a CPU), for the cells that have one. A state dict saved with one engine
+loads into the other, and into the torch.nn module.
 
 The regularization of AWD-LSTM (Merity et al. 2017) works with both engines and
 every cell, because both engines read the weights afresh at every call: embedding
 dropout (whole words), locked dropout (one mask for all time steps) on the
 embedding output, between layers and on the output, and weight drop (DropConnect
-on W_hh).
+on the matrices each cell names: W_hh).
 
 The weights of the layers that one call of the fused kernel runs live in one flat
 buffer in cuDNN's order (per layer W_ih, W_hh, b_ih, b_hh), and the parameters are
@@ -37,13 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lstm_lm import cells
 from lstm_lm.adaptive import AdaptiveSoftmax, default_cutoffs
+from lstm_lm.cells.base import Cell
 from lstm_lm.config import ModelConfig
 from lstm_lm.loss import linear_cross_entropy_and_hits, output_cross_entropy, token_log_probs
 from lstm_lm.utils import native_bf16
 
-# Per layer a tuple of tensors, each (B, H_k): (h, c) for the LSTM, (h,) for the GRU and
-# the simple RNN. Layers may differ in size (AWD-LSTM's last layer is smaller).
+# Per layer a tuple of tensors, each (B, size), in the cell's state_names order: (h, c)
+# for the LSTM family, (h,) for the GRU and the simple RNN. Layers may differ in size
+# (AWD-LSTM's last layer is smaller).
 State = list[tuple[Tensor, ...]]
 
 def detach_state(state: State) -> State:
@@ -96,76 +99,12 @@ def embedding_dropout(weight: Tensor, p: float, training: bool) -> Tensor:
     return weight * dropout(weight.new_ones(weight.size(0), 1), p, training)
 
 
-# ---------------------------------------------------------------------------------------
-# The cells: one time step each. `x_proj` is the input's contribution W_ih x + b_ih, with
-# b_hh folded in where the cell allows it (LSTM, RNN), computed for all time steps at once
-# by the caller. Pass a dict as `record` to get the gate activations back (`lstm-lm inspect`).
-
-
-def lstm_cell(x_proj: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor,
-              record: dict | None = None) -> tuple[Tensor, Tensor]:
-    """LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000).
-    `x_proj` is W_ih x + b_ih + b_hh, (B, 4H)."""
-    gates = torch.addmm(x_proj, h, weight_hh.t())  # x_proj + h W_hh^T, (B, 4H): the four gates side by side
-    i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTM's order
-
-    forget_gate = torch.sigmoid(f)  # how much of the old memory to keep
-    input_gate = torch.sigmoid(i)  # how much of the new candidate to write
-    candidate = torch.tanh(g)  # the new content proposed for the memory
-    c = forget_gate * c + input_gate * candidate  # cell update: keep some, write some
-    output_gate = torch.sigmoid(o)  # how much of the memory to expose
-    h = output_gate * torch.tanh(c)  # the hidden state the next layer and step see
-    if record is not None:
-        record.update(forget=forget_gate, input=input_gate, output=output_gate)
-    return h, c
-
-
-def gru_cell(x_proj: Tensor, h: Tensor, weight_hh: Tensor, bias_hh: Tensor,
-             record: dict | None = None) -> Tensor:
-    """GRU (Cho et al. 2014), as nn.GRU computes it. `x_proj` is W_ih x + b_ih, (B, 3H):
-    b_hh stays apart because the reset gate scales the recurrent half of the candidate."""
-    h_proj = torch.addmm(bias_hh, h, weight_hh.t())  # W_hh h + b_hh, (B, 3H)
-    x_r, x_z, x_n = x_proj.chunk(3, dim=1)  # nn.GRU's order: reset, update, candidate
-    h_r, h_z, h_n = h_proj.chunk(3, dim=1)
-
-    reset_gate = torch.sigmoid(x_r + h_r)  # how much of the old state the candidate may read
-    update_gate = torch.sigmoid(x_z + h_z)  # how much of the old state to keep as it is
-    candidate = torch.tanh(x_n + reset_gate * h_n)  # the new content proposed
-    h = update_gate * h + (1 - update_gate) * candidate  # keep some, replace the rest
-    if record is not None:
-        record.update(reset=reset_gate, update=update_gate)
-    return h
-
-
-def rnn_cell(x_proj: Tensor, h: Tensor, weight_hh: Tensor, record: dict | None = None) -> Tensor:
-    """The simple (Elman) RNN: the new state is a squashed mix of the input and the old
-    state, rewritten whole at every step. `x_proj` is W_ih x + b_ih + b_hh, (B, H)."""
-    return torch.tanh(torch.addmm(x_proj, h, weight_hh.t()))
-
-
-CELLS = ("lstm", "gru", "rnn")
-GATE_BLOCKS = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of W_ih and W_hh, in units of H
-STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}  # what a layer carries
-GATE_NAMES = {"lstm": ("forget", "input", "output"), "gru": ("reset", "update"), "rnn": ()}
 ENGINES = ("custom", "cudnn")
 
 
-def input_projection(cell: str, x: Tensor, w_ih: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """W_ih x + b_ih (+ b_hh where the cell adds it outside any gate) for every time step at once."""
-    return F.linear(x, w_ih, b_ih if cell == "gru" else b_ih + b_hh)
-
-
-def cell_step(cell: str, x_proj: Tensor, state: tuple[Tensor, ...], w_hh: Tensor, b_hh: Tensor,
-              record: dict | None = None) -> tuple[Tensor, ...]:
-    """One time step of `cell` from its input projection: the layer's new state, h first."""
-    if cell == "lstm":
-        return lstm_cell(x_proj, *state, w_hh, record)
-    if cell == "gru":
-        return (gru_cell(x_proj, state[0], w_hh, b_hh, record),)
-    return (rnn_cell(x_proj, state[0], w_hh, record),)
-
-
-_FUSED = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
+def cell_options(cfg: ModelConfig) -> dict:
+    """The model.* fields `cfg.cell` reads beyond the sizes (model.proj_size, ...), set ones only."""
+    return {name: getattr(cfg, name) for name in cells.get(cfg.cell).options if getattr(cfg, name) is not None}
 
 
 def _cpu_runs_bf16() -> bool:
@@ -174,10 +113,10 @@ def _cpu_runs_bf16() -> bool:
 
 
 @torch.compiler.disable
-def fused_rnn(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: list[Tensor], num_layers: int,
+def fused_rnn(cell: Cell, x: Tensor, state: tuple[Tensor, ...], weights: list[Tensor], num_layers: int,
               dropout: float, training: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The kernel nn.LSTM / nn.GRU / nn.RNN.forward calls (cuDNN on a GPU), on the given
-    weights. `state` holds (L, B, H) stacks; returns the output and the new stacks.
+    weights. `state` holds (L, B, size) stacks; returns the output and the new stacks.
 
     Kept out of torch.compile's graph, as nn.LSTM is: traced, it decomposes into one
     small graph node per time step, which took minutes to compile and ran no faster.
@@ -188,9 +127,7 @@ def fused_rnn(cell: str, x: Tensor, state: tuple[Tensor, ...], weights: list[Ten
         with torch.autocast("cpu", enabled=False):
             return fused_rnn(cell, x.float(), tuple(s.float() for s in state), [w.float() for w in weights],
                              num_layers, dropout, training)
-    hx = state if cell == "lstm" else state[0]
-    out, *new_state = _FUSED[cell](x, hx, weights, True, num_layers, dropout, training, False, False)
-    return out, tuple(new_state)
+    return cell.fused(x, state, weights, num_layers, dropout, training)
 
 
 class _MaskedCopy(torch.autograd.Function):
@@ -211,64 +148,74 @@ class _MaskedCopy(torch.autograd.Function):
 
 
 class Recurrent(nn.Module):
-    """A multi-layer LSTM, GRU or simple RNN with torch.nn's parameters, run by either engine (time-major).
+    """Stacked recurrent layers of any registered cell (lstm_lm/cells/), run by either engine (time-major).
 
     `Recurrent(I, H, L, dropout=p, cell="gru")` computes what `nn.GRU(I, H, L, dropout=p)`
-    does. Beyond it: a size per layer (`hidden_size=[1150, 1150, 400]`), locked dropout
-    between layers and weight drop on the hidden-to-hidden matrices.
+    does, with the same parameters. Beyond it: a size per layer (`hidden_size=[1150,
+    1150, 400]`), locked dropout between layers, weight drop, and the cells torch.nn
+    lacks. `cell_options` go to the cell (`proj_size=P` for an LSTMP).
     """
 
     def __init__(self, input_size: int, hidden_size: int | Sequence[int], num_layers: int = 1,
                  dropout: float = 0.0, *, cell: str = "lstm", engine: str = "custom", weight_drop: float = 0.0,
-                 locked_dropout: bool = False):
+                 locked_dropout: bool = False, **cell_options):
         super().__init__()
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        if cell not in cells.names():
+            raise ValueError(cells.unknown(cell))
+        spec = cells.get(cell)
+        if engine == "cudnn" and spec.kernel is None:
+            raise ValueError(f"the {cell} cell has no fused kernel: run it with engine custom")
         sizes = [hidden_size] * num_layers if isinstance(hidden_size, int) else list(hidden_size)
         assert len(sizes) == num_layers, "one hidden size per layer"
         self.input_size, self.sizes, self.num_layers, self.cell = input_size, sizes, num_layers, cell
         self.dropout, self.weight_drop, self.locked_dropout, self.engine = dropout, weight_drop, locked_dropout, engine
-        blocks = GATE_BLOCKS[cell]
+        self.cells: list[Cell] = []
         for k, H in enumerate(sizes):
-            layer_in = input_size if k == 0 else sizes[k - 1]
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(blocks * H, layer_in)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(blocks * H, H)))
-            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(blocks * H)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(blocks * H)))
+            self.cells.append(spec(input_size if k == 0 else self.cells[-1].output_size, H, **cell_options))
+            for name, shape in self.cells[-1].shapes().items():
+                self.register_parameter(f"{name}_l{k}", nn.Parameter(torch.empty(shape)))
         # The layers each call of the fused kernel runs: all of them at once (torch.nn's
-        # dropout between them) when they share a size and need no locked dropout
+        # dropout between them) when they share their sizes and need no locked dropout
         # between them, else one call per layer.
-        stacked = len(set(sizes)) == 1 and not (locked_dropout and dropout > 0)
+        same = len({c.state_sizes() for c in self.cells}) == 1
+        stacked = same and not (locked_dropout and dropout > 0)
         self.groups = [list(range(num_layers))] if stacked else [[k] for k in range(num_layers)]
         self.reset_parameters()
         self.flatten_parameters()
 
     @property
     def hidden_size(self) -> int:
-        return self.sizes[-1]
+        """The last layer's output size (its projection's with an LSTMP)."""
+        return self.cells[-1].output_size
 
     def extra_repr(self) -> str:
         return f"{self.cell}, {self.input_size}, {self.sizes}, engine={self.engine}"
 
     def reset_parameters(self) -> None:
-        for k, H in enumerate(self.sizes):  # torch.nn's initialisation: uniform(+-1/sqrt(H))
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                nn.init.uniform_(getattr(self, f"{name}_l{k}"), -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
+        for k, cell in enumerate(self.cells):
+            cell.reset_parameters(self.params(k))
 
-    def raw_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Layer k's (W_ih, W_hh, b_ih, b_hh) as stored."""
-        return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    def params(self, k: int) -> dict[str, nn.Parameter]:
+        """Layer k's parameters as stored, by the cell's names ("weight_ih", ...)."""
+        return {name: getattr(self, f"{name}_l{k}") for name in self.cells[k].shapes()}
 
     def group_parameters(self, i: int) -> list[nn.Parameter]:
         """The parameters of group i in the order the fused kernel takes them."""
-        return [w for k in self.groups[i] for w in self.raw_weights(k)]
+        return [w for k in self.groups[i] for w in self.params(k).values()]
+
+    @property
+    def _flat_kernel(self) -> bool:
+        """Whether the fused kernel reads the parameters themselves, kept in one flat buffer."""
+        return self.engine == "cudnn" and cells.get(self.cell).kernel_takes_params
 
     @torch.no_grad()
     def flatten_parameters(self) -> None:
         """Copy each group's parameters into one new flat buffer and make them views of it."""
         self._flat = []
+        if not self._flat_kernel:
+            return
         for i in range(len(self.groups)):
             params = self.group_parameters(i)
             flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -294,39 +241,46 @@ class Recurrent(nn.Module):
 
     @torch.compiler.disable
     def fused_weights(self) -> list[list[Tensor]]:
-        """Each group's weights for its call of the fused kernel: the parameters
-        themselves, or in training with weight drop, views of one copy of the group's
-        buffer in which the W_hh blocks carry a fresh DropConnect mask and everything
-        else is unchanged. (Kept out of torch.compile's graph: it reads data pointers.)"""
+        """Each group's weights for its call of the fused kernel. For a cell whose kernel
+        reads its parameters: the parameters themselves, or in training with weight drop,
+        views of one copy of the group's buffer in which the dropped matrices carry a fresh
+        DropConnect mask and everything else is unchanged. For another (CIFG): the
+        weights its `kernel_weights` makes of `layer_weights`. (Kept out of
+        torch.compile's graph: it reads data pointers.)"""
+        if not self._flat_kernel:
+            return [[w for k in group for w in self.cells[k].kernel_weights(self.layer_weights(k))]
+                    for group in self.groups]
         if not self.is_flat():
             self.flatten_parameters()
         groups = [self.group_parameters(i) for i in range(len(self.groups))]
         if not (self.training and self.weight_drop > 0):
             return groups
         weights = []
-        for flat, params in zip(self._flat, groups):
+        for flat, params, group in zip(self._flat, groups, self.groups):
             mask = flat.new_ones(flat.shape)
             start = 0
-            for w_ih, w_hh, b_ih, b_hh in zip(*[iter(params)] * 4):  # layer by layer
-                start += w_ih.numel()
-                mask[start:start + w_hh.numel()] = dropout(w_hh.new_ones(w_hh.numel()), self.weight_drop, True)
-                start += w_hh.numel() + b_ih.numel() + b_hh.numel()
+            for k in group:
+                for name, w in self.params(k).items():
+                    if name in self.cells[k].dropped:
+                        mask[start:start + w.numel()] = dropout(w.new_ones(w.numel()), self.weight_drop, True)
+                    start += w.numel()
             dropped = _MaskedCopy.apply(flat, mask, *params)
             weights.append([v.view_as(p) for p, v in zip(params, dropped.split([p.numel() for p in params]))])
         return weights
 
-    def layer_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Layer k's (W_ih, W_hh, b_ih, b_hh) as this call uses them: in training with
-        weight drop, W_hh with a fresh DropConnect mask, shared by all time steps."""
-        w_ih, w_hh, b_ih, b_hh = self.raw_weights(k)
+    def layer_weights(self, k: int) -> dict[str, Tensor]:
+        """Layer k's parameters as this call uses them: in training with weight drop, the
+        cell's dropped matrices (W_hh) with a fresh DropConnect mask, shared by all time steps."""
+        params = self.params(k)
         if self.training and self.weight_drop > 0:
-            w_hh = dropout(w_hh, self.weight_drop, True)
-        return w_ih, w_hh, b_ih, b_hh
+            params = {name: dropout(w, self.weight_drop, True) if name in self.cells[k].dropped else w
+                      for name, w in params.items()}
+        return params
 
     def zero_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> State:
-        """An empty memory: zeros for each layer's h (and c for an LSTM), (B, H_k) each."""
-        return [tuple(torch.zeros(batch_size, H, device=device, dtype=dtype) for _ in STATE_NAMES[self.cell])
-                for H in self.sizes]
+        """An empty memory: zeros for each layer's state tensors (h, and c for the LSTM family), (B, size) each."""
+        return [tuple(torch.zeros(batch_size, size, device=device, dtype=dtype) for size in cell.state_sizes())
+                for cell in self.cells]
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """x (T, B, I) and the per-layer state -> the last layer's output (T, B, H) and the new state."""
@@ -334,12 +288,12 @@ class Recurrent(nn.Module):
             state = self.zero_state(x.size(1), x.device, x.dtype)
         if self.engine == "cudnn":
             return self._fused_forward(x, state)
-        weights = [self.layer_weights(k) for k in range(self.num_layers)]
+        weights = [self.layer_weights(k) for k in range(self.num_layers)]  # the weight-drop masks first, as fused
         new_state = []
-        for k in range(self.num_layers):
+        for k, cell in enumerate(self.cells):
             if k > 0 and self.dropout > 0:  # between layers
                 x = (locked_dropout if self.locked_dropout else dropout)(x, self.dropout, self.training)
-            x, layer_state = self._layer(x, state[k], weights[k])
+            x, layer_state = cell.sequence(x, state[k], weights[k])
             new_state.append(layer_state)
         return x, new_state
 
@@ -351,31 +305,22 @@ class Recurrent(nn.Module):
         for group, weights in zip(self.groups, self.fused_weights()):
             if group[0] > 0 and self.dropout > 0:
                 x = (locked_dropout if self.locked_dropout else dropout)(x, self.dropout, self.training)
-            stacks = tuple(torch.stack(parts) for parts in zip(*(state[k] for k in group)))  # (L, B, H) each
+            stacks = tuple(torch.stack(parts) for parts in zip(*(state[k] for k in group)))  # (L, B, size) each
             between = self.dropout if len(group) > 1 else 0.0
-            x, new = fused_rnn(self.cell, x, stacks, weights, len(group), between, self.training)
+            x, new = fused_rnn(self.cells[group[0]], x, stacks, weights, len(group), between, self.training)
             new_state.extend(zip(*(s.unbind(0) for s in new)))
         return x, new_state
 
-    def _layer(self, x: Tensor, state: tuple[Tensor, ...], weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        w_ih, w_hh, b_ih, b_hh = weights
-        # The input half of every gate for all T steps in one matrix product; only the
-        # recurrent half has to wait for the previous step.
-        x_proj = input_projection(self.cell, x, w_ih, b_ih, b_hh)  # (T, B, G*H)
-        outputs = []
-        for x_t in x_proj.unbind(0):  # unbind, not x_proj[t]: its backward writes all T grads at once
-            state = cell_step(self.cell, x_t, state, w_hh, b_hh)
-            outputs.append(state[0])
-        return torch.stack(outputs), state  # (T, B, H)
-
 
 def resolve_impl(cfg: ModelConfig) -> str:
-    """`auto` -> the fast path: every feature of this model works with it."""
-    return "cudnn" if cfg.impl == "auto" else cfg.impl
+    """`auto` -> the fused kernel where the cell has one (every feature works with it), else custom."""
+    if cfg.impl != "auto":
+        return cfg.impl
+    return "cudnn" if cells.get(cfg.cell).kernel is not None else "custom"
 
 
 class LSTMLanguageModel(nn.Module):
-    """Embedding -> dropout -> recurrent layers (cfg.cell: LSTM, GRU or RNN) -> dropout -> linear
+    """Embedding -> dropout -> recurrent layers (cfg.cell, any registered cell) -> dropout -> linear
     (optionally tied to the embedding)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, impl: str | None = None):
@@ -387,17 +332,19 @@ class LSTMLanguageModel(nn.Module):
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
         self.cell = cfg.cell
         self.rnn = Recurrent(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], cell=cfg.cell,
-                             engine=self.impl, weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout)
+                             engine=self.impl, weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout,
+                             **cell_options(cfg))
+        out_size = self.rnn.hidden_size
         self.loss_impl = "fused"  # the full softmax's path in training_loss: "fused" or "plain" (loss.py)
         # The output layer: a full softmax (decoder) or an adaptive one (adaptive.py), never both.
         self.decoder: nn.Linear | None = None
         self.adaptive: AdaptiveSoftmax | None = None
         if cfg.softmax == "adaptive":
             # With tie_weights the head's word rows are the embedding's first rows.
-            self.adaptive = AdaptiveSoftmax(sizes[-1], vocab_size, cfg.cutoffs or default_cutoffs(vocab_size),
+            self.adaptive = AdaptiveSoftmax(out_size, vocab_size, cfg.cutoffs or default_cutoffs(vocab_size),
                                             cfg.div_value, tied=cfg.tie_weights)
         else:
-            self.decoder = nn.Linear(sizes[-1], vocab_size)
+            self.decoder = nn.Linear(out_size, vocab_size)
             if cfg.tie_weights:
                 # Weight tying (Press & Wolf 2017; Inan et al. 2017): the output projection
                 # reuses the input embedding, saving V*H parameters and improving perplexity.
@@ -491,10 +438,9 @@ class LSTMLanguageModel(nn.Module):
         """
         x = self.embedding(ids)  # (B, E)
         new_state = []
-        for k in range(self.rnn.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self.rnn.raw_weights(k)
-            x_proj = input_projection(self.cell, x, w_ih, b_ih, b_hh)
-            layer = cell_step(self.cell, x_proj, state[k], w_hh, b_hh, None if record is None else record[k])
+        for k, cell in enumerate(self.rnn.cells):
+            params = self.rnn.params(k)
+            layer = cell.step(cell.project_input(x, params), state[k], params, None if record is None else record[k])
             new_state.append(layer)
             x = layer[0]
         return x, new_state

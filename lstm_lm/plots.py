@@ -13,7 +13,13 @@ from lstm_lm.errors import DataError
 from lstm_lm.writing import write_atomically
 
 PLOT_HINT = "no picture: matplotlib is missing; install it with  pip install 'lstm-lm[plot]'  (or: pip install matplotlib)"
-CELL_COLOURS = {"lstm": "#1f77b4", "gru": "#2ca02c", "rnn": "#d62728"}
+
+
+def cell_colour(name: str) -> str | None:
+    """The colour a cell declares (lstm_lm/cells/), None (matplotlib's next) for one this version lacks."""
+    from lstm_lm import cells
+
+    return cells.get(name).colour if name in cells.module_names() else None
 
 
 def _pyplot():
@@ -51,7 +57,7 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for cell, r in results["cells"].items():
         accs = [100 * r["accuracy"][str(g)] for g in gaps]
-        ax.plot(gaps, accs, marker="o", lw=2, color=CELL_COLOURS.get(cell), label=f"{cell.upper()} ({r['hidden_size']} units, {r['parameters']:,} params)")
+        ax.plot(gaps, accs, marker="o", lw=2, color=cell_colour(cell), label=f"{cell.upper()} ({r['hidden_size']} units, {r['parameters']:,} params)")
     from lstm_lm.demo import REGION_LANGUAGE
 
     languages = list(REGION_LANGUAGE.values())
@@ -98,7 +104,7 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     if not gates:
         ax.set_ylabel("")
         ax.set_yticks([])
-        ax.text(0.02, 0.5, "a simple RNN has no gates:\nit rewrites its whole state at every step",
+        ax.text(0.02, 0.5, "this cell has no gates:\nit rewrites its whole state at every step",
                 transform=ax.transAxes, fontsize=9, va="center", color="dimgray")
     ax.grid(alpha=0.3)
     norm_ax = ax.twinx()

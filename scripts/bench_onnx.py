@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lstm_lm import LanguageModel
-from lstm_lm.export import export_onnx, ort_session, run_chunk, state_names
+from lstm_lm.export import export_onnx, ort_session, run_chunk, state_names, state_sizes
 
 
 def timed(fn, n: int) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
                 path = Path(tmp) / f"{label.split()[1]}.onnx"
                 export_onnx(lm, path, int8=int8, data=str(Path(tmp) / "none"))
                 sessions[label] = ort_session(path)
-            zero = [np.zeros((1, lm.model.rnn.sizes[int(n[1:])]), np.float32) for n in names]
+            zero = [np.zeros((1, size), np.float32) for size in state_sizes(lm.model)]
             x, one = torch.from_numpy(ids), torch.tensor([[3]])
 
             @torch.no_grad()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from conftest import requires_cuda
+from lstm_lm import cells
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import load_config
 from lstm_lm.model import Recurrent
@@ -44,16 +45,16 @@ def test_cudnn_reads_the_flat_buffer_in_place(sizes, weight_drop):
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", [c for c in cells.names() if cells.get(c).torch_module is not None])
 def test_custom_cell_matches_cudnn_on_cuda(exact_float32, cell):
     torch.manual_seed(0)
-    ref = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](32, 64, 2).cuda()
+    ref = cells.get(cell).torch_module(32, 64, 2).cuda()
     ours = Recurrent(32, 64, 2, cell=cell).cuda()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(20, 8, 32, device="cuda")
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, state_ref = ref(x_ref)
-    state_ref = state_ref if cell == "lstm" else (state_ref,)
+    state_ref = state_ref if isinstance(state_ref, tuple) else (state_ref,)
     out_ours, state = ours(x_ours)
     state_ours = tuple(torch.stack(parts) for parts in zip(*state))
     for a, b in ((out_ours, out_ref), *zip(state_ours, state_ref)):
@@ -136,8 +137,8 @@ def test_a_training_step_never_waits_for_the_gpu(precision, loss_impl):
             torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("impl,cell", [("cudnn", "lstm"), ("custom", "lstm"), ("cudnn", "gru"), ("cudnn", "rnn"),
-                                       ("custom", "gru")])
+@pytest.mark.parametrize("impl,cell", [(impl, cell) for cell in cells.names()
+                                       for impl in (["cudnn", "custom"] if cells.get(cell).kernel else ["custom"])])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl, cell, precision):
     cfg = load_config(None, [

@@ -1,4 +1,5 @@
-"""The hand-written cells (LSTM, GRU, simple RNN) against torch.nn, state carry, and learning on tiny data."""
+"""The hand-written cells that torch.nn has (LSTM, GRU, simple RNN) against torch.nn, state carry, and learning
+on tiny data. tests/test_cells.py checks every registered cell."""
 
 import pytest
 import torch
@@ -6,14 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lstm_lm.config import ModelConfig
-from lstm_lm.model import CELLS, LSTMLanguageModel, Recurrent, gru_cell, lstm_cell, rnn_cell
+from lstm_lm import cells
+from lstm_lm.model import LSTMLanguageModel, Recurrent
 
-TORCH_NN = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+CELLS = [name for name in cells.names() if cells.get(name).torch_module is not None]  # the cells torch.nn has
 
 
 def _pair(cell="lstm", input_size=7, hidden=11, layers=2, dropout=0.0, engine="custom"):
     torch.manual_seed(0)
-    ref = TORCH_NN[cell](input_size, hidden, layers, dropout=dropout)
+    ref = cells.get(cell).torch_module(input_size, hidden, layers, dropout=dropout)
     ours = Recurrent(input_size, hidden, layers, dropout=dropout, cell=cell, engine=engine)
     ours.load_state_dict(ref.state_dict())  # same names and shapes, so this is exact
     return ref, ours
@@ -25,7 +27,7 @@ def _stack(state):
 
 
 def _as_nn(cell, stacks):
-    return stacks if cell == "lstm" else stacks[0]
+    return stacks if len(stacks) > 1 else stacks[0]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -40,10 +42,10 @@ def test_parameter_names_and_shapes_match_torch_nn(cell):
 def test_both_engines_match_torch_nn_outputs_state_and_gradients(layers, engine, cell):
     ref, ours = _pair(cell, layers=layers, engine=engine)
     x = torch.randn(9, 4, 7)
-    states = tuple(torch.randn(layers, 4, 11) for _ in range(2 if cell == "lstm" else 1))
+    states = tuple(torch.randn(layers, 4, 11) for _ in cells.get(cell).state_names)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, state_ref = ref(x_ref, _as_nn(cell, states))
-    state_ref = state_ref if cell == "lstm" else (state_ref,)
+    state_ref = state_ref if len(states) > 1 else (state_ref,)
     out_ours, state = ours(x_ours, list(zip(*states)))
     state_ours = _stack(state)
     torch.testing.assert_close(out_ours, out_ref, atol=1e-5, rtol=0)
@@ -69,7 +71,8 @@ def test_lstm_cell_gates_follow_nn_lstm_order():
     h_ref, c_ref = cell(x, (h, c))
     x_proj = F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
     gates = {}
-    h_ours, c_ours = lstm_cell(x_proj, h, c, cell.weight_hh, record=gates)
+    ours = cells.get("lstm")(5, 6)
+    h_ours, c_ours = ours.step(x_proj, (h, c), {"weight_hh": cell.weight_hh}, record=gates)
     torch.testing.assert_close(h_ours, h_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_ours, c_ref, atol=1e-6, rtol=0)
     # The recorded forget gate is sigmoid of the second block, nn.LSTM's order.
@@ -84,7 +87,9 @@ def test_gru_cell_follows_nn_gru_cell():
     cell = nn.GRUCell(5, 6)
     x, h = torch.randn(3, 5), torch.randn(3, 6)
     gates = {}
-    ours = gru_cell(F.linear(x, cell.weight_ih, cell.bias_ih), h, cell.weight_hh, cell.bias_hh, record=gates)
+    gru = cells.get("gru")(5, 6)
+    params = {"weight_ih": cell.weight_ih, "weight_hh": cell.weight_hh, "bias_ih": cell.bias_ih, "bias_hh": cell.bias_hh}
+    (ours,) = gru.step(gru.project_input(x, params), (h,), params, record=gates)
     torch.testing.assert_close(ours, cell(x, h), atol=1e-6, rtol=0)
     assert set(gates) == {"reset", "update"} and gates["update"].shape == (3, 6)
 
@@ -93,12 +98,13 @@ def test_rnn_cell_follows_nn_rnn_cell():
     torch.manual_seed(1)
     cell = nn.RNNCell(5, 6)
     x, h = torch.randn(3, 5), torch.randn(3, 6)
-    ours = rnn_cell(F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh), h, cell.weight_hh)
+    rnn = cells.get("rnn")(5, 6)
+    (ours,) = rnn.step(F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh), (h,), {"weight_hh": cell.weight_hh})
     torch.testing.assert_close(ours, cell(x, h), atol=1e-6, rtol=0)
 
 
 def test_unknown_cell_is_refused():
-    with pytest.raises(ValueError, match="cell must be one of"):
+    with pytest.raises(ValueError, match="unknown cell 'transformer'"):
         Recurrent(3, 4, cell="transformer")
 
 
@@ -196,7 +202,7 @@ def test_step_by_step_generation_path_equals_the_full_forward(impl, cell):
             step_logits, state = model.step(ids[t], state)
             steps.append(step_logits)
     torch.testing.assert_close(torch.stack(steps), logits, atol=1e-5, rtol=0)
-    assert len(state[0]) == (2 if cell == "lstm" else 1)
+    assert len(state[0]) == len(cells.get(cell).state_names)
     torch.testing.assert_close(_stack(state), _stack(final), atol=1e-6, rtol=0)
 
 

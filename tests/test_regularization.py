@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lstm_lm import cells
 from lstm_lm.config import ModelConfig
 from lstm_lm.model import LSTMLanguageModel, Recurrent, embedding_dropout, locked_dropout
 
@@ -69,7 +70,7 @@ def test_weight_drop_masks_the_hidden_to_hidden_weights(engine):
     x, state = torch.randn(7, 3, 6), [(torch.randn(3, 10), torch.randn(3, 10))]
 
     torch.manual_seed(1)
-    _, w_hh, _, _ = rnn.layer_weights(0)  # the weights the next forward will use
+    w_hh = rnn.layer_weights(0)["weight_hh"]  # the weights the next forward will use
     kept = w_hh != 0
     assert 0.4 < (~kept).float().mean() < 0.6
     torch.testing.assert_close(w_hh[kept], rnn.weight_hh_l0[kept] * 2)  # scaled by 1/(1-p)
@@ -137,7 +138,7 @@ def _group_is_one_buffer(rnn, i, buffer):
     """Group i's weights lie back to back from the start of `buffer`, in cuDNN's order."""
     ptr = buffer.data_ptr()
     for k in rnn.groups[i]:
-        for w in rnn.raw_weights(k):
+        for w in rnn.params(k).values():
             assert w.data_ptr() == ptr
             ptr += w.numel() * w.element_size()
     return True
@@ -199,7 +200,7 @@ def test_flat_buffer_survives_optimizer_steps_averaging_moves_and_copies():
     assert twin.is_flat()
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", [c for c in cells.names() if cells.get(c).kernel and cells.get(c).kernel_takes_params])
 @pytest.mark.parametrize("sizes", [[10, 10], [12, 8]])
 def test_weight_drop_masks_a_copy_of_the_buffer_in_w_hh_only(cell, sizes):
     torch.manual_seed(0)
@@ -217,10 +218,10 @@ def test_weight_drop_masks_a_copy_of_the_buffer_in_w_hh_only(cell, sizes):
             assert w.data_ptr() == ptr
             ptr += w.numel() * w.element_size()
         for k, (w_ih, w_hh, b_ih, b_hh) in zip(group, zip(*[iter(weights[i])] * 4)):
-            params = rnn.raw_weights(k)
+            params = list(rnn.params(k).values())
             for ours, param in ((w_ih, params[0]), (b_ih, params[2]), (b_hh, params[3])):
                 assert torch.equal(ours, param)  # untouched
-            assert torch.equal(w_hh, expected[k][1])  # the same DropConnect mask as the custom engine's
+            assert torch.equal(w_hh, expected[k]["weight_hh"])  # the same DropConnect mask as the custom engine's
             assert 0.4 < (w_hh == 0).float().mean() < 0.6
 
     # Gradients reach each parameter through its view; W_hh only through the kept entries.
@@ -228,8 +229,8 @@ def test_weight_drop_masks_a_copy_of_the_buffer_in_w_hh_only(cell, sizes):
     sum((w * u).sum() for ws, us in zip(weights, upstream) for w, u in zip(ws, us)).backward()
     for i, group in enumerate(rnn.groups):
         for j, k in enumerate(group):
-            params = rnn.raw_weights(k)
-            kept = (expected[k][1] != 0).float() * 2  # mask / (1 - p)
+            params = list(rnn.params(k).values())
+            kept = (expected[k]["weight_hh"] != 0).float() * 2  # mask / (1 - p)
             for n in (0, 2, 3):
                 assert torch.equal(params[n].grad, upstream[i][4 * j + n])
             torch.testing.assert_close(params[1].grad, upstream[i][4 * j + 1] * kept, atol=0, rtol=0)

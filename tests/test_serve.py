@@ -17,7 +17,7 @@ import pytest
 fastapi = pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lstm_lm import LanguageModel  # noqa: E402
+from lstm_lm import LanguageModel, cells  # noqa: E402
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT  # noqa: E402
 from lstm_lm.serve import MAX_BODY_BYTES, create_app  # noqa: E402
 
@@ -130,8 +130,8 @@ def test_many_clients_at_once_get_the_answers_one_client_gets(client):
     assert all(answer == want[p] for p, answer in got)
 
 
-@pytest.mark.parametrize("cell,gates", [("gru", {"reset", "update"}), ("rnn", set())])
-def test_gru_and_rnn_checkpoints_are_served_too(tmp_path, cell, gates):
+@pytest.mark.parametrize("cell", [name for name in cells.names() if name != "lstm"])
+def test_every_cell_is_served_with_its_own_gates(tmp_path, cell):
     from lstm_lm.checkpoint import save_checkpoint
     from lstm_lm.config import load_config
     from lstm_lm.data import build_tokenizer
@@ -142,10 +142,13 @@ def test_gru_and_rnn_checkpoints_are_served_too(tmp_path, cell, gates):
     save_checkpoint(tmp_path / "ckpt", LSTMLanguageModel(cfg.model, tokenizer.get_vocab_size()), tokenizer, cfg)
     client = TestClient(create_app(LanguageModel.load(tmp_path / "ckpt")))
     trace = client.post("/v1/trace", json={"prompt": "the cat sat"}).json()
-    assert set(trace["gates"]) == gates and trace["memory"] == "h" and len(trace["norms"]["h"]) == 3
-    assert ("note" in trace) == (cell == "rnn") and "no gates" in trace.get("note", "no gates")
+    spec = cells.get(cell)
+    assert set(trace["gates"]) == set(spec.gate_names) and trace["memory"] == spec.memory
+    assert len(trace["norms"][spec.memory]) == 3 and trace["title"] == spec.title
+    assert ("note" in trace) == (not spec.gate_names) and "no gates" in trace.get("note", "no gates")
     assert len(client.post("/v1/next", json={"prompt": "the cat", "k": 2}).json()["words"]) == 2
-    assert client.get("/v1/model").json()["cell"] == cell
+    described = client.get("/v1/model").json()
+    assert described["cell"] == cell and described["cell_title"] == spec.title
 
 
 def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, demo_run):

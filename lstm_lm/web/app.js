@@ -31,11 +31,10 @@ async function describeModel() {
   const ppl = m.valid_perplexity ? ` · validation perplexity ${m.valid_perplexity.toFixed(2)}` : "";
   $("model").textContent = `${m.cell.toUpperCase()} · ${sizes} · ${m.parameters.toLocaleString()} parameters · ` +
     `${m.vocab_size.toLocaleString()} ${m.tokenizer === "word" ? "words" : m.tokenizer + " tokens"} · trained on ${m.corpus}${ppl}`;
-  const what = { lstm: "the LSTM: its gates and memory c", gru: "the GRU: its gates and state h", rnn: "the simple RNN: its state h" };
-  $("inside-title").textContent = `Inside ${what[m.cell] || "the model"}`;
-  if (m.cell === "rnn") {
+  $("inside-title").textContent = `Inside ${m.cell_title || "the model"}`;
+  if (m.gates && m.gates.length === 0) {
     $("inside-help").textContent = "After each word: how big its state h is and how much each word changed it. " +
-      "A simple RNN has no gates: it rewrites its whole state at every step.";
+      "This cell has no gates: it rewrites its whole state at every step.";
   }
 }
 
