@@ -1,10 +1,10 @@
 """lstm-lm: train LSTM next-word language models, complete prompts, measure their perplexity.
 
-    lstm-lm train && lstm-lm complete "My name is John, I am from Tamilnadu and I speak"
+lstm-lm train && lstm-lm complete "My name is John, I am from Tamilnadu and I speak"
 
-    from lstm_lm import LanguageModel
-    lm = LanguageModel.load("runs/demo")
-    lm.next_words("My name is John, I am from Tamilnadu and I speak")
+from lstm_lm import LanguageModel
+lm = LanguageModel.load("runs/demo")
+lm.next_words("My name is John, I am from Tamilnadu and I speak")
 """
 
 __version__ = "0.1.0"

@@ -44,8 +44,10 @@ def default_cutoffs(vocab_size: int) -> list[int]:
 def check_cutoffs(cutoffs: list[int], vocab_size: int) -> str | None:
     """What is wrong with `cutoffs` for this vocabulary, or None."""
     if not cutoffs or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])) or cutoffs[0] < 1 or cutoffs[-1] >= vocab_size:
-        return (f"model.cutoffs: need increasing sizes between 1 and the vocabulary size ({vocab_size:,}) "
-                f"exclusive, got {cutoffs}")
+        return (
+            f"model.cutoffs: need increasing sizes between 1 and the vocabulary size ({vocab_size:,}) "
+            f"exclusive, got {cutoffs}"
+        )
     return None
 
 
@@ -63,8 +65,11 @@ class AdaptiveSoftmax(nn.Module):
         self.tails = nn.ModuleList()
         for i in range(self.n_clusters):
             units = max(1, round(hidden / div_value ** (i + 1)))
-            self.tails.append(nn.Sequential(nn.Linear(hidden, units, bias=False),
-                                            nn.Linear(units, self.bounds[i + 1] - self.bounds[i])))
+            self.tails.append(
+                nn.Sequential(
+                    nn.Linear(hidden, units, bias=False), nn.Linear(units, self.bounds[i + 1] - self.bounds[i])
+                )
+            )
         if self.head_words is not None:
             nn.init.uniform_(self.head_words, -0.1, 0.1)
         nn.init.uniform_(self.head_clusters, -0.1, 0.1)
@@ -127,7 +132,9 @@ class AdaptiveSoftmax(nn.Module):
         return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
-    def loss_and_hits(self, h: Tensor, targets: Tensor, words: Tensor | None, ks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def loss_and_hits(
+        self, h: Tensor, targets: Tensor, words: Tensor | None, ks: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
         """For evaluation: the summed cross-entropy (float64) and, for each k in `ks`, how many
         rows have their target among the k most likely words, exactly, without building
         the whole distribution. One pass over the head, block by block, gives both p(target)
@@ -148,7 +155,9 @@ class AdaptiveSoftmax(nn.Module):
                 t = head.gather(1, head_targets[:, None])  # (n, 1), completed below for tail words
                 for i, r in enumerate(rows):
                     if r.numel():
-                        t[r, 0] += self._tail_log_probs(i, hb[r], dtype).gather(1, (y[r] - self.bounds[i])[:, None])[:, 0]
+                        t[r, 0] += self._tail_log_probs(i, hb[r], dtype).gather(1, (y[r] - self.bounds[i])[:, None])[
+                            :, 0
+                        ]
                 n_better = (head[:, : self.shortlist] > t).sum(1)
                 for i in range(self.n_clusters):
                     need = ((head[:, self.shortlist + i, None] > t)[:, 0] & (n_better < kmax)).nonzero()[:, 0]

@@ -26,11 +26,11 @@ from tokenizers import Tokenizer
 
 from lstm_lm.arguments import check, check_all, check_texts
 from lstm_lm.config import Config, choices
+from lstm_lm.data import EOS
 from lstm_lm.dynamic_eval import DynamicEval
 from lstm_lm.errors import ArgumentError, ConfigError, DataError, PromptError
 from lstm_lm.model import LSTMLanguageModel, State
 from lstm_lm.neural_cache import NeuralCache
-from lstm_lm.data import EOS
 from lstm_lm.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.utils import autocast, pick_device, pick_precision, progress_bar
 
@@ -38,8 +38,15 @@ from lstm_lm.utils import autocast, pick_device, pick_precision, progress_bar
 class LanguageModel:
     """A trained model ready to use: `LanguageModel.load(path)`, then call its methods."""
 
-    def __init__(self, model: LSTMLanguageModel, tokenizer: Tokenizer, config: Config,
-                 checkpoint: Path | None = None, precision: str = "fp32", measured: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: LSTMLanguageModel,
+        tokenizer: Tokenizer,
+        config: Config,
+        checkpoint: Path | None = None,
+        precision: str = "fp32",
+        measured: dict[str, Any] | None = None,
+    ):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.checkpoint = checkpoint
         self.measured = dict(measured or {})  # the validation of these weights when they were saved
@@ -49,8 +56,9 @@ class LanguageModel:
         self._statistics: dict = {}  # dynamic evaluation's gradient statistics, for one setting
 
     @classmethod
-    def load(cls, path: str | Path = "runs/latest", device: str | torch.device = "cpu",
-             precision: str | None = "fp32") -> LanguageModel:
+    def load(
+        cls, path: str | Path = "runs/latest", device: str | torch.device = "cpu", precision: str | None = "fp32"
+    ) -> LanguageModel:
         """Load a checkpoint directory, or a run directory's best checkpoint (`runs/latest`
         is the run trained last). `device`: auto, cpu, cuda, cuda:N or mps. `precision`:
         fp32, bf16, auto (bf16 where the device runs it natively) or None (the run's own
@@ -62,8 +70,10 @@ class LanguageModel:
         if not isinstance(device, (str, torch.device)):
             raise ArgumentError(f"device: must be a string such as 'cpu', got {type(device).__name__}")
         if precision is not None and precision not in choices("train.precision"):
-            raise ConfigError([f"precision: must be one of {', '.join(choices('train.precision'))}, "
-                               f"got {precision!r}"], "command line")
+            raise ConfigError(
+                [f"precision: must be one of {', '.join(choices('train.precision'))}, got {precision!r}"],
+                "command line",
+            )
         dev = pick_device(str(device))
         model, tokenizer, config, directory, measured = load_checkpoint_dir(path, dev)
         precision = pick_precision(precision or config.train.precision, dev)
@@ -91,12 +101,22 @@ class LanguageModel:
         corpus = self.config.data.source if paths else Path(self.config.data.source).name
         return {
             **({"checkpoint": str(self.checkpoint) if self.checkpoint else None} if paths else {}),
-            "cell": self.cell, "cell_title": self.model.rnn.cells[-1].title, "gates": list(self.model.rnn.cells[-1].gate_names),
-            "layers": len(m.layer_sizes), "hidden_sizes": list(m.layer_sizes), "proj_size": m.proj_size,
-            "embedding_size": m.embedding_size, "tied": m.tie_weights, "parameters": self.model.num_parameters(),
-            "vocab_size": self.vocab_size, "tokenizer": self.kind, "corpus": corpus,
-            "valid_perplexity": self.measured.get("valid_perplexity"), "step": self.measured.get("step"),
-            "precision": self.precision, "device": str(self.device),
+            "cell": self.cell,
+            "cell_title": self.model.rnn.cells[-1].title,
+            "gates": list(self.model.rnn.cells[-1].gate_names),
+            "layers": len(m.layer_sizes),
+            "hidden_sizes": list(m.layer_sizes),
+            "proj_size": m.proj_size,
+            "embedding_size": m.embedding_size,
+            "tied": m.tie_weights,
+            "parameters": self.model.num_parameters(),
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.kind,
+            "corpus": corpus,
+            "valid_perplexity": self.measured.get("valid_perplexity"),
+            "step": self.measured.get("step"),
+            "precision": self.precision,
+            "device": str(self.device),
         }
 
     # -- next words and completions ---------------------------------------------------
@@ -115,16 +135,33 @@ class LanguageModel:
         check("k", k)
         return Session(self).feed(check("prompt", prompt)).next_words(k)
 
-    def complete(self, prompt: str, words: int = 20, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> str:
+    def complete(
+        self,
+        prompt: str,
+        words: int = 20,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str:
         """The continuation of `prompt`, up to the end of the sentence or `words` words.
         Greedy at temperature 0; above it (or with top_k / top_p) sampled, repeatably
         with `seed`. An empty string means the model ended the sentence at once."""
         from lstm_lm.sample import complete
 
         check("prompt", prompt)
-        return complete(self.model, self.tokenizer, self.kind, prompt, words=words, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, precision=self.precision)
+        return complete(
+            self.model,
+            self.tokenizer,
+            self.kind,
+            prompt,
+            words=words,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            precision=self.precision,
+        )
 
     def session(self, prompt: str = "") -> Session:
         """A reader that keeps the memory: feed it text and ask for the next words; each
@@ -174,9 +211,15 @@ class LanguageModel:
                 raise
             raise DataError(f"{e} (the corpus this model was trained on; pass --data to use another copy)") from None
 
-    def evaluate(self, split: str = "test", data: str | None = None, batch_size: int | None = None,
-                 cache: NeuralCache | None = None, dynamic: DynamicEval | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self,
+        split: str = "test",
+        data: str | None = None,
+        batch_size: int | None = None,
+        cache: NeuralCache | None = None,
+        dynamic: DynamicEval | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
         """The evaluation protocol (docs/reference.md) on a split of the corpus the model was
         trained on (or of `data`): what `lstm-lm eval` prints. `protocol` in the result
         names what was measured: "static" (the default), "neural cache" with `cache`, or
@@ -189,15 +232,20 @@ class LanguageModel:
 
         check_all(split=split, data=data, batch_size=batch_size, progress=progress)
         if cache is not None and dynamic is not None:
-            raise ConfigError(["the neural cache and dynamic evaluation are measured one at a time; "
-                               "choose one"], "command line")
+            raise ConfigError(
+                ["the neural cache and dynamic evaluation are measured one at a time; choose one"], "command line"
+            )
         corpus = self._corpus(data)
         ids = corpus.splits[split]
         bsz = 1 if dynamic is not None else batch_size if batch_size is not None else self.config.train.eval_batch_size
         if dynamic is not None and batch_size not in (None, 1):
-            raise ConfigError([f"--batch-size: dynamic evaluation reads one stream (batch 1), got {batch_size}: "
-                               "streams sharing the adapted weights would each learn from later text"],
-                              "command line")
+            raise ConfigError(
+                [
+                    f"--batch-size: dynamic evaluation reads one stream (batch 1), got {batch_size}: "
+                    "streams sharing the adapted weights would each learn from later text"
+                ],
+                "command line",
+            )
         if len(ids) < 2 * bsz:
             raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
         bptt = self.config.train.bptt
@@ -218,19 +266,31 @@ class LanguageModel:
 
             stats, stats_info = self._gradient_statistics(corpus, dynamic, progress)
             with progress_bar(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
-                log_probs = dynamic_log_probs(self.model, stream[0:stream.size(0)], dynamic, stats, self.precision, bar)
+                log_probs = dynamic_log_probs(
+                    self.model, stream[0 : stream.size(0)], dynamic, stats, self.precision, bar
+                )
             out |= {"protocol": "dynamic evaluation", "settings": dynamic.to_dict()} | perplexity_of(log_probs)
             if stats_info:
                 out["gradient_statistics"] = stats_info
         else:
             result = evaluate(self.model, stream, bptt, self.precision)
-            out |= {"protocol": "static", "perplexity": result["perplexity"], "loss": result["loss"],
-                    "tokens": result["tokens"], "top1_accuracy": result["top1_accuracy"],
-                    "top5_accuracy": result["top5_accuracy"]}
+            out |= {
+                "protocol": "static",
+                "perplexity": result["perplexity"],
+                "loss": result["loss"],
+                "tokens": result["tokens"],
+                "top1_accuracy": result["top1_accuracy"],
+                "top5_accuracy": result["top5_accuracy"],
+            }
         if self.kind == "char":
             out["bits_per_char"] = out["loss"] / math.log(2)
-        return out | {"batch_size": bsz, "bptt": dynamic.segment if dynamic else bptt, "precision": self.precision,
-                      "data": corpus.source.spec, "seconds": round(time.perf_counter() - started, 1)}
+        return out | {
+            "batch_size": bsz,
+            "bptt": dynamic.segment if dynamic else bptt,
+            "precision": self.precision,
+            "data": corpus.source.spec,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
 
     def _gradient_statistics(self, corpus, dynamic: DynamicEval, progress: bool):
         """The rms rule's mean squared gradients, over the first STATS_TOKENS of the training split."""
@@ -239,7 +299,7 @@ class LanguageModel:
 
         if dynamic.rule != "rms":
             return None, None
-        train_ids = corpus.splits["train"][:STATS_TOKENS + 1]
+        train_ids = corpus.splits["train"][: STATS_TOKENS + 1]
         if len(train_ids) < 2:
             raise DataError("the rms rule needs training text for its gradient statistics; the train split is empty")
         info = {"split": "train", "tokens": len(train_ids) - 1}
@@ -250,8 +310,9 @@ class LanguageModel:
                 self._statistics = {key: gradient_statistics(self.model, stream, dynamic.segment, self.precision, bar)}
         return self._statistics[key], info
 
-    def tune_cache(self, data: str | None = None, batch_size: int | None = None,
-                   progress: bool = False) -> dict[str, Any]:
+    def tune_cache(
+        self, data: str | None = None, batch_size: int | None = None, progress: bool = False
+    ) -> dict[str, Any]:
         """Fit the neural cache's settings on the validation split: one static pass, then
         every (window, theta, lambda) of neural_cache's grid over the stored states.
         Returns {"settings": NeuralCache, "search": what was tried, "trials": each result}."""
@@ -266,13 +327,25 @@ class LanguageModel:
             chunks = collect(self.model, stream, self.config.train.bptt, self.precision, bar)
         with progress_bar(len(TUNE_WINDOWS) * len(TUNE_THETAS), "tuning the cache on valid: settings", progress) as bar:
             best, trials = tune(chunks, progress=bar)
-        search = {"split": "valid", "tokens": stream.numel() - stream.size(1), "batch_size": bsz,
-                  "windows": list(TUNE_WINDOWS), "thetas": list(TUNE_THETAS), "lambdas": list(TUNE_LAMBDAS),
-                  "trials": len(trials)}
+        search = {
+            "split": "valid",
+            "tokens": stream.numel() - stream.size(1),
+            "batch_size": bsz,
+            "windows": list(TUNE_WINDOWS),
+            "thetas": list(TUNE_THETAS),
+            "lambdas": list(TUNE_LAMBDAS),
+            "trials": len(trials),
+        }
         return {"settings": best, "search": search, "trials": trials}
 
-    def tune_dynamic(self, data: str | None = None, rule: str = "rms", segment: int = 20,
-                     tokens: int | None = None, progress: bool = False) -> dict[str, Any]:
+    def tune_dynamic(
+        self,
+        data: str | None = None,
+        rule: str = "rms",
+        segment: int = 20,
+        tokens: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
         """Fit dynamic evaluation's step size, then its decay, on the first `tokens`
         (default TUNE_TOKENS) of the validation split. Returns {"settings": DynamicEval,
         "search": what was tried, "trials": each result}."""
@@ -283,29 +356,36 @@ class LanguageModel:
         corpus = self._corpus(data)
         probe = DynamicEval(segment=segment, rule=rule)
         stats, _ = self._gradient_statistics(corpus, probe, progress)
-        ids = corpus.splits["valid"][:(tokens or TUNE_TOKENS) + 1]
+        ids = corpus.splits["valid"][: (tokens or TUNE_TOKENS) + 1]
         if len(ids) < 2:
             raise DataError("the valid split is empty: nothing to tune on")
         stream = to_tensor(ids, self.device)[:, None]
         passes = len(TUNE_LRS[rule]) + len(TUNE_DECAYS)
         with progress_bar(passes, "tuning dynamic evaluation on valid", progress) as bar:
             best, trials = tune(self.model, stream, segment, rule, stats, self.precision, bar)
-        search = {"split": "valid", "tokens": stream.size(0) - 1, "lrs": list(TUNE_LRS[rule]),
-                  "decays": [0.0, *TUNE_DECAYS], "trials": len(trials)}
+        search = {
+            "split": "valid",
+            "tokens": stream.size(0) - 1,
+            "lrs": list(TUNE_LRS[rule]),
+            "decays": [0.0, *TUNE_DECAYS],
+            "trials": len(trials),
+        }
         return {"settings": best, "search": search, "trials": trials}
 
     # -- inside the model ---------------------------------------------------------------
 
-    def trace(self, prompt: str, layer: int | None = None, top_k: int = 3,
-              swap: tuple[str, str] | None = None) -> dict[str, Any]:
+    def trace(
+        self, prompt: str, layer: int | None = None, top_k: int = 3, swap: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
         """What `lstm-lm inspect` shows: after each token of `prompt`, layer `layer`'s gates
         (per unit), its state (h, and c for an LSTM) and the top_k next-token guesses.
         See inspection.trace_prompt."""
         from lstm_lm.inspection import trace_prompt
 
         check_all(prompt=prompt, layer=layer, k=top_k)
-        if swap is not None and not (isinstance(swap, (tuple, list)) and len(swap) == 2
-                                     and all(isinstance(w, str) for w in swap)):
+        if swap is not None and not (
+            isinstance(swap, (tuple, list)) and len(swap) == 2 and all(isinstance(w, str) for w in swap)
+        ):
             raise ArgumentError(f"swap: must be a pair of words (WORD, OTHER), got {swap!r:.60}")
         return trace_prompt(self.model, self.tokenizer, prompt, self.kind, layer, top_k, swap)
 

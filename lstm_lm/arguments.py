@@ -55,24 +55,27 @@ class Arg:
 MAX_WORDS = 1000  # words of one completion
 MAX_K = 1000  # next words listed
 
-ARGS: dict[str, Arg] = {a.name: a for a in [
-    Arg("prompt", "PROMPT", str),
-    Arg("text", "text", str),
-    Arg("k", "--top-k", int, ge=1, le=MAX_K),
-    Arg("words", "--words", int, ge=1, le=MAX_WORDS),
-    Arg("temperature", "--temperature", float, ge=0.0),
-    Arg("top_k", "--top-k", int, ge=1, optional=True),
-    Arg("top_p", "--top-p", float, gt=0.0, le=1.0, optional=True),
-    Arg("seed", "--seed", int, ge=0, lt=2**63, optional=True),
-    Arg("split", "--split", str, choices=("test", "valid")),
-    Arg("batch_size", "--batch-size", int, ge=1, optional=True),
-    Arg("data", "--data", str, optional=True),
-    Arg("layer", "--layer", int, ge=1, optional=True),
-    Arg("per_token", "--per-token", bool),
-    Arg("progress", "progress", bool),
-    Arg("segment", "--segment", int, ge=1),
-    Arg("tokens", "tokens", int, ge=1, optional=True),
-]}
+ARGS: dict[str, Arg] = {
+    a.name: a
+    for a in [
+        Arg("prompt", "PROMPT", str),
+        Arg("text", "text", str),
+        Arg("k", "--top-k", int, ge=1, le=MAX_K),
+        Arg("words", "--words", int, ge=1, le=MAX_WORDS),
+        Arg("temperature", "--temperature", float, ge=0.0),
+        Arg("top_k", "--top-k", int, ge=1, optional=True),
+        Arg("top_p", "--top-p", float, gt=0.0, le=1.0, optional=True),
+        Arg("seed", "--seed", int, ge=0, lt=2**63, optional=True),
+        Arg("split", "--split", str, choices=("test", "valid")),
+        Arg("batch_size", "--batch-size", int, ge=1, optional=True),
+        Arg("data", "--data", str, optional=True),
+        Arg("layer", "--layer", int, ge=1, optional=True),
+        Arg("per_token", "--per-token", bool),
+        Arg("progress", "progress", bool),
+        Arg("segment", "--segment", int, ge=1),
+        Arg("tokens", "tokens", int, ge=1, optional=True),
+    ]
+}
 
 
 def check(name: str, value: Any) -> Any:
@@ -99,8 +102,12 @@ def check(name: str, value: Any) -> Any:
         raise ArgumentError(f"{a.label}: must be {kind}, got {type(value).__name__} {shown[:60]}")
     if not math.isfinite(value):
         raise ArgumentError(f"{a.label}: must be a finite number, got {value}")
-    ok = ((a.ge is None or value >= a.ge) and (a.gt is None or value > a.gt)
-          and (a.le is None or value <= a.le) and (a.lt is None or value < a.lt))
+    ok = (
+        (a.ge is None or value >= a.ge)
+        and (a.gt is None or value > a.gt)
+        and (a.le is None or value <= a.le)
+        and (a.lt is None or value < a.lt)
+    )
     if not ok:
         raise ArgumentError(f"{a.label}: must be {a.bounds()}, got {value}")
     return float(value) if a.type is float else value

@@ -67,8 +67,13 @@ def load_weights(model: LSTMLanguageModel, weights: dict[str, torch.Tensor]) -> 
     model.load_state_dict(weights, strict=True)  # copies in place: the tying survives
 
 
-def save_checkpoint(run_dir: str | Path, model: LSTMLanguageModel, tokenizer: Tokenizer, cfg: Config,
-                    measured: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    run_dir: str | Path,
+    model: LSTMLanguageModel,
+    tokenizer: Tokenizer,
+    cfg: Config,
+    measured: dict[str, Any] | None = None,
+) -> None:
     """Write config.json, model.safetensors and tokenizer.json into `run_dir`. `measured`
     (the validation of these very weights: step, valid_loss, valid_perplexity) is kept
     in config.json, for `lstm-lm serve` and the API to report."""
@@ -131,7 +136,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         last = path / CHECKPOINTS / LAST
         raise CheckpointError(
             f"{path} is a run with no validated checkpoint yet (it stopped before its first validation): load "
-            f"its newest with --checkpoint {last}, or train on with: lstm-lm train --out {path} --resume")
+            f"its newest with --checkpoint {last}, or train on with: lstm-lm train --out {path} --resume"
+        )
     return check_checkpoint_dir(path)
 
 
@@ -172,8 +178,11 @@ def load_config_json(path: Path) -> tuple[Config, dict[str, Any]]:
     except (RecursionError, TypeError, ValueError) as e:  # a value of the wrong shape deep inside
         raise CheckpointError(f"bad config ({path / CONFIG}): {type(e).__name__}") from None
     measured = meta.get("measured")
-    meta["measured"] = {k: v for k, v in measured.items() if isinstance(k, str) and _finite_number(v)} \
-        if isinstance(measured, dict) else {}
+    meta["measured"] = (
+        {k: v for k, v in measured.items() if isinstance(k, str) and _finite_number(v)}
+        if isinstance(measured, dict)
+        else {}
+    )
     return cfg, meta
 
 
@@ -210,18 +219,26 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{what} is not described by dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(_count(d) for d in shape) and isinstance(offsets, list)
-                and len(offsets) == 2 and all(_count(o) for o in offsets)):
+        if not (
+            isinstance(shape, list)
+            and all(_count(d) for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_count(o) for o in offsets)
+        ):
             raise CheckpointError(f"{what} has a malformed shape or data_offsets")
         if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{what} has dtype {str(dtype)[:20]}; weights must be floating point "
-                                  f"({', '.join(FLOAT_DTYPES)})")
+            raise CheckpointError(
+                f"{what} has dtype {str(dtype)[:20]}; weights must be floating point ({', '.join(FLOAT_DTYPES)})"
+            )
         start, end = offsets
         if not start <= end <= data_bytes:
             raise CheckpointError(f"{what} lies outside the file's data ({start}..{end} of {data_bytes} bytes)")
         if math.prod(shape) * FLOAT_DTYPES[dtype] != end - start:
-            raise CheckpointError(f"{what}: shape {tuple(shape)} of {dtype} needs "
-                                  f"{math.prod(shape) * FLOAT_DTYPES[dtype]} bytes, the file gives it {end - start}")
+            raise CheckpointError(
+                f"{what}: shape {tuple(shape)} of {dtype} needs "
+                f"{math.prod(shape) * FLOAT_DTYPES[dtype]} bytes, the file gives it {end - start}"
+            )
         tensors[name] = (dtype, tuple(shape))
     return tensors
 
@@ -230,39 +247,48 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def check_weights_fit(cfg: Config, vocab_size: int, header: dict[str, tuple[str, tuple[int, ...]]],
-                      impl: str | None = None) -> None:
+def check_weights_fit(
+    cfg: Config, vocab_size: int, header: dict[str, tuple[str, tuple[int, ...]]], impl: str | None = None
+) -> None:
     """Fail unless the model that config.json describes has exactly the tensors of the
     header, shape for shape. The model is built on the meta device (shapes, no memory),
     after its sizes are bounded by the header's, so that no config can make it large."""
     m = cfg.model
     largest = max((d for _, shape in header.values() for d in shape), default=0)
-    sizes = {"model.embedding_size": m.embedding_size, "vocab_size": vocab_size,
-             **{f"model.hidden_sizes[{k}]": h for k, h in enumerate(m.layer_sizes)}}
+    sizes = {
+        "model.embedding_size": m.embedding_size,
+        "vocab_size": vocab_size,
+        **{f"model.hidden_sizes[{k}]": h for k, h in enumerate(m.layer_sizes)},
+    }
     too_big = [f"{key} is {value}" for key, value in sizes.items() if value > largest]
     if len(m.layer_sizes) + len(m.cutoffs or ()) > len(header):
         too_big.append(f"model.num_layers is {len(m.layer_sizes)}")
     if too_big:
-        raise CheckpointError(f"config.json does not fit it: {', '.join(too_big)[:300]}, more than its "
-                              f"{len(header)} tensors hold (the largest dimension among them is {largest})")
+        raise CheckpointError(
+            f"config.json does not fit it: {', '.join(too_big)[:300]}, more than its "
+            f"{len(header)} tensors hold (the largest dimension among them is {largest})"
+        )
     try:
         with torch.device("meta"):
-            shapes = {name: tuple(t.shape) for name, t in weights_to_save(LSTMLanguageModel(m, vocab_size, impl),
-                                                                          copy=False).items()}
+            shapes = {
+                name: tuple(t.shape)
+                for name, t in weights_to_save(LSTMLanguageModel(m, vocab_size, impl), copy=False).items()
+            }
     except (RuntimeError, ValueError, OverflowError) as e:
-        raise CheckpointError(f"config.json describes a model that cannot be built: {str(e).splitlines()[0][:200]}") \
-            from None
+        raise CheckpointError(
+            f"config.json describes a model that cannot be built: {str(e).splitlines()[0][:200]}"
+        ) from None
     missing = sorted(set(shapes) - set(header))
     if missing:
-        raise CheckpointError(f"it has no tensor {missing[0]!r}, which config.json's model needs "
-                              f"(shape {shapes[missing[0]]})")
+        raise CheckpointError(
+            f"it has no tensor {missing[0]!r}, which config.json's model needs (shape {shapes[missing[0]]})"
+        )
     extra = sorted(set(header) - set(shapes))
     if extra:
         raise CheckpointError(f"it holds a tensor {extra[0][:100]!r} that config.json's model does not have")
     for name, shape in shapes.items():
         if header[name][1] != shape:
-            raise CheckpointError(f"tensor {name!r} has shape {header[name][1]}, config.json's model "
-                                  f"needs {shape}")
+            raise CheckpointError(f"tensor {name!r} has shape {header[name][1]}, config.json's model needs {shape}")
 
 
 def load_checkpoint(
@@ -300,8 +326,10 @@ def load_checkpoint_dir(
             raise CheckpointError((str(e).splitlines() or [""])[0][:300]) from None
         for name, t in weights.items():
             if not torch.isfinite(t).all():
-                raise CheckpointError(f"tensor {name!r} holds {int((~torch.isfinite(t)).sum())} values that are not "
-                                      "finite numbers (NaN or infinity); these weights cannot give probabilities")
+                raise CheckpointError(
+                    f"tensor {name!r} holds {int((~torch.isfinite(t)).sum())} values that are not "
+                    "finite numbers (NaN or infinity); these weights cannot give probabilities"
+                )
     except CheckpointError as e:
         raise CheckpointError(f"cannot load {path / WEIGHTS}: {e}") from None
     load_weights(model, weights)

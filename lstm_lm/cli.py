@@ -90,8 +90,9 @@ def user_errors(results: bool = True):
             typer.echo(str(e), err=True)
         raise typer.Exit(e.exit_code) from None
     except (LSTMLMError, OSError) as e:  # an OSError here is about a path the user gave, or a full disk
-        if os.environ.get("LSTM_LM_DEBUG") == "1" or (isinstance(e, OSError) and e.filename is None
-                                                      and e.errno not in _USER_ERRNOS):
+        if os.environ.get("LSTM_LM_DEBUG") == "1" or (
+            isinstance(e, OSError) and e.filename is None and e.errno not in _USER_ERRNOS
+        ):
             raise
         if _main_process() or getattr(e, "every_rank", False):
             typer.echo(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", err=True)
@@ -108,10 +109,20 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 # `lstm-lm train`'s own options and the config field each sets: their help comes from the
 # field's declaration, and a bad value's error names both (train.lr (--lr): ...).
 TRAIN_FLAGS = {
-    "data.source": "--data", "train.epochs": "--epochs", "train.max_steps": "--max-steps",
-    "train.batch_size": "--batch-size", "train.bptt": "--bptt", "train.lr": "--lr", "train.device": "--device",
-    "train.seed": "--seed", "model.cell": "--cell", "model.impl": "--impl", "train.precision": "--precision",
-    "train.compile": "--compile", "train.log_grad_flow": "--log-grad-flow", "train.time_budget": "--time-budget",
+    "data.source": "--data",
+    "train.epochs": "--epochs",
+    "train.max_steps": "--max-steps",
+    "train.batch_size": "--batch-size",
+    "train.bptt": "--bptt",
+    "train.lr": "--lr",
+    "train.device": "--device",
+    "train.seed": "--seed",
+    "model.cell": "--cell",
+    "model.impl": "--impl",
+    "train.precision": "--precision",
+    "train.compile": "--compile",
+    "train.log_grad_flow": "--log-grad-flow",
+    "train.time_budget": "--time-budget",
 }
 
 
@@ -136,12 +147,55 @@ def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
     )
 )
 def train(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe: a file, or a built-in recipe's name (demo, ptb-small, ptb-cpu-30min ...; see configs/). Default: the demo recipe when --data is not given either.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG (data.source).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo for the demo).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last saved checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in an --out that already holds a run, deleting that run.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5; the value is read as the field's type.")] = None,
+    config: Annotated[
+        Optional[str],
+        typer.Option(
+            "--config",
+            "-c",
+            help=(
+                "YAML recipe: a file, or a built-in recipe's name (demo, ptb-small, ptb-cpu-30min ...; see "
+                "configs/). Default: the demo recipe when --data is not given either."
+            ),
+        ),
+    ] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            "-d",
+            help=(
+                "Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG"
+                " (data.source)."
+            ),
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo "
+                "for the demo)."
+            ),
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last saved checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start afresh in an --out that already holds a run, deleting that run.")
+    ] = False,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            help=(
+                "Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5; the "
+                "value is read as the field's type."
+            ),
+        ),
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help=field_help("train.epochs"))] = None,
     max_steps: Annotated[Optional[int], typer.Option(help=field_help("train.max_steps"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=field_help("train.batch_size"))] = None,
@@ -152,9 +206,15 @@ def train(
     cell: Annotated[Optional[str], typer.Option(help=field_help("model.cell"))] = None,
     impl: Annotated[Optional[str], typer.Option(help=field_help("model.impl"))] = None,
     precision: Annotated[Optional[str], typer.Option(help=field_help("train.precision"))] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=field_help("train.compile"))] = None,
-    log_grad_flow: Annotated[Optional[bool], typer.Option("--log-grad-flow", help=field_help("train.log_grad_flow"))] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="MINUTES", help=field_help("train.time_budget"))] = None,
+    compile_: Annotated[
+        Optional[bool], typer.Option("--compile/--no-compile", help=field_help("train.compile"))
+    ] = None,
+    log_grad_flow: Annotated[
+        Optional[bool], typer.Option("--log-grad-flow", help=field_help("train.log_grad_flow"))
+    ] = None,
+    time_budget: Annotated[
+        Optional[float], typer.Option("--time-budget", metavar="MINUTES", help=field_help("train.time_budget"))
+    ] = None,
 ) -> None:
     """Train a language model; the best model by validation loss is kept in the run directory.
 
@@ -165,16 +225,26 @@ def train(
     from lstm_lm.train import run_training
 
     options = {
-        "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
-        "train.bptt": bptt, "train.lr": lr, "train.device": device, "train.seed": seed, "model.cell": cell,
-        "model.impl": impl, "train.precision": precision, "train.compile": compile_,
-        "train.time_budget": time_budget, "train.log_grad_flow": log_grad_flow,
+        "train.epochs": epochs,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.bptt": bptt,
+        "train.lr": lr,
+        "train.device": device,
+        "train.seed": seed,
+        "model.cell": cell,
+        "model.impl": impl,
+        "train.precision": precision,
+        "train.compile": compile_,
+        "train.time_budget": time_budget,
+        "train.log_grad_flow": log_grad_flow,
     }
     values = {key: value for key, value in options.items() if value is not None}
     with user_errors():
         try:
-            summary = run_training(config, data, out, resume, list(set_ or []), started, overwrite=overwrite,
-                                   values=values)
+            summary = run_training(
+                config, data, out, resume, list(set_ or []), started, overwrite=overwrite, values=values
+            )
         except ConfigError as e:
             raise _name_flags(e, TRAIN_FLAGS) from None
         if _main_process():
@@ -193,10 +263,19 @@ def complete(
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     words: Annotated[int, typer.Option(help="Stop after this many words (or at the end of the sentence).")] = 20,
-    next_: Annotated[bool, typer.Option("--next", help="Print the --top-k most likely next words as word<TAB>probability instead.")] = False,
-    top_k: Annotated[Optional[int], typer.Option(help="With --next: how many words to list (default 5). Otherwise: sample from the K most likely.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 decodes greedily (the default); above 0 samples, higher is more random.")] = 0.0,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of words whose probability adds up to P.")] = None,
+    next_: Annotated[
+        bool, typer.Option("--next", help="Print the --top-k most likely next words as word<TAB>probability instead.")
+    ] = False,
+    top_k: Annotated[
+        Optional[int],
+        typer.Option(help="With --next: how many words to list (default 5). Otherwise: sample from the K most likely."),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(help="0 decodes greedily (the default); above 0 samples, higher is more random.")
+    ] = 0.0,
+    top_p: Annotated[
+        Optional[float], typer.Option(help="Sample from the smallest set of words whose probability adds up to P.")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling, for repeatable output.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
@@ -211,8 +290,10 @@ def complete(
             return
         text = lm.complete(prompt, words=words, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if not text:
-            log("the model ended the sentence here: the first token it chose is <eos>, the end of a line "
-                "(try --next to see its likeliest words, or sample with --temperature)")
+            log(
+                "the model ended the sentence here: the first token it chose is <eos>, the end of a line "
+                "(try --next to see its likeliest words, or sample with --temperature)"
+            )
         emit(text)
 
 
@@ -229,21 +310,101 @@ def complete(
 )
 def eval_(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus to evaluate on. Default: the one the model was trained on.")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", "-d", help="Corpus to evaluate on. Default: the one the model was trained on."),
+    ] = None,
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
-    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context.")] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Parallel streams (default: the run's eval_batch_size, 10). 1 gives each token the most context."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[Optional[str], typer.Option(callback=_precision, help="auto, fp32 or bf16. Default: the run's own setting (train.precision).")] = None,
-    cache: Annotated[bool, typer.Option("--cache", help="Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent hidden states.", rich_help_panel="Neural cache")] = False,
-    window: Annotated[Optional[int], typer.Option(min=1, help="Past positions the cache holds, per stream [default: 2000].", rich_help_panel="Neural cache")] = None,
-    theta: Annotated[Optional[float], typer.Option(min=0.0, help="How sharply the cache matches hidden states [default: 0.3].", rich_help_panel="Neural cache")] = None,
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", min=0.0, max=1.0, help="The cache's share of the mixture [default: 0.1].", rich_help_panel="Neural cache")] = None,
-    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. One stream (batch 1).", rich_help_panel="Dynamic evaluation")] = False,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Step size [default: 2e-4 for rms, 1.0 for sgd].", rich_help_panel="Dynamic evaluation")] = None,
-    decay: Annotated[Optional[float], typer.Option(min=0.0, max=0.999, help="Pull back towards the trained weights per step [default: 0].", rich_help_panel="Dynamic evaluation")] = None,
-    segment: Annotated[Optional[int], typer.Option(min=1, help="Tokens per step [default: 20].", rich_help_panel="Dynamic evaluation")] = None,
-    rule: Annotated[Optional[str], typer.Option(help="Update rule: rms (steps scaled by the training text's gradient RMS) or sgd [default: rms].", rich_help_panel="Dynamic evaluation")] = None,
-    tune: Annotated[bool, typer.Option("--tune", help="First fit the technique's settings on the valid split (a fixed small search, stated in the output), then score --split once with them.")] = False,
+    precision: Annotated[
+        Optional[str],
+        typer.Option(callback=_precision, help="auto, fp32 or bf16. Default: the run's own setting (train.precision)."),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache",
+            help=(
+                "Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent "
+                "hidden states."
+            ),
+            rich_help_panel="Neural cache",
+        ),
+    ] = False,
+    window: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1, help="Past positions the cache holds, per stream [default: 2000].", rich_help_panel="Neural cache"
+        ),
+    ] = None,
+    theta: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0, help="How sharply the cache matches hidden states [default: 0.3].", rich_help_panel="Neural cache"
+        ),
+    ] = None,
+    lambda_: Annotated[
+        Optional[float],
+        typer.Option(
+            "--lambda",
+            min=0.0,
+            max=1.0,
+            help="The cache's share of the mixture [default: 0.1].",
+            rich_help_panel="Neural cache",
+        ),
+    ] = None,
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic",
+            help=(
+                "Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. "
+                "One stream (batch 1)."
+            ),
+            rich_help_panel="Dynamic evaluation",
+        ),
+    ] = False,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0, help="Step size [default: 2e-4 for rms, 1.0 for sgd].", rich_help_panel="Dynamic evaluation"
+        ),
+    ] = None,
+    decay: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            max=0.999,
+            help="Pull back towards the trained weights per step [default: 0].",
+            rich_help_panel="Dynamic evaluation",
+        ),
+    ] = None,
+    segment: Annotated[
+        Optional[int], typer.Option(min=1, help="Tokens per step [default: 20].", rich_help_panel="Dynamic evaluation")
+    ] = None,
+    rule: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Update rule: rms (steps scaled by the training text's gradient RMS) or sgd [default: rms].",
+            rich_help_panel="Dynamic evaluation",
+        ),
+    ] = None,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help=(
+                "First fit the technique's settings on the valid split (a fixed small search, stated in the "
+                "output), then score --split once with them."
+            ),
+        ),
+    ] = False,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object.
 
@@ -278,18 +439,27 @@ def eval_(
                 settings = tuned["settings"]
         elif dynamic:
             rule = rule or "rms"
-            settings = _settings(DynamicEval, lr=lr if lr is not None else DEFAULT_LR[rule], decay=decay,
-                                 segment=segment, rule=rule)
+            settings = _settings(
+                DynamicEval, lr=lr if lr is not None else DEFAULT_LR[rule], decay=decay, segment=segment, rule=rule
+            )
             if tune:
                 tuned = lm.tune_dynamic(data, rule, settings.segment, progress=True)
                 settings = tuned["settings"]
         if tuned:
             best = min(tuned["trials"], key=lambda t: t["loss"])
-            log(f"tuned on valid ({tuned['search']['trials']} trials, {tuned['search']['tokens']:,} tokens): "
+            log(
+                f"tuned on valid ({tuned['search']['trials']} trials, {tuned['search']['tokens']:,} tokens): "
                 + ", ".join(f"{k}={v}" for k, v in settings.to_dict().items())
-                + f" (valid perplexity {best['perplexity']:.2f})")
-        result = lm.evaluate(split, data, batch_size, cache=settings if cache else None,
-                             dynamic=settings if dynamic else None, progress=True)
+                + f" (valid perplexity {best['perplexity']:.2f})"
+            )
+        result = lm.evaluate(
+            split,
+            data,
+            batch_size,
+            cache=settings if cache else None,
+            dynamic=settings if dynamic else None,
+            progress=True,
+        )
         if tuned:
             result["tuned"] = tuned["search"] | {"valid_perplexity": best["perplexity"]}
         result["checkpoint"] = str(checkpoint)
@@ -306,7 +476,8 @@ def _settings(kind, **given):
 
 
 experiment_app = typer.Typer(
-    help="Experiments that show what each recurrent cell can and cannot do.", no_args_is_help=True,
+    help="Experiments that show what each recurrent cell can and cannot do.",
+    no_args_is_help=True,
     rich_markup_mode="markdown",
 )
 app.add_typer(experiment_app, name="experiment")
@@ -322,11 +493,31 @@ app.add_typer(experiment_app, name="experiment")
     ),
 )
 def long_range(
-    gaps: Annotated[str, typer.Option(help="Gaps to measure, in words between \"I am from X\" and \"and I speak Y\"; training sees every gap from 0 to the largest.")] = "0,5,10,20,40",
-    cells: Annotated[str, typer.Option(help="Cells to compare, comma-separated, or all (every registered cell).")] = "all",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where results.json, results.csv, accuracy_vs_gap.png and each cell's run go.")] = Path("runs/long-range"),
+    gaps: Annotated[
+        str,
+        typer.Option(
+            help=(
+                'Gaps to measure, in words between "I am from X" and "and I speak Y"; training sees every gap '
+                "from 0 to the largest."
+            )
+        ),
+    ] = "0,5,10,20,40",
+    cells: Annotated[
+        str, typer.Option(help="Cells to compare, comma-separated, or all (every registered cell).")
+    ] = "all",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Where results.json, results.csv, accuracy_vs_gap.png and each cell's run go."
+        ),
+    ] = Path("runs/long-range"),
     steps: Annotated[int, typer.Option(min=1, help="Training steps per cell (the same for every cell).")] = 5000,
-    hidden: Annotated[int, typer.Option(min=1, help="The LSTM's units; the other cells get the hidden size that gives as many parameters.")] = 128,
+    hidden: Annotated[
+        int,
+        typer.Option(
+            min=1, help="The LSTM's units; the other cells get the hidden size that gives as many parameters."
+        ),
+    ] = 128,
     probes: Annotated[int, typer.Option(min=1, help="Held-out sentences per gap.")] = 300,
     demo_size: Annotated[int, typer.Option(min=1, help="Training biographies.")] = 20000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
@@ -339,17 +530,25 @@ def long_range(
     between the region and the language. Prints the table; writes results.json,
     results.csv and accuracy_vs_gap.png (with matplotlib) into --out.
     """
+    from lstm_lm import cells as registry
     from lstm_lm.config import is_device_name
     from lstm_lm.errors import ConfigError
-    from lstm_lm.experiment import Budget, long_range as run, parse_list, results_table
-    from lstm_lm import cells as registry
+    from lstm_lm.experiment import Budget, parse_list, results_table
+    from lstm_lm.experiment import long_range as run
     from lstm_lm.plots import PLOT_HINT, plot_long_range
 
     with user_errors():
         if not is_device_name(device):
             raise ConfigError([f"--device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}"], "command line")
-        budget = Budget(steps=steps, lstm_hidden=hidden, embedding_size=min(64, hidden), probes=probes,
-                        demo_size=demo_size, device=device, seed=seed)
+        budget = Budget(
+            steps=steps,
+            lstm_hidden=hidden,
+            embedding_size=min(64, hidden),
+            probes=probes,
+            demo_size=demo_size,
+            device=device,
+            seed=seed,
+        )
         chosen = list(registry.names()) if cells.strip() == "all" else parse_list(cells, "cells", registry.names())
         results = run(parse_list(gaps, "gaps"), chosen, out, budget)
         png = plot_long_range(results, out / "accuracy_vs_gap.png")
@@ -372,9 +571,20 @@ def inspect(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     out: Annotated[Path, typer.Option("--out", "-o", help="The picture (PNG).")] = Path("gates.png"),
     layer: Annotated[Optional[int], typer.Option(help="Which layer to show, from 1 (default: the last).")] = None,
-    units: Annotated[int, typer.Option(min=1, help="Units in each heatmap: those that change most over the prompt.")] = 16,
+    units: Annotated[
+        int, typer.Option(min=1, help="Units in each heatmap: those that change most over the prompt.")
+    ] = 16,
     top_k: Annotated[int, typer.Option(help="Next-word guesses per token.")] = 3,
-    swap: Annotated[Optional[str], typer.Option(metavar="WORD=OTHER", help="Also read the prompt with OTHER in place of WORD, and show per token how far apart the two memories are: where WORD is written, and whether it is kept.")] = None,
+    swap: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="WORD=OTHER",
+            help=(
+                "Also read the prompt with OTHER in place of WORD, and show per token how far apart the two "
+                "memories are: where WORD is written, and whether it is kept."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Show the gates at work: per token, the mean forget / input / output gate (the GRU's
     reset / update gate), the memory's norm and the top next-word guesses.
@@ -409,7 +619,9 @@ def inspect(
 )
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (holding metrics.jsonl).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The picture (PNG). Default: RUN_DIR/training.png.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="The picture (PNG). Default: RUN_DIR/training.png.")
+    ] = None,
 ) -> None:
     """Draw a run's training and validation loss, and its gradient flow when it was
     trained with --log-grad-flow. Prints the validation curve as a table."""
@@ -426,13 +638,17 @@ def plot(
             raise DataError(f"{run_dir} holds no metrics.jsonl lines; is it a run directory that has validated once?")
         png = plot_run(run_dir.name, logs, out or run_dir / "training.png")
         lines = [f"{'epoch':>5} {'step':>7} {'train loss':>10} {'valid loss':>10} {'valid ppl':>10}"]
-        lines += [f"{r['epoch']:>5} {r['step']:>7} {r['train_loss']:>10.4f} {r['val_loss']:>10.4f} {r['val_ppl']:>10.2f}"
-                  for r in metrics]
+        lines += [
+            f"{r['epoch']:>5} {r['step']:>7} {r['train_loss']:>10.4f} {r['val_loss']:>10.4f} {r['val_ppl']:>10.2f}"
+            for r in metrics
+        ]
         if flow:
             last = flow[-1]["grad_norm"][-1]
             shown = [k for k in (0, 1, 2, 5, 10, 20, 40, 80) if k < len(last)]
-            lines.append(f"gradient flow at step {flow[-1]['step']} (last layer), |dL_T/dh_(T-k)| for k = "
-                         + ", ".join(f"{k}: {last[k]:.2e}" for k in shown))
+            lines.append(
+                f"gradient flow at step {flow[-1]['step']} (last layer), |dL_T/dh_(T-k)| for k = "
+                + ", ".join(f"{k}: {last[k]:.2e}" for k in shown)
+            )
         emit("\n".join(lines))
     typer.echo(f"wrote {png}" if png else PLOT_HINT, err=True)
 
@@ -448,7 +664,10 @@ def plot(
 def score(
     file: Annotated[str, typer.Argument(metavar="FILE|-", help="A text file, one text per line, or - for stdin.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
-    per_token: Annotated[bool, typer.Option("--per-token", help="Add each token's log-probability: token_logprobs, [token, logprob] pairs.")] = False,
+    per_token: Annotated[
+        bool,
+        typer.Option("--per-token", help="Add each token's log-probability: token_logprobs, [token, logprob] pairs."),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
     precision: Annotated[str, typer.Option(callback=_precision, help="fp32 (exact), bf16 or auto.")] = "fp32",
 ) -> None:
@@ -490,17 +709,46 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
-    threads: Annotated[int, typer.Option(min=1, help="PyTorch's CPU threads for the model. The model answers one request at a time, and with 1 (the default) the other cores parse HTTP and JSON: faster here than 2 (docs/use.md).")] = 1,
-    token: Annotated[Optional[str], typer.Option(envvar="LSTM_LM_TOKEN", help="The access token requests must carry (Authorization: Bearer TOKEN, or /?token=TOKEN for the page). Default: none on a loopback address; beyond it, a new one, printed at start.")] = None,
-    no_token: Annotated[bool, typer.Option("--no-token", help="Serve beyond loopback without an access token (a warning is printed): anyone who can reach the port can use it.")] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help=(
+                "PyTorch's CPU threads for the model. The model answers one request at a time, and with 1 (the "
+                "default) the other cores parse HTTP and JSON: faster here than 2 (docs/use.md)."
+            ),
+        ),
+    ] = 1,
+    token: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="LSTM_LM_TOKEN",
+            help=(
+                "The access token requests must carry (Authorization: Bearer TOKEN, or /?token=TOKEN for the "
+                "page). Default: none on a loopback address; beyond it, a new one, printed at start."
+            ),
+        ),
+    ] = None,
+    no_token: Annotated[
+        bool,
+        typer.Option(
+            "--no-token",
+            help=(
+                "Serve beyond loopback without an access token (a warning is printed): anyone who can reach the "
+                "port can use it."
+            ),
+        ),
+    ] = False,
 ) -> None:
     """Serve the model over HTTP: a web page at / (suggestions as you type, the gates at
     work), the JSON API under /v1 and its documentation at /docs. Ctrl-C or SIGTERM stops it."""
     with user_errors(results=False):
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:
-            raise LSTMLMError(f"lstm-lm serve needs {' and '.join(missing)}, which the serve extra installs: "
-                              "pip install 'lstm-lm[serve]' (in a clone, scripts/setup.sh installs it)")
+            raise LSTMLMError(
+                f"lstm-lm serve needs {' and '.join(missing)}, which the serve extra installs: "
+                "pip install 'lstm-lm[serve]' (in a clone, scripts/setup.sh installs it)"
+            )
         from lstm_lm.serve import run_server
 
         run_server(checkpoint, host, port, device, threads, token, no_token)
@@ -517,9 +765,26 @@ def serve(
 def export(
     format_: Annotated[str, typer.Option("--format", help="The format: onnx.")] = "onnx",
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The file to write. Default: model.onnx (model-int8.onnx with --int8).")] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="Quantize the weights to int8 (onnxruntime's dynamic quantization); reports the change in validation perplexity.")] = False,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Corpus for the validation perplexity. Default: the one the model was trained on.")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="The file to write. Default: model.onnx (model-int8.onnx with --int8)."),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help=(
+                "Quantize the weights to int8 (onnxruntime's dynamic quantization); reports the change in "
+                "validation perplexity."
+            ),
+        ),
+    ] = False,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data", "-d", help="Corpus for the validation perplexity. Default: the one the model was trained on."
+        ),
+    ] = None,
 ) -> None:
     """Export the model as an ONNX graph that reads a chunk of tokens with its state (see
     docs/export.md); checks it against PyTorch and prints what it measured as JSON."""

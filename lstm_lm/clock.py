@@ -1,7 +1,7 @@
 """The run's wall clock against its time budget.
 
-    clock = Clock(budget_min=30, elapsed_before=state.elapsed_s)
-    if clock.out_of_time(): ...   # the budget, less what the final evaluation needs, is spent
+clock = Clock(budget_min=30, elapsed_before=state.elapsed_s)
+if clock.out_of_time(): ...   # the budget, less what the final evaluation needs, is spent
 """
 
 from __future__ import annotations

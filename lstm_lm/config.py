@@ -35,8 +35,17 @@ DEMO_RECIPE = "demo"
 MAX_UNITS, MAX_LAYERS = 1 << 20, 256  # what `lstm-lm train` trains with no --config and no --data
 
 
-def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None, ge: float | None = None,
-          gt: float | None = None, lt: float | None = None, le: float | None = None, kind: str | None = None):
+def param(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    kind: str | None = None,
+):
     """A config field: its default, help, allowed choices and bounds (a null value passes the bounds)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "lt": lt, "le": le, "kind": kind}
     if isinstance(default, list):
@@ -46,83 +55,167 @@ def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None, ge
 
 @dataclass
 class DataConfig:
-    source: str = param("demo", "Where the text comes from: demo (the built-in corpus), a directory with "
-                        "train.txt/valid.txt/test.txt, one text file (split by valid_fraction and test_fraction), "
-                        "or a Hugging Face hub dataset NAME:CONFIG / hf:NAME (needs network).")
-    tokenizer: str = param("word", "word (whitespace-separated words), char (characters) or bpe (byte-pair "
-                           "encoding).", choices=("word", "char", "bpe"))
+    source: str = param(
+        "demo",
+        "Where the text comes from: demo (the built-in corpus), a directory with "
+        "train.txt/valid.txt/test.txt, one text file (split by valid_fraction and test_fraction), "
+        "or a Hugging Face hub dataset NAME:CONFIG / hf:NAME (needs network).",
+    )
+    tokenizer: str = param(
+        "word",
+        "word (whitespace-separated words), char (characters) or bpe (byte-pair encoding).",
+        choices=("word", "char", "bpe"),
+    )
     lowercase: bool = param(False, "Lowercase the text before tokenizing (case is kept by default).")
-    split_punctuation: bool = param(False, "Word tokenizer only: split punctuation off words (\"John,\" -> \"John\" "
-                                    "\",\"). Off for pre-tokenized corpora such as PTB, whose tokens (\"u.s.\", "
-                                    "\"<unk>\") must stay whole.")
-    min_freq: int = param(1, "Word/char tokenizer: keep only tokens seen at least this often in the train split.",
-                          ge=1)
-    max_size: int | None = param(None, "Word/char tokenizer: keep at most this many of the most frequent tokens "
-                                 "(null: all; at least 3, room for <unk>, <eos> and a word).", ge=3)
+    split_punctuation: bool = param(
+        False,
+        'Word tokenizer only: split punctuation off words ("John," -> "John" '
+        '","). Off for pre-tokenized corpora such as PTB, whose tokens ("u.s.", '
+        '"<unk>") must stay whole.',
+    )
+    min_freq: int = param(1, "Word/char tokenizer: keep only tokens seen at least this often in the train split.", ge=1)
+    max_size: int | None = param(
+        None,
+        "Word/char tokenizer: keep at most this many of the most frequent tokens "
+        "(null: all; at least 3, room for <unk>, <eos> and a word).",
+        ge=3,
+    )
     vocab_size: int = param(8000, "BPE tokenizer: size of the vocabulary to learn, special tokens included.", ge=3)
-    valid_fraction: float = param(0.05, "Single-file sources: the fraction of the lines used for validation "
-                                  "(a contiguous block before the test block at the end of the file).", gt=0, lt=0.5)
-    test_fraction: float = param(0.05, "Single-file sources: the fraction of the lines used for test (the "
-                                 "contiguous block at the end of the file).", gt=0, lt=0.5)
+    valid_fraction: float = param(
+        0.05,
+        "Single-file sources: the fraction of the lines used for validation "
+        "(a contiguous block before the test block at the end of the file).",
+        gt=0,
+        lt=0.5,
+    )
+    test_fraction: float = param(
+        0.05,
+        "Single-file sources: the fraction of the lines used for test (the contiguous block at the end of the file).",
+        gt=0,
+        lt=0.5,
+    )
     demo_size: int = param(6000, "Demo corpus: the number of generated biographies.", ge=1)
     demo_seed: int = param(0, "Demo corpus: the generator's seed.")
-    gap_min: int = param(0, "Demo corpus: the fewest words of unrelated clauses between \"I am from X\" and "
-                         "\"and I speak Y\" (each biography's gap is drawn uniformly from [gap_min, gap_max]).",
-                         ge=0, le=500)
-    gap_max: int = param(12, "Demo corpus: the most words of unrelated clauses between the region and the "
-                         "language.", ge=0, le=500)
-    cache_dir: str | None = param(None, "Where encoded token ids are cached (null: $LSTM_LM_CACHE or "
-                                  "~/.cache/lstm-lm).")
+    gap_min: int = param(
+        0,
+        'Demo corpus: the fewest words of unrelated clauses between "I am from X" and '
+        '"and I speak Y" (each biography\'s gap is drawn uniformly from [gap_min, gap_max]).',
+        ge=0,
+        le=500,
+    )
+    gap_max: int = param(
+        12, "Demo corpus: the most words of unrelated clauses between the region and the language.", ge=0, le=500
+    )
+    cache_dir: str | None = param(
+        None, "Where encoded token ids are cached (null: $LSTM_LM_CACHE or ~/.cache/lstm-lm)."
+    )
 
 
 @dataclass
 class ModelConfig:
-    cell: str = param("lstm", f"Recurrent cell: {', '.join(cells.module_names())} (the modules of lstm_lm/cells/; "
-                      "the table of cells in docs/reference.md says what each is and which paper it comes from).",
-                      choices=cells.module_names())
-    impl: str = param("auto", "Engine: custom (the hand-written cell), cudnn (the kernel behind torch.nn.LSTM, GRU "
-                      "or RNN: cuDNN on a GPU; for the cells that have one) or auto (cudnn where the cell has it, "
-                      "else custom; every feature works with either).", choices=("auto", "custom", "cudnn"))
-    proj_size: int | None = param(None, "Cells lstm and cifg: project h to this many units (< each layer's size) "
-                                  "after the output gate, the LSTMP of Sak et al. 2014 (null: no projection). The "
-                                  "state each step multiplies shrinks; c keeps the layer's size.", ge=1, le=MAX_UNITS)
-    mogrify_rounds: int | None = param(None, "Cell mogrifier: rounds in which x and h gate each other before each "
-                                       "LSTM step (null: the paper's 5; 0: a plain LSTM).", ge=0, le=64)
-    mogrify_rank: int | None = param(None, "Cell mogrifier: the rank of its Q and R matrices, each the product of "
-                                     "two thin ones (null: full rank).", ge=1, le=MAX_UNITS)
+    cell: str = param(
+        "lstm",
+        f"Recurrent cell: {', '.join(cells.module_names())} (the modules of lstm_lm/cells/; "
+        "the table of cells in docs/reference.md says what each is and which paper it comes from).",
+        choices=cells.module_names(),
+    )
+    impl: str = param(
+        "auto",
+        "Engine: custom (the hand-written cell), cudnn (the kernel behind torch.nn.LSTM, GRU "
+        "or RNN: cuDNN on a GPU; for the cells that have one) or auto (cudnn where the cell has it, "
+        "else custom; every feature works with either).",
+        choices=("auto", "custom", "cudnn"),
+    )
+    proj_size: int | None = param(
+        None,
+        "Cells lstm and cifg: project h to this many units (< each layer's size) "
+        "after the output gate, the LSTMP of Sak et al. 2014 (null: no projection). The "
+        "state each step multiplies shrinks; c keeps the layer's size.",
+        ge=1,
+        le=MAX_UNITS,
+    )
+    mogrify_rounds: int | None = param(
+        None,
+        "Cell mogrifier: rounds in which x and h gate each other before each "
+        "LSTM step (null: the paper's 5; 0: a plain LSTM).",
+        ge=0,
+        le=64,
+    )
+    mogrify_rank: int | None = param(
+        None,
+        "Cell mogrifier: the rank of its Q and R matrices, each the product of two thin ones (null: full rank).",
+        ge=1,
+        le=MAX_UNITS,
+    )
     embedding_size: int = param(200, "Size of the word vectors.", ge=1, le=MAX_UNITS)
     hidden_size: int = param(200, "Units in each recurrent layer.", ge=1, le=MAX_UNITS)
     num_layers: int = param(2, "Number of stacked recurrent layers.", ge=1, le=MAX_LAYERS)
-    hidden_sizes: list[int] | None = param(None, "Units of each layer, one entry per layer, overriding hidden_size "
-                                           "(null: all hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last "
-                                           "layer matches the embedding so that the weights can be tied.")
-    dropout: float = param(0.2, "Dropout on the embeddings, between layers and on the last layer's output; "
-                           "dropout_input, dropout_hidden and dropout_output set each of those on its own.",
-                           ge=0, lt=1)
-    dropout_input: float | None = param(None, "Dropout on the embedding output, the first layer's input "
-                                        "(AWD-LSTM's dropouti; null: dropout).", ge=0, lt=1)
-    dropout_hidden: float | None = param(None, "Dropout between stacked layers (AWD-LSTM's dropouth; null: "
-                                         "dropout).", ge=0, lt=1)
-    dropout_output: float | None = param(None, "Dropout on the last layer's output, the decoder's input "
-                                         "(AWD-LSTM's dropout; null: dropout).", ge=0, lt=1)
-    locked_dropout: bool = param(False, "The three dropouts above as locked (variational) dropout: one mask per "
-                                 "sequence, the same at every time step (Gal & Ghahramani 2016).")
-    dropout_embedding: float = param(0.0, "Embedding dropout: drop whole words, the same words everywhere in a "
-                                     "batch (Gal & Ghahramani 2016; AWD-LSTM's dropoute).", ge=0, lt=1)
-    weight_drop: float = param(0.0, "Weight drop: DropConnect (Wan et al. 2013) on the hidden-to-hidden matrices, "
-                               "one mask per batch shared by every time step (AWD-LSTM's wdrop).", ge=0, lt=1)
-    tie_weights: bool = param(True, "Share the input embedding with the output projection (Press & Wolf 2017, "
-                              "Inan et al. 2017; with softmax adaptive, with the head's word rows); needs "
-                              "embedding_size == the last layer's size.")
-    softmax: str = param("full", "Output layer: full (one softmax over the vocabulary) or adaptive (Grave et al. "
-                         "2017: the frequent words in a head, the rest in clusters behind smaller projections; "
-                         "an exact distribution, several times faster for vocabularies of 50k words and more).",
-                         choices=("full", "adaptive"))
-    cutoffs: list[int] | None = param(None, "softmax adaptive: where the head ends and each cluster begins, in "
-                                      "word ids by frequency, e.g. [20000, 60000] for WikiText-103 (null: 1/12 "
-                                      "and 1/4 of the vocabulary).")
-    div_value: float = param(4.0, "softmax adaptive: cluster i projects the last layer's output down to "
-                             "size / div_value^(i+1) units.", ge=1)
+    hidden_sizes: list[int] | None = param(
+        None,
+        "Units of each layer, one entry per layer, overriding hidden_size "
+        "(null: all hidden_size). AWD-LSTM uses [1150, 1150, 400]: the last "
+        "layer matches the embedding so that the weights can be tied.",
+    )
+    dropout: float = param(
+        0.2,
+        "Dropout on the embeddings, between layers and on the last layer's output; "
+        "dropout_input, dropout_hidden and dropout_output set each of those on its own.",
+        ge=0,
+        lt=1,
+    )
+    dropout_input: float | None = param(
+        None,
+        "Dropout on the embedding output, the first layer's input (AWD-LSTM's dropouti; null: dropout).",
+        ge=0,
+        lt=1,
+    )
+    dropout_hidden: float | None = param(
+        None, "Dropout between stacked layers (AWD-LSTM's dropouth; null: dropout).", ge=0, lt=1
+    )
+    dropout_output: float | None = param(
+        None, "Dropout on the last layer's output, the decoder's input (AWD-LSTM's dropout; null: dropout).", ge=0, lt=1
+    )
+    locked_dropout: bool = param(
+        False,
+        "The three dropouts above as locked (variational) dropout: one mask per "
+        "sequence, the same at every time step (Gal & Ghahramani 2016).",
+    )
+    dropout_embedding: float = param(
+        0.0,
+        "Embedding dropout: drop whole words, the same words everywhere in a "
+        "batch (Gal & Ghahramani 2016; AWD-LSTM's dropoute).",
+        ge=0,
+        lt=1,
+    )
+    weight_drop: float = param(
+        0.0,
+        "Weight drop: DropConnect (Wan et al. 2013) on the hidden-to-hidden matrices, "
+        "one mask per batch shared by every time step (AWD-LSTM's wdrop).",
+        ge=0,
+        lt=1,
+    )
+    tie_weights: bool = param(
+        True,
+        "Share the input embedding with the output projection (Press & Wolf 2017, "
+        "Inan et al. 2017; with softmax adaptive, with the head's word rows); needs "
+        "embedding_size == the last layer's size.",
+    )
+    softmax: str = param(
+        "full",
+        "Output layer: full (one softmax over the vocabulary) or adaptive (Grave et al. "
+        "2017: the frequent words in a head, the rest in clusters behind smaller projections; "
+        "an exact distribution, several times faster for vocabularies of 50k words and more).",
+        choices=("full", "adaptive"),
+    )
+    cutoffs: list[int] | None = param(
+        None,
+        "softmax adaptive: where the head ends and each cluster begins, in "
+        "word ids by frequency, e.g. [20000, 60000] for WikiText-103 (null: 1/12 "
+        "and 1/4 of the vocabulary).",
+    )
+    div_value: float = param(
+        4.0, "softmax adaptive: cluster i projects the last layer's output down to size / div_value^(i+1) units.", ge=1
+    )
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -132,9 +225,13 @@ class ModelConfig:
     def dropouts(self) -> dict[str, float]:
         """The rate of each dropout site, the null ones filled in from `dropout`."""
         pick = lambda v: self.dropout if v is None else v  # noqa: E731
-        return {"input": pick(self.dropout_input), "hidden": pick(self.dropout_hidden),
-                "output": pick(self.dropout_output), "embedding": self.dropout_embedding,
-                "weight": self.weight_drop}
+        return {
+            "input": pick(self.dropout_input),
+            "hidden": pick(self.dropout_hidden),
+            "output": pick(self.dropout_output),
+            "embedding": self.dropout_embedding,
+            "weight": self.weight_drop,
+        }
 
 
 @dataclass
@@ -144,67 +241,122 @@ class TrainConfig:
     batch_size: int = param(20, "Parallel token streams per batch (the B of the truncated-BPTT layout).", ge=1)
     bptt: int = param(35, "Time steps per truncated-BPTT chunk; gradients flow back at most this far.", ge=1)
     optimizer: str = param("sgd", "sgd or adamw.", choices=("sgd", "adamw"))
-    lr: float = param(20.0, "Learning rate (20 is the classic value for plain SGD on PTB; about 1e-3 for AdamW).",
-                      gt=0)
-    weight_decay: float = param(0.0, "Weight decay: decoupled for AdamW (Loshchilov & Hutter 2019), an L2 penalty "
-                                "for SGD (AWD-LSTM uses 1.2e-6).", ge=0)
-    schedule: str = param("plateau", "Learning-rate schedule: plateau (divide by lr_decay when validation stops "
-                          "improving), exponential (divide by lr_decay after every epoch from decay_start on, as "
-                          "Zaremba et al. 2014), cosine (after the warm-up, from lr down to min_lr over the run: "
-                          "its epochs, max_steps or time_budget) or constant.",
-                          choices=("plateau", "exponential", "cosine", "constant"))
+    lr: float = param(20.0, "Learning rate (20 is the classic value for plain SGD on PTB; about 1e-3 for AdamW).", gt=0)
+    weight_decay: float = param(
+        0.0,
+        "Weight decay: decoupled for AdamW (Loshchilov & Hutter 2019), an L2 penalty for SGD (AWD-LSTM uses 1.2e-6).",
+        ge=0,
+    )
+    schedule: str = param(
+        "plateau",
+        "Learning-rate schedule: plateau (divide by lr_decay when validation stops "
+        "improving), exponential (divide by lr_decay after every epoch from decay_start on, as "
+        "Zaremba et al. 2014), cosine (after the warm-up, from lr down to min_lr over the run: "
+        "its epochs, max_steps or time_budget) or constant.",
+        choices=("plateau", "exponential", "cosine", "constant"),
+    )
     lr_decay: float = param(4.0, "plateau / exponential: the divisor (1: never decay).", ge=1)
     decay_start: int = param(1, "exponential: the first epoch after which the learning rate is divided.", ge=1)
-    warmup_steps: int = param(0, "Raise the learning rate linearly from 0 over the first this many steps "
-                              "(0: no warm-up).", ge=0)
+    warmup_steps: int = param(
+        0, "Raise the learning rate linearly from 0 over the first this many steps (0: no warm-up).", ge=0
+    )
     min_lr: float = param(0.0, "cosine: the learning rate at the end of the run (below lr).", ge=0)
-    nt_asgd: bool = param(False, "Non-monotonically triggered averaged SGD (Merity et al. 2017; needs optimizer "
-                          "sgd): once validation loss is worse than the best of all but the last nonmono epochs, "
-                          "average the weights from then on; validation, the saved model and the test use the "
-                          "average.")
+    nt_asgd: bool = param(
+        False,
+        "Non-monotonically triggered averaged SGD (Merity et al. 2017; needs optimizer "
+        "sgd): once validation loss is worse than the best of all but the last nonmono epochs, "
+        "average the weights from then on; validation, the saved model and the test use the "
+        "average.",
+    )
     nonmono: int = param(5, "NT-ASGD: the epochs of patience of its trigger.", ge=1)
-    ar: float = param(0.0, "Activation regularization: add ar * mean(h^2) of the last layer's (dropped-out) output "
-                      "to the loss (Merity et al. 2017; AWD-LSTM uses 2).", ge=0)
-    tar: float = param(0.0, "Temporal activation regularization: add tar * mean((h_t - h_{t-1})^2) of the last "
-                       "layer's raw output to the loss (Merity et al. 2017; AWD-LSTM uses 1).", ge=0)
-    variable_bptt: bool = param(False, "Variable-length BPTT (Merity et al. 2017): each chunk's length is drawn "
-                                "around bptt (N(bptt, 5), or N(bptt/2, 5) one time in 20, at least 5) and the "
-                                "learning rate scaled by length / bptt.")
-    time_budget: float | None = param(None, "Stop after this many minutes of wall time, final validation and test "
-                                      "included (null: no limit); the cosine schedule is planned against it.", gt=0)
+    ar: float = param(
+        0.0,
+        "Activation regularization: add ar * mean(h^2) of the last layer's (dropped-out) output "
+        "to the loss (Merity et al. 2017; AWD-LSTM uses 2).",
+        ge=0,
+    )
+    tar: float = param(
+        0.0,
+        "Temporal activation regularization: add tar * mean((h_t - h_{t-1})^2) of the last "
+        "layer's raw output to the loss (Merity et al. 2017; AWD-LSTM uses 1).",
+        ge=0,
+    )
+    variable_bptt: bool = param(
+        False,
+        "Variable-length BPTT (Merity et al. 2017): each chunk's length is drawn "
+        "around bptt (N(bptt, 5), or N(bptt/2, 5) one time in 20, at least 5) and the "
+        "learning rate scaled by length / bptt.",
+    )
+    time_budget: float | None = param(
+        None,
+        "Stop after this many minutes of wall time, final validation and test "
+        "included (null: no limit); the cosine schedule is planned against it.",
+        gt=0,
+    )
     clip: float = param(0.25, "Clip the global gradient norm to this (0: no clipping).", ge=0)
     eval_batch_size: int = param(10, "Streams used for validation and test (the classic value is 10).", ge=1)
     device: str = param("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", kind="device")
-    precision: str = param("auto", "Arithmetic: fp32, bf16 (matrix products in bfloat16 under torch.autocast, the "
-                           "loss and the weights in float32) or auto (bf16 where the hardware does it natively: a "
-                           "CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).",
-                           choices=("auto", "fp32", "bf16"))
-    compile: bool = param(False, "torch.compile the training step (for the hand-written cell, its time loop "
-                          "with it); compiling takes 20 s to 1.5 min once per run.")
-    compile_mode: str = param("default", "torch.compile's mode with train.compile: default, reduce-overhead "
-                              "(on a GPU it replays the step's kernels as CUDA graphs) or max-autotune (it also "
-                              "times kernel variants; compiling takes much longer).",
-                              choices=("default", "reduce-overhead", "max-autotune"))
-    loss_impl: str = param("auto", "How the output layer and its cross-entropy are computed in training: fused "
-                           "(block by block, the gradient computed at once and no logits kept: see loss.py), "
-                           "plain (F.linear then F.cross_entropy, the logits kept for backward) or auto (fused; "
-                           "measured faster on a CPU, see docs/speed.md).", choices=("auto", "fused", "plain"))
+    precision: str = param(
+        "auto",
+        "Arithmetic: fp32, bf16 (matrix products in bfloat16 under torch.autocast, the "
+        "loss and the weights in float32) or auto (bf16 where the hardware does it natively: a "
+        "CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).",
+        choices=("auto", "fp32", "bf16"),
+    )
+    compile: bool = param(
+        False,
+        "torch.compile the training step (for the hand-written cell, its time loop "
+        "with it); compiling takes 20 s to 1.5 min once per run.",
+    )
+    compile_mode: str = param(
+        "default",
+        "torch.compile's mode with train.compile: default, reduce-overhead "
+        "(on a GPU it replays the step's kernels as CUDA graphs) or max-autotune (it also "
+        "times kernel variants; compiling takes much longer).",
+        choices=("default", "reduce-overhead", "max-autotune"),
+    )
+    loss_impl: str = param(
+        "auto",
+        "How the output layer and its cross-entropy are computed in training: fused "
+        "(block by block, the gradient computed at once and no logits kept: see loss.py), "
+        "plain (F.linear then F.cross_entropy, the logits kept for backward) or auto (fused; "
+        "measured faster on a CPU, see docs/speed.md).",
+        choices=("auto", "fused", "plain"),
+    )
     seed: int = param(1111, "Seed for weights, dropout and sampling.")
-    log_interval: int = param(50, "Update the progress bar and write a line to steps.jsonl every this many steps "
-                              "(each update syncs the device).", ge=1)
-    log_grad_flow: bool = param(False, "Every log_interval steps, also record how far back the gradient reaches "
-                                "(grad_flow.jsonl; drawn by lstm-lm plot). Costs one step-by-step pass per record.")
-    logger: str = param("jsonl", "Where the step and validation records go besides the JSONL logs, which are always "
-                        "written: jsonl (nowhere else) or tensorboard (RUN/tensorboard; pip install "
-                        "'lstm-lm[tensorboard]').", choices=("jsonl", "tensorboard"))
-    checkpoint_every: int | None = param(None, "Besides the one after each validation, save a resumable "
-                                         "checkpoint every this many steps (null: not).", ge=1)
-    checkpoint_minutes: float | None = param(10.0, "Besides the one after each validation, save a resumable "
-                                             "checkpoint every this many minutes (null: not).", gt=0)
-    keep_last: int = param(2, "Keep the newest this many step checkpoints; the best one is always kept as well.",
-                           ge=1)
-    skip_nonfinite: bool = param(False, "A step whose loss or gradient is not a finite number: stop with a message "
-                                 "(false), or skip its update and count it (true; one device sync per step).")
+    log_interval: int = param(
+        50,
+        "Update the progress bar and write a line to steps.jsonl every this many steps (each update syncs the device).",
+        ge=1,
+    )
+    log_grad_flow: bool = param(
+        False,
+        "Every log_interval steps, also record how far back the gradient reaches "
+        "(grad_flow.jsonl; drawn by lstm-lm plot). Costs one step-by-step pass per record.",
+    )
+    logger: str = param(
+        "jsonl",
+        "Where the step and validation records go besides the JSONL logs, which are always "
+        "written: jsonl (nowhere else) or tensorboard (RUN/tensorboard; pip install "
+        "'lstm-lm[tensorboard]').",
+        choices=("jsonl", "tensorboard"),
+    )
+    checkpoint_every: int | None = param(
+        None,
+        "Besides the one after each validation, save a resumable checkpoint every this many steps (null: not).",
+        ge=1,
+    )
+    checkpoint_minutes: float | None = param(
+        10.0,
+        "Besides the one after each validation, save a resumable checkpoint every this many minutes (null: not).",
+        gt=0,
+    )
+    keep_last: int = param(2, "Keep the newest this many step checkpoints; the best one is always kept as well.", ge=1)
+    skip_nonfinite: bool = param(
+        False,
+        "A step whose loss or gradient is not a finite number: stop with a message "
+        "(false), or skip its update and count it (true; one device sync per step).",
+    )
 
 
 @dataclass
@@ -257,8 +409,9 @@ def _specs() -> dict[str, FieldSpec]:
             m = f.metadata
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             bounds = {k: m[k] for k in ("ge", "gt", "lt", "le") if m.get(k) is not None}
-            specs[f"{section}.{f.name}"] = FieldSpec(f"{section}.{f.name}", hints[f.name], default, m["help"],
-                                                     m.get("choices"), bounds, m.get("kind"))
+            specs[f"{section}.{f.name}"] = FieldSpec(
+                f"{section}.{f.name}", hints[f.name], default, m["help"], m.get("choices"), bounds, m.get("kind")
+            )
     return specs
 
 
@@ -367,8 +520,13 @@ def _check_bounds(spec: FieldSpec, value: Any) -> str | None:
     if not spec.bounds or not isinstance(value, (int, float)):
         return None
     b = spec.bounds
-    ok = (math.isfinite(value) and ("ge" not in b or value >= b["ge"]) and ("gt" not in b or value > b["gt"])
-          and ("lt" not in b or value < b["lt"]) and ("le" not in b or value <= b["le"]))
+    ok = (
+        math.isfinite(value)
+        and ("ge" not in b or value >= b["ge"])
+        and ("gt" not in b or value > b["gt"])
+        and ("lt" not in b or value < b["lt"])
+        and ("le" not in b or value <= b["le"])
+    )
     if ok:
         return None
     return f"{spec.key}: must be {describe_bounds(spec)}, got {value}"
@@ -383,8 +541,9 @@ def describe_bounds(spec: FieldSpec) -> str:
     if low and high:
         text = f"in {low[0]}{g(low[1])}, {g(high[1])}{high[0]}"
     elif low:
-        text = (f"at least {g(low[1])}" if low[0] == "[" else
-                "a positive number" if low[1] == 0 else f"above {g(low[1])}")
+        text = (
+            f"at least {g(low[1])}" if low[0] == "[" else "a positive number" if low[1] == 0 else f"above {g(low[1])}"
+        )
     elif high:
         text = f"at most {g(high[1])}" if high[0] == "]" else f"below {g(high[1])}"
     else:
@@ -400,8 +559,9 @@ def _cell_problems(m: ModelConfig) -> list[str]:
     for name in ("proj_size", "mogrify_rounds", "mogrify_rank"):
         if getattr(m, name) is not None and name not in spec.options:
             readers = [c for c in cells.names() if name in cells.get(c).options]
-            p.append(f"model.{name}: the {m.cell} cell does not read it (cells that do: {', '.join(readers)}); "
-                     "leave it null")
+            p.append(
+                f"model.{name}: the {m.cell} cell does not read it (cells that do: {', '.join(readers)}); leave it null"
+            )
     if m.proj_size is not None and _sizes_ok(m) and any(m.proj_size >= size for size in m.layer_sizes):
         p.append(f"model.proj_size: must be smaller than every layer's size ({min(m.layer_sizes)}), got {m.proj_size}")
     if m.impl == "cudnn" and spec.kernel is None:
@@ -416,15 +576,20 @@ def _sizes_ok(m: ModelConfig) -> bool:
 
 def validate(cfg: Config) -> list[str]:
     """Every field's choices and bounds, then the checks that involve several fields; every problem found."""
-    p = [problem for key, spec in FIELDS.items()
-         if (problem := _check_bounds(spec, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])))]
+    p = [
+        problem
+        for key, spec in FIELDS.items()
+        if (problem := _check_bounds(spec, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])))
+    ]
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.gap_min > d.gap_max:
         p.append(f"data.gap_min, data.gap_max: need gap_min <= gap_max, got {d.gap_min} and {d.gap_max}")
     if m.hidden_sizes is not None:
         if len(m.hidden_sizes) != m.num_layers:
-            p.append(f"model.hidden_sizes: has {len(m.hidden_sizes)} entries but model.num_layers is "
-                     f"{m.num_layers}; give one size per layer")
+            p.append(
+                f"model.hidden_sizes: has {len(m.hidden_sizes)} entries but model.num_layers is "
+                f"{m.num_layers}; give one size per layer"
+            )
         if any(not 1 <= size <= MAX_UNITS for size in m.hidden_sizes):
             p.append(f"model.hidden_sizes: every size must be in [1, {MAX_UNITS}], got {m.hidden_sizes[:8]}")
     p += _cell_problems(m)
@@ -435,8 +600,9 @@ def validate(cfg: Config) -> list[str]:
             f"model.tie_weights: tied weights need embedding_size == {what}, got "
             f"{m.embedding_size} and {last} (set model.tie_weights=false or make them equal)"
         )
-    if m.cutoffs is not None and (not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:]))
-                                  or m.cutoffs[0] < 1):
+    if m.cutoffs is not None and (
+        not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:])) or m.cutoffs[0] < 1
+    ):
         p.append(f"model.cutoffs: need one or more increasing sizes of at least 1, got {m.cutoffs}")
     if t.lr > 0 and not t.min_lr < t.lr:
         p.append(f"train.min_lr: must be below train.lr ({t.lr}), got {t.min_lr}")
@@ -445,15 +611,18 @@ def validate(cfg: Config) -> list[str]:
     if t.compile_mode != "default" and not t.compile:
         p.append(f"train.compile_mode: {t.compile_mode} needs train.compile=true")
     if t.variable_bptt and t.compile:
-        p.append("train.variable_bptt: does not combine with train.compile (every new chunk length would "
-                 "compile anew); turn one of them off")
+        p.append(
+            "train.variable_bptt: does not combine with train.compile (every new chunk length would "
+            "compile anew); turn one of them off"
+        )
     return p
 
 
 def is_device_name(name: str) -> bool:
     """auto, cpu, cuda, cuda:N or mps."""
     return isinstance(name, str) and (
-        name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit()))
+        name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
+    )
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -535,8 +704,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         builtin = recipe_path(str(path)) if path.suffix == "" and len(path.parts) == 1 else None
         if builtin is None:
-            raise ConfigError([f"config file {path} does not exist (built-in recipes: {', '.join(recipes())})"],
-                              str(path))
+            raise ConfigError(
+                [f"config file {path} does not exist (built-in recipes: {', '.join(recipes())})"], str(path)
+            )
         path = builtin
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -568,8 +738,9 @@ def load_config(
         key, sep, text = item.partition("=")
         resolved = resolve_key(key.strip()) if sep else None
         if resolved is None:
-            problems.append(f"--set {item!r}: expected section.key=value or a unique key=value "
-                            f"(sections: {', '.join(SECTIONS)})")
+            problems.append(
+                f"--set {item!r}: expected section.key=value or a unique key=value (sections: {', '.join(SECTIONS)})"
+            )
         elif resolved not in FIELDS:
             problems.append(_unknown_key(resolved))
         else:
@@ -596,11 +767,23 @@ def reference_table() -> str:
     for key, spec in FIELDS.items():
         typ = spec.base_type
         name = "list of int" if typing.get_origin(typ) is list else typ.__name__
-        allowed = (", ".join(spec.choices) if spec.choices else describe_bounds(spec) if spec.bounds
-                   else "auto, cpu, cuda, cuda:N, mps" if spec.kind == "device" else "")
+        allowed = (
+            ", ".join(spec.choices)
+            if spec.choices
+            else describe_bounds(spec)
+            if spec.bounds
+            else "auto, cpu, cuda, cuda:N, mps"
+            if spec.kind == "device"
+            else ""
+        )
         if spec.optional and not spec.bounds and not spec.choices:
             allowed = "or null"
-        default = "null" if spec.default is None else str(spec.default).lower() if isinstance(spec.default, bool) \
+        default = (
+            "null"
+            if spec.default is None
+            else str(spec.default).lower()
+            if isinstance(spec.default, bool)
             else spec.default
+        )
         rows.append(f"| `{key}` | {name} | `{default}` | {allowed} | {spec.help.replace('|', '/')} |")
     return "\n".join(rows) + "\n"

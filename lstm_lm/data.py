@@ -156,7 +156,7 @@ def file_blocks(path: Path, start: int = 0, stop: int | None = None) -> Iterator
                     return
                 lines = (text + f.readline()).splitlines()
                 if i + len(lines) > start:
-                    yield lines[max(start - i, 0):None if stop is None else stop - i]
+                    yield lines[max(start - i, 0) : None if stop is None else stop - i]
                 i += len(lines)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: invalid byte at offset {_first_bad_utf8(path)}") from e
@@ -232,15 +232,17 @@ def _hub_lines(spec: str, cfg: DataConfig) -> dict[str, Lines]:
 
     def rows(table, start: int, stop: int) -> Iterator[list[str]]:
         for i in range(start, stop, BLOCK_LINES):
-            yield [t.rstrip("\n") for t in table[i:min(i + BLOCK_LINES, stop)][column]]
+            yield [t.rstrip("\n") for t in table[i : min(i + BLOCK_LINES, stop)][column]]
 
     aliases = {"valid": ("validation", "valid", "dev"), "test": ("test",)}
     found = {split: next((n for n in names if n in ds), None) for split, names in aliases.items()}
     if None in found.values():  # a split the hub does not have: carve all three out of train
         bounds = split_bounds(len(ds["train"]), cfg, spec)
         return {s: partial(rows, ds["train"], start, stop) for s, (start, stop) in bounds.items()}
-    return {"train": partial(rows, ds["train"], 0, len(ds["train"])),
-            **{s: partial(rows, ds[n], 0, len(ds[n])) for s, n in found.items()}}
+    return {
+        "train": partial(rows, ds["train"], 0, len(ds["train"])),
+        **{s: partial(rows, ds[n], 0, len(ds[n])) for s, n in found.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,9 +265,7 @@ def build_tokenizer(cfg: DataConfig, train_lines: Iterable[str], progress=None) 
     if cfg.tokenizer == "bpe":
         tok = Tokenizer(models.BPE(unk_token=UNK))
         tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.Metaspace()
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
-        )
+        trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
         tok.train_from_iterator(_without_specials(train_lines), trainer=trainer)
     else:
         # Counted here rather than with WordLevelTrainer, which gives a corpus word that
@@ -469,8 +469,9 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: str
     return Corpus(tokenizer, splits, src)
 
 
-def encode_to_file(encode: Callable[[list[str]], np.ndarray], blocks: Iterable[list[str]], path: Path,
-                   progress=None) -> tuple[int, int]:
+def encode_to_file(
+    encode: Callable[[list[str]], np.ndarray], blocks: Iterable[list[str]], path: Path, progress=None
+) -> tuple[int, int]:
     """Encode the lines block by block with `encode` (a `line_encoder`), appending the ids
     to `path`; returns how many ids were written and how many lines they came from."""
     n, lines = 0, 0

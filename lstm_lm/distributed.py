@@ -41,8 +41,12 @@ class World:
     def share(self, batch: int, what: str) -> slice:
         """This rank's streams of a batch of `batch` streams."""
         if batch % self.size:
-            raise ConfigError([f"{what}: {batch} streams do not split evenly over {self.size} processes; "
-                               f"use a multiple of {self.size}"])
+            raise ConfigError(
+                [
+                    f"{what}: {batch} streams do not split evenly over {self.size} processes; "
+                    f"use a multiple of {self.size}"
+                ]
+            )
         per = batch // self.size
         return slice(self.rank * per, (self.rank + 1) * per)
 
@@ -100,8 +104,12 @@ def setup(device: str) -> World:
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE
-    world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
-                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), enabled=True)
+    world = World(
+        rank=int(os.environ["RANK"]),
+        size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        enabled=True,
+    )
     if dist.is_initialized():
         return world
     if _wants_cuda(device):
@@ -120,8 +128,15 @@ def device_for(world: World, device: str) -> str:
 
 
 # How gloo and NCCL say that a peer is gone (a process killed, a node lost).
-_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
-         "NCCL communicator was aborted", "Socket Timeout", "Timed out")
+_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "Socket Timeout",
+    "Timed out",
+)
 
 
 def lost_a_process(e: BaseException) -> bool:
@@ -139,11 +154,17 @@ class LostProcess(TrainingError):
         import shlex
 
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
-        where = (f"the last checkpoint, {checkpoint}, is whole: continue with the same torchrun command and "
-                 f"lstm-lm train --out {shlex.quote(str(run_dir))} --resume") if checkpoint else \
-            "nothing had been saved yet"
-        super().__init__(f"rank {os.environ.get('RANK', '?')}: another process of this distributed run was lost "
-                         f"({first}); {where}")
+        where = (
+            (
+                f"the last checkpoint, {checkpoint}, is whole: continue with the same torchrun command and "
+                f"lstm-lm train --out {shlex.quote(str(run_dir))} --resume"
+            )
+            if checkpoint
+            else "nothing had been saved yet"
+        )
+        super().__init__(
+            f"rank {os.environ.get('RANK', '?')}: another process of this distributed run was lost ({first}); {where}"
+        )
 
 
 def teardown() -> None:

@@ -73,7 +73,7 @@ def _segments(ids: Tensor, segment: int):
     """(inputs, targets) pairs of at most `segment` tokens over a (T, 1) stream."""
     for i in range(0, ids.size(0) - 1, segment):
         n = min(segment, ids.size(0) - 1 - i)
-        yield ids[i:i + n], ids[i + 1:i + 1 + n]
+        yield ids[i : i + n], ids[i + 1 : i + 1 + n]
 
 
 def _log_probs(model: LSTMLanguageModel, x: Tensor, y: Tensor, state, precision: str):
@@ -84,8 +84,9 @@ def _log_probs(model: LSTMLanguageModel, x: Tensor, y: Tensor, state, precision:
     return log_probs, state
 
 
-def gradient_statistics(model: LSTMLanguageModel, ids: Tensor, segment: int, precision: str = "fp32",
-                        progress=None) -> list[Tensor]:
+def gradient_statistics(
+    model: LSTMLanguageModel, ids: Tensor, segment: int, precision: str = "fp32", progress=None
+) -> list[Tensor]:
     """Each parameter's mean squared gradient over segments of `ids` (T, 1), the training
     text, read as dynamic evaluation reads (dropout off, memory carried): the `MS` of the
     rms rule. The model's weights are not changed."""
@@ -106,8 +107,14 @@ def gradient_statistics(model: LSTMLanguageModel, ids: Tensor, segment: int, pre
     return [s / max(n, 1) for s in sums]
 
 
-def dynamic_log_probs(model: LSTMLanguageModel, ids: Tensor, settings: DynamicEval,
-                      stats: list[Tensor] | None = None, precision: str = "fp32", progress=None) -> Tensor:
+def dynamic_log_probs(
+    model: LSTMLanguageModel,
+    ids: Tensor,
+    settings: DynamicEval,
+    stats: list[Tensor] | None = None,
+    precision: str = "fp32",
+    progress=None,
+) -> Tensor:
     """log p(target) of every position of `ids` (T, 1), each segment scored before the step
     it takes; (T - 1,) float32. `stats` (from gradient_statistics) is needed by the rms rule."""
     if ids.dim() != 2 or ids.size(1) != 1:
@@ -154,8 +161,15 @@ TUNE_LRS = {"rms": (3e-5, 1e-4, 2e-4, 3e-4, 5e-4), "sgd": (0.1, 0.3, 1.0, 3.0, 1
 TUNE_DECAYS = (0.001, 0.003, 0.01, 0.03)
 
 
-def tune(model: LSTMLanguageModel, ids: Tensor, segment: int, rule: str, stats: list[Tensor] | None,
-         precision: str = "fp32", progress=None) -> tuple[DynamicEval, list[dict]]:
+def tune(
+    model: LSTMLanguageModel,
+    ids: Tensor,
+    segment: int,
+    rule: str,
+    stats: list[Tensor] | None,
+    precision: str = "fp32",
+    progress=None,
+) -> tuple[DynamicEval, list[dict]]:
     """The settings with the lowest perplexity on `ids` (T, 1), and every trial's result."""
     trials: list[dict] = []
 

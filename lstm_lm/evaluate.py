@@ -15,6 +15,7 @@ likely, what a keyboard's k next-word suggestions would get right.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from lstm_lm.data import Streams, get_batch
@@ -42,7 +43,9 @@ def chunk_features(model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt:
 
 
 @torch.no_grad()
-def evaluate(model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt: int, precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt: int, precision: str = "fp32"
+) -> dict[str, float]:
     """Mean loss (nats per token), perplexity, token count and top-1/top-5 accuracy over `data` (T, B).
 
     precision "bf16" runs the matrix products in bf16; the loss is summed in float32/64.

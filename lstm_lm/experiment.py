@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from lstm_lm import cells as registry
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import Config, config_from_dict
 from lstm_lm.demo import biography
 from lstm_lm.errors import ConfigError
-from lstm_lm import cells as registry
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.sample import encode_prompt
 from lstm_lm.utils import log
 from lstm_lm.writing import write_json, write_text
+
 
 @dataclass
 class Budget:
@@ -61,7 +62,12 @@ def matched_hidden_size(cell: str, budget: Budget, vocab_size: int) -> int:
     """The hidden size that gives `cell` about as many parameters as the LSTM of `budget`."""
 
     def total(c: str, h: int) -> int:  # untied embedding, one layer, decoder with bias
-        return vocab_size * budget.embedding_size + recurrent_parameters(c, budget.embedding_size, h) + h * vocab_size + vocab_size
+        return (
+            vocab_size * budget.embedding_size
+            + recurrent_parameters(c, budget.embedding_size, h)
+            + h * vocab_size
+            + vocab_size
+        )
 
     target = total("lstm", budget.lstm_hidden)
     return min(range(1, 8 * budget.lstm_hidden), key=lambda h: abs(total(cell, h) - target))
@@ -88,15 +94,36 @@ def write_corpus(folder: Path, gap_max: int, budget: Budget) -> Path:
 
 
 def experiment_config(cell: str, hidden: int, budget: Budget, corpus: Path, bptt: int) -> Config:
-    return config_from_dict({
-        "data": {"source": str(corpus), "tokenizer": "word", "split_punctuation": True},
-        "model": {"cell": cell, "embedding_size": budget.embedding_size, "hidden_size": hidden, "num_layers": 1,
-                  "dropout": 0.0, "tie_weights": False},
-        "train": {"epochs": 1000, "max_steps": budget.steps, "batch_size": budget.batch_size, "bptt": bptt,
-                  "optimizer": "adamw", "lr": budget.lr, "schedule": "cosine", "min_lr": budget.lr / 10,
-                  "clip": 1.0, "precision": "fp32", "device": budget.device, "seed": budget.seed + 1111,
-                  "checkpoint_minutes": None, "keep_last": 1},
-    }, origin="experiment")
+    return config_from_dict(
+        {
+            "data": {"source": str(corpus), "tokenizer": "word", "split_punctuation": True},
+            "model": {
+                "cell": cell,
+                "embedding_size": budget.embedding_size,
+                "hidden_size": hidden,
+                "num_layers": 1,
+                "dropout": 0.0,
+                "tie_weights": False,
+            },
+            "train": {
+                "epochs": 1000,
+                "max_steps": budget.steps,
+                "batch_size": budget.batch_size,
+                "bptt": bptt,
+                "optimizer": "adamw",
+                "lr": budget.lr,
+                "schedule": "cosine",
+                "min_lr": budget.lr / 10,
+                "clip": 1.0,
+                "precision": "fp32",
+                "device": budget.device,
+                "seed": budget.seed + 1111,
+                "checkpoint_minutes": None,
+                "keep_last": 1,
+            },
+        },
+        origin="experiment",
+    )
 
 
 def probe_sentences(gap: int, n: int, seed: int) -> list[tuple[str, str]]:
@@ -151,13 +178,16 @@ def parse_list(text: str, what: str, allowed: tuple[str, ...] | None = None) -> 
     if allowed is not None:
         bad = [t for t in items if t not in allowed]
         if bad:
-            raise ConfigError([f"--{what}: {', '.join(bad)} unknown (choose from {', '.join(allowed)})"], "command line")
+            raise ConfigError(
+                [f"--{what}: {', '.join(bad)} unknown (choose from {', '.join(allowed)})"], "command line"
+            )
         return items
     try:
         values = [int(t) for t in items]
     except ValueError:
-        raise ConfigError([f"--{what}: expected whole numbers of words such as 0,5,10,20,40, got {text!r}"],
-                          "command line") from None
+        raise ConfigError(
+            [f"--{what}: expected whole numbers of words such as 0,5,10,20,40, got {text!r}"], "command line"
+        ) from None
     if any(v < 0 or v > 500 for v in values):
         raise ConfigError([f"--{what}: each gap must be between 0 and 500 words, got {text!r}"], "command line")
     return sorted(set(values))
@@ -171,16 +201,22 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
 
     bad = [cell for cell in cells if cell not in registry.names()]
     if bad:
-        raise ConfigError([f"cell {', '.join(bad)} unknown (choose from {', '.join(registry.names())})"],
-                          "command line")
+        raise ConfigError(
+            [f"cell {', '.join(bad)} unknown (choose from {', '.join(registry.names())})"], "command line"
+        )
     budget = budget or Budget()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gap_max = max(gaps)
     bptt = budget.bptt or gap_max + 40  # a sentence with a 40-word gap is about 60 tokens
     started = time.perf_counter()
-    results: dict = {"experiment": "long-range", "gaps": gaps, "budget": asdict(budget) | {"bptt": bptt},
-                     "cells": {}, "machine": machine_name(budget.device)}
+    results: dict = {
+        "experiment": "long-range",
+        "gaps": gaps,
+        "budget": asdict(budget) | {"bptt": bptt},
+        "cells": {},
+        "machine": machine_name(budget.device),
+    }
     corpus_dir = write_corpus(out_dir / "corpus", gap_max, budget)
     corpus = load_corpus(experiment_config("lstm", budget.lstm_hidden, budget, corpus_dir, bptt).data)  # once for all
     for cell in cells:
@@ -188,7 +224,9 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
         log(f"== {cell}: {hidden} units, {budget.steps} steps, gaps 0-{gap_max} in training")
         run_dir = out_dir / "runs" / cell
         t0 = time.perf_counter()
-        summary = train(experiment_config(cell, hidden, budget, corpus_dir, bptt), run_dir, corpus=corpus, overwrite=True)
+        summary = train(
+            experiment_config(cell, hidden, budget, corpus_dir, bptt), run_dir, corpus=corpus, overwrite=True
+        )
         train_s = time.perf_counter() - t0
         model, tokenizer, _ = load_checkpoint(run_dir, budget.device)
         accuracy = {}
@@ -196,8 +234,11 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
             accuracy[gap] = language_accuracy(model, tokenizer, probe_sentences(gap, budget.probes, budget.seed))
             log(f"{cell} gap {gap:3d}: {accuracy[gap]:.1%}")
         results["cells"][cell] = {
-            "hidden_size": hidden, "parameters": model.num_parameters(), "steps": summary["steps"],
-            "valid_perplexity": summary["best_valid_perplexity"], "train_s": round(train_s, 1),
+            "hidden_size": hidden,
+            "parameters": model.num_parameters(),
+            "steps": summary["steps"],
+            "valid_perplexity": summary["best_valid_perplexity"],
+            "train_s": round(train_s, 1),
             "accuracy": {str(g): a for g, a in accuracy.items()},
         }
     results["wall_s"] = round(time.perf_counter() - started, 1)
@@ -211,7 +252,9 @@ def write_results(results: dict, out_dir: Path) -> None:
     w = csv.writer(table)
     w.writerow(["cell", "hidden_size", "parameters", *(f"gap_{g}" for g in results["gaps"])])
     for cell, r in results["cells"].items():
-        w.writerow([cell, r["hidden_size"], r["parameters"], *(f"{r['accuracy'][str(g)]:.4f}" for g in results["gaps"])])
+        w.writerow(
+            [cell, r["hidden_size"], r["parameters"], *(f"{r['accuracy'][str(g)]:.4f}" for g in results["gaps"])]
+        )
     write_text(out_dir / "results.csv", table.getvalue())
 
 

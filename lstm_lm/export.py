@@ -73,7 +73,7 @@ class OnnxChunk(nn.Module):
         n = self.per_layer
         new_state: list[Tensor] = []
         for k, layer in enumerate(self.layers):
-            x, *out = layer(x, *state[k * n:(k + 1) * n])  # (B, size) each
+            x, *out = layer(x, *state[k * n : (k + 1) * n])  # (B, size) each
             new_state += out
         if self.adaptive is not None:
             scores = self.adaptive.log_probs(x, self.embedding.weight if self.tied else None)
@@ -100,8 +100,9 @@ def export_onnx(lm: LanguageModel, out: Path, int8: bool = False, data: str | No
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise LSTMLMError("lstm-lm export needs onnx and onnxruntime, which the export extra installs: "
-                          "pip install 'lstm-lm[export]'") from None
+        raise LSTMLMError(
+            "lstm-lm export needs onnx and onnxruntime, which the export extra installs: pip install 'lstm-lm[export]'"
+        ) from None
     if out.exists() and out.is_dir():
         raise DataError(f"{out} is a directory; give a file name such as model.onnx")
     model = lm.model.float().cpu().eval()
@@ -110,8 +111,14 @@ def export_onnx(lm: LanguageModel, out: Path, int8: bool = False, data: str | No
     fp32 = out.with_name(f".{out.name}.fp32.tmp") if int8 else out
     log(f"exporting {lm.checkpoint} to ONNX (opset {OPSET}) ...")
     write_atomically(fp32, lambda tmp: _export(chunk, names, tmp, lm))
-    summary: dict[str, Any] = {"out": str(out), "format": "onnx", "opset": OPSET, "int8": int8,
-                               "inputs": ["input_ids", *names], "outputs": ["logits", *[f"{n}_out" for n in names]]}
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "format": "onnx",
+        "opset": OPSET,
+        "int8": int8,
+        "inputs": ["input_ids", *names],
+        "outputs": ["logits", *[f"{n}_out" for n in names]],
+    }
     try:
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -143,13 +150,27 @@ def _export(chunk: OnnxChunk, names: list[str], path: Path, lm: LanguageModel) -
         # in onnxruntime. Its warning about LSTM batch sizes is about graphs without state
         # inputs; this one has them.
         warnings.simplefilter("ignore")
-        torch.onnx.export(chunk, (ids, *state), str(path), input_names=["input_ids", *names],
-                          output_names=["logits", *outputs], opset_version=OPSET, dynamic_axes=axes, dynamo=False)
+        torch.onnx.export(
+            chunk,
+            (ids, *state),
+            str(path),
+            input_names=["input_ids", *names],
+            output_names=["logits", *outputs],
+            opset_version=OPSET,
+            dynamic_axes=axes,
+            dynamo=False,
+        )
     proto = onnx.load(str(path))
-    meta = {"tokenizer": lm.tokenizer.to_str(), "cell": lm.cell, "hidden_sizes": json.dumps(lm.model.rnn.sizes),
-            "state_sizes": json.dumps(state_sizes(lm.model)),
-            "eos_id": str(lm.tokenizer.token_to_id(EOS)), "tokenizer_kind": lm.kind,
-            "state_inputs": json.dumps(names), "lstm_lm_checkpoint": str(lm.checkpoint)}
+    meta = {
+        "tokenizer": lm.tokenizer.to_str(),
+        "cell": lm.cell,
+        "hidden_sizes": json.dumps(lm.model.rnn.sizes),
+        "state_sizes": json.dumps(state_sizes(lm.model)),
+        "eos_id": str(lm.tokenizer.token_to_id(EOS)),
+        "tokenizer_kind": lm.kind,
+        "state_inputs": json.dumps(names),
+        "lstm_lm_checkpoint": str(lm.checkpoint),
+    }
     onnx.helper.set_model_props(proto, meta)
     onnx.save(proto, str(path))
 
@@ -162,7 +183,9 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_chunk(session, names: list[str], ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+def run_chunk(
+    session, names: list[str], ids: np.ndarray, state: list[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """One chunk through the ONNX model: ids (T, B) -> logits (T, B, V) and the new state."""
     logits, *new = session.run(None, {"input_ids": ids.astype(np.int64), **dict(zip(names, state))})
     return logits, new
@@ -178,7 +201,7 @@ def max_logit_difference(model: nn.Module, session, names: list[str], seed: int 
     state = [np.zeros((2, size), np.float32) for size in state_sizes(model)]
     got, start = [], 0
     for size in (7, 1, 16, 24):
-        logits, state = run_chunk(session, names, ids[start:start + size].numpy(), state)
+        logits, state = run_chunk(session, names, ids[start : start + size].numpy(), state)
         got.append(torch.from_numpy(logits))
         start += size
     return float((torch.cat(got) - want).abs().max())
@@ -215,6 +238,11 @@ def _perplexities(lm: LanguageModel, session, names: list[str], data: str | None
     log(f"measuring the validation perplexity ({valid.numel():,} tokens) in PyTorch and onnxruntime ...")
     reference = LanguageModel(lm.model, lm.tokenizer, lm.config, lm.checkpoint, "fp32").evaluate("valid", data)
     exported = onnx_evaluate(session, names, state_sizes(lm.model), valid, bptt)
-    return {"valid_perplexity": {"pytorch_fp32": reference["perplexity"], "onnx": exported["perplexity"],
-                                 "change": exported["perplexity"] - reference["perplexity"],
-                                 "tokens": exported["tokens"]}}
+    return {
+        "valid_perplexity": {
+            "pytorch_fp32": reference["perplexity"],
+            "onnx": exported["perplexity"],
+            "change": exported["perplexity"] - reference["perplexity"],
+            "tokens": exported["tokens"],
+        }
+    }

@@ -11,8 +11,8 @@ weights the fast engine uses, without dropout.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 from tokenizers import Tokenizer
+from torch import Tensor
 
 from lstm_lm.errors import PromptError
 from lstm_lm.model import LSTMLanguageModel, State
@@ -20,8 +20,15 @@ from lstm_lm.sample import encode_prompt
 
 
 @torch.no_grad()
-def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, kind: str = "word",
-                 layer: int | None = None, top_k: int = 3, swap: tuple[str, str] | None = None) -> dict:
+def trace_prompt(
+    model: LSTMLanguageModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    kind: str = "word",
+    layer: int | None = None,
+    top_k: int = 3,
+    swap: tuple[str, str] | None = None,
+) -> dict:
     """Read `prompt` token by token and record, after each token, layer `layer`'s gates
     and state (1-based; default the last layer) and the top_k next-token guesses.
 
@@ -38,21 +45,33 @@ def trace_prompt(model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, ki
     ids = encode_prompt(tokenizer, prompt, kind)
     cell = model.rnn.cells[layer - 1]
     memory = cell.memory  # what carries the past: c for the LSTM family, h otherwise
-    trace = {"prompt": prompt, "cell": model.cell, "title": cell.title, "layer": layer, "memory": memory,
-             "tokens": [tokenizer.id_to_token(i) for i in ids[1:]], **_read(model, tokenizer, ids, layer, top_k)}
+    trace = {
+        "prompt": prompt,
+        "cell": model.cell,
+        "title": cell.title,
+        "layer": layer,
+        "memory": memory,
+        "tokens": [tokenizer.id_to_token(i) for i in ids[1:]],
+        **_read(model, tokenizer, ids, layer, top_k),
+    }
     if swap is not None:
         word, other = swap
         word_id, other_id = tokenizer.token_to_id(word), tokenizer.token_to_id(other)
         if word_id is None or word_id not in ids[1:]:
-            raise PromptError(f"--swap {word}={other}: {word!r} is not one of the prompt's tokens "
-                              f"({' '.join(trace['tokens'])})")
+            raise PromptError(
+                f"--swap {word}={other}: {word!r} is not one of the prompt's tokens ({' '.join(trace['tokens'])})"
+            )
         if other_id is None:
             raise PromptError(f"--swap {word}={other}: {other!r} is not in the model's vocabulary")
         swapped = _read(model, tokenizer, [other_id if i == word_id else i for i in ids], layer, top_k)
         mine, theirs = torch.tensor(trace["states"][memory]), torch.tensor(swapped["states"][memory])
-        trace["swap"] = {"word": word, "other": other,
-                         "distance": (mine - theirs).norm(dim=1).tolist(), "difference": (mine - theirs).tolist(),
-                         "guesses": swapped["guesses"]}
+        trace["swap"] = {
+            "word": word,
+            "other": other,
+            "distance": (mine - theirs).norm(dim=1).tolist(),
+            "difference": (mine - theirs).tolist(),
+            "guesses": swapped["guesses"],
+        }
     return trace
 
 
@@ -102,8 +121,10 @@ def trace_table(trace: dict) -> str:
         line += "   " + ", ".join(f"{w} {p:.2f}" for w, p in trace["guesses"][t])
         rows.append(line)
     if swap:
-        rows.append(f"{trace['memory']}' is the memory with {swap['other']!r} in place of {swap['word']!r}; "
-                    f"it then guesses: " + ", ".join(f"{w} {p:.2f}" for w, p in swap["guesses"][-1]))
+        rows.append(
+            f"{trace['memory']}' is the memory with {swap['other']!r} in place of {swap['word']!r}; "
+            f"it then guesses: " + ", ".join(f"{w} {p:.2f}" for w, p in swap["guesses"][-1])
+        )
     return "\n".join(rows)
 
 
@@ -131,7 +152,7 @@ def gradient_flow(model: LSTMLanguageModel, ids: Tensor, targets: Tensor, state:
     finally:
         model.train(was_training)
     T = ids.size(0)
-    return [[float(g.norm(dim=1).mean()) for g in reversed(grads[k * T:(k + 1) * T])] for k in range(len(hs))]
+    return [[float(g.norm(dim=1).mean()) for g in reversed(grads[k * T : (k + 1) * T])] for k in range(len(hs))]
 
 
 def trace_summary(trace: dict, units: int = 12) -> dict:
@@ -150,7 +171,11 @@ def trace_summary(trace: dict, units: int = 12) -> dict:
         gates[name] = {"mean": v.mean(1).tolist(), "units": picked, "values": v[:, picked].tolist()}
     picked = _most_changing(memory, units)
     summary = {
-        "cell": trace["cell"], "title": trace["title"], "layer": trace["layer"], "tokens": trace["tokens"], "memory": trace["memory"],
+        "cell": trace["cell"],
+        "title": trace["title"],
+        "layer": trace["layer"],
+        "tokens": trace["tokens"],
+        "memory": trace["memory"],
         "gates": gates,
         "norms": {name: torch.tensor(v).norm(dim=1).tolist() for name, v in trace["states"].items()},
         "memory_change": (memory - previous).norm(dim=1).tolist(),
@@ -162,8 +187,12 @@ def trace_summary(trace: dict, units: int = 12) -> dict:
         summary["note"] = f"{cell} has no gates: it rewrites its whole state h at every step"
     if "swap" in trace:
         swap = trace["swap"]
-        summary["swap"] = {"word": swap["word"], "other": swap["other"], "distance": swap["distance"],
-                           "guesses": swap["guesses"][-1]}
+        summary["swap"] = {
+            "word": swap["word"],
+            "other": swap["other"],
+            "distance": swap["distance"],
+            "guesses": swap["guesses"][-1],
+        }
     return summary
 
 

@@ -51,7 +51,12 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _blocked_loss(
-    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype, with_grads: bool,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    dtype: torch.dtype,
+    with_grads: bool,
     ks: tuple[int, ...] = (),
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None] | None, Tensor]:
     """The summed loss block by block; with `with_grads` the gradients of that sum with
@@ -109,7 +114,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, reduction: str = "mean",
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    reduction: str = "mean",
 ) -> Tensor:
     """Cross-entropy of `h @ weight.T + bias` against `targets`, in float32.
 
@@ -130,7 +139,9 @@ def linear_cross_entropy(
 LOSS_IMPLS = ("fused", "plain")
 
 
-def output_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, impl: str = "fused") -> Tensor:
+def output_cross_entropy(
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, impl: str = "fused"
+) -> Tensor:
     """The mean cross-entropy of the output layer `h @ weight.T + bias` against `targets`,
     float32, by one of two paths with the same value: "fused" (linear_cross_entropy above)
     or "plain", the textbook `F.cross_entropy` of float32 logits, which keeps them for
@@ -151,7 +162,11 @@ def resolve_loss_impl(impl: str, device: torch.device) -> str:
 
 @torch.no_grad()
 def linear_cross_entropy_and_hits(
-    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ks: tuple[int, ...] = (1, 5),
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ks: tuple[int, ...] = (1, 5),
 ) -> tuple[Tensor, Tensor]:
     """For evaluation: the summed cross-entropy (as linear_cross_entropy with
     reduction="sum") and, for each k in `ks`, the number of rows whose target is

@@ -30,7 +30,6 @@ makes one masked copy of that buffer per batch, in which only the W_hh blocks di
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -48,6 +47,7 @@ from lstm_lm.utils import native_bf16
 # for the LSTM family, (h,) for the GRU and the simple RNN. Layers may differ in size
 # (AWD-LSTM's last layer is smaller).
 State = list[tuple[Tensor, ...]]
+
 
 def detach_state(state: State) -> State:
     """The same memory with the gradient history cut (truncated BPTT)."""
@@ -113,8 +113,15 @@ def _cpu_runs_bf16() -> bool:
 
 
 @torch.compiler.disable
-def fused_rnn(cell: Cell, x: Tensor, state: tuple[Tensor, ...], weights: list[Tensor], num_layers: int,
-              dropout: float, training: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+def fused_rnn(
+    cell: Cell,
+    x: Tensor,
+    state: tuple[Tensor, ...],
+    weights: list[Tensor],
+    num_layers: int,
+    dropout: float,
+    training: bool,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The kernel nn.LSTM / nn.GRU / nn.RNN.forward calls (cuDNN on a GPU), on the given
     weights. `state` holds (L, B, size) stacks; returns the output and the new stacks.
 
@@ -125,8 +132,15 @@ def fused_rnn(cell: Cell, x: Tensor, state: tuple[Tensor, ...], weights: list[Te
         # oneDNN's recurrent kernels take bf16 only on CPUs with AVX-512 (BF16) or AMX;
         # elsewhere they refuse it, so this kernel runs in float32 there.
         with torch.autocast("cpu", enabled=False):
-            return fused_rnn(cell, x.float(), tuple(s.float() for s in state), [w.float() for w in weights],
-                             num_layers, dropout, training)
+            return fused_rnn(
+                cell,
+                x.float(),
+                tuple(s.float() for s in state),
+                [w.float() for w in weights],
+                num_layers,
+                dropout,
+                training,
+            )
     return cell.fused(x, state, weights, num_layers, dropout, training)
 
 
@@ -156,9 +170,19 @@ class Recurrent(nn.Module):
     lacks. `cell_options` go to the cell (`proj_size=P` for an LSTMP).
     """
 
-    def __init__(self, input_size: int, hidden_size: int | Sequence[int], num_layers: int = 1,
-                 dropout: float = 0.0, *, cell: str = "lstm", engine: str = "custom", weight_drop: float = 0.0,
-                 locked_dropout: bool = False, **cell_options):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int | Sequence[int],
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        *,
+        cell: str = "lstm",
+        engine: str = "custom",
+        weight_drop: float = 0.0,
+        locked_dropout: bool = False,
+        **cell_options,
+    ):
         super().__init__()
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -248,8 +272,9 @@ class Recurrent(nn.Module):
         weights its `kernel_weights` makes of `layer_weights`. (Kept out of
         torch.compile's graph: it reads data pointers.)"""
         if not self._flat_kernel:
-            return [[w for k in group for w in self.cells[k].kernel_weights(self.layer_weights(k))]
-                    for group in self.groups]
+            return [
+                [w for k in group for w in self.cells[k].kernel_weights(self.layer_weights(k))] for group in self.groups
+            ]
         if not self.is_flat():
             self.flatten_parameters()
         groups = [self.group_parameters(i) for i in range(len(self.groups))]
@@ -262,7 +287,7 @@ class Recurrent(nn.Module):
             for k in group:
                 for name, w in self.params(k).items():
                     if name in self.cells[k].dropped:
-                        mask[start:start + w.numel()] = dropout(w.new_ones(w.numel()), self.weight_drop, True)
+                        mask[start : start + w.numel()] = dropout(w.new_ones(w.numel()), self.weight_drop, True)
                     start += w.numel()
             dropped = _MaskedCopy.apply(flat, mask, *params)
             weights.append([v.view_as(p) for p, v in zip(params, dropped.split([p.numel() for p in params]))])
@@ -273,14 +298,18 @@ class Recurrent(nn.Module):
         cell's dropped matrices (W_hh) with a fresh DropConnect mask, shared by all time steps."""
         params = self.params(k)
         if self.training and self.weight_drop > 0:
-            params = {name: dropout(w, self.weight_drop, True) if name in self.cells[k].dropped else w
-                      for name, w in params.items()}
+            params = {
+                name: dropout(w, self.weight_drop, True) if name in self.cells[k].dropped else w
+                for name, w in params.items()
+            }
         return params
 
     def zero_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> State:
         """An empty memory: zeros for each layer's state tensors (h, and c for the LSTM family), (B, size) each."""
-        return [tuple(torch.zeros(batch_size, size, device=device, dtype=dtype) for size in cell.state_sizes())
-                for cell in self.cells]
+        return [
+            tuple(torch.zeros(batch_size, size, device=device, dtype=dtype) for size in cell.state_sizes())
+            for cell in self.cells
+        ]
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """x (T, B, I) and the per-layer state -> the last layer's output (T, B, H) and the new state."""
@@ -331,9 +360,17 @@ class LSTMLanguageModel(nn.Module):
         sizes = cfg.layer_sizes
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
         self.cell = cfg.cell
-        self.rnn = Recurrent(cfg.embedding_size, sizes, len(sizes), dropout=self.p["hidden"], cell=cfg.cell,
-                             engine=self.impl, weight_drop=self.p["weight"], locked_dropout=cfg.locked_dropout,
-                             **cell_options(cfg))
+        self.rnn = Recurrent(
+            cfg.embedding_size,
+            sizes,
+            len(sizes),
+            dropout=self.p["hidden"],
+            cell=cfg.cell,
+            engine=self.impl,
+            weight_drop=self.p["weight"],
+            locked_dropout=cfg.locked_dropout,
+            **cell_options(cfg),
+        )
         out_size = self.rnn.hidden_size
         self.loss_impl = "fused"  # the full softmax's path in training_loss: "fused" or "plain" (loss.py)
         # The output layer: a full softmax (decoder) or an adaptive one (adaptive.py), never both.
@@ -341,8 +378,9 @@ class LSTMLanguageModel(nn.Module):
         self.adaptive: AdaptiveSoftmax | None = None
         if cfg.softmax == "adaptive":
             # With tie_weights the head's word rows are the embedding's first rows.
-            self.adaptive = AdaptiveSoftmax(out_size, vocab_size, cfg.cutoffs or default_cutoffs(vocab_size),
-                                            cfg.div_value, tied=cfg.tie_weights)
+            self.adaptive = AdaptiveSoftmax(
+                out_size, vocab_size, cfg.cutoffs or default_cutoffs(vocab_size), cfg.div_value, tied=cfg.tie_weights
+            )
         else:
             self.decoder = nn.Linear(out_size, vocab_size)
             if cfg.tie_weights:
@@ -454,8 +492,9 @@ class LSTMLanguageModel(nn.Module):
         out, state = self.features(ids, state)
         return self.output_loss(out.flatten(0, 1), targets.flatten()), state
 
-    def training_loss(self, ids: Tensor, targets: Tensor, state: State | None = None,
-                      ar: float = 0.0, tar: float = 0.0) -> tuple[Tensor, Tensor, State]:
+    def training_loss(
+        self, ids: Tensor, targets: Tensor, state: State | None = None, ar: float = 0.0, tar: float = 0.0
+    ) -> tuple[Tensor, Tensor, State]:
         """The objective training minimises, the cross-entropy alone (for the logs) and the state.
 
         objective = cross-entropy + ar * mean(dropped output^2) + tar * mean((h_t - h_{t-1})^2),

@@ -72,7 +72,7 @@ class CacheHistory:
         """Append a chunk: h (T, B, H) and the words that followed each position (T, B)."""
         T = h.size(0)
         if T > self.window:  # only the last `window` of them can ever be read again
-            h, words, start = h[-self.window:], words[-self.window:], self.seen + T - self.window
+            h, words, start = h[-self.window :], words[-self.window :], self.seen + T - self.window
         else:
             start = self.seen
         slots = torch.arange(start, start + h.size(0), device=h.device) % self.window
@@ -148,7 +148,9 @@ TUNE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 TUNE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 
 
-def tune(chunks, windows=TUNE_WINDOWS, thetas=TUNE_THETAS, lams=TUNE_LAMBDAS, progress=None) -> tuple[NeuralCache, list[dict]]:
+def tune(
+    chunks, windows=TUNE_WINDOWS, thetas=TUNE_THETAS, lams=TUNE_LAMBDAS, progress=None
+) -> tuple[NeuralCache, list[dict]]:
     """The settings with the lowest perplexity on the collected chunks, and every trial's result."""
     trials = []
     for window in windows:

@@ -12,7 +12,9 @@ from pathlib import Path
 from lstm_lm.errors import DataError
 from lstm_lm.writing import write_atomically
 
-PLOT_HINT = "no picture: matplotlib is missing; install it with  pip install 'lstm-lm[plot]'  (or: pip install matplotlib)"
+PLOT_HINT = (
+    "no picture: matplotlib is missing; install it with  pip install 'lstm-lm[plot]'  (or: pip install matplotlib)"
+)
 
 
 def cell_colour(name: str) -> str | None:
@@ -57,7 +59,14 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for cell, r in results["cells"].items():
         accs = [100 * r["accuracy"][str(g)] for g in gaps]
-        ax.plot(gaps, accs, marker="o", lw=2, color=cell_colour(cell), label=f"{cell.upper()} ({r['hidden_size']} units, {r['parameters']:,} params)")
+        ax.plot(
+            gaps,
+            accs,
+            marker="o",
+            lw=2,
+            color=cell_colour(cell),
+            label=f"{cell.upper()} ({r['hidden_size']} units, {r['parameters']:,} params)",
+        )
     from lstm_lm.demo import REGION_LANGUAGE
 
     languages = list(REGION_LANGUAGE.values())
@@ -69,8 +78,11 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     ax.set_xticks(gaps)
     ax.grid(alpha=0.3)
     budget = results["budget"]
-    ax.set_title(f"Remembering the region across the gap ({budget['steps']} steps per cell, "
-                 f"{budget['probes']} sentences per gap)", fontsize=10)
+    ax.set_title(
+        f"Remembering the region across the gap ({budget['steps']} steps per cell, "
+        f"{budget['probes']} sentences per gap)",
+        fontsize=10,
+    )
     ax.legend(loc="center right", fontsize=9)
     return _save(fig, path)
 
@@ -93,8 +105,13 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     else:
         maps.append((f"memory {memory_name}", memory, None))
     fig_h = 2.6 + 1.55 * len(maps)
-    fig, axes = plt.subplots(1 + len(maps), 1, figsize=(max(7.0, 0.42 * len(tokens) + 2), fig_h),
-                             gridspec_kw={"height_ratios": [1.6] + [1] * len(maps)}, sharex=True)
+    fig, axes = plt.subplots(
+        1 + len(maps),
+        1,
+        figsize=(max(7.0, 0.42 * len(tokens) + 2), fig_h),
+        gridspec_kw={"height_ratios": [1.6] + [1] * len(maps)},
+        sharex=True,
+    )
     x = np.arange(len(tokens))
     ax = axes[0]
     for name, values in gates.items():
@@ -104,27 +121,55 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     if not gates:
         ax.set_ylabel("")
         ax.set_yticks([])
-        ax.text(0.02, 0.5, "this cell has no gates:\nit rewrites its whole state at every step",
-                transform=ax.transAxes, fontsize=9, va="center", color="dimgray")
+        ax.text(
+            0.02,
+            0.5,
+            "this cell has no gates:\nit rewrites its whole state at every step",
+            transform=ax.transAxes,
+            fontsize=9,
+            va="center",
+            color="dimgray",
+        )
     ax.grid(alpha=0.3)
     norm_ax = ax.twinx()
     norm = np.linalg.norm(memory, axis=1)
     norm_ax.plot(x, norm, color="black", ls="--", lw=1.5, label=f"|{memory_name}| (norm)")
     if swap:
-        norm_ax.plot(x, swap["distance"], color="#d62728", lw=2.2,
-                     label=f"|{memory_name} - {memory_name}'|, {memory_name}' with {swap['other']} for {swap['word']}")
+        norm_ax.plot(
+            x,
+            swap["distance"],
+            color="#d62728",
+            lw=2.2,
+            label=f"|{memory_name} - {memory_name}'|, {memory_name}' with {swap['other']} for {swap['word']}",
+        )
     norm_ax.set_ylabel(f"|{memory_name}| (norm)")
     (lines, labels), (more, more_labels) = ax.get_legend_handles_labels(), norm_ax.get_legend_handles_labels()
-    ax.legend(lines + more, labels + more_labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8,
-              ncol=3, frameon=False)
-    fig.suptitle(f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: "
-                 f"{', '.join(f'{w} {p:.0%}' for w, p in trace['guesses'][-1][:3])}", fontsize=11)
+    ax.legend(
+        lines + more,
+        labels + more_labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        fontsize=8,
+        ncol=3,
+        frameon=False,
+    )
+    fig.suptitle(
+        f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: "
+        f"{', '.join(f'{w} {p:.0%}' for w, p in trace['guesses'][-1][:3])}",
+        fontsize=11,
+    )
     for ax, (name, values, picked) in zip(axes[1:], maps):
         if picked is None:
             picked = np.argsort(-values.std(0))[:units]  # the units that change most over the prompt
         lo, hi = (0, 1) if name in gates else (-np.abs(values).max(), np.abs(values).max())
-        im = ax.imshow(values[:, picked].T, aspect="auto", cmap="viridis" if name in gates else "coolwarm",
-                       vmin=lo, vmax=hi, interpolation="nearest")
+        im = ax.imshow(
+            values[:, picked].T,
+            aspect="auto",
+            cmap="viridis" if name in gates else "coolwarm",
+            vmin=lo,
+            vmax=hi,
+            interpolation="nearest",
+        )
         ax.set_ylabel(f"{name}\nunit", fontsize=9)
         ax.set_yticks(range(len(picked)))
         ax.set_yticklabels([str(u) for u in picked], fontsize=6)
@@ -148,14 +193,23 @@ def plot_run(name: str, logs: dict[str, list[dict]], path: str | Path) -> Path |
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
     if steps:
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, alpha=0.8, label="training (per log interval)")
+        ax.plot(
+            [r["step"] for r in steps],
+            [r["loss"] for r in steps],
+            lw=1.2,
+            alpha=0.8,
+            label="training (per log interval)",
+        )
     if metrics:
         ax.plot([r["step"] for r in metrics], [r["val_loss"] for r in metrics], marker="o", lw=2, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per token)")
-    losses = [r["val_loss"] for r in metrics] + [r["loss"] for r in steps[len(steps) // 10:]]
+    losses = [r["val_loss"] for r in metrics] + [r["loss"] for r in steps[len(steps) // 10 :]]
     if losses:  # the first steps' loss, far above the rest, would flatten the curves
-        ax.set_ylim(min(losses) - 0.05 * (max(losses) - min(losses)) - 1e-3, max(losses) + 0.15 * (max(losses) - min(losses)) + 1e-3)
+        ax.set_ylim(
+            min(losses) - 0.05 * (max(losses) - min(losses)) - 1e-3,
+            max(losses) + 0.15 * (max(losses) - min(losses)) + 1e-3,
+        )
     ax.set_title(f"Loss of {name}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
@@ -168,8 +222,9 @@ def plot_run(name: str, logs: dict[str, list[dict]], path: str | Path) -> Path |
             ax.semilogy(range(len(norms)), norms, color=colour, lw=1.8, label=f"step {row['step']}")
         ax.set_xlabel("time steps back from the end of the chunk")
         ax.set_ylabel("|dL_T / dh_t| (mean over streams)")
-        ax.set_title(f"Gradient flow ({flow[0].get('cell', '?').upper()}): the last step's loss "
-                     "reaching back", fontsize=10)
+        ax.set_title(
+            f"Gradient flow ({flow[0].get('cell', '?').upper()}): the last step's loss reaching back", fontsize=10
+        )
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -33,14 +33,17 @@ import os
 import re
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lstm_lm.errors import CheckpointError
 from lstm_lm.writing import describe_write_error, fsync_dir
 
 CONFIG, WEIGHTS, TOKENIZER, TRAINING_STATE = (
-    "config.json", "model.safetensors", "tokenizer.json", "training_state.safetensors",
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "training_state.safetensors",
 )
 CHECKPOINTS, LAST, BEST, LATEST = "checkpoints", "last", "best", "latest"
 MARKER = ".lstm-lm-run"  # written into every run directory: only a folder holding it is a run
@@ -126,8 +129,9 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in (CHECKPOINTS, BEST))
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, logs: tuple[str, ...],
-                  latest: Path | None = LATEST_POINTER) -> None:
+def check_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, logs: tuple[str, ...], latest: Path | None = LATEST_POINTER
+) -> None:
     """Every problem with training into `run_dir` (and pointing `latest` at it), found
     before any work: a path through a file, a folder with another tool's files under the
     names a run is made of, a run that needs --resume or --overwrite, a `latest` that is
@@ -147,7 +151,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, logs: tuple[str,
     if taken and not ours:
         raise CheckpointError(
             f"{run_dir} holds {', '.join(taken)}, which lstm-lm did not write (there is no {MARKER} marker); "
-            "nothing there is touched: choose another --out")
+            "nothing there is touched: choose another --out"
+        )
     for name in (BEST, f"{CHECKPOINTS}/{LAST}"):
         if problem := pointer_problem(run_dir / name):
             raise CheckpointError(problem)
@@ -210,8 +215,10 @@ def resume_hint(run_dir: Path) -> str:
     last = last_checkpoint(run_dir)
     if last is None:
         return "nothing had been saved yet"
-    return (f"the last good checkpoint is {last} (continue from it with: lstm-lm train --out "
-            f"{shlex.quote(str(run_dir))} --resume --lr SMALLER)")
+    return (
+        f"the last good checkpoint is {last} (continue from it with: lstm-lm train --out "
+        f"{shlex.quote(str(run_dir))} --resume --lr SMALLER)"
+    )
 
 
 def write_checkpoint_dir(final: Path, fill: Callable[[Path], None], keeps: str) -> None:
@@ -236,7 +243,11 @@ def write_checkpoint_dir(final: Path, fill: Callable[[Path], None], keeps: str) 
 
 
 def save_step_checkpoint(
-    run_dir: Path, step: int, fill: Callable[[Path], None], best: bool, keep_last: int,
+    run_dir: Path,
+    step: int,
+    fill: Callable[[Path], None],
+    best: bool,
+    keep_last: int,
 ) -> Path:
     """Write `checkpoints/step-N` with `fill`, then point `last` (and with `best`, the
     run's `best`) at it, then delete all but the newest `keep_last` and the best."""

@@ -26,8 +26,13 @@ LOGS = (METRICS, STEPS, GRAD_FLOW, TENSORBOARD)
 # What each log's records show in TensorBoard: its tag for a record's key.
 SCALARS = {
     STEPS: {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s"},
-    METRICS: {"train_loss": "epoch/train_loss", "val_loss": "valid/loss", "val_ppl": "valid/perplexity",
-              "val_top1": "valid/top1_accuracy", "val_top5": "valid/top5_accuracy"},
+    METRICS: {
+        "train_loss": "epoch/train_loss",
+        "val_loss": "valid/loss",
+        "val_ppl": "valid/perplexity",
+        "val_top1": "valid/top1_accuracy",
+        "val_top5": "valid/top5_accuracy",
+    },
 }
 
 
@@ -74,8 +79,12 @@ def _summary_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError(["train.logger: tensorboard needs the tensorboard package; "
-                           "install it with: pip install 'lstm-lm[tensorboard]'"]) from None
+        raise ConfigError(
+            [
+                "train.logger: tensorboard needs the tensorboard package; "
+                "install it with: pip install 'lstm-lm[tensorboard]'"
+            ]
+        ) from None
     return SummaryWriter
 
 

@@ -37,7 +37,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, kind: str = "word") -> list
     that the next word starts.
     """
     if not prompt.strip():
-        raise PromptError("the prompt is empty; give some words to continue, e.g. \"I am from Kerala and I speak\"")
+        raise PromptError('the prompt is empty; give some words to continue, e.g. "I am from Kerala and I speak"')
     text = prompt.strip() if kind == "word" else prompt.lstrip()
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) > MAX_PROMPT_TOKENS:
@@ -90,8 +90,15 @@ class WordPieces:
 
 
 @torch.no_grad()
-def words_after(model: LSTMLanguageModel, pieces: WordPieces, logits: torch.Tensor, state: State, k: int,
-                beam: int | None = None, max_pieces: int = 24) -> list[tuple[str, float]]:
+def words_after(
+    model: LSTMLanguageModel,
+    pieces: WordPieces,
+    logits: torch.Tensor,
+    state: State,
+    k: int,
+    beam: int | None = None,
+    max_pieces: int = 24,
+) -> list[tuple[str, float]]:
     """The k most likely next words after a prompt whose next-token scores are `logits` (V,)
     and whose memory is `state` (batch 1), with their probabilities, most likely first.
 
@@ -134,7 +141,11 @@ def words_after(model: LSTMLanguageModel, pieces: WordPieces, logits: torch.Tens
 
 
 def next_words(
-    model: LSTMLanguageModel, tokenizer: Tokenizer, prompt: str, k: int = 5, kind: str = "word",
+    model: LSTMLanguageModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    k: int = 5,
+    kind: str = "word",
 ) -> list[tuple[str, float]]:
     """The k most likely next words after `prompt` and their probabilities, most likely first.
 
@@ -148,8 +159,9 @@ def next_words(
     return words_after(model, WordPieces(tokenizer, kind), logits, state, k)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> int:
+def _pick(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     # Scaled from the largest score down, so that no temperature overflows: at one so
@@ -171,8 +183,15 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
 
 @torch.no_grad()
 def complete(
-    model: LSTMLanguageModel, tokenizer: Tokenizer, kind: str, prompt: str, words: int = 20,
-    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    model: LSTMLanguageModel,
+    tokenizer: Tokenizer,
+    kind: str,
+    prompt: str,
+    words: int = 20,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
     precision: str = "fp32",
 ) -> str:
     """The continuation of `prompt` (without the prompt), up to the end of the sentence or `words` words.
@@ -187,8 +206,16 @@ def complete(
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else torch.seed())
     eos = tokenizer.token_to_id(EOS)
-    tokens = generate(model, encode_prompt(tokenizer, prompt, kind), temperature, top_k, top_p, generator,
-                      banned=[tokenizer.token_to_id(UNK)], precision=precision)  # never says "<unk>"
+    tokens = generate(
+        model,
+        encode_prompt(tokenizer, prompt, kind),
+        temperature,
+        top_k,
+        top_p,
+        generator,
+        banned=[tokenizer.token_to_id(UNK)],
+        precision=precision,
+    )  # never says "<unk>"
     out: list[int] = []
     max_tokens = words * (40 if kind == "char" else 8)
     text = ""
@@ -212,8 +239,13 @@ def complete(
 
 
 def generate(
-    model: LSTMLanguageModel, ids: list[int], temperature: float = 0.0, top_k: int | None = None,
-    top_p: float | None = None, generator: torch.Generator | None = None, banned: Sequence[int] = (),
+    model: LSTMLanguageModel,
+    ids: list[int],
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    banned: Sequence[int] = (),
     precision: str = "fp32",
 ) -> Iterator[int]:
     """The ids that continue `ids`, one at a time, for as long as the caller takes them.

@@ -74,8 +74,13 @@ class LongText:
 
 
 @torch.no_grad()
-def score_texts(model: LSTMLanguageModel, tokenizer: Tokenizer, texts: Iterable[str], per_token: bool = False,
-                batch_tokens: int = BATCH_TOKENS) -> list[dict]:
+def score_texts(
+    model: LSTMLanguageModel,
+    tokenizer: Tokenizer,
+    texts: Iterable[str],
+    per_token: bool = False,
+    batch_tokens: int = BATCH_TOKENS,
+) -> list[dict]:
     """For each text, in order: `text`, `tokens`, `logprob` (natural log), `perplexity`,
     `unknown` (tokens read as `<unk>`) and, with `per_token`, `token_logprobs`: a
     [token, logprob] pair per token, the final `<eos>` included."""
@@ -95,15 +100,20 @@ def score_texts(model: LSTMLanguageModel, tokenizer: Tokenizer, texts: Iterable[
             continue
         targets, lp = encoded[i][1:], scores[i]
         pairs = _pairs(tokenizer, targets, lp.tolist()) if per_token else None
-        results.append({"text": text} | _result(len(targets), float(lp.double().sum()),
-                                                sum(t == unk for t in targets), pairs))
+        results.append(
+            {"text": text} | _result(len(targets), float(lp.double().sum()), sum(t == unk for t in targets), pairs)
+        )
     return results
 
 
 def _result(tokens: int, logprob: float, unknown: int, pairs: list[list] | None) -> dict:
     """One text's scores (without its `text`), however it was read."""
-    out = {"tokens": tokens, "logprob": logprob, "perplexity": math.exp(min(-logprob / tokens, 700.0)),
-           "unknown": unknown}
+    out = {
+        "tokens": tokens,
+        "logprob": logprob,
+        "perplexity": math.exp(min(-logprob / tokens, 700.0)),
+        "unknown": unknown,
+    }
     if pairs is not None:
         out["token_logprobs"] = pairs
     return out
@@ -115,8 +125,9 @@ def _pairs(tokenizer: Tokenizer, targets: list[int], logprobs: list[float]) -> l
 
 
 @torch.no_grad()
-def score_stream(model: LSTMLanguageModel, tokenizer: Tokenizer, pieces: Iterable[str], per_token: bool = False,
-                 window: int = WINDOW) -> dict:
+def score_stream(
+    model: LSTMLanguageModel, tokenizer: Tokenizer, pieces: Iterable[str], per_token: bool = False, window: int = WINDOW
+) -> dict:
     """Score one text given as pieces (cut at spaces), as score_texts scores a text: read
     in windows of `window` tokens with the memory carried, so that memory does not grow
     with the text (but for `per_token`'s list). Returns the result without its `text`."""
@@ -133,7 +144,7 @@ def score_stream(model: LSTMLanguageModel, tokenizer: Tokenizer, pieces: Iterabl
         ids = torch.tensor(pending[: count + 1], device=device)[:, None]  # (count + 1, 1)
         out, state = model.features(ids[:-1], state)
         lp = model.target_log_probs(out[:, 0], ids[1:, 0]).cpu()
-        targets = pending[1: count + 1]
+        targets = pending[1 : count + 1]
         total += float(lp.double().sum())
         n, unknown = n + count, unknown + sum(i == unk for i in targets)
         if pairs is not None:

@@ -110,18 +110,26 @@ class TraceRequest(_Request):
     prompt: str = Prompt
     top_k: int = field("k", 3, "Next-word guesses per token.", le=20)
     units: int = Field(12, ge=1, le=64, description="Units per heatmap: those that change most.")
-    swap: Swap | None = Field(None, description="Also read the prompt with `other` for `word`, and say how far "
-                                                "apart the two memories are after each token.")
+    swap: Swap | None = Field(
+        None,
+        description="Also read the prompt with `other` for `word`, and say how far "
+        "apart the two memories are after each token.",
+    )
 
 
 class Error(BaseModel):
     error: str = Field(description="What is wrong with the request.")
 
 
-ERRORS = {code: {"model": Error, "description": what} for code, what in [
-    (400, "Malformed JSON, a prompt the model cannot read, or a request over the limits"),
-    (401, "The access token is missing or wrong"), (413, "The body is over the size limit"),
-    (422, "A missing field, a wrong type, an unknown field or a value out of range")]}
+ERRORS = {
+    code: {"model": Error, "description": what}
+    for code, what in [
+        (400, "Malformed JSON, a prompt the model cannot read, or a request over the limits"),
+        (401, "The access token is missing or wrong"),
+        (413, "The body is over the size limit"),
+        (422, "A missing field, a wrong type, an unknown field or a value out of range"),
+    ]
+}
 
 
 class FairLock:
@@ -171,11 +179,17 @@ class ModelService:
 
     def score(self, r: ScoreRequest) -> dict[str, Any]:
         # Counted first (the tokenizer alone, no model), so that the work and the answer are bounded.
-        counts = [len(ids) + 1 for ids in (e.ids for e in self.lm.tokenizer.encode_batch(
-            [t.strip() for t in r.texts], add_special_tokens=False))]
+        counts = [
+            len(ids) + 1
+            for ids in (
+                e.ids for e in self.lm.tokenizer.encode_batch([t.strip() for t in r.texts], add_special_tokens=False)
+            )
+        ]
         if sum(counts) > MAX_SCORE_TOKENS:
-            raise PromptError(f"the texts have {sum(counts):,} tokens; the limit per request is "
-                              f"{MAX_SCORE_TOKENS:,}: send them in several requests")
+            raise PromptError(
+                f"the texts have {sum(counts):,} tokens; the limit per request is "
+                f"{MAX_SCORE_TOKENS:,}: send them in several requests"
+            )
         results, start, size = [], 0, 0
         for end, n in enumerate(counts, 1):  # slices of about SLICE_TOKENS, the lock taken for each
             size += n
@@ -214,8 +228,13 @@ def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None, to
             on_ready()
         yield
 
-    app = FastAPI(title="lstm-lm", version=__version__, lifespan=lifespan, default_response_class=_JSON,
-                  description="Next words, completions, scores and the gates of a trained LSTM language model.")
+    app = FastAPI(
+        title="lstm-lm",
+        version=__version__,
+        lifespan=lifespan,
+        default_response_class=_JSON,
+        description="Next words, completions, scores and the gates of a trained LSTM language model.",
+    )
     _add_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     if token:
@@ -231,9 +250,15 @@ def create_app(lm: LanguageModel, on_ready: Callable[[], None] | None = None, to
 
     @app.get("/v1/model", summary="What the model is")
     def model() -> dict[str, Any]:
-        return lm.describe(paths=False) | {"limits": {
-            "body_bytes": MAX_BODY_BYTES, "prompt_chars": MAX_PROMPT_CHARS, "texts": MAX_TEXTS,
-            "score_tokens": MAX_SCORE_TOKENS, "trace_tokens": MAX_TRACE_TOKENS}}
+        return lm.describe(paths=False) | {
+            "limits": {
+                "body_bytes": MAX_BODY_BYTES,
+                "prompt_chars": MAX_PROMPT_CHARS,
+                "texts": MAX_TEXTS,
+                "score_tokens": MAX_SCORE_TOKENS,
+                "trace_tokens": MAX_TRACE_TOKENS,
+            }
+        }
 
     @app.get("/healthz", summary="Liveness")
     def healthz() -> dict[str, str]:
@@ -317,8 +342,13 @@ class _BodyLimit:
 
     async def _refuse(self, send) -> None:
         body = dumps({"error": f"the request body is over the limit of {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -341,20 +371,24 @@ class _TokenGate:
         request = StarletteRequest(scope)
         auth = request.headers.get("authorization", "")
         query = request.query_params.get("token")
-        if self._matches(auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None) \
-                or self._matches(request.cookies.get(TOKEN_COOKIE)):
+        if self._matches(auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None) or self._matches(
+            request.cookies.get(TOKEN_COOKIE)
+        ):
             return await self.app(scope, receive, send)
         if self._matches(query):
+
             async def send_with_cookie(message):
                 if message["type"] == "http.response.start":
                     cookie = f"{TOKEN_COOKIE}={query}; Path=/; HttpOnly; SameSite=Strict"
-                    message = message | {"headers": [*message.get("headers", []),
-                                                      (b"set-cookie", cookie.encode())]}
+                    message = message | {"headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
                 await send(message)
 
             return await self.app(scope, receive, send_with_cookie)
-        await _error(401, "this server needs its access token: send 'Authorization: Bearer TOKEN', or open "
-                          "the page at /?token=TOKEN (lstm-lm serve printed it when it started)")(scope, receive, send)
+        await _error(
+            401,
+            "this server needs its access token: send 'Authorization: Bearer TOKEN', or open "
+            "the page at /?token=TOKEN (lstm-lm serve printed it when it started)",
+        )(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:
@@ -381,14 +415,23 @@ def access_token(host: str, token: str | None, no_token: bool) -> str | None:
     if is_loopback(host):
         return None
     if no_token:
-        log(f"warning: serving on {host} with no access token: anyone who can reach this machine can use "
-            "the API and the page")
+        log(
+            f"warning: serving on {host} with no access token: anyone who can reach this machine can use "
+            "the API and the page"
+        )
         return None
     return secrets.token_urlsafe(24)
 
 
-def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-               threads: int = 1, token: str | None = None, no_token: bool = False) -> None:
+def run_server(
+    checkpoint: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    threads: int = 1,
+    token: str | None = None,
+    no_token: bool = False,
+) -> None:
     """Load the model once, listen on host:port and serve until Ctrl-C or SIGTERM, then
     finish the requests in flight and return. `threads`: PyTorch's CPU threads. Beyond
     loopback, requests need an access token (`token`, or one made and printed here)."""
@@ -416,10 +459,17 @@ def run_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     opening = f"{url}/?token={token}" if token else url
-    ready = lambda: log(f"serving {lm.checkpoint} ({lm.cell}, {lm.vocab_size:,} tokens) at {opening} "  # noqa: E731
-                        f"(web page at /, API docs at /docs){'; the API needs the header Authorization: Bearer ' + token if token else ''}; Ctrl-C stops")
-    server = uvicorn.Server(uvicorn.Config(create_app(lm, ready, token), log_level="warning",
-                                           timeout_graceful_shutdown=10))
+    needs = f"; the API needs the header Authorization: Bearer {token}" if token else ""
+
+    def ready() -> None:
+        log(
+            f"serving {lm.checkpoint} ({lm.cell}, {lm.vocab_size:,} tokens) at {opening} "
+            f"(web page at /, API docs at /docs){needs}; Ctrl-C stops"
+        )
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(lm, ready, token), log_level="warning", timeout_graceful_shutdown=10)
+    )
     stopped: list[int] = []
 
     def on_signal(signum, frame):

@@ -1,7 +1,7 @@
 """Stopping a run cleanly: Ctrl-C or SIGTERM saves a resumable checkpoint first.
 
-    with StopSignals() as stop:
-        while not stop.signum: ...   # train a step
+with StopSignals() as stop:
+    while not stop.signum: ...   # train a step
 """
 
 from __future__ import annotations
@@ -41,5 +41,7 @@ class StopSignals:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.signum = signum
-        log(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-            "(press Ctrl-C again to quit at once)")
+        log(
+            f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+            "(press Ctrl-C again to quit at once)"
+        )

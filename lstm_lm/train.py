@@ -32,8 +32,14 @@ from lstm_lm.runlogs import LOGS, RunLog
 from lstm_lm.trainer import Trainer
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus | None = None,
-          started: float | None = None, overwrite: bool = False) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    corpus: Corpus | None = None,
+    started: float | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train (or with `resume`, continue) a run in `out_dir`; returns a summary of the run.
 
     `started` (a time.perf_counter() value, default now) is when the run's clock starts:
@@ -58,8 +64,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, corpus: Corpus
         distributed.teardown()
 
 
-def _train(cfg: Config, run_dir: Path, world: World, clock: Clock, resume: bool,
-           corpus: Corpus | None) -> dict[str, Any]:
+def _train(
+    cfg: Config, run_dir: Path, world: World, clock: Clock, resume: bool, corpus: Corpus | None
+) -> dict[str, Any]:
     logs = RunLog(run_dir, cfg.train.logger, enabled=world.main)
     trainer = Trainer(cfg, run_dir, world, clock, logs, corpus)  # the data loads before RUN is made
     with locked(run_dir, world):
@@ -99,8 +106,13 @@ def locked(run_dir: Path, world: World) -> Iterator[None]:
 
 
 def run_training(
-    config: str | Path | None, data: str | None, out: str | Path | None, resume: bool,
-    overrides: list[str], started: float | None = None, overwrite: bool = False,
+    config: str | Path | None,
+    data: str | None,
+    out: str | Path | None,
+    resume: bool,
+    overrides: list[str],
+    started: float | None = None,
+    overwrite: bool = False,
     values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What `lstm-lm train` does: build the config (or reload the run's own), then train.
@@ -117,7 +129,9 @@ def run_training(
         if out is None:
             raise ConfigError(["--resume needs --out DIR, the run to continue"])
         if config is not None:
-            raise ConfigError(["--resume continues the run's own config; change it with --set or options, not --config"])
+            raise ConfigError(
+                ["--resume continues the run's own config; change it with --set or options, not --config"]
+            )
         ckpt = last_checkpoint(Path(out))
         if ckpt is None or not (ckpt / CONFIG).is_file():
             raise CheckpointError(f"cannot resume: {out} holds no saved run (start it without --resume)")

@@ -43,15 +43,28 @@ from lstm_lm.rundir import CHECKPOINTS, LAST, last_checkpoint, resume_hint, save
 from lstm_lm.runlogs import GRAD_FLOW, METRICS, STEPS, RunLog
 from lstm_lm.signals import StopSignals
 from lstm_lm.training_state import (
-    TrainState, load_training_state, restore_average, resume_tensors, save_training_state, take_share,
+    TrainState,
+    load_training_state,
+    restore_average,
+    resume_tensors,
+    save_training_state,
+    take_share,
 )
 from lstm_lm.utils import autocast, log, pick_device, pick_precision
 
 
 def train_step(
-    model: LSTMLanguageModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-    hidden: State, clip: float, precision: str = "fp32", loss_fn: Callable | None = None,
-    ar: float = 0.0, tar: float = 0.0, skip_nonfinite: bool = False,
+    model: LSTMLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hidden: State,
+    clip: float,
+    precision: str = "fp32",
+    loss_fn: Callable | None = None,
+    ar: float = 0.0,
+    tar: float = 0.0,
+    skip_nonfinite: bool = False,
 ) -> tuple[torch.Tensor | None, State]:
     """One step of truncated BPTT: forward, backward, clip, update. Returns the
     cross-entropy (on the device, without AR/TAR) and the new state.
@@ -133,8 +146,9 @@ class LossMeter:
         """`loss`, the mean over this rank's `tokens`, at step `step`; noting without a
         host sync the first step whose loss is not finite."""
         self.sum += loss * tokens
-        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~torch.isfinite(loss), step,
-                                           self.first_nonfinite)
+        self.first_nonfinite = torch.where(
+            (self.first_nonfinite < 0) & ~torch.isfinite(loss), step, self.first_nonfinite
+        )
 
     def collect(self, world: World) -> tuple[float, int]:
         """(the summed loss of every rank since the last call, the first non-finite step or -1)."""
@@ -147,8 +161,9 @@ class LossMeter:
 class Trainer:
     """One training run: its data, model, optimizer, learning rate, state and checkpoints."""
 
-    def __init__(self, cfg: Config, run_dir: Path, world: World, clock: Clock, logs: RunLog,
-                 corpus: Corpus | None = None):
+    def __init__(
+        self, cfg: Config, run_dir: Path, world: World, clock: Clock, logs: RunLog, corpus: Corpus | None = None
+    ):
         self.cfg, self.t, self.run_dir, self.world, self.clock, self.logs = cfg, cfg.train, run_dir, world, clock, logs
         t = self.t
         self.device = pick_device(distributed.device_for(world, t.device))
@@ -161,8 +176,9 @@ class Trainer:
         self.n_batches = math.ceil(self.rows / t.bptt)  # per epoch (about that many with variable_bptt)
 
         m = cfg.model
-        if m.softmax == "adaptive" and (problem := check_cutoffs(m.cutoffs or default_cutoffs(self.corpus.vocab_size),
-                                                                 self.corpus.vocab_size)):
+        if m.softmax == "adaptive" and (
+            problem := check_cutoffs(m.cutoffs or default_cutoffs(self.corpus.vocab_size), self.corpus.vocab_size)
+        ):
             raise ConfigError([problem])
         self.model = LSTMLanguageModel(m, self.corpus.vocab_size).to(self.device)
         self.precision = pick_precision(t.precision, self.device)
@@ -172,7 +188,8 @@ class Trainer:
         self.ddp = None
         if world.enabled:  # DistributedDataParallel averages the gradients across ranks during backward
             self.ddp = DistributedDataParallel(
-                self.loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.loss, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             torch.manual_seed(t.seed + world.rank)  # the same weights, but each rank its own dropout
         self.lr = LearningRate(t, clock, t.epochs * self.n_batches)
         self.state = TrainState.start(t.lr)
@@ -189,8 +206,9 @@ class Trainer:
         t = self.t
         ckpt = last_checkpoint(self.run_dir)
         if ckpt is None:
-            raise CheckpointError(f"cannot resume: {self.run_dir} holds no saved training state "
-                                  "(start it without --resume)")
+            raise CheckpointError(
+                f"cannot resume: {self.run_dir} holds no saved training state (start it without --resume)"
+            )
         self.state, self.hidden, extra = load_training_state(ckpt, self.model, self.optimizer, self.device)
         s = self.state
         if self.world.enabled:
@@ -199,12 +217,20 @@ class Trainer:
         if s.averaging_since is not None:
             self.average = restore_average(self.model, extra)
         if s.epoch > t.epochs or (t.max_steps is not None and s.step >= t.max_steps):
-            raise ConfigError([f"nothing to resume: {self.run_dir} already ran {s.step} steps into epoch {s.epoch}; "
-                               "raise --epochs or --max-steps (or --set train.max_steps=null)"])
+            raise ConfigError(
+                [
+                    f"nothing to resume: {self.run_dir} already ran {s.step} steps into epoch {s.epoch}; "
+                    "raise --epochs or --max-steps (or --set train.max_steps=null)"
+                ]
+            )
         self.clock.before = s.elapsed_s
         if t.time_budget and self.clock.out_of_time():
-            raise ConfigError([f"nothing to resume: {self.run_dir} already used its time budget of "
-                               f"{t.time_budget:g} minutes; raise --time-budget"])
+            raise ConfigError(
+                [
+                    f"nothing to resume: {self.run_dir} already used its time budget of "
+                    f"{t.time_budget:g} minutes; raise --time-budget"
+                ]
+            )
         self.logs.open(resumed_at=s.step)  # the log lines after the checkpoint come again
         log(f"resuming {self.run_dir} from {ckpt} at epoch {s.epoch}, step {s.step}")
 
@@ -214,8 +240,14 @@ class Trainer:
         t, s = self.t, self.state
         log(_describe(self.model, self.corpus, t, self.device, self.precision, self.n_batches))
         if t.time_budget:  # keep room for the final validation and test even before the first validation
-            reserve_evaluation_time(self.clock, self.model, self.valid_data, t, self.precision,
-                                    len(self.corpus.splits["valid"]) + len(self.corpus.splits["test"]))
+            reserve_evaluation_time(
+                self.clock,
+                self.model,
+                self.valid_data,
+                t,
+                self.precision,
+                len(self.corpus.splits["valid"]) + len(self.corpus.splits["test"]),
+            )
         with self.stop:
             while s.epoch <= t.epochs and not self._should_stop():
                 self._train_epoch()
@@ -225,8 +257,9 @@ class Trainer:
             if self.stop.signum is not None:
                 # An epoch's end may have saved this very step already.
                 saved = self.saved[1] if self.saved and self.saved[0] == s.step else self._save(best=False)
-                raise Interrupted(_interrupted(self.stop.name, s, saved, self.run_dir, self.world),
-                                  exit_code=128 + self.stop.signum)
+                raise Interrupted(
+                    _interrupted(self.stop.name, s, saved, self.run_dir, self.world), exit_code=128 + self.stop.signum
+                )
         return self._finish()
 
     # -- training -----------------------------------------------------------------------
@@ -239,18 +272,43 @@ class Trainer:
             self.hidden = self.model.init_state(self.train_data.size(1), self.device)  # this rank's streams
         self.segment_start = time.perf_counter()
         self.logged_time = s.epoch_time_s if s.pos else 0.0  # the epoch's training time at the last steps.jsonl line
-        bar = tqdm(total=self.n_batches, initial=s.batch, desc=f"epoch {s.epoch}", unit="batch", file=sys.stderr,
-                   disable=None if self.world.main else True, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=self.n_batches,
+            initial=s.batch,
+            desc=f"epoch {s.epoch}",
+            unit="batch",
+            file=sys.stderr,
+            disable=None if self.world.main else True,
+            dynamic_ncols=True,
+            leave=False,
+        )
         while s.pos < self.rows and not self._should_stop():
             x, y = get_batch(self.train_data, s.pos, chunk_length(t, s.step))
             self.lr.set(s, self.optimizer, x.size(0))
             if t.log_grad_flow and (s.step + 1) % t.log_interval == 0 and self.world.main:
-                self.logs.write(GRAD_FLOW, {"step": s.step + 1, "cell": self.model.cell,
-                                            "grad_norm": gradient_flow(self.model, x, y, self.hidden)})
+                self.logs.write(
+                    GRAD_FLOW,
+                    {
+                        "step": s.step + 1,
+                        "cell": self.model.cell,
+                        "grad_norm": gradient_flow(self.model, x, y, self.hidden),
+                    },
+                )
             started = time.perf_counter()
             loss_fn = self.loss.for_chunk(x.size(0), t.bptt, self.ddp)
-            loss, self.hidden = train_step(self.model, self.optimizer, x, y, self.hidden, t.clip, self.precision,
-                                           loss_fn, t.ar, t.tar, t.skip_nonfinite)
+            loss, self.hidden = train_step(
+                self.model,
+                self.optimizer,
+                x,
+                y,
+                self.hidden,
+                t.clip,
+                self.precision,
+                loss_fn,
+                t.ar,
+                t.tar,
+                t.skip_nonfinite,
+            )
             s.step, s.batch, s.pos = s.step + 1, s.batch + 1, s.pos + x.size(0)
             if loss is None:  # skip_nonfinite: the update was skipped
                 s.skipped_steps += 1
@@ -282,7 +340,8 @@ class Trainer:
             raise TrainingError(
                 f"the loss is not a finite number at step {bad} (epoch {self.state.epoch}); "
                 f"{resume_hint(self.run_dir)}. "
-                "Lower the learning rate, set train.clip, or set train.skip_nonfinite=true to skip such steps")
+                "Lower the learning rate, set train.clip, or set train.skip_nonfinite=true to skip such steps"
+            )
         self.state.epoch_loss_sum += summed
         now = time.perf_counter()
         self.state.epoch_time_s += now - self.segment_start
@@ -298,12 +357,21 @@ class Trainer:
             interval_s, self.logged_time = s.epoch_time_s - self.logged_time, s.epoch_time_s
             tok_s = meter.tokens / max(interval_s, 1e-9)
             avg = s.epoch_loss_sum / max(s.epoch_tokens, 1)
-            bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{s.lr:.3g}",
-                            tok_s=f"{tok_s:,.0f}")
-            self.logs.write(STEPS, {"step": s.step, "epoch": s.epoch, "lr": s.lr, "loss": meter.loss / meter.tokens,
-                                    "tokens_per_s": tok_s,
-                                    "epoch_tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9),
-                                    "elapsed_s": round(self.clock.elapsed(), 2)})
+            bar.set_postfix(
+                loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{s.lr:.3g}", tok_s=f"{tok_s:,.0f}"
+            )
+            self.logs.write(
+                STEPS,
+                {
+                    "step": s.step,
+                    "epoch": s.epoch,
+                    "lr": s.lr,
+                    "loss": meter.loss / meter.tokens,
+                    "tokens_per_s": tok_s,
+                    "epoch_tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9),
+                    "elapsed_s": round(self.clock.elapsed(), 2),
+                },
+            )
         meter.tokens, meter.loss = 0, 0.0
 
     def _should_stop(self) -> bool:
@@ -340,14 +408,17 @@ class Trainer:
         with self._eval_weights():
             val = evaluate_streams(self.model, self.valid_data, t.bptt, self.precision, self.world)
         if not math.isfinite(val["loss"]):
-            raise TrainingError(f"the validation loss is not finite in epoch {s.epoch} at step {s.step}; "
-                                f"{resume_hint(self.run_dir)}. Lower the learning rate or set train.clip")
+            raise TrainingError(
+                f"the validation loss is not finite in epoch {s.epoch} at step {s.step}; "
+                f"{resume_hint(self.run_dir)}. Lower the learning rate or set train.clip"
+            )
         improved = s.best_val_loss is None or val["loss"] < s.best_val_loss
         if improved:
             s.best_val_loss = val["loss"]
         # What the final validation and test will cost, kept free under a time budget.
-        self.clock.time_reserve(time.perf_counter() - started, val["tokens"],
-                                val["tokens"] + len(self.corpus.splits["test"]))
+        self.clock.time_reserve(
+            time.perf_counter() - started, val["tokens"], val["tokens"] + len(self.corpus.splits["test"])
+        )
         record = _metrics_record(s, val, improved, whole, self.average is not None, self.clock)
         if whole:  # decide only at epoch ends, so that a stop-and-resume matches
             s.val_losses.append(val["loss"])
@@ -356,17 +427,20 @@ class Trainer:
                 log(f"NT-ASGD: validation stopped improving; averaging the weights from step {s.step} on")
             self.lr.after_epoch(s, improved, averaging=self.average is not None)
         self.logs.write(METRICS, record)
-        log(f"epoch {s.epoch} | step {s.step} | train ppl {record['train_ppl']:.6g} | "
+        log(
+            f"epoch {s.epoch} | step {s.step} | train ppl {record['train_ppl']:.6g} | "
             f"valid ppl {record['val_ppl']:.6g}{' (best)' if improved else ''}"
             f"{' (averaged)' if record['averaged'] else ''} | lr {record['lr']:.4g} | "
             f"{record['tokens_per_s']:,.0f} tok/s | {s.epoch_time_s:.1f} s"
-            + (f" | {self.clock.elapsed() / 60:.1f} of {t.time_budget:g} min" if t.time_budget else ""))
+            + (f" | {self.clock.elapsed() / 60:.1f} of {t.time_budget:g} min" if t.time_budget else "")
+        )
         if whole:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
         self.segment_start = time.perf_counter()  # the validation is no epoch's training time
-        self._save(best=improved, measured={"step": s.step, "valid_loss": val["loss"],
-                                            "valid_perplexity": val["perplexity"]})
+        self._save(
+            best=improved, measured={"step": s.step, "valid_loss": val["loss"], "valid_perplexity": val["perplexity"]}
+        )
 
     def _save(self, best: bool, measured: dict[str, Any] | None = None) -> Path:
         """Write a step checkpoint: the weights to evaluate, and everything --resume needs;
@@ -374,8 +448,10 @@ class Trainer:
         s = self.state
         self._sync()
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all().item():
-            raise TrainingError(f"the weights are not finite numbers at step {s.step}; "
-                                "not saving them over the last good checkpoint. Lower the learning rate")
+            raise TrainingError(
+                f"the weights are not finite numbers at step {s.step}; "
+                "not saving them over the last good checkpoint. Lower the learning rate"
+            )
         s.elapsed_s = self.clock.elapsed()
         hidden, extra = resume_tensors(self.world, self.hidden, self.average, self.device)
 
@@ -402,8 +478,10 @@ class Trainer:
         test_data = test_data[:, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
         test = evaluate_streams(best, test_data, t.bptt, self.precision, self.world) if test_data.size(0) > 1 else None
         summary = _summary(s, self.run_dir, best_dir, test, self.clock)
-        log(f"best model in {summary['best_checkpoint']}: valid ppl {summary['best_valid_perplexity']:.6g}"
-            + (f", test ppl {summary['test_perplexity']:.6g}" if test else ""))
+        log(
+            f"best model in {summary['best_checkpoint']}: valid ppl {summary['best_valid_perplexity']:.6g}"
+            + (f", test ppl {summary['test_perplexity']:.6g}" if test else "")
+        )
         return summary
 
 
@@ -418,7 +496,8 @@ class _TrainingLoss(torch.nn.Module):
 
     def forward(self, x, y, hidden, ar=0.0, tar=0.0, compiled=False):
         return (self.compiled if compiled and self.compiled is not None else self.model.training_loss)(
-            x, y, hidden, ar, tar)
+            x, y, hidden, ar, tar
+        )
 
     def for_chunk(self, chunk: int, bptt: int, ddp: DistributedDataParallel | None) -> Callable | None:
         """The loss for a chunk of `chunk` steps: compiled for the full length (a chunk of
@@ -430,19 +509,26 @@ class _TrainingLoss(torch.nn.Module):
         return self.compiled if compiled else None
 
 
-def evaluate_streams(model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str,
-                     world: World) -> dict[str, float]:
+def evaluate_streams(
+    model: LSTMLanguageModel, data: torch.Tensor, bptt: int, precision: str, world: World
+) -> dict[str, float]:
     """`evaluate` on this rank's streams, summed over ranks: the whole split's result."""
     out = evaluate(model, data, bptt, precision)
     n = out["tokens"]
     loss, tokens, top1, top5 = world.sum([out["loss"] * n, n, out["top1_accuracy"] * n, out["top5_accuracy"] * n])
     loss /= max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
-            "top1_accuracy": top1 / max(tokens, 1), "top5_accuracy": top5 / max(tokens, 1)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": int(tokens),
+        "top1_accuracy": top1 / max(tokens, 1),
+        "top5_accuracy": top5 / max(tokens, 1),
+    }
 
 
-def reserve_evaluation_time(clock: Clock, model: LSTMLanguageModel, data: torch.Tensor, t: TrainConfig,
-                            precision: str, eval_tokens: int) -> None:
+def reserve_evaluation_time(
+    clock: Clock, model: LSTMLanguageModel, data: torch.Tensor, t: TrainConfig, precision: str, eval_tokens: int
+) -> None:
     """Time the evaluation of a few chunks of `data` (the fastest of three, after a first
     call that pays the one-off costs) and have the clock keep enough for `eval_tokens`;
     refuse a budget that leaves no time to train."""
@@ -455,40 +541,60 @@ def reserve_evaluation_time(clock: Clock, model: LSTMLanguageModel, data: torch.
         timings.append(time.perf_counter() - start)
     clock.time_reserve(min(timings), result["tokens"], eval_tokens)
     if clock.out_of_time():
-        raise ConfigError([
-            f"train.time_budget: {t.time_budget:g} minutes leave no time to train: {clock.elapsed():.0f} s are "
-            f"gone and the final validation and test need about {clock.reserve_s:.0f} s; raise --time-budget"])
+        raise ConfigError(
+            [
+                f"train.time_budget: {t.time_budget:g} minutes leave no time to train: {clock.elapsed():.0f} s are "
+                f"gone and the final validation and test need about {clock.reserve_s:.0f} s; raise --time-budget"
+            ]
+        )
 
 
-def _describe(model: LSTMLanguageModel, corpus: Corpus, t: TrainConfig, device: torch.device, precision: str,
-              n_batches: int) -> str:
-    output = (f"adaptive softmax (cutoffs {model.adaptive.bounds[:-1]})" if model.adaptive is not None
-              else f"{model.loss_impl} loss")
+def _describe(
+    model: LSTMLanguageModel, corpus: Corpus, t: TrainConfig, device: torch.device, precision: str, n_batches: int
+) -> str:
+    output = (
+        f"adaptive softmax (cutoffs {model.adaptive.bounds[:-1]})"
+        if model.adaptive is not None
+        else f"{model.loss_impl} loss"
+    )
     compiled = f", compiled{f' ({t.compile_mode})' if t.compile_mode != 'default' else ''}" if t.compile else ""
-    return (f"model: {model.cell}, {model.num_parameters():,} parameters, impl {model.impl}, "
-            f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}, {output}{compiled}; "
-            f"data: {len(corpus.splits['train']):,} train tokens, "
-            f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
-            + (f"; time budget {t.time_budget:g} min" if t.time_budget else ""))
+    return (
+        f"model: {model.cell}, {model.num_parameters():,} parameters, impl {model.impl}, "
+        f"vocab {corpus.vocab_size:,}, device {device}, precision {precision}, {output}{compiled}; "
+        f"data: {len(corpus.splits['train']):,} train tokens, "
+        f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
+        + (f"; time budget {t.time_budget:g} min" if t.time_budget else "")
+    )
 
 
-def _metrics_record(s: TrainState, val: dict[str, float], improved: bool, whole: bool, averaged: bool,
-                    clock: Clock) -> dict[str, Any]:
+def _metrics_record(
+    s: TrainState, val: dict[str, float], improved: bool, whole: bool, averaged: bool, clock: Clock
+) -> dict[str, Any]:
     """A line of metrics.jsonl: the epoch's training loss and the validation just run."""
     train_loss = s.epoch_loss_sum / max(s.epoch_tokens, 1)
     return {
-        "epoch": s.epoch, "step": s.step, "lr": s.lr,
-        "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 700)),
-        "val_loss": val["loss"], "val_ppl": val["perplexity"], "val_top1": val["top1_accuracy"],
-        "val_top5": val["top5_accuracy"], "averaged": averaged,
-        "tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9), "epoch_time_s": s.epoch_time_s,
-        "elapsed_s": round(clock.elapsed(), 2), "complete_epoch": whole, "best": improved,
+        "epoch": s.epoch,
+        "step": s.step,
+        "lr": s.lr,
+        "train_loss": train_loss,
+        "train_ppl": math.exp(min(train_loss, 700)),
+        "val_loss": val["loss"],
+        "val_ppl": val["perplexity"],
+        "val_top1": val["top1_accuracy"],
+        "val_top5": val["top5_accuracy"],
+        "averaged": averaged,
+        "tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9),
+        "epoch_time_s": s.epoch_time_s,
+        "elapsed_s": round(clock.elapsed(), 2),
+        "complete_epoch": whole,
+        "best": improved,
         "skipped_steps": s.skipped_steps,
     }
 
 
-def _summary(s: TrainState, run_dir: Path, best_dir: Path, test: dict[str, float] | None,
-             clock: Clock) -> dict[str, Any]:
+def _summary(
+    s: TrainState, run_dir: Path, best_dir: Path, test: dict[str, float] | None, clock: Clock
+) -> dict[str, Any]:
     """What `train` prints: the run, its best validation and its test result."""
     best_val = s.best_val_loss
     return {
@@ -509,6 +615,9 @@ def _summary(s: TrainState, run_dir: Path, best_dir: Path, test: dict[str, float
 
 def _interrupted(signal_name: str, s: TrainState, saved: Path, run_dir: Path, world: World) -> str:
     out = shlex.quote(str(run_dir))
-    how = (f"resume with: lstm-lm train --out {out} --resume" if not world.enabled
-           else f"resume with the same torchrun options and: -m lstm_lm train --out {out} --resume")
+    how = (
+        f"resume with: lstm-lm train --out {out} --resume"
+        if not world.enabled
+        else f"resume with the same torchrun options and: -m lstm_lm train --out {out} --resume"
+    )
     return f"stopped by {signal_name} at step {s.step} (epoch {s.epoch}); checkpoint saved in {saved}\n{how}"

@@ -37,21 +37,21 @@ from lstm_lm.writing import write_atomically
 class TrainState:
     """Where a run stands: everything about its progress, saved and restored whole."""
 
-    lr: float                      # the rate of the latest step (optim.LearningRate sets it)
-    lr_peak: float                 # the schedule's top: train.lr less its decays
-    lr_set: float                  # the train.lr it began from; another --lr on a resume replaces it
-    step: int = 0                  # optimizer steps taken
-    epoch: int = 1                 # the epoch in progress, from 1
-    batch: int = 0                 # batches done in this epoch
-    pos: int = 0                   # the row of the training streams the next chunk starts at
+    lr: float  # the rate of the latest step (optim.LearningRate sets it)
+    lr_peak: float  # the schedule's top: train.lr less its decays
+    lr_set: float  # the train.lr it began from; another --lr on a resume replaces it
+    step: int = 0  # optimizer steps taken
+    epoch: int = 1  # the epoch in progress, from 1
+    batch: int = 0  # batches done in this epoch
+    pos: int = 0  # the row of the training streams the next chunk starts at
     best_val_loss: float | None = None
     val_losses: list[float] = field(default_factory=list)  # at each whole epoch's end; NT-ASGD reads them
     averaging_since: int | None = None  # the step NT-ASGD began averaging the weights at
-    skipped_steps: int = 0         # updates skipped for a loss or gradient that was not finite
-    epoch_loss_sum: float = 0.0    # this epoch's training loss, summed over ...
-    epoch_tokens: int = 0          # ... this many tokens
-    epoch_time_s: float = 0.0      # this epoch's training time, validation left out
-    elapsed_s: float = 0.0         # the run's wall time, every session of it
+    skipped_steps: int = 0  # updates skipped for a loss or gradient that was not finite
+    epoch_loss_sum: float = 0.0  # this epoch's training loss, summed over ...
+    epoch_tokens: int = 0  # ... this many tokens
+    epoch_time_s: float = 0.0  # this epoch's training time, validation left out
+    elapsed_s: float = 0.0  # the run's wall time, every session of it
 
     @classmethod
     def start(cls, lr: float) -> TrainState:
@@ -64,8 +64,12 @@ class TrainState:
 
 
 def save_training_state(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-    hidden: State | None, extra: dict[str, torch.Tensor] | None = None,
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    hidden: State | None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Latest weights, optimizer, RNG and hidden state as tensors; `state` (JSON) in the metadata.
 
@@ -89,12 +93,17 @@ def save_training_state(
             tensors[f"hidden.{k}.{name}"] = t
     for name, t in (extra or {}).items():
         tensors[f"extra.{name}"] = t
-    meta = {"format_version": FORMAT_VERSION, "state": dataclasses.asdict(state),
-            "param_groups": opt["param_groups"], "optim_scalars": opt_scalars}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "state": dataclasses.asdict(state),
+        "param_groups": opt["param_groups"],
+        "optim_scalars": opt_scalars,
+    }
     # Copies: safetensors refuses tensors that share memory (views of one buffer).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    write_atomically(folder / TRAINING_STATE,
-                     lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)}))
+    write_atomically(
+        folder / TRAINING_STATE, lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
+    )
 
 
 def load_training_state(
@@ -129,29 +138,33 @@ def load_training_state(
             _, idx, key = k.split(".", 2)
             opt_state.setdefault(int(idx), {})[key] = v.to(device)
     try:
-        load_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_weights(model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
         for idx, scalars in meta["optim_scalars"].items():
             opt_state.setdefault(int(idx), {}).update(scalars)
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot resume from {path}: it does not fit this model and optimizer "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"cannot resume from {path}: it does not fit this model and optimizer ({str(e).splitlines()[0]})"
+        ) from None
     torch.set_rng_state(tensors["rng.cpu"])
     cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda_keys and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda_keys])
     layers = sum(1 for k in tensors if k.startswith("hidden.") and k.endswith(".h"))
-    hidden = [tuple(tensors[f"hidden.{k}.{name}"].to(device) for name in ("h", "c") if f"hidden.{k}.{name}" in tensors)
-              for k in range(layers)] or None
-    extra = {k[len("extra."):]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
+    hidden = [
+        tuple(tensors[f"hidden.{k}.{name}"].to(device) for name in ("h", "c") if f"hidden.{k}.{name}" in tensors)
+        for k in range(layers)
+    ] or None
+    extra = {k[len("extra.") :]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
     return state, hidden, extra
 
 
 # -- what a run adds to the saved tensors ----------------------------------------------------
 
 
-def resume_tensors(world: World, hidden: State | None, average: WeightAverage | None,
-                   device: torch.device) -> tuple[State | None, dict[str, torch.Tensor]]:
+def resume_tensors(
+    world: World, hidden: State | None, average: WeightAverage | None, device: torch.device
+) -> tuple[State | None, dict[str, torch.Tensor]]:
     """The hidden state and extra tensors to save: the NT-ASGD average, and in a
     distributed run the whole batch's state and every rank's RNG (gathered to all)."""
     extra = {}
@@ -168,12 +181,14 @@ def resume_tensors(world: World, hidden: State | None, average: WeightAverage | 
 
 def restore_average(model: torch.nn.Module, extra: dict[str, torch.Tensor]) -> WeightAverage:
     n = len(list(model.parameters()))
-    return WeightAverage(model, count=int(extra["average.count"].item()),
-                         averages=[extra[f"average.{i}"] for i in range(n)])
+    return WeightAverage(
+        model, count=int(extra["average.count"].item()), averages=[extra[f"average.{i}"] for i in range(n)]
+    )
 
 
-def take_share(world: World, hidden: State | None, extra: dict[str, torch.Tensor], device: torch.device,
-               reseed: int) -> State | None:
+def take_share(
+    world: World, hidden: State | None, extra: dict[str, torch.Tensor], device: torch.device, reseed: int
+) -> State | None:
     """A distributed resume: this rank's streams of the saved state, and its own RNG
     (or, saved by a run with another number of processes, seeded from `reseed`)."""
     if hidden is not None:

@@ -19,7 +19,6 @@ import torch
 from lstm_lm.config import is_device_name
 from lstm_lm.errors import ConfigError
 
-
 QUIET = False  # set in the processes of a distributed run other than rank 0
 
 
@@ -121,7 +120,8 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -138,8 +138,16 @@ class progress_bar:
         if self.show:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, unit_scale=self.total is None,
-                            file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total,
+                desc=self.desc,
+                unit=self.unit,
+                unit_scale=self.total is None,
+                file=sys.stderr,
+                disable=None,
+                leave=False,
+                dynamic_ncols=True,
+            )
         return self
 
     def __call__(self, n: int = 1) -> None:

@@ -21,8 +21,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lstm_lm.errors import WriteError, describe_os_error
 

@@ -75,8 +75,10 @@ def main() -> None:
             for _ in range(args.rounds):
                 for key, fn in rows.items():
                     results[key].append(timed(fn, args.calls))
-        print(f"{checkpoint}: batch 1, CPU, {torch.get_num_threads()} threads, median of {args.rounds} rounds "
-              f"of {args.calls} calls")
+        print(
+            f"{checkpoint}: batch 1, CPU, {torch.get_num_threads()} threads, median of {args.rounds} rounds "
+            f"of {args.calls} calls"
+        )
         for what in ("prompt", "step"):
             base = statistics.median(results[("pytorch fp32", what)])
             for label in ("pytorch fp32", "onnx fp32", "onnx int8"):

@@ -55,9 +55,19 @@ EVAL_TOKENS = 7_000  # per evaluation pass of the softmax and recipe rows
 # The WikiText recipes (configs/NAME.yaml): the dataset's vocabulary and train tokens.
 RECIPES = {"wikitext-2": (33_278, 2_088_628), "wikitext-103": (267_735, 103_227_021)}
 # The softmax rows' model: a 2x256 tied LSTM, eager, plain SGD, as `--set` overrides.
-MODEL = ["model.embedding_size=256", "model.hidden_size=256", "model.num_layers=2", "model.dropout=0.2",
-         "train.batch_size=20", "train.bptt=35", "train.optimizer=sgd", "train.lr=20", "train.clip=0.25",
-         "train.eval_batch_size=10", "train.precision=auto"]
+MODEL = [
+    "model.embedding_size=256",
+    "model.hidden_size=256",
+    "model.num_layers=2",
+    "model.dropout=0.2",
+    "train.batch_size=20",
+    "train.bptt=35",
+    "train.optimizer=sgd",
+    "train.lr=20",
+    "train.clip=0.25",
+    "train.eval_batch_size=10",
+    "train.precision=auto",
+]
 # The peak memory of the process that runs this, in KB: the high-water mark of its own
 # memory since it began (/proc/self/status's VmHWM). Not ru_maxrss, which on Linux also
 # counts the RSS of the parent that started it (a child made with vfork inherits its
@@ -73,7 +83,9 @@ def peak_kb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
 # Runs a command of lstm-lm's CLI in this process, then prints the process's peak memory.
-CLI_WITH_PEAK = PEAK_KB + """\
+CLI_WITH_PEAK = (
+    PEAK_KB
+    + """\
 import runpy, sys
 sys.argv = ["lstm-lm", *sys.argv[1:]]
 try:
@@ -84,8 +96,11 @@ except SystemExit as e:
 print(f"peak_rss_kb {peak_kb()}", file=sys.stderr)
 sys.exit(code)
 """
+)
 # Prepares a corpus as training does, to its first batch, and reports what it found.
-PREPARE = PEAK_KB + """\
+PREPARE = (
+    PEAK_KB
+    + """\
 import json, sys
 from lstm_lm import data
 from lstm_lm.config import DataConfig
@@ -96,6 +111,7 @@ x, y = get_batch(Streams(corpus.splits["train"], 20), 0, 35)
 print(json.dumps({"train_tokens": len(corpus.splits["train"]), "vocab": corpus.vocab_size,
                   "peak_rss_mb": peak_kb() / 1024}))
 """
+)
 
 
 def log(msg: str) -> None:
@@ -107,15 +123,26 @@ def corpus(work: Path, tokens: int, vocab: int) -> Path:
     out = work / f"zipf-{tokens}-{vocab}"
     if not (out / "test.txt").is_file():
         log(f"generating {out.name} ...")
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), str(out), "--tokens", str(tokens),
-                        "--vocab", str(vocab)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "make_corpus.py"),
+                str(out),
+                "--tokens",
+                str(tokens),
+                "--vocab",
+                str(vocab),
+            ],
+            check=True,
+        )
     return out
 
 
 def prepare(data: Path, cache: Path, words_in: str = "python") -> dict:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PREPARE, str(data), str(cache), words_in], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", PREPARE, str(data), str(cache), words_in], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"error: preparing {data} failed:\n{proc.stderr[-2000:]}")
@@ -134,24 +161,31 @@ def data_rows(work: Path, sizes: list[str]) -> list[dict]:
         for kind, words_in in runs:
             if kind == "cold":
                 shutil.rmtree(cache, ignore_errors=True)
-            r = prepare(data, cache, words_in) | {"kind": "data", "size": name, "tokens": SIZES[name], "cache": kind,
-                                                  "words_in": words_in}
+            r = prepare(data, cache, words_in) | {
+                "kind": "data",
+                "size": name,
+                "tokens": SIZES[name],
+                "cache": kind,
+                "words_in": words_in,
+            }
             r["seconds_per_million"] = round(r["seconds"] / (SIZES[name] / 1e6), 3)
             log(f"  {name} {kind}, words in {words_in}: {r['seconds']:.1f} s, peak {r['peak_rss_mb']:.0f} MB")
             rows.append(r)
     return rows
 
 
-def cli(args: list[str], cache: Path, first_line_of: Path | None = None
-        ) -> tuple[subprocess.CompletedProcess, float, float | None]:
+def cli(
+    args: list[str], cache: Path, first_line_of: Path | None = None
+) -> tuple[subprocess.CompletedProcess, float, float | None]:
     """`lstm-lm ARGS` in a fresh process with its own token cache: the finished process,
     its peak RSS in MB and, with `first_line_of`, how many seconds after the launch that
     file had its first line (polled every 20 ms)."""
     env = os.environ | {"LSTM_LM_CACHE": str(cache)}
     started, first = time.perf_counter(), None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block it
-        popen = subprocess.Popen([sys.executable, "-c", CLI_WITH_PEAK, *args], cwd=ROOT, env=env, stdout=out,
-                                 stderr=err, text=True)
+        popen = subprocess.Popen(
+            [sys.executable, "-c", CLI_WITH_PEAK, *args], cwd=ROOT, env=env, stdout=out, stderr=err, text=True
+        )
         while first_line_of is not None and first is None and popen.poll() is None:
             if first_line_of.is_file() and first_line_of.read_text().count("\n") >= 1:
                 first = time.perf_counter() - started
@@ -195,16 +229,25 @@ def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str) -> lis
                 model, opt = models[softmax]
                 speeds[softmax]["train"].append(training_speed(model, opt, train, t, precision, steps))
                 speeds[softmax]["eval"].append(evaluation_speed(model, valid, t, precision))
-                log(f"  {name} words, {softmax} softmax, round {r + 1}: train {speeds[softmax]['train'][-1]:,.0f} "
-                    f"tokens/s, eval {speeds[softmax]['eval'][-1]:,.0f} tokens/s")
+                log(
+                    f"  {name} words, {softmax} softmax, round {r + 1}: train {speeds[softmax]['train'][-1]:,.0f} "
+                    f"tokens/s, eval {speeds[softmax]['eval'][-1]:,.0f} tokens/s"
+                )
         for what in ("train", "eval"):
             ratios = [a / f for a, f in zip(speeds["adaptive"][what], speeds["full"][what])]
             for softmax, (model, _) in models.items():
-                rows.append({"kind": "softmax", "vocab": name, "what": what, "softmax": softmax,
-                             "tokens_per_s": statistics.median(speeds[softmax][what]),
-                             "parameters": model.num_parameters(),
-                             "ratio_to_full": statistics.median(ratios) if softmax == "adaptive" else 1.0,
-                             "rounds": [round(v) for v in speeds[softmax][what]]})
+                rows.append(
+                    {
+                        "kind": "softmax",
+                        "vocab": name,
+                        "what": what,
+                        "softmax": softmax,
+                        "tokens_per_s": statistics.median(speeds[softmax][what]),
+                        "parameters": model.num_parameters(),
+                        "ratio_to_full": statistics.median(ratios) if softmax == "adaptive" else 1.0,
+                        "rounds": [round(v) for v in speeds[softmax][what]],
+                    }
+                )
         del models
     return rows
 
@@ -239,11 +282,25 @@ def recipe_rows(names: list[str], steps: int, device: str) -> list[dict]:
         train_rate = training_speed(model, opt, train, t, precision, steps, loss_fn)
         eval_rate = evaluation_speed(model, valid, t, precision)
         hours = epoch_tokens / train_rate / 3600
-        log(f"  {name}: train {train_rate:,.0f} tokens/s, eval {eval_rate:,.0f} tokens/s: an epoch of "
-            f"{epoch_tokens:,} tokens takes {hours:.2f} h")
-        rows.append({"kind": "recipe", "recipe": name, "device": str(dev), "vocab": V, "precision": precision,
-                     "compile": t.compile, "parameters": model.num_parameters(), "train_tokens_per_s": round(train_rate),
-                     "eval_tokens_per_s": round(eval_rate), "epoch_tokens": epoch_tokens, "epoch_hours": round(hours, 3)})
+        log(
+            f"  {name}: train {train_rate:,.0f} tokens/s, eval {eval_rate:,.0f} tokens/s: an epoch of "
+            f"{epoch_tokens:,} tokens takes {hours:.2f} h"
+        )
+        rows.append(
+            {
+                "kind": "recipe",
+                "recipe": name,
+                "device": str(dev),
+                "vocab": V,
+                "precision": precision,
+                "compile": t.compile,
+                "parameters": model.num_parameters(),
+                "train_tokens_per_s": round(train_rate),
+                "eval_tokens_per_s": round(eval_rate),
+                "epoch_tokens": epoch_tokens,
+                "epoch_hours": round(hours, 3),
+            }
+        )
         del model, opt, loss_fn
     return rows
 
@@ -263,8 +320,10 @@ def zipf_streams(vocab: int, steps: int, t, device, rng: np.random.Generator):
     def draw(n: int) -> np.ndarray:
         return np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), vocab - 1)
 
-    return (Streams(draw((WARMUP + steps) * t.batch_size * t.bptt + t.batch_size), t.batch_size, device),
-            Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, device))
+    return (
+        Streams(draw((WARMUP + steps) * t.batch_size * t.bptt + t.batch_size), t.batch_size, device),
+        Streams(draw(EVAL_TOKENS + t.eval_batch_size), t.eval_batch_size, device),
+    )
 
 
 def training_speed(model, opt, train, t, precision: str, steps: int, loss_fn=None) -> float:
@@ -308,7 +367,13 @@ def train_memory_row(work: Path, steps: int) -> dict:
     run = work / "runs" / "100M-adaptive"
     shutil.rmtree(run, ignore_errors=True)
     args = ["train", "--data", str(data), "--out", str(run)]
-    for item in [*MODEL, "train.device=cpu", "model.softmax=adaptive", f"train.max_steps={steps}", "train.log_interval=1"]:
+    for item in [
+        *MODEL,
+        "train.device=cpu",
+        "model.softmax=adaptive",
+        f"train.max_steps={steps}",
+        "train.log_interval=1",
+    ]:
         args += ["--set", item]
     cache = work / "cache-100M"
     if not cache.is_dir():
@@ -316,35 +381,76 @@ def train_memory_row(work: Path, steps: int) -> dict:
     proc, peak, first_step = cli(args, cache, first_line_of=run / "steps.jsonl")
     params = int(re.search(r"([\d,]+) parameters", proc.stderr).group(1).replace(",", ""))
     model_mb = params * 4 * 2 / 2**20  # float32 weights and their gradients (plain SGD keeps nothing more)
-    log(f"  100M adaptive training: first step logged {first_step:.1f} s after the launch; peak {peak:,.0f} MB, "
-        f"of which the model's weights and gradients {model_mb:,.0f} MB")
-    return {"kind": "train-memory", "size": "100M", "vocab": "250k", "first_step_s": round(first_step, 2),
-            "peak_rss_mb": round(peak), "model_mb": round(model_mb), "peak_minus_model_mb": round(peak - model_mb),
-            "parameters": params}
+    log(
+        f"  100M adaptive training: first step logged {first_step:.1f} s after the launch; peak {peak:,.0f} MB, "
+        f"of which the model's weights and gradients {model_mb:,.0f} MB"
+    )
+    return {
+        "kind": "train-memory",
+        "size": "100M",
+        "vocab": "250k",
+        "first_step_s": round(first_step, 2),
+        "peak_rss_mb": round(peak),
+        "model_mb": round(model_mb),
+        "peak_minus_model_mb": round(peak - model_mb),
+        "parameters": params,
+    }
 
 
 def print_table(records: list[dict]) -> None:
-    _table(["corpus", "cache", "words counted and encoded by", "wall", "per 1M tokens", "peak memory"],
-           [[f"{r['size']} tokens, {r['vocab']:,} words", r["cache"], r["words_in"], f"{r['seconds']:.1f} s",
-             f"{r['seconds_per_million']:.2f} s", f"{r['peak_rss_mb']:,.0f} MB"] for r in records if r["kind"] == "data"])
+    _table(
+        ["corpus", "cache", "words counted and encoded by", "wall", "per 1M tokens", "peak memory"],
+        [
+            [
+                f"{r['size']} tokens, {r['vocab']:,} words",
+                r["cache"],
+                r["words_in"],
+                f"{r['seconds']:.1f} s",
+                f"{r['seconds_per_million']:.2f} s",
+                f"{r['peak_rss_mb']:,.0f} MB",
+            ]
+            for r in records
+            if r["kind"] == "data"
+        ],
+    )
     soft = {(r["vocab"], r["softmax"], r["what"]): r for r in records if r["kind"] == "softmax"}
     rows = []
     for vocab in dict.fromkeys(v for v, _, _ in soft):
         for softmax in ("full", "adaptive"):
             t, e = soft[vocab, softmax, "train"], soft[vocab, softmax, "eval"]
-            rows.append([vocab, softmax, f"{t['tokens_per_s']:,.0f}", f"{e['tokens_per_s']:,.0f}",
-                         f"{t['ratio_to_full']:.2f}x", f"{e['ratio_to_full']:.2f}x"])
+            rows.append(
+                [
+                    vocab,
+                    softmax,
+                    f"{t['tokens_per_s']:,.0f}",
+                    f"{e['tokens_per_s']:,.0f}",
+                    f"{t['ratio_to_full']:.2f}x",
+                    f"{e['ratio_to_full']:.2f}x",
+                ]
+            )
     _table(["vocabulary", "softmax", "train tokens/s", "eval tokens/s", "train ratio", "eval ratio"], rows)
-    _table(["recipe", "device", "vocabulary", "train tokens/s", "eval tokens/s", "one epoch"],
-           [[r["recipe"], f"{r['device']}, {r['precision']}{', compiled' if r['compile'] else ''}", f"{r['vocab']:,}",
-             f"{r['train_tokens_per_s']:,}", f"{r['eval_tokens_per_s']:,}",
-             f"{r['epoch_tokens'] / 1e6:.1f}M tokens: {r['epoch_hours']:.2f} h"]
-            for r in records if r["kind"] == "recipe"])
+    _table(
+        ["recipe", "device", "vocabulary", "train tokens/s", "eval tokens/s", "one epoch"],
+        [
+            [
+                r["recipe"],
+                f"{r['device']}, {r['precision']}{', compiled' if r['compile'] else ''}",
+                f"{r['vocab']:,}",
+                f"{r['train_tokens_per_s']:,}",
+                f"{r['eval_tokens_per_s']:,}",
+                f"{r['epoch_tokens'] / 1e6:.1f}M tokens: {r['epoch_hours']:.2f} h",
+            ]
+            for r in records
+            if r["kind"] == "recipe"
+        ],
+    )
     for r in records:
         if r["kind"] == "train-memory":
-            log(f"\ntraining on 100M tokens (adaptive, 250k words), warm cache: first step {r['first_step_s']:.1f} s "
+            log(
+                f"\ntraining on 100M tokens (adaptive, 250k words), warm cache: first step {r['first_step_s']:.1f} s "
                 f"after the launch; peak {r['peak_rss_mb']:,.0f} MB, {r['peak_minus_model_mb']:,} MB beyond the "
-                f"model's weights and gradients ({r['model_mb']:,} MB)")
+                f"model's weights and gradients ({r['model_mb']:,} MB)"
+            )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -357,17 +463,26 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="1M and 10M tokens only, one round: under 5 minutes")
-    p.add_argument("--work", type=Path, default=Path("/tmp/lstm-lm-bench-scale"),
-                   help="where the generated corpora (kept between runs), caches and runs go")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/lstm-lm-bench-scale"),
+        help="where the generated corpora (kept between runs), caches and runs go",
+    )
     p.add_argument("--sizes", help="comma-separated from 1M,10M,100M, or none (default all; --quick 1M,10M)")
     p.add_argument("--device", default="cpu", help="where the softmax rows run: cpu, cuda or auto (default cpu)")
     p.add_argument("--vocabs", help="comma-separated from 10k,50k,250k (default all)")
     p.add_argument("--steps", type=int, help="timed training steps per softmax row per round (default 20; --quick 8)")
-    p.add_argument("--rounds", type=int, help="rounds of the full and adaptive rows, interleaved (default 3; --quick 2)")
-    p.add_argument("--recipes", help="comma-separated from wikitext-2,wikitext-103, or none (default both; "
-                   "--quick none)")
+    p.add_argument(
+        "--rounds", type=int, help="rounds of the full and adaptive rows, interleaved (default 3; --quick 2)"
+    )
+    p.add_argument(
+        "--recipes", help="comma-separated from wikitext-2,wikitext-103, or none (default both; --quick none)"
+    )
     p.add_argument("--json", type=Path, help="write every record here")
     args = p.parse_args(argv)
     sizes = (args.sizes or ("1M,10M" if args.quick else "1M,10M,100M")).split(",")
@@ -375,8 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     vocabs = (args.vocabs or ",".join(VOCABS)).split(",")
     recipes = (args.recipes or ("none" if args.quick else ",".join(RECIPES))).split(",")
     recipes = [] if recipes == ["none"] else recipes
-    if bad := [s for s in sizes if s not in SIZES] + [v for v in vocabs if v not in VOCABS] + \
-            [r for r in recipes if r not in RECIPES]:
+    if (
+        bad := [s for s in sizes if s not in SIZES]
+        + [v for v in vocabs if v not in VOCABS]
+        + [r for r in recipes if r not in RECIPES]
+    ):
         p.error(f"unknown size, vocabulary or recipe {bad}")
     steps, rounds = args.steps or (8 if args.quick else 20), args.rounds or (2 if args.quick else 3)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,12 @@ import time
 from pathlib import Path
 
 PROMPTS = {  # a few prompts per model, cycled through
-    "demo": ["My name is John, I am from Tamilnadu and I speak", "I am from Kerala and I speak",
-             "My name is Maria, I am from France and I speak", "My name is"],
+    "demo": [
+        "My name is John, I am from Tamilnadu and I speak",
+        "I am from Kerala and I speak",
+        "My name is Maria, I am from France and I speak",
+        "My name is",
+    ],
     "ptb": ["the company said", "the stock market", "in new york", "the president of the"],
 }
 BODIES = {
@@ -38,8 +42,11 @@ BODIES = {
 
 
 def start_server(checkpoint: str) -> tuple[subprocess.Popen, str, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", checkpoint, "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", checkpoint, "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stderr.readline()
     m = re.search(r"at http://([\d.]+):(\d+)", line)
     if not m:
@@ -48,8 +55,9 @@ def start_server(checkpoint: str) -> tuple[subprocess.Popen, str, int]:
     return proc, m.group(1), int(m.group(2))
 
 
-def run_endpoint(host: str, port: int, endpoint: str, prompts: list[str], clients: int, requests: int,
-                 seconds: float) -> dict:
+def run_endpoint(
+    host: str, port: int, endpoint: str, prompts: list[str], clients: int, requests: int, seconds: float
+) -> dict:
     latencies: list[float] = []
     errors = [0]
     sent = [0]
@@ -92,9 +100,16 @@ def run_endpoint(host: str, port: int, endpoint: str, prompts: list[str], client
     wall = time.perf_counter() - started
     latencies.sort()
     pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"endpoint": f"/v1/{endpoint}", "clients": clients, "requests": len(latencies), "errors": errors[0],
-            "seconds": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 1),
-            "p50_ms": round(pick(0.50), 2), "p99_ms": round(pick(0.99), 2)}
+    return {
+        "endpoint": f"/v1/{endpoint}",
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors[0],
+        "seconds": round(wall, 2),
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(pick(0.50), 2),
+        "p99_ms": round(pick(0.99), 2),
+    }
 
 
 def main() -> None:
@@ -113,12 +128,16 @@ def main() -> None:
             prompts = PROMPTS["ptb" if "ptb" in checkpoint else "demo"]
             for endpoint in args.endpoints.split(","):
                 run_endpoint(host, port, endpoint, prompts, args.clients, 50, 10)  # warm-up
-                row = {"checkpoint": checkpoint} | run_endpoint(host, port, endpoint, prompts, args.clients,
-                                                               args.requests, args.seconds)
+                row = {"checkpoint": checkpoint} | run_endpoint(
+                    host, port, endpoint, prompts, args.clients, args.requests, args.seconds
+                )
                 rows.append(row)
-                print(f"{checkpoint:<22} {row['endpoint']:<13} {row['clients']:>3} clients {row['requests']:>6} requests "
-                      f"{row['errors']:>3} errors {row['requests_per_s']:>8.1f} req/s  p50 {row['p50_ms']:>7.2f} ms  "
-                      f"p99 {row['p99_ms']:>7.2f} ms", flush=True)
+                print(
+                    f"{checkpoint:<22} {row['endpoint']:<13} {row['clients']:>3} clients {row['requests']:>6} requests "
+                    f"{row['errors']:>3} errors {row['requests_per_s']:>8.1f} req/s  p50 {row['p50_ms']:>7.2f} ms  "
+                    f"p99 {row['p99_ms']:>7.2f} ms",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -164,7 +164,7 @@ def make_baseline(size: str, device: torch.device, data: torch.Tensor, eval_data
         return (torch.zeros(layers, batch, units, device=device), torch.zeros(layers, batch, units, device=device))
 
     def step(i: int) -> None:
-        x, y = data[i * BPTT:(i + 1) * BPTT], data[i * BPTT + 1:(i + 1) * BPTT + 1]
+        x, y = data[i * BPTT : (i + 1) * BPTT], data[i * BPTT + 1 : (i + 1) * BPTT + 1]
         model.train()
         h = hidden[0] or fresh_state(BATCH)
         h = tuple(t.detach() for t in h)
@@ -182,7 +182,7 @@ def make_baseline(size: str, device: torch.device, data: torch.Tensor, eval_data
         model.eval()
         h, total, n = fresh_state(EVAL_BATCH), 0.0, 0
         for i in range(0, eval_data.size(0) - 1, BPTT):
-            x, y = eval_data[i:i + BPTT], eval_data[i + 1:i + 1 + BPTT]
+            x, y = eval_data[i : i + BPTT], eval_data[i + 1 : i + 1 + BPTT]
             out, h = model(x, h)
             total += len(x) * criterion(out, y.reshape(-1)).item()
             n += y.numel()
@@ -191,12 +191,21 @@ def make_baseline(size: str, device: torch.device, data: torch.Tensor, eval_data
     return Row(size, "baseline", "nn.LSTM", "fp32", False, step, eval_pass)
 
 
-def make_project_row(size: str, impl: str, precision: str, compiled: bool, variant: str, device: torch.device,
-                     data: torch.Tensor, eval_data: torch.Tensor) -> Row:
+def make_project_row(
+    size: str,
+    impl: str,
+    precision: str,
+    compiled: bool,
+    variant: str,
+    device: torch.device,
+    data: torch.Tensor,
+    eval_data: torch.Tensor,
+) -> Row:
     layers, units, dropout = SIZES[size]
     torch.manual_seed(0)
-    cfg = ModelConfig(impl=impl, embedding_size=units, hidden_size=units, num_layers=layers, dropout=dropout,
-                      tie_weights=True)
+    cfg = ModelConfig(
+        impl=impl, embedding_size=units, hidden_size=units, num_layers=layers, dropout=dropout, tie_weights=True
+    )
     model = LSTMLanguageModel(cfg, VOCAB).to(device)
     if variant == "plain-loss":  # train.loss_impl=plain
         model.loss_impl = "plain"
@@ -206,7 +215,7 @@ def make_project_row(size: str, impl: str, precision: str, compiled: bool, varia
     hidden = [model.init_state(BATCH, device)]
 
     def step(i: int) -> None:
-        x, y = data[i * BPTT:(i + 1) * BPTT], data[i * BPTT + 1:(i + 1) * BPTT + 1]
+        x, y = data[i * BPTT : (i + 1) * BPTT], data[i * BPTT + 1 : (i + 1) * BPTT + 1]
         model.train()
         _, hidden[0] = train_step(model, optimizer, x, y, hidden[0], clip=0.25, precision=precision, loss_fn=loss_fn)
 
@@ -225,7 +234,9 @@ def plan(size: str, quick: bool, only: list[str] | None, device: str = "cpu") ->
     """The (impl, precision, compile, variant) combinations measured at this size. Variants:
     plain-loss (train.loss_impl=plain, against the default fused loss) and, on a GPU,
     cudagraphs (train.compile_mode=reduce-overhead)."""
-    combos = [(impl, prec, comp, "") for impl in ("cudnn", "custom") for prec in ("fp32", "bf16") for comp in (False, True)]
+    combos = [
+        (impl, prec, comp, "") for impl in ("cudnn", "custom") for prec in ("fp32", "bf16") for comp in (False, True)
+    ]
     combos += [("cudnn", prec, False, "plain-loss") for prec in ("fp32", "bf16")]
     if device == "cuda":
         combos += [("cudnn", prec, True, "cudagraphs") for prec in ("fp32", "bf16")]
@@ -234,13 +245,21 @@ def plan(size: str, quick: bool, only: list[str] | None, device: str = "cpu") ->
     if not quick:
         return combos
     # the engines in both precisions, the fastest setting, the loss paths, and the compile targets' rows
-    keep = {("cudnn", "fp32", False, ""), ("cudnn", "bf16", False, ""), ("custom", "fp32", False, ""),
-            ("cudnn", "bf16", True, ""), ("cudnn", "bf16", False, "plain-loss")}
+    keep = {
+        ("cudnn", "fp32", False, ""),
+        ("cudnn", "bf16", False, ""),
+        ("custom", "fp32", False, ""),
+        ("cudnn", "bf16", True, ""),
+        ("cudnn", "bf16", False, "plain-loss"),
+    }
     if size == "small":
         keep |= {("custom", "bf16", False, ""), ("custom", "fp32", True, "")}
     if device == "cuda":
-        keep |= {("cudnn", "fp32", False, "plain-loss"), ("cudnn", "bf16", True, "cudagraphs"),
-                 ("custom", "bf16", True, "")}
+        keep |= {
+            ("cudnn", "fp32", False, "plain-loss"),
+            ("cudnn", "bf16", True, "cudagraphs"),
+            ("custom", "bf16", True, ""),
+        }
     return [c for c in combos if c in keep]
 
 
@@ -251,8 +270,10 @@ def run_size(size: str, args, device: torch.device) -> list[Row]:
     data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
     eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
     rows = [make_baseline(size, device, data, eval_data)]
-    rows += [make_project_row(size, *combo, device, data, eval_data)
-             for combo in plan(size, args.quick, args.rows, device.type)]
+    rows += [
+        make_project_row(size, *combo, device, data, eval_data)
+        for combo in plan(size, args.quick, args.rows, device.type)
+    ]
     for row in list(rows):  # warm-up; the first step carries any compilation
         start = time.perf_counter()
         try:
@@ -323,8 +344,14 @@ def complete_wall(checkpoint: Path | None, repeats: int) -> dict:
         if checkpoint is None:
             checkpoint, start = Path(tmp) / "demo", time.perf_counter()
             log("training the demo model for the complete-wall measurement (lstm-lm train) ...")
-            subprocess.run([sys.executable, "-m", "lstm_lm", "train", "--out", str(checkpoint)], check=True,
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, "-m", "lstm_lm", "train", "--out", str(checkpoint)],
+                check=True,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             trained = time.perf_counter() - start
         cmd = [sys.executable, "-m", "lstm_lm", "complete", SEED_PROMPT, "--checkpoint", str(checkpoint)]
         walls, text = [], ""
@@ -345,13 +372,18 @@ PEER_DIR = ROOT.parent / "shared" / "peer" / "word_language_model"
 PTB_DIR = ROOT.parent / "shared" / "data" / "ptb"
 # The upstream example's options for each recipe: ptb-small is its default model, tied;
 # ptb-medium is Zaremba's medium model, untied as configs/ptb-medium.yaml is.
-PEER_ARGS = {"small": ["--tied"], "medium": ["--emsize", "650", "--nhid", "650", "--dropout", "0.5"],
-             "large": ["--emsize", "1500", "--nhid", "1500", "--dropout", "0.65"]}
+PEER_ARGS = {
+    "small": ["--tied"],
+    "medium": ["--emsize", "650", "--nhid", "650", "--dropout", "0.5"],
+    "large": ["--emsize", "1500", "--nhid", "1500", "--dropout", "0.65"],
+}
 # `lstm-lm train` rows against the peer: the recipe's defaults (bf16 where the hardware
 # has it), and compiled; on a GPU also float32 and the compiled hand-written cell.
 TRAIN_ROWS = {"lstm-lm train": [], "lstm-lm train --compile": ["--compile"]}
-GPU_TRAIN_ROWS = TRAIN_ROWS | {"lstm-lm train --precision fp32": ["--precision", "fp32"],
-                               "lstm-lm train --impl custom --compile": ["--impl", "custom", "--compile"]}
+GPU_TRAIN_ROWS = TRAIN_ROWS | {
+    "lstm-lm train --precision fp32": ["--precision", "fp32"],
+    "lstm-lm train --impl custom --compile": ["--impl", "custom", "--compile"],
+}
 
 
 def _interval_rates(values: list[float]) -> float:
@@ -362,8 +394,21 @@ def _interval_rates(values: list[float]) -> float:
 def run_peer(size: str, batches: int, interval: int, tmp: Path, device: str = "cpu") -> list[float]:
     """The upstream example on PTB for `batches` batches: tokens/s of each log interval
     (`--accel` puts it on the GPU)."""
-    cmd = [sys.executable, "-u", "main.py", "--data", str(PTB_DIR), *PEER_ARGS[size], "--epochs", "1",
-           "--log-interval", str(interval), "--save", str(tmp / "peer.pt"), *(["--accel"] if device != "cpu" else [])]
+    cmd = [
+        sys.executable,
+        "-u",
+        "main.py",
+        "--data",
+        str(PTB_DIR),
+        *PEER_ARGS[size],
+        "--epochs",
+        "1",
+        "--log-interval",
+        str(interval),
+        "--save",
+        str(tmp / "peer.pt"),
+        *(["--accel"] if device != "cpu" else []),
+    ]
     proc = subprocess.Popen(cmd, cwd=PEER_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rates, lines = [], []
     try:
@@ -382,11 +427,29 @@ def run_peer(size: str, batches: int, interval: int, tmp: Path, device: str = "c
     return rates
 
 
-def run_lstm_lm(size: str, extra: list[str], batches: int, interval: int, tmp: Path, device: str = "cpu") -> list[float]:
+def run_lstm_lm(
+    size: str, extra: list[str], batches: int, interval: int, tmp: Path, device: str = "cpu"
+) -> list[float]:
     """`lstm-lm train --config ptb-SIZE` on PTB for `batches` steps: steps.jsonl's tokens/s per interval."""
     out = tmp / "lstm-lm-run"
-    cmd = [sys.executable, "-m", "lstm_lm", "train", "--config", f"ptb-{size}", "--data", str(PTB_DIR), "--out",
-           str(out), "--overwrite", "--device", device, "--set", f"train.log_interval={interval}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lstm_lm",
+        "train",
+        "--config",
+        f"ptb-{size}",
+        "--data",
+        str(PTB_DIR),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--device",
+        device,
+        "--set",
+        f"train.log_interval={interval}",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     steps = out / "steps.jsonl"
     try:
@@ -409,8 +472,10 @@ def peer_comparison(sizes: list[str], batches: int, interval: int, rounds: int, 
     for size in sizes:
         log(f"\nptb-{size} against the upstream example on {device}, {rounds} rounds of {batches} batches per run ...")
         runs = {"peer (pytorch/examples)": lambda tmp: run_peer(size, batches, interval, tmp, device)}
-        runs |= {name: (lambda tmp, extra=extra: run_lstm_lm(size, extra, batches, interval, tmp, device))
-                 for name, extra in (TRAIN_ROWS if device == "cpu" else GPU_TRAIN_ROWS).items()}
+        runs |= {
+            name: (lambda tmp, extra=extra: run_lstm_lm(size, extra, batches, interval, tmp, device))
+            for name, extra in (TRAIN_ROWS if device == "cpu" else GPU_TRAIN_ROWS).items()
+        }
         rates: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(rounds):
             for name, run in runs.items():
@@ -422,17 +487,27 @@ def peer_comparison(sizes: list[str], batches: int, interval: int, rounds: int, 
         log(f"{'row':<28}{'train tok/s':>12}{'x peer':>8}   per round")
         for name, values in rates.items():
             ratios = [v / p for v, p in zip(values, peer)]
-            rec = {"size": f"ptb-{size}", "row": name, "tokens_per_s": statistics.median(values),
-                   "ratio_vs_peer": statistics.median(ratios), "rounds_tokens_per_s": [round(v) for v in values],
-                   "rounds_ratio_vs_peer": [round(x, 3) for x in ratios], "batches": batches, "interval": interval}
+            rec = {
+                "size": f"ptb-{size}",
+                "row": name,
+                "tokens_per_s": statistics.median(values),
+                "ratio_vs_peer": statistics.median(ratios),
+                "rounds_tokens_per_s": [round(v) for v in values],
+                "rounds_ratio_vs_peer": [round(x, 3) for x in ratios],
+                "batches": batches,
+                "interval": interval,
+            }
             records.append(rec)
-            log(f"{name:<28}{rec['tokens_per_s']:>12,.0f}{rec['ratio_vs_peer']:>8.2f}   "
-                + ", ".join(f"{x:.2f}" for x in ratios))
+            log(
+                f"{name:<28}{rec['tokens_per_s']:>12,.0f}{rec['ratio_vs_peer']:>8.2f}   "
+                + ", ".join(f"{x:.2f}" for x in ratios)
+            )
     return records
 
 
 def check_targets(records: list[dict], extra: dict, device: torch.device) -> list[dict]:
     """The issue's speed targets, computed from this run's rows (those it measured)."""
+
     def tok_s(size: str, row: str) -> float | None:
         return next((r["tokens_per_s"] for r in records if r["size"] == size and r["row"] == row), None)
 
@@ -440,8 +515,15 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
 
     def target(name: str, value: float | None, op: str, threshold: float) -> None:
         if value is not None:
-            out.append({"target": name, "value": value, "op": op, "threshold": threshold,
-                        "met": value >= threshold if op == ">=" else value < threshold})
+            out.append(
+                {
+                    "target": name,
+                    "value": value,
+                    "op": op,
+                    "threshold": threshold,
+                    "met": value >= threshold if op == ">=" else value < threshold,
+                }
+            )
 
     for size, need in (("ptb-small", 1.6), ("ptb-medium", 1.5)):
         project = [r for r in records if r["size"] == size and "ratio_vs_baseline" in r and r["row"] != "baseline"]
@@ -453,11 +535,17 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
         mine = [r for r in records if r["size"] == size and "ratio_vs_peer" in r and r["row"].startswith("lstm-lm")]
         if mine:
             best = max(mine, key=lambda r: r["ratio_vs_peer"])
-            target(f"{size}: best setting ({best['row']}) vs the upstream example", best["ratio_vs_peer"], ">=", need_best)
+            target(
+                f"{size}: best setting ({best['row']}) vs the upstream example", best["ratio_vs_peer"], ">=", need_best
+            )
             default = next((r for r in mine if r["row"] == "lstm-lm train"), None)
             if need_default and default:
-                target(f"{size}: the recipe's defaults vs the upstream example", default["ratio_vs_peer"], ">=",
-                       need_default)
+                target(
+                    f"{size}: the recipe's defaults vs the upstream example",
+                    default["ratio_vs_peer"],
+                    ">=",
+                    need_default,
+                )
     fp32 = tok_s("ptb-small", "cudnn/fp32")
     for row, need in (("custom/fp32/compile", 0.9), ("custom/fp32", 0.7)):
         if fp32 and (mine := tok_s("ptb-small", row)):
@@ -471,12 +559,17 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
             peer_rows = {r["row"]: r for r in records if r["size"] == size and "ratio_vs_peer" in r}
             for row, label in (("lstm-lm train", "cuDNN, bf16"), ("lstm-lm train --precision fp32", "cuDNN, fp32")):
                 if row in peer_rows:
-                    target(f"{size}: {label} vs the upstream example, same GPU", peer_rows[row]["ratio_vs_peer"],
-                           ">=", 1.3)
+                    target(
+                        f"{size}: {label} vs the upstream example, same GPU", peer_rows[row]["ratio_vs_peer"], ">=", 1.3
+                    )
             custom, cudnn = peer_rows.get("lstm-lm train --impl custom --compile"), peer_rows.get("lstm-lm train")
             if custom and cudnn:
-                target(f"{size}: compiled hand-written cell vs cuDNN (lstm-lm train)",
-                       custom["tokens_per_s"] / cudnn["tokens_per_s"], ">=", 0.5)
+                target(
+                    f"{size}: compiled hand-written cell vs cuDNN (lstm-lm train)",
+                    custom["tokens_per_s"] / cudnn["tokens_per_s"],
+                    ">=",
+                    0.5,
+                )
     if device.type == "cpu":
         gen = extra.get("generation_tokens_per_s", {})
         if gen:  # what `lstm-lm complete` does here by default: precision auto
@@ -491,36 +584,61 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
 
 
 def machine(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "native_bf16": native_bf16(device), "python": platform.python_version()}
+    info = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "native_bf16": native_bf16(device),
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
     else:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+        model = (
+            next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")
+                ),
+                platform.processor(),
+            )
+            if Path("/proc/cpuinfo").exists()
+            else platform.processor()
+        )
         info["name"] = f"{model}, {os.cpu_count()} cores"
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="fewer rows and steps: under 3 minutes on a 2-core CPU")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--json", type=Path, help="write one JSON record per row to this file")
     p.add_argument("--sizes", help="comma-separated from small,medium,large (default small,medium; +large on CUDA)")
-    p.add_argument("--rows", help="comma-separated rows to measure besides the baseline, e.g. cudnn/bf16,custom/fp32/compile "
-                   "(default: all; with --quick a subset)")
+    p.add_argument(
+        "--rows",
+        help="comma-separated rows to measure besides the baseline, e.g. cudnn/bf16,custom/fp32/compile "
+        "(default: all; with --quick a subset)",
+    )
     p.add_argument("--steps", type=int, help="training steps per row per round")
     p.add_argument("--rounds", type=int, help="rounds of turns")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (the first carries compilation)")
     p.add_argument("--eval-chunks", type=int, default=4, help="bptt chunks per evaluation pass")
     p.add_argument("--gen-tokens", type=int, default=500, help="tokens for the generation measurement (0: skip)")
-    p.add_argument("--demo-checkpoint", type=Path, help="demo model for the complete-wall measurement "
-                   "(default: train one first, about 30 s)")
+    p.add_argument(
+        "--demo-checkpoint",
+        type=Path,
+        help="demo model for the complete-wall measurement (default: train one first, about 30 s)",
+    )
     p.add_argument("--skip-complete", action="store_true", help="skip the `lstm-lm complete` wall measurement")
     p.add_argument("--no-peer", action="store_true", help="skip the runs against the upstream example (../shared/peer)")
     p.add_argument("--peer-batches", type=int, help="batches per run against the peer (default 300; 200 with --quick)")
-    p.add_argument("--peer-interval", type=int, default=100, help="log interval of those runs, in batches (default 100)")
+    p.add_argument(
+        "--peer-interval", type=int, default=100, help="log interval of those runs, in batches (default 100)"
+    )
     p.add_argument("--peer-rounds", type=int, default=2, help="rounds of those runs (default 2)")
     args = p.parse_args(argv)
     keep_freed_memory()  # as every lstm-lm process does; the baseline rows, in this process, share it
@@ -539,11 +657,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     info = machine(device)
-    log(f"machine: {info['name']}; torch {info['torch']}, {info['threads']} threads, native bf16: {info['native_bf16']}")
+    log(
+        f"machine: {info['name']}; torch {info['torch']}, {info['threads']} threads, native bf16: {info['native_bf16']}"
+    )
     seconds = 1.0 if args.quick else 2.0
     peak = {"fp32": matmul_peak(device, torch.float32, seconds), "bf16": matmul_peak(device, torch.bfloat16, seconds)}
-    log(f"matrix-product peak: fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s "
-        f"({peak['bf16'] / peak['fp32']:.1f}x)")
+    log(
+        f"matrix-product peak: fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s "
+        f"({peak['bf16'] / peak['fp32']:.1f}x)"
+    )
 
     records = []
     results = []
@@ -555,53 +677,81 @@ def main(argv: list[str] | None = None) -> int:
     # would otherwise understate it and overstate every row's share of it.
     for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         peak[key] = max(peak[key], matmul_peak(device, dtype, seconds))
-    log(f"\nmatrix-product peak, the higher of two measurements: fp32 {peak['fp32'] / 1e12:.3f}, "
-        f"bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s")
+    log(
+        f"\nmatrix-product peak, the higher of two measurements: fp32 {peak['fp32'] / 1e12:.3f}, "
+        f"bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s"
+    )
     for size, rows in results:
         layers, units, _ = SIZES[size]
         log(f"\nptb-{size} ({layers}x{units}, vocab {VOCAB:,}, batch {BATCH}, bptt {BPTT}, eval batch {EVAL_BATCH})")
         base = rows[0]
         eval_tokens = args.eval_chunks * BPTT * EVAL_BATCH
-        log(f"{'row':<22}{'train tok/s':>12}{'x base':>8}{'eval tok/s':>12}{'x base':>8}"
-            f"{'TFLOP/s':>9}{'% peak':>8}{'1st step s':>11}")
+        log(
+            f"{'row':<22}{'train tok/s':>12}{'x base':>8}{'eval tok/s':>12}{'x base':>8}"
+            f"{'TFLOP/s':>9}{'% peak':>8}{'1st step s':>11}"
+        )
         for row in rows:
             t, e = statistics.median(row.train_times), statistics.median(row.eval_times)
             flops = 3 * fwd_flops_per_token(layers, units) * BATCH * BPTT / t
             rec = {
-                "size": f"ptb-{size}", "row": row.name, "impl": row.impl, "precision": row.precision,
-                "compile": row.compiled, "layers": layers, "units": units,
-                "tokens_per_s": BATCH * BPTT / t, "ratio_vs_baseline": paired_ratio(base.train_times, row.train_times),
-                "step_ms": 1000 * t, "step_ms_all": [round(1000 * x, 2) for x in row.train_times],
-                "eval_tokens_per_s": eval_tokens / e, "eval_ratio_vs_baseline": paired_ratio(base.eval_times, row.eval_times),
-                "tflops": flops / 1e12, "peak_share": flops / peak[row.precision],
+                "size": f"ptb-{size}",
+                "row": row.name,
+                "impl": row.impl,
+                "precision": row.precision,
+                "compile": row.compiled,
+                "layers": layers,
+                "units": units,
+                "tokens_per_s": BATCH * BPTT / t,
+                "ratio_vs_baseline": paired_ratio(base.train_times, row.train_times),
+                "step_ms": 1000 * t,
+                "step_ms_all": [round(1000 * x, 2) for x in row.train_times],
+                "eval_tokens_per_s": eval_tokens / e,
+                "eval_ratio_vs_baseline": paired_ratio(base.eval_times, row.eval_times),
+                "tflops": flops / 1e12,
+                "peak_share": flops / peak[row.precision],
                 "first_step_s": row.first_step_s,
             }
             records.append(rec)
-            log(f"{row.name:<22}{rec['tokens_per_s']:>12,.0f}{rec['ratio_vs_baseline']:>8.2f}"
+            log(
+                f"{row.name:<22}{rec['tokens_per_s']:>12,.0f}{rec['ratio_vs_baseline']:>8.2f}"
                 f"{rec['eval_tokens_per_s']:>12,.0f}{rec['eval_ratio_vs_baseline']:>8.2f}"
-                f"{rec['tflops']:>9.3f}{100 * rec['peak_share']:>7.1f}%{row.first_step_s:>11.1f}")
+                f"{rec['tflops']:>9.3f}{100 * rec['peak_share']:>7.1f}%{row.first_step_s:>11.1f}"
+            )
 
     extra = {}
     if args.gen_tokens > 0:
         gen = generation_speed(device, args.gen_tokens)
         extra["generation_tokens_per_s"] = gen
-        log("\ngeneration, batch 1, ptb-small model in memory, output layer in "
-            + ", ".join(f"{k}: {v:,.0f} tok/s" for k, v in gen.items()))
-        records += [{"size": "ptb-small", "row": f"generate/{k}", "precision": k, "tokens_per_s": v}
-                    for k, v in gen.items()]
+        log(
+            "\ngeneration, batch 1, ptb-small model in memory, output layer in "
+            + ", ".join(f"{k}: {v:,.0f} tok/s" for k, v in gen.items())
+        )
+        records += [
+            {"size": "ptb-small", "row": f"generate/{k}", "precision": k, "tokens_per_s": v} for k, v in gen.items()
+        ]
     if not args.skip_complete and device.type == "cpu":
         wall = complete_wall(args.demo_checkpoint, repeats=3)
         extra["complete"] = wall
-        log(f"`lstm-lm complete` on the demo model: {wall['wall_s']:.2f} s wall (median of 3) -> {wall['completion']!r}")
-        records.append({"size": "demo", "row": "complete-wall", "wall_s": wall["wall_s"], "runs_s": wall["runs"],
-                        "completion": wall["completion"]})
+        log(
+            f"`lstm-lm complete` on the demo model: {wall['wall_s']:.2f} s wall (median of 3) -> {wall['completion']!r}"
+        )
+        records.append(
+            {
+                "size": "demo",
+                "row": "complete-wall",
+                "wall_s": wall["wall_s"],
+                "runs_s": wall["runs"],
+                "completion": wall["completion"],
+            }
+        )
 
     peer_ready = PEER_DIR.is_dir() and (PTB_DIR / "train.txt").is_file()
     if not args.no_peer and peer_ready:
         batches = args.peer_batches or (200 if args.quick else 300)
         quick_sizes = ["small"] if device.type == "cpu" else sizes  # a GPU runs every size in seconds
-        records += peer_comparison(quick_sizes if args.quick else sizes, batches, args.peer_interval,
-                                   args.peer_rounds, device.type)
+        records += peer_comparison(
+            quick_sizes if args.quick else sizes, batches, args.peer_interval, args.peer_rounds, device.type
+        )
     elif not args.no_peer:
         log(f"\nno runs against the upstream example: {PEER_DIR} or {PTB_DIR} is missing")
 
@@ -609,14 +759,27 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         log("\ntargets:")
         for t in targets:
-            log(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.2f} (needs {t['op']} {t['threshold']})")
+            mark = "met   " if t["met"] else "MISSED"
+            log(f"  {mark} {t['target']}: {t['value']:.2f} (needs {t['op']} {t['threshold']})")
 
     total = time.perf_counter() - started
     log(f"\nbenchmark wall time {total:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "peak_flops": peak, "quick": args.quick,
-                                         "wall_s": total, "rows": records, "targets": targets}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "peak_flops": peak,
+                    "quick": args.quick,
+                    "wall_s": total,
+                    "rows": records,
+                    "targets": targets,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         log(f"wrote {args.json}")
     return 0
 

@@ -65,15 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         for protocol in protocols:
             result, wall = run_eval(checkpoint, PROTOCOLS[protocol], args.split)
             records.append({"checkpoint": str(checkpoint), "command_wall_s": round(wall, 1), **result})
-    print(f"| model | protocol | {args.split} ppl | gain | settings (fitted on valid) | {args.split} scored in | command wall |")
+    split = args.split
+    print(f"| model | protocol | {split} ppl | gain | settings (fitted on valid) | {split} scored in | command wall |")
     print("|---|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         mine = [r for r in records if r["checkpoint"] == str(checkpoint)]
         static = next((r["perplexity"] for r in mine if r["protocol"] == "static"), None)
         for r in mine:
             gain = f"{100 * (1 - r['perplexity'] / static):.1f}%" if static and r["protocol"] != "static" else "-"
-            print(f"| {checkpoint.name} | {r['protocol']} | {r['perplexity']:.2f} | {gain} | {settings_text(r)} | "
-                  f"{r['seconds']:.0f} s | {r['command_wall_s']:.0f} s |")
+            print(
+                f"| {checkpoint.name} | {r['protocol']} | {r['perplexity']:.2f} | {gain} | {settings_text(r)} | "
+                f"{r['seconds']:.0f} s | {r['command_wall_s']:.0f} s |"
+            )
     if args.json:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     return 0

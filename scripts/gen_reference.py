@@ -1,6 +1,6 @@
 """Rewrite the field table of docs/reference.md from lstm_lm/config.py's declarations.
 
-    python scripts/gen_reference.py          # tests/test_readme.py checks that it is current
+python scripts/gen_reference.py          # tests/test_readme.py checks that it is current
 """
 
 import re

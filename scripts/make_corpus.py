@@ -53,7 +53,7 @@ def write_split(path: Path, tokens: int, words: np.ndarray, cdf: np.ndarray, rng
             n = min(BLOCK, tokens - start)
             ids = np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), len(words) - 1)
             seps = np.full(n, " ", dtype=object)
-            here = ends[np.searchsorted(ends, start):np.searchsorted(ends, start + n)] - start
+            here = ends[np.searchsorted(ends, start) : np.searchsorted(ends, start + n)] - start
             seps[here] = "\n"
             out = np.empty(2 * n, dtype=object)
             out[0::2], out[1::2] = words[ids], seps
@@ -78,10 +78,18 @@ def make_corpus(out: Path, tokens: int, vocab: int, seed: int = 0) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="directory to write train.txt, valid.txt and test.txt into")
-    p.add_argument("--tokens", type=lambda s: int(s.replace("_", "")), default=1_000_000,
-                   help="words in all three splits together (default 1,000,000)")
-    p.add_argument("--vocab", type=lambda s: int(s.replace("_", "")), default=10_000,
-                   help="distinct words to draw from (default 10,000)")
+    p.add_argument(
+        "--tokens",
+        type=lambda s: int(s.replace("_", "")),
+        default=1_000_000,
+        help="words in all three splits together (default 1,000,000)",
+    )
+    p.add_argument(
+        "--vocab",
+        type=lambda s: int(s.replace("_", "")),
+        default=10_000,
+        help="distinct words to draw from (default 10,000)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:

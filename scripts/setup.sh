@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh           # lstm-lm, what it needs, matplotlib for its pictures ([plot]),
 #                                   # FastAPI and uvicorn for `lstm-lm serve` ([serve]), onnx and
 #                                   # onnxruntime for `lstm-lm export` ([export])
-#   bash scripts/setup.sh --test    # ... plus pytest, httpx and selenium ([test]); the browser test
+#   bash scripts/setup.sh --test    # ... plus pytest, httpx, selenium and ruff ([test]); the browser test
 #                                   # also needs Debian's chromium and chromium-driver (.ci/run installs them)
 #
 # torch is installed first and pinned to 2.13.0 when it is missing: pyproject.toml asks

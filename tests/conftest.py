@@ -68,9 +68,18 @@ def tiny_corpus(tmp_path) -> Path:
 def tiny_overrides(data: Path) -> list[str]:
     """A model small enough to train in a second or two."""
     return [
-        f"data.source={data}", "model.embedding_size=16", "model.hidden_size=16", "model.num_layers=1",
-        "model.dropout=0.0", "train.epochs=2", "train.batch_size=4", "train.bptt=8",
-        "train.eval_batch_size=2", "train.optimizer=adamw", "train.lr=0.01", "train.clip=1.0",
+        f"data.source={data}",
+        "model.embedding_size=16",
+        "model.hidden_size=16",
+        "model.num_layers=1",
+        "model.dropout=0.0",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "train.bptt=8",
+        "train.eval_batch_size=2",
+        "train.optimizer=adamw",
+        "train.lr=0.01",
+        "train.clip=1.0",
         "train.device=cpu",
     ]
 

@@ -66,7 +66,9 @@ def test_loss_and_its_gradients_match_the_plain_distribution(tied):
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # the block-by-block evaluation path
-        torch.testing.assert_close(out.target_log_probs(h, y, words), out.log_probs(h, words).gather(1, y[:, None])[:, 0])
+        torch.testing.assert_close(
+            out.target_log_probs(h, y, words), out.log_probs(h, words).gather(1, y[:, None])[:, 0]
+        )
 
 
 def test_top_k_hits_are_exact():
@@ -117,17 +119,23 @@ def test_language_model_with_adaptive_softmax_learns_and_scores():
 def test_every_command_works_on_an_adaptive_softmax_model(tiny_corpus, tmp_path, monkeypatch):
     """train, complete (greedy, sampled, --next), eval (static, cache, dynamic), score,
     the Python API, a served request and the ONNX export, on one adaptive model."""
+    from conftest import tiny_sets
     from typer.testing import CliRunner
 
-    from conftest import tiny_sets
     from lstm_lm import LanguageModel
     from lstm_lm.cli import app
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     run = tmp_path / "adaptive"
-    args = ["train", "--data", str(tiny_corpus), "--out", str(run),
-            *tiny_sets(tiny_corpus, "model.softmax=adaptive", "model.cutoffs=[6, 12]", "train.epochs=6")]
+    args = [
+        "train",
+        "--data",
+        str(tiny_corpus),
+        "--out",
+        str(run),
+        *tiny_sets(tiny_corpus, "model.softmax=adaptive", "model.cutoffs=[6, 12]", "train.epochs=6"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "adaptive softmax (cutoffs [6, 12])" in result.stderr
@@ -141,11 +149,16 @@ def test_every_command_works_on_an_adaptive_softmax_model(tiny_corpus, tmp_path,
 
     assert ok("complete", "the cat", "--checkpoint", run, "--words", "4").split()
     assert ok("complete", "the cat", "--checkpoint", run, "--temperature", "0.8", "--seed", "1").split()
-    rows = [line.split("\t") for line in ok("complete", "the cat", "--checkpoint", run, "--next", "--top-k", "3").splitlines()]
+    rows = [
+        line.split("\t")
+        for line in ok("complete", "the cat", "--checkpoint", run, "--next", "--top-k", "3").splitlines()
+    ]
     assert len(rows) == 3 and 0 < sum(float(p) for _, p in rows) <= 1.0001
     static = json.loads(ok("eval", "--checkpoint", run, "--batch-size", "1"))
-    assert static["perplexity"] == pytest.approx(json.loads(ok("eval", "--checkpoint", run, "--batch-size", "1", "--cache",
-                                                               "--lambda", "0"))["perplexity"], rel=1e-9)
+    assert static["perplexity"] == pytest.approx(
+        json.loads(ok("eval", "--checkpoint", run, "--batch-size", "1", "--cache", "--lambda", "0"))["perplexity"],
+        rel=1e-9,
+    )
     dynamic = json.loads(ok("eval", "--checkpoint", run, "--dynamic", "--lr", "0"))
     assert dynamic["perplexity"] == pytest.approx(static["perplexity"], rel=1e-6)
     assert 0 <= static["top1_accuracy"] <= static["top5_accuracy"] <= 1
@@ -153,8 +166,9 @@ def test_every_command_works_on_an_adaptive_softmax_model(tiny_corpus, tmp_path,
     assert scored["tokens"] == 7 and scored["logprob"] < 0
 
     lm = LanguageModel.load(run, precision=None)  # the run's own precision, as `lstm-lm eval` uses
-    assert lm.evaluate("test")["perplexity"] == pytest.approx(json.loads(ok("eval", "--checkpoint", run))["perplexity"],
-                                                              rel=1e-9)
+    assert lm.evaluate("test")["perplexity"] == pytest.approx(
+        json.loads(ok("eval", "--checkpoint", run))["perplexity"], rel=1e-9
+    )
     probs = lm.session("the cat").probabilities()
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
 

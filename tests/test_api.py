@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
-from conftest import tiny_sets, write_tiny_corpus
 from lstm_lm import LanguageModel
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT
@@ -26,8 +26,9 @@ def tiny_models(tmp_path_factory):
         for kind, sets in extra.items():
             out = root / kind
             epochs = ["train.epochs=6"] if kind != "word" else []
-            result = CliRunner().invoke(app, ["train", "--data", str(corpus), "--out", str(out),
-                                              *tiny_sets(corpus, *sets, *epochs)])
+            result = CliRunner().invoke(
+                app, ["train", "--data", str(corpus), "--out", str(out), *tiny_sets(corpus, *sets, *epochs)]
+            )
             assert result.exit_code == 0, result.output
             runs[kind] = out
     return runs
@@ -76,7 +77,11 @@ def test_one_more_word_costs_one_step(demo, monkeypatch):
     session = demo.session(SEED_PROMPT)
     lengths = []
     original = demo.model.features
-    monkeypatch.setattr(demo.model, "features", lambda ids, state=None, **kw: (lengths.append(ids.size(0)), original(ids, state, **kw))[1])
+    monkeypatch.setattr(
+        demo.model,
+        "features",
+        lambda ids, state=None, **kw: (lengths.append(ids.size(0)), original(ids, state, **kw))[1],
+    )
     session.feed("Tamil")
     assert lengths == [1]
 
@@ -130,7 +135,7 @@ def test_next_words_are_whole_words_with_honest_probabilities(tiny_models, kind)
     vocabulary = {w for line in open(tiny_models[kind].parent / "tiny" / "train.txt") for w in line.split()}
     words = lm.next_words("the cat sat on the", k=4)
     assert len(words) == 4
-    for word, p in words:
+    for word, _ in words:
         assert word in vocabulary, (word, words)  # no "▁", no <eos>, no half word
     probs = [p for _, p in words]
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6

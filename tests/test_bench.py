@@ -22,14 +22,39 @@ def bench():
 
 def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench.main(["--sizes", "small", "--rows", "cudnn/fp32,custom/bf16,cudnn/fp32/plain-loss", "--steps", "1", "--rounds", "2",
-                     "--warmup", "1", "--eval-chunks", "1", "--gen-tokens", "5", "--skip-complete", "--no-peer",
-                     "--json", str(out)])
+    rc = bench.main(
+        [
+            "--sizes",
+            "small",
+            "--rows",
+            "cudnn/fp32,custom/bf16,cudnn/fp32/plain-loss",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--eval-chunks",
+            "1",
+            "--gen-tokens",
+            "5",
+            "--skip-complete",
+            "--no-peer",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {r["row"]: r for r in result["rows"] if r["size"] == "ptb-small"}
-    assert set(rows) == {"baseline", "cudnn/fp32", "custom/bf16", "cudnn/fp32/plain-loss", "generate/fp32",
-                         "generate/bf16"}
+    assert set(rows) == {
+        "baseline",
+        "cudnn/fp32",
+        "custom/bf16",
+        "cudnn/fp32/plain-loss",
+        "generate/fp32",
+        "generate/bf16",
+    }
     assert rows["baseline"]["ratio_vs_baseline"] == 1.0
     for name in ("baseline", "cudnn/fp32", "custom/bf16", "cudnn/fp32/plain-loss"):
         r = rows[name]
@@ -70,11 +95,16 @@ def test_gpu_plan_and_targets(bench):
     names = [bench.row_name(*c) for c in bench.plan("small", quick=True, only=None, device="cuda")]
     assert "cudnn/bf16/compile/cudagraphs" in names and "cudnn/fp32/plain-loss" in names
     assert not any("cudagraphs" in bench.row_name(*c) for c in bench.plan("small", quick=False, only=None))
-    records = [{"size": "ptb-medium", "row": "custom/fp32", "tokens_per_s": 1000.0},
-               {"size": "ptb-medium", "row": "cudnn/bf16", "tokens_per_s": 25000.0}]
-    for row, tok_s, ratio in (("peer (pytorch/examples)", 100.0, 1.0), ("lstm-lm train", 150.0, 1.5),
-                              ("lstm-lm train --precision fp32", 120.0, 1.2),
-                              ("lstm-lm train --impl custom --compile", 60.0, 0.6)):
+    records = [
+        {"size": "ptb-medium", "row": "custom/fp32", "tokens_per_s": 1000.0},
+        {"size": "ptb-medium", "row": "cudnn/bf16", "tokens_per_s": 25000.0},
+    ]
+    for row, tok_s, ratio in (
+        ("peer (pytorch/examples)", 100.0, 1.0),
+        ("lstm-lm train", 150.0, 1.5),
+        ("lstm-lm train --precision fp32", 120.0, 1.2),
+        ("lstm-lm train --impl custom --compile", 60.0, 0.6),
+    ):
         records.append({"size": "ptb-large", "row": row, "tokens_per_s": tok_s, "ratio_vs_peer": ratio})
     targets = {t["target"]: t for t in bench.check_targets(records, {}, torch.device("cuda"))}
     assert targets["ptb-medium: cudnn/bf16 vs custom/fp32 (eager), same GPU"]["value"] == 25.0

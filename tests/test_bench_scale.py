@@ -27,13 +27,34 @@ def bench(monkeypatch):
 
 def test_bench_scale_writes_data_softmax_and_training_records(bench, tmp_path, capsys):
     out = tmp_path / "scale.json"
-    rc = bench.main(["--work", str(tmp_path / "work"), "--sizes", "1M,100M", "--vocabs", "250k", "--recipes", "wikitext-2", "--steps", "1",
-                     "--rounds", "2", "--json", str(out)])
+    rc = bench.main(
+        [
+            "--work",
+            str(tmp_path / "work"),
+            "--sizes",
+            "1M,100M",
+            "--vocabs",
+            "250k",
+            "--recipes",
+            "wikitext-2",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     records = json.loads(out.read_text())
     data = {(r["size"], r["cache"], r["words_in"]): r for r in records if r["kind"] == "data"}
-    assert set(data) == {("1M", "cold", "python"), ("1M", "warm", "python"), ("1M", "cold", "tokenizers"),
-                         ("100M", "cold", "python"), ("100M", "warm", "python")}
+    assert set(data) == {
+        ("1M", "cold", "python"),
+        ("1M", "warm", "python"),
+        ("1M", "cold", "tokenizers"),
+        ("100M", "cold", "python"),
+        ("100M", "warm", "python"),
+    }
     for r in data.values():
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["vocab"] > 100
     python, tokenizers = data["1M", "cold", "python"], data["1M", "cold", "tokenizers"]
@@ -49,7 +70,12 @@ def test_bench_scale_writes_data_softmax_and_training_records(bench, tmp_path, c
     (train,) = [r for r in records if r["kind"] == "train-memory"]
     assert 0 < train["first_step_s"] and train["peak_rss_mb"] > train["model_mb"] > 0
     table = capsys.readouterr().err
-    assert "| corpus | cache |" in table and "| vocabulary | softmax |" in table and "| recipe |" in table and "first step" in table
+    assert (
+        "| corpus | cache |" in table
+        and "| vocabulary | softmax |" in table
+        and "| recipe |" in table
+        and "first step" in table
+    )
 
 
 def test_bench_scale_refuses_unknown_sizes(bench):

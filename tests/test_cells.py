@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
 from lstm_lm import cells
@@ -23,8 +24,6 @@ from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig, load_config
 from lstm_lm.model import LSTMLanguageModel, Recurrent
 from lstm_lm.sample import next_words
-
-from conftest import tiny_sets, write_tiny_corpus
 
 # The cell tests' entry per cell: the option sets each test runs it with.
 CELL_VARIANTS = {
@@ -55,16 +54,24 @@ def test_no_list_of_cells_but_the_registry():
     offenders = []
     for path in [*ROOT.glob("lstm_lm/**/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        sanctioned = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                      and any(getattr(t, "id", None) == "CELL_VARIANTS" for t in node.targets) for n in ast.walk(node)}
+        sanctioned = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CELL_VARIANTS" for t in node.targets)
+            for n in ast.walk(node)
+        }
         for node in ast.walk(tree):
             if id(node) in sanctioned:
                 continue
             if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
                 found = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in names}
-                found |= {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                          for part in re.split(r"[,\s]+", n.value) if part in names and "," in n.value
-                          and len(set(re.split(r"[,\s]+", n.value)) & names) > 1}
+                found |= {
+                    n.value
+                    for n in ast.walk(node)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                    for part in re.split(r"[,\s]+", n.value)
+                    if part in names and "," in n.value and len(set(re.split(r"[,\s]+", n.value)) & names) > 1
+                }
                 if len(found) > 1:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(found)}")
     for path in ROOT.glob("lstm_lm/web/*.js"):
@@ -127,9 +134,9 @@ def test_gradcheck_float64(name, opts):
     params = [p.detach().clone().requires_grad_() for p in rnn.parameters()]
 
     def f(x, *inputs):
-        it = iter(inputs[:len(leaves)])
+        it = iter(inputs[: len(leaves)])
         st = [tuple(next(it) for _ in layer) for layer in state]
-        out, new = torch.func.functional_call(rnn, dict(zip(names, inputs[len(leaves):])), (x, st))
+        out, new = torch.func.functional_call(rnn, dict(zip(names, inputs[len(leaves) :])), (x, st))
         return out, *(s for layer in new for s in layer)
 
     assert torch.autograd.gradcheck(f, (x, *leaves, *params), eps=1e-6, atol=1e-5)
@@ -150,8 +157,7 @@ def test_gradcheck_float64(name, opts):
 def test_whole_sequence_equals_two_halves(name, opts):
     for impl in engines(name):
         torch.manual_seed(0)
-        cfg = ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl, cell=name, tie_weights=False,
-                          **opts)
+        cfg = ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl, cell=name, tie_weights=False, **opts)
         model = LSTMLanguageModel(cfg, 20).eval()
         ids = torch.randint(0, 20, (12, 3))
         whole, state_whole = model(ids)
@@ -188,8 +194,9 @@ def trained_runs(tmp_path_factory):
     for (name, opts), ident in zip(VARIANTS, IDS):
         out = root / ident
         sets = [f"model.{k}={v}" for k, v in opts.items()] + ["model.tie_weights=false", "train.checkpoint_every=3"]
-        result = runner.invoke(app, ["train", "--data", str(data), "--cell", name, "--out", str(out),
-                                     *tiny_sets(data, *sets)])
+        result = runner.invoke(
+            app, ["train", "--data", str(data), "--cell", name, "--out", str(out), *tiny_sets(data, *sets)]
+        )
         assert result.exit_code == 0, result.output
         runs[ident] = (out, data)
     return runs
@@ -201,9 +208,14 @@ def test_save_load_resume_and_every_command(trained_runs, name, opts, tmp_path):
     run, data = trained_runs[ident]
     model, _, cfg = load_checkpoint(run)
     assert cfg.model.cell == name and all(getattr(cfg.model, k) == v for k, v in opts.items())
-    for args in (["complete", "the cat sat on the", "--words", "3"], ["eval", "--device", "cpu"],
-                 ["eval", "--device", "cpu", "--cache"], ["eval", "--device", "cpu", "--dynamic"],
-                 ["score", str(data / "test.txt")], ["inspect", "the cat sat on", "--out", str(tmp_path / "g.png")]):
+    for args in (
+        ["complete", "the cat sat on the", "--words", "3"],
+        ["eval", "--device", "cpu"],
+        ["eval", "--device", "cpu", "--cache"],
+        ["eval", "--device", "cpu", "--dynamic"],
+        ["score", str(data / "test.txt")],
+        ["inspect", "the cat sat on", "--out", str(tmp_path / "g.png")],
+    ):
         result = runner.invoke(app, [*args[:1], "--checkpoint", str(run), *args[1:]])
         assert result.exit_code == 0, (args, result.output)
     result = runner.invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3"])
@@ -215,8 +227,9 @@ def test_save_load_resume_and_every_command(trained_runs, name, opts, tmp_path):
 def test_onnx_export_matches(trained_runs, name, opts, tmp_path):
     pytest.importorskip("onnxruntime")
     run, data = trained_runs[IDS[VARIANTS.index((name, opts))]]
-    result = runner.invoke(app, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.onnx"),
-                                 "--data", str(data)])
+    result = runner.invoke(
+        app, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.onnx"), "--data", str(data)]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["max_abs_diff"] < 1e-4
@@ -232,13 +245,23 @@ def test_gated_cells_learn_the_demo_corpus(name, tmp_path):
     from lstm_lm.demo import demo_splits
 
     out = tmp_path / name
-    sets = ["data.demo_size=1500", "model.embedding_size=48", "model.hidden_size=48", "model.dropout=0",
-            "train.epochs=8", "train.checkpoint_minutes=null", "train.precision=fp32"]
+    sets = [
+        "data.demo_size=1500",
+        "model.embedding_size=48",
+        "model.hidden_size=48",
+        "model.dropout=0",
+        "train.epochs=8",
+        "train.checkpoint_minutes=null",
+        "train.precision=fp32",
+    ]
     result = runner.invoke(app, ["train", "--cell", name, "--out", str(out), *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     model, tokenizer, cfg = load_checkpoint(out)
-    cases = [m.groups() for line in demo_splits(3000, cfg.data.demo_seed + 1)["train"][:300]
-             if (m := re.match(r"(.*?\bI speak) (\w+)\.", line))]
+    cases = [
+        m.groups()
+        for line in demo_splits(3000, cfg.data.demo_seed + 1)["train"][:300]
+        if (m := re.match(r"(.*?\bI speak) (\w+)\.", line))
+    ]
     right = sum(next_words(model, tokenizer, prompt, k=1)[0][0] == lang for prompt, lang in cases)
     assert len(cases) > 100 and right / len(cases) >= 0.95, right / len(cases)
 
@@ -277,14 +300,17 @@ def test_mogrifier_with_no_rounds_is_the_lstm():
     torch.testing.assert_close(mog(x)[0], lstm(x)[0], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("sets,message", [
-    (["model.cell=xlstm"], "model.cell"),
-    (["model.proj_size=8"], "model.proj_size"),  # not below hidden_size 8
-    (["model.cell=gru", "model.proj_size=4"], "does not read it"),
-    (["model.cell=mogrifier", "model.mogrify_rounds=-1"], "model.mogrify_rounds"),
-    (["model.cell=lstm", "model.mogrify_rounds=3"], "does not read it"),
-    (["model.cell=mogrifier", "model.impl=cudnn"], "no fused kernel"),
-])
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (["model.cell=xlstm"], "model.cell"),
+        (["model.proj_size=8"], "model.proj_size"),  # not below hidden_size 8
+        (["model.cell=gru", "model.proj_size=4"], "does not read it"),
+        (["model.cell=mogrifier", "model.mogrify_rounds=-1"], "model.mogrify_rounds"),
+        (["model.cell=lstm", "model.mogrify_rounds=3"], "does not read it"),
+        (["model.cell=mogrifier", "model.impl=cudnn"], "no fused kernel"),
+    ],
+)
 def test_bad_cell_options_are_one_error_line(sets, message, tmp_path):
     data = write_tiny_corpus(tmp_path / "data")
     args = [a for s in ["model.hidden_size=8", "model.embedding_size=8", *sets] for a in ("--set", s)]

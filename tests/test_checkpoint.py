@@ -7,12 +7,12 @@ import torch
 
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lstm_lm.config import FORMAT_VERSION, Config, ModelConfig
-from lstm_lm.rundir import update_latest
-from lstm_lm.training_state import TrainState, load_training_state, save_training_state
 from lstm_lm.data import build_tokenizer
 from lstm_lm.errors import CheckpointError
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.optim import make_optimizer
+from lstm_lm.rundir import update_latest
+from lstm_lm.training_state import TrainState, load_training_state, save_training_state
 
 
 @pytest.fixture
@@ -84,8 +84,18 @@ def test_training_state_round_trip(saved, optimizer):
     opt.step()
     hidden = [(torch.randn(2, 16), torch.randn(2, 16)) for _ in range(2)]
     extra = {"average.0": torch.randn(3, 4)}
-    state = TrainState(lr=0.25, lr_peak=0.5, lr_set=1.0, step=3, epoch=2, pos=17, val_losses=[5.0, 4.5],
-                       averaging_since=2, epoch_loss_sum=12.5, epoch_tokens=40)
+    state = TrainState(
+        lr=0.25,
+        lr_peak=0.5,
+        lr_set=1.0,
+        step=3,
+        epoch=2,
+        pos=17,
+        val_losses=[5.0, 4.5],
+        averaging_since=2,
+        epoch_loss_sum=12.5,
+        epoch_tokens=40,
+    )
     save_training_state(path, model, opt, state, hidden, extra)
 
     torch.manual_seed(123)

@@ -5,9 +5,9 @@ import os
 import re
 
 import pytest
+from conftest import tiny_sets
 from typer.testing import CliRunner
 
-from conftest import tiny_sets
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT, demo_splits
@@ -109,9 +109,19 @@ def test_an_awd_style_model_trains_completes_and_evaluates(tiny_corpus, tmp_path
     """Per-layer sizes and every regularizer through the commands: the checkpoint
     round-trips its list-valued config, and complete and eval run on it."""
     out = tmp_path / "awd"
-    awd = ["model.num_layers=2", "model.hidden_sizes=[24, 16]", "model.locked_dropout=true",
-           "model.dropout_embedding=0.1", "model.weight_drop=0.3", "train.ar=2", "train.tar=1",
-           "train.nt_asgd=true", "train.optimizer=sgd", "train.lr=1", "train.variable_bptt=true"]
+    awd = [
+        "model.num_layers=2",
+        "model.hidden_sizes=[24, 16]",
+        "model.locked_dropout=true",
+        "model.dropout_embedding=0.1",
+        "model.weight_drop=0.3",
+        "train.ar=2",
+        "train.tar=1",
+        "train.nt_asgd=true",
+        "train.optimizer=sgd",
+        "train.lr=1",
+        "train.variable_bptt=true",
+    ]
     args = _tiny_train_args(tiny_corpus, out)
     for item in awd:
         args += ["--set", item]
@@ -165,21 +175,50 @@ def test_demo_end_to_end_answers_tamil(demo_workdir, monkeypatch):
 
     # Beyond the seed sentence: held-out biographies, the language after "I speak".
     model, tokenizer, cfg = load_checkpoint(tmp_path / "runs" / "latest")
-    cases = [m.groups() for line in demo_splits(cfg.data.demo_size, cfg.data.demo_seed)["test"]
-             if (m := re.match(r"(.*?\bI speak) (\w+)\.", line))]
+    cases = [
+        m.groups()
+        for line in demo_splits(cfg.data.demo_size, cfg.data.demo_seed)["test"]
+        if (m := re.match(r"(.*?\bI speak) (\w+)\.", line))
+    ]
     assert len(cases) > 100
     right = sum(next_words(model, tokenizer, prompt, k=1)[0][0] == lang for prompt, lang in cases)
     assert right / len(cases) >= 0.95
 
 
 HELP_OPTIONS = {
-    "train": ["--config", "--data", "--out", "--resume", "--set", "--epochs", "--max-steps", "--batch-size",
-              "--bptt", "--lr", "--device", "--seed", "--cell", "--impl", "--precision", "--compile", "--time-budget",
-              "--log-grad-flow"],
+    "train": [
+        "--config",
+        "--data",
+        "--out",
+        "--resume",
+        "--set",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--bptt",
+        "--lr",
+        "--device",
+        "--seed",
+        "--cell",
+        "--impl",
+        "--precision",
+        "--compile",
+        "--time-budget",
+        "--log-grad-flow",
+    ],
     "inspect": ["--checkpoint", "--out", "--layer", "--units", "--top-k", "--swap"],
     "plot": ["--out"],
-    "experiment long-range": ["--gaps", "--cells", "--out", "--steps", "--hidden", "--probes", "--demo-size",
-                              "--device", "--seed"],
+    "experiment long-range": [
+        "--gaps",
+        "--cells",
+        "--out",
+        "--steps",
+        "--hidden",
+        "--probes",
+        "--demo-size",
+        "--device",
+        "--seed",
+    ],
     "complete": ["--checkpoint", "--words", "--next", "--top-k", "--temperature", "--top-p", "--seed"],
     "eval": ["--checkpoint", "--data", "--split", "--batch-size", "--precision"],
     "score": ["--checkpoint", "--per-token", "--device", "--precision"],
@@ -233,8 +272,19 @@ def test_missing_checkpoint(tmp_path, monkeypatch):
 def test_bad_config_values_are_listed_together(tmp_path, monkeypatch, tiny_corpus):
     monkeypatch.chdir(tmp_path)
     line = _assert_one_error_line(
-        _run("train", "--data", tiny_corpus, "--set", "model.dropout=2", "--set", "train.optimizer=adam", "--lr", "-1",
-             "--precision", "fp16")
+        _run(
+            "train",
+            "--data",
+            tiny_corpus,
+            "--set",
+            "model.dropout=2",
+            "--set",
+            "train.optimizer=adam",
+            "--lr",
+            "-1",
+            "--precision",
+            "fp16",
+        )
     )
     assert "model.dropout" in line and "train.optimizer" in line and "train.lr" in line and "train.precision" in line
 

@@ -34,21 +34,34 @@ def test_the_demo_recipe_has_one_source_and_recipes_load_by_name():
         load_config("no-such-recipe")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("data.source=yes", "yes"), ("data.source=null", "null"), ("data.source=1e3", "1e3"),
-    ("data.source=true", "true"), ("data.cache_dir=null", None), ("data.cache_dir=./null", "./null"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("data.source=yes", "yes"),
+        ("data.source=null", "null"),
+        ("data.source=1e3", "1e3"),
+        ("data.source=true", "true"),
+        ("data.cache_dir=null", None),
+        ("data.cache_dir=./null", "./null"),
+    ],
+)
 def test_a_path_is_a_path_whatever_yaml_would_make_of_it(text, expected):
     key, _, _ = text.partition("=")
     section, name = key.split(".")
     assert getattr(getattr(load_config(None, [text]), section), name) == expected
 
 
-@pytest.mark.parametrize("text, key, expected", [
-    ("train.compile=yes", "compile", True), ("train.compile=off", "compile", False),
-    ("train.max_steps=null", "max_steps", None), ("train.max_steps=1e3", "max_steps", 1000),
-    ("train.lr=2", "lr", 2.0), ("model.hidden_sizes=300,200", "hidden_sizes", [300, 200]),
-])
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("train.compile=yes", "compile", True),
+        ("train.compile=off", "compile", False),
+        ("train.max_steps=null", "max_steps", None),
+        ("train.max_steps=1e3", "max_steps", 1000),
+        ("train.lr=2", "lr", 2.0),
+        ("model.hidden_sizes=300,200", "hidden_sizes", [300, 200]),
+    ],
+)
 def test_set_strings_are_read_as_the_fields_type(text, key, expected):
     cfg = load_config(None, [text, "model.tie_weights=false"])
     section = text.split(".")[0]
@@ -98,11 +111,18 @@ def test_all_problems_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("nonsense", "--set"), ("nokey=1", "--set"), ("model.layers=2", "model.layers"),
-     ("train.batch_size=0", "train.batch_size"), ("data.tokenizer=sentencepiece", "data.tokenizer"),
-     ("train.device=tpu", "train.device"), ("model.tie_weights=maybe", "model.tie_weights"),
-     ("model.cell=transformer", "model.cell"), ("data.gap_min=5 data.gap_max=2", "data.gap_min"),
-     ("data.gap_min=-1", "data.gap_min")],
+    [
+        ("nonsense", "--set"),
+        ("nokey=1", "--set"),
+        ("model.layers=2", "model.layers"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.tokenizer=sentencepiece", "data.tokenizer"),
+        ("train.device=tpu", "train.device"),
+        ("model.tie_weights=maybe", "model.tie_weights"),
+        ("model.cell=transformer", "model.cell"),
+        ("data.gap_min=5 data.gap_max=2", "data.gap_min"),
+        ("data.gap_min=-1", "data.gap_min"),
+    ],
 )
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -131,24 +151,27 @@ def test_per_layer_sizes_from_yaml_and_the_command_line(tmp_path):
     assert load_config(None, ["model.num_layers=3"]).model.layer_sizes == [200, 200, 200]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.hidden_sizes=[100, 200]", "model.hidden_sizes"),  # 2 sizes for 2 layers, but tied to 200: ok below
-    ("model.hidden_sizes=[200]", "model.hidden_sizes"),  # 1 size, 2 layers
-    ("model.hidden_sizes=[0, 200]", "model.hidden_sizes"),
-    ("model.hidden_sizes=big", "model.hidden_sizes"),
-    ("model.hidden_sizes=[200, 100]", "model.tie_weights"),
-    ("model.weight_drop=1", "model.weight_drop"),
-    ("model.dropout_input=-0.1", "model.dropout_input"),
-    ("train.schedule=linear", "train.schedule"),
-    ("train.min_lr=50", "train.min_lr"),
-    ("train.nonmono=0", "train.nonmono"),
-    ("train.time_budget=0", "train.time_budget"),
-    ("train.ar=-1", "train.ar"),
-    ("train.warmup_steps=-5", "train.warmup_steps"),
-    ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile
-    ("train.compile_mode=fastest", "train.compile_mode"),
-    ("train.loss_impl=blocked", "train.loss_impl"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.hidden_sizes=[100, 200]", "model.hidden_sizes"),  # 2 sizes for 2 layers, but tied to 200: ok below
+        ("model.hidden_sizes=[200]", "model.hidden_sizes"),  # 1 size, 2 layers
+        ("model.hidden_sizes=[0, 200]", "model.hidden_sizes"),
+        ("model.hidden_sizes=big", "model.hidden_sizes"),
+        ("model.hidden_sizes=[200, 100]", "model.tie_weights"),
+        ("model.weight_drop=1", "model.weight_drop"),
+        ("model.dropout_input=-0.1", "model.dropout_input"),
+        ("train.schedule=linear", "train.schedule"),
+        ("train.min_lr=50", "train.min_lr"),
+        ("train.nonmono=0", "train.nonmono"),
+        ("train.time_budget=0", "train.time_budget"),
+        ("train.ar=-1", "train.ar"),
+        ("train.warmup_steps=-5", "train.warmup_steps"),
+        ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile
+        ("train.compile_mode=fastest", "train.compile_mode"),
+        ("train.loss_impl=blocked", "train.loss_impl"),
+    ],
+)
 def test_regularization_and_schedule_values_are_checked(override, key):
     if override == "model.hidden_sizes=[100, 200]":
         assert load_config(None, [override]).model.layer_sizes == [100, 200]

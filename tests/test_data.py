@@ -9,14 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, requires_shared_data
 from tokenizers import normalizers, pre_tokenizers
 
-from conftest import SHARED_DATA, requires_shared_data
 from lstm_lm import data as data_mod
 from lstm_lm.config import DataConfig
 from lstm_lm.data import (
-    EOS, UNK, Streams, batchify, build_tokenizer, count_tokens, detokenize, encode_lines, get_batch, line_encoder,
-    load_corpus, resolve_source, smallest_uint, to_tensor,
+    EOS,
+    UNK,
+    Streams,
+    batchify,
+    build_tokenizer,
+    count_tokens,
+    detokenize,
+    encode_lines,
+    get_batch,
+    line_encoder,
+    load_corpus,
+    resolve_source,
+    smallest_uint,
+    to_tensor,
 )
 from lstm_lm.demo import REGION_LANGUAGE, SEED_ANSWER, SEED_PROMPT, demo_corpus, demo_splits, gap_of
 from lstm_lm.errors import DataError
@@ -217,11 +229,12 @@ def test_ptb_has_the_standard_10k_vocabulary():
 # -- the streamed cache and the memory-mapped batches ---------------------------------------
 
 ODD_TEXT = (
-    "the cat sat\r\n"            # Windows line ends
-    "on the mat\r"                # old Mac line ends
-    "\r\n"                       # an empty line
+    "the cat sat\r\n"  # Windows line ends
+    "on the mat\r"  # old Mac line ends
+    "\r\n"  # an empty line
     "<unk> the dog   sat\tdown\n"  # PTB's literal <unk>, runs of spaces and a tab
-    + " ".join(["long"] * 400) + " line\n"  # a line many blocks long
+    + " ".join(["long"] * 400)
+    + " line\n"  # a line many blocks long
     "caf\u00e9 na\u00efve \u00fcber\x85next\n"  # non-ASCII, and NEL, a line break to str.splitlines()
     "the end, no final newline"
 )
@@ -250,7 +263,7 @@ def test_streamed_cache_has_the_ids_of_encoding_the_whole_text_at_once(tmp_path,
     tok = build_tokenizer(cfg, lines)  # the whole train split in one block
     want = _tokenizers_ids(tok, lines)
     monkeypatch.setattr(data_mod, "BLOCK_CHARS", 16)  # the same text read 16 characters at a time,
-    monkeypatch.setattr(data_mod, "BLOCK_LINES", 2)   # counted and encoded two lines at a time
+    monkeypatch.setattr(data_mod, "BLOCK_LINES", 2)  # counted and encoded two lines at a time
     corpus = load_corpus(cfg)
     assert corpus.tokenizer.get_vocab() == tok.get_vocab()
     for split in ("train", "valid", "test"):
@@ -267,8 +280,14 @@ def test_streamed_cache_has_the_ids_of_encoding_the_whole_text_at_once(tmp_path,
 # lines, Unicode spaces (no-break, ideographic) and a non-space (zero-width), and the
 # characters \x1c-\x1f, whitespace to Python only (their blocks go to tokenizers).
 ODD_WORDS = [
-    "a<unk>b <UNK> x<eos>y <eos><unk>", "", "   ", "caf\u00e9\u00a0na\u00efve\u3000z\u200bw",
-    "Abc ABC abc <Unk> <EOS>", "tab\there\x1fodd", "\x1c a \x1d\x1e", "<eo<unk>s> <un<eos>k>",
+    "a<unk>b <UNK> x<eos>y <eos><unk>",
+    "",
+    "   ",
+    "caf\u00e9\u00a0na\u00efve\u3000z\u200bw",
+    "Abc ABC abc <Unk> <EOS>",
+    "tab\there\x1fodd",
+    "\x1c a \x1d\x1e",
+    "<eo<unk>s> <un<eos>k>",
 ]
 
 
@@ -317,8 +336,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_make_corpus_is_seeded_zipfian_and_in_the_ptb_layout(tmp_path):
     def make(out, seed=0):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corpus.py"), str(out), "--tokens", "200000",
-                        "--vocab", "5000", "--seed", str(seed)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "make_corpus.py"),
+                str(out),
+                "--tokens",
+                "200000",
+                "--vocab",
+                "5000",
+                "--seed",
+                str(seed),
+            ],
+            check=True,
+            capture_output=True,
+        )
         return {s: (out / f"{s}.txt").read_bytes() for s in ("train", "valid", "test")}
 
     a, b, c = make(tmp_path / "a"), make(tmp_path / "b"), make(tmp_path / "c", seed=1)

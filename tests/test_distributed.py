@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
-from lstm_lm.rundir import step_checkpoints
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
 from lstm_lm.distributed import World
 from lstm_lm.errors import ConfigError
+from lstm_lm.rundir import step_checkpoints
 from lstm_lm.runlogs import METRICS, STEPS
 from lstm_lm.train import train
 
@@ -30,8 +30,22 @@ EXACT = ["train.precision=fp32", "train.log_interval=1", "train.epochs=2"]
 
 def _torchrun(corpus: Path, run: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lstm_lm", "train", "--data", str(corpus), "--out", str(run), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lstm_lm",
+        "train",
+        "--data",
+        str(corpus),
+        "--out",
+        str(run),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run.parent, timeout=120)
 
 
@@ -107,8 +121,17 @@ def test_the_custom_cell_tied_weights_and_nt_asgd_under_two_processes(two_proces
     """The hand-written cell, one weight shared by embedding and output, and NT-ASGD's
     averaged weights (it triggers in epoch 5 here): the same as in one process."""
     root, corpus, _, _ = two_process_run
-    opts = [*EXACT, "model.impl=custom", "model.tie_weights=true", "train.optimizer=sgd", "train.lr=3",
-            "train.nt_asgd=true", "train.nonmono=1", "train.schedule=constant", "train.epochs=6"]
+    opts = [
+        *EXACT,
+        "model.impl=custom",
+        "model.tie_weights=true",
+        "train.optimizer=sgd",
+        "train.lr=3",
+        "train.nt_asgd=true",
+        "train.nonmono=1",
+        "train.schedule=constant",
+        "train.epochs=6",
+    ]
     two = root / "awd-two"
     result = _torchrun(corpus, two, *tiny_sets(corpus, *opts))
     assert result.returncode == 0, result.stderr

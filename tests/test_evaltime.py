@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
-from conftest import tiny_sets, write_tiny_corpus
 from lstm_lm import LanguageModel
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig
@@ -58,9 +58,9 @@ def test_cache_probability_is_the_share_of_similar_states_followed_by_the_target
     history = CacheHistory(window, 1, 5, torch.device("cpu"))
     got = []
     for start in range(0, 12, 5):  # chunks of 5, 5, 2: the ring wraps around
-        p, _ = cache_probabilities(history, h[start:start + 5], targets[start:start + 5], theta)
+        p, _ = cache_probabilities(history, h[start : start + 5], targets[start : start + 5], theta)
         got.append(p[:, 0])
-        history.add(h[start:start + 5], targets[start:start + 5])
+        history.add(h[start : start + 5], targets[start : start + 5])
     got = torch.cat(got)
     assert got[0] == 0  # nothing cached yet
     for t in range(1, 12):
@@ -75,14 +75,16 @@ def test_a_tokens_score_never_depends_on_the_text_after_it():
     a = _text(120, seed=1)
     b = a.clone()
     t = 70  # the scores of positions up to t (predicting tokens 1..t+1... up to index t)
-    b[t + 1:] = _text(120 - t - 1, seed=2)  # everything after token t differs
+    b[t + 1 :] = _text(120 - t - 1, seed=2)  # everything after token t differs
     cache = NeuralCache(window=30, theta=0.8, lam=0.3)
     scores = [cache_log_probs(collect(model, batchify(x, 1), 9), cache)[0][:, 0] for x in (a, b)]
     assert torch.equal(scores[0][:t], scores[1][:t])  # position i scores token i+1; i < t reads only a[:t+1]
     assert not torch.equal(scores[0][t:], scores[1][t:])
     stats = gradient_statistics(model, _text(60, seed=3)[:, None], 9)
-    for settings, s in ((DynamicEval(lr=0.3, decay=0.01, segment=9, rule="sgd"), None),
-                        (DynamicEval(lr=1e-3, decay=0.01, segment=9, rule="rms"), stats)):
+    for settings, s in (
+        (DynamicEval(lr=0.3, decay=0.01, segment=9, rule="sgd"), None),
+        (DynamicEval(lr=1e-3, decay=0.01, segment=9, rule="rms"), stats),
+    ):
         scores = [dynamic_log_probs(model, x[:, None], settings, s) for x in (a, b)]
         assert torch.equal(scores[0][:t], scores[1][:t])
         assert not torch.equal(scores[0][t:], scores[1][t:])
@@ -110,8 +112,9 @@ def tiny_run(tmp_path_factory):
     corpus = write_tiny_corpus(root / "tiny")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("LSTM_LM_CACHE", str(root / "cache"))
-        result = CliRunner().invoke(app, ["train", "--data", str(corpus), "--out", str(root / "run"),
-                                          *tiny_sets(corpus)])
+        result = CliRunner().invoke(
+            app, ["train", "--data", str(corpus), "--out", str(root / "run"), *tiny_sets(corpus)]
+        )
     assert result.exit_code == 0, result.output
     return root / "run"
 
@@ -171,15 +174,18 @@ def test_eval_tune_fits_on_valid_then_scores_the_split_once(tiny_run, monkeypatc
     assert out["settings"]["lr"] in dynamic_eval.TUNE_LRS["rms"] and out["gradient_statistics"]["tokens"] == 100
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--window", "10"], "--window needs --cache"),
-    (["--lr", "0.1"], "--lr needs --dynamic"),
-    (["--cache", "--dynamic"], "one at a time"),
-    (["--tune"], "--tune needs --cache or --dynamic"),
-    (["--dynamic", "--rule", "adam"], "--rule: must be one of"),
-    (["--dynamic", "--batch-size", "4"], "dynamic evaluation reads one stream"),
-    (["--cache", "--lambda", "2"], "--lambda"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "10"], "--window needs --cache"),
+        (["--lr", "0.1"], "--lr needs --dynamic"),
+        (["--cache", "--dynamic"], "one at a time"),
+        (["--tune"], "--tune needs --cache or --dynamic"),
+        (["--dynamic", "--rule", "adam"], "--rule: must be one of"),
+        (["--dynamic", "--batch-size", "4"], "dynamic evaluation reads one stream"),
+        (["--cache", "--lambda", "2"], "--lambda"),
+    ],
+)
 def test_eval_cli_refuses_bad_options_with_one_line(tiny_run, args, message):
     result = _eval(tiny_run, *args)
     assert result.exit_code != 0
@@ -193,8 +199,10 @@ def test_both_lower_perplexity_a_lot_on_text_that_repeats_itself(tiny_run):
     model = LanguageModel.load(tiny_run).model
     text = torch.randint(0, model.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).repeat(8)
     static = evaluate(model, batchify(text, 1), bptt=10)["perplexity"]
-    cached = perplexity_of(cache_log_probs(collect(model, batchify(text, 1), 10),
-                                           NeuralCache(window=200, theta=1.0, lam=0.5))[0])["perplexity"]
-    dynamic = perplexity_of(dynamic_log_probs(model, text[:, None], DynamicEval(lr=1.0, segment=10, rule="sgd"))
-                            )["perplexity"]
+    cached = perplexity_of(
+        cache_log_probs(collect(model, batchify(text, 1), 10), NeuralCache(window=200, theta=1.0, lam=0.5))[0]
+    )["perplexity"]
+    dynamic = perplexity_of(dynamic_log_probs(model, text[:, None], DynamicEval(lr=1.0, segment=10, rule="sgd")))[
+        "perplexity"
+    ]
     assert cached < static / 3 and dynamic < static / 3, (static, cached, dynamic)

@@ -49,15 +49,24 @@ def test_int8_is_smaller_and_reports_the_change_in_perplexity(demo_workdir, tmp_
     summary = json.loads(result.stdout)
     assert summary["int8"] and summary["bytes"] < summary["fp32_bytes"] / 2
     ppl = summary["valid_perplexity"]
-    assert ppl["change"] == pytest.approx(ppl["onnx"] - ppl["pytorch_fp32"]) and abs(ppl["change"]) < 0.05 * ppl["pytorch_fp32"]
+    assert (
+        ppl["change"] == pytest.approx(ppl["onnx"] - ppl["pytorch_fp32"])
+        and abs(ppl["change"]) < 0.05 * ppl["pytorch_fp32"]
+    )
 
 
 @pytest.mark.parametrize("cell,sizes", [(cell, [200, 200] if cell == "lstm" else [32, 24]) for cell in cells.names()])
 def test_every_cell_and_the_ptb_small_shape_match_pytorch_over_pieces(tmp_path, cell, sizes):
     """The ptb-small recipe's model (2x200, tied, 10k words), and every other cell in stacks
     of unequal layers, with random weights: the graph does not depend on what was learned."""
-    cfg = load_config("ptb-small", overrides=[f"model.cell={cell}", f"model.hidden_sizes={sizes}".replace(" ", ""),
-                                             f"model.embedding_size={sizes[-1]}"])
+    cfg = load_config(
+        "ptb-small",
+        overrides=[
+            f"model.cell={cell}",
+            f"model.hidden_sizes={sizes}".replace(" ", ""),
+            f"model.embedding_size={sizes[-1]}",
+        ],
+    )
     from tokenizers import Tokenizer, models
 
     vocab = 10_000 if cell == "lstm" else 300

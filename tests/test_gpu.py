@@ -4,9 +4,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
-from conftest import requires_cuda
 from lstm_lm import cells
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import load_config
@@ -65,8 +65,9 @@ def test_custom_cell_matches_cudnn_on_cuda(exact_float32, cell):
     torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=0)
     ours_params = dict(ours.named_parameters())
     for name, p in ref.named_parameters():  # sums over 160 positions, in another order than cuDNN's
-        torch.testing.assert_close(ours_params[name].grad, p.grad, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours_params[name].grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_awd_regularization_runs_on_cudnn_and_matches_the_custom_cell(exact_float32):
@@ -75,8 +76,15 @@ def test_awd_regularization_runs_on_cudnn_and_matches_the_custom_cell(exact_floa
     from lstm_lm.config import ModelConfig
     from lstm_lm.model import LSTMLanguageModel
 
-    cfg = dict(embedding_size=16, hidden_sizes=[32, 24, 16], num_layers=3, dropout=0.3, dropout_embedding=0.1,
-               weight_drop=0.5, locked_dropout=True)
+    cfg = dict(
+        embedding_size=16,
+        hidden_sizes=[32, 24, 16],
+        num_layers=3,
+        dropout=0.3,
+        dropout_embedding=0.1,
+        weight_drop=0.5,
+        locked_dropout=True,
+    )
     torch.manual_seed(0)
     hand = LSTMLanguageModel(ModelConfig(impl="custom", **cfg), 50).cuda().train()
     fast = LSTMLanguageModel(ModelConfig(impl="cudnn", **cfg), 50).cuda().train()
@@ -131,22 +139,48 @@ def test_a_training_step_never_waits_for_the_gpu(precision, loss_impl):
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            _, hidden = train_step(model, optimizer, data[i * 36:i * 36 + 35], data[i * 36 + 1:i * 36 + 36], hidden,
-                                   clip=0.25, precision=precision)
+            _, hidden = train_step(
+                model,
+                optimizer,
+                data[i * 36 : i * 36 + 35],
+                data[i * 36 + 1 : i * 36 + 36],
+                hidden,
+                clip=0.25,
+                precision=precision,
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("impl,cell", [(impl, cell) for cell in cells.names()
-                                       for impl in (["cudnn", "custom"] if cells.get(cell).kernel else ["custom"])])
+@pytest.mark.parametrize(
+    "impl,cell",
+    [
+        (impl, cell)
+        for cell in cells.names()
+        for impl in (["cudnn", "custom"] if cells.get(cell).kernel else ["custom"])
+    ],
+)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_gives_a_checkpoint_that_loads_on_the_cpu(tmp_path, impl, cell, precision):
-    cfg = load_config(None, [
-        "data.source=demo", "data.demo_size=600", "data.split_punctuation=true", "model.embedding_size=32",
-        "model.hidden_size=32", "model.num_layers=2", f"model.impl={impl}", f"model.cell={cell}", "train.epochs=3",
-        "train.batch_size=8",
-        "train.optimizer=adamw", "train.lr=0.01", "train.device=cuda", f"train.precision={precision}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.source=demo",
+            "data.demo_size=600",
+            "data.split_punctuation=true",
+            "model.embedding_size=32",
+            "model.hidden_size=32",
+            "model.num_layers=2",
+            f"model.impl={impl}",
+            f"model.cell={cell}",
+            "train.epochs=3",
+            "train.batch_size=8",
+            "train.optimizer=adamw",
+            "train.lr=0.01",
+            "train.device=cuda",
+            f"train.precision={precision}",
+        ],
+    )
     summary = train(cfg, tmp_path / "run")
     gpu_model, _, _ = load_checkpoint(tmp_path / "run", "cuda")
     cpu_model, _, _ = load_checkpoint(tmp_path / "run", "cpu")

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
-from conftest import tiny_sets, write_tiny_corpus
 from lstm_lm import cells, plots
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig
@@ -44,8 +44,17 @@ def trained(tmp_path_factory):
     runs = {}
     for cell in CELLS:
         out = root / cell
-        result = _run("train", "--data", data, "--cell", cell, "--out", out, "--log-grad-flow",
-                      *tiny_sets(data, "train.log_interval=4"))
+        result = _run(
+            "train",
+            "--data",
+            data,
+            "--cell",
+            cell,
+            "--out",
+            out,
+            "--log-grad-flow",
+            *tiny_sets(data, "train.log_interval=4"),
+        )
         assert result.exit_code == 0, result.output
         runs[cell] = out
     return runs
@@ -73,18 +82,26 @@ def test_inspect_prints_the_gates_of_each_cell_and_draws_them(trained, cell, tmp
     lines = result.stdout.strip().splitlines()
     header, rows = lines[0].split(), lines[1:]
     gates = list(cells.get(cell).gate_names)
-    assert header[2:2 + len(gates)] == gates
+    assert header[2 : 2 + len(gates)] == gates
     assert ("|c|" in header) == ("c" in cells.get(cell).state_names) and "|h|" in header
     assert [r.split()[1] for r in rows] == ["the", "cat", "sat", "on", "the"]
     for row in rows:  # every mean gate activation is a sigmoid's
-        assert all(0 <= float(v) <= 1 for v in row.split()[2:2 + len(gates)])
+        assert all(0 <= float(v) <= 1 for v in row.split()[2 : 2 + len(gates)])
     assert_readable_png(png)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_inspect_swap_shows_where_a_word_is_written(trained, cell, tmp_path):
-    result = _run("inspect", "the cat sat on the", "--checkpoint", trained[cell], "--swap", "cat=dog",
-                  "--out", tmp_path / "swap.png")
+    result = _run(
+        "inspect",
+        "the cat sat on the",
+        "--checkpoint",
+        trained[cell],
+        "--swap",
+        "cat=dog",
+        "--out",
+        tmp_path / "swap.png",
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     memory = cells.get(cell).memory
@@ -120,8 +137,11 @@ def test_plot_draws_the_curves_and_the_gradient_flow(trained, tmp_path):
     run = trained["rnn"]
     rows = [json.loads(line) for line in (run / "grad_flow.jsonl").read_text().splitlines()]
     assert rows and all(r["cell"] == "rnn" and len(r["grad_norm"]) == 1 and len(r["grad_norm"][0]) == 8 for r in rows)
-    assert [r["step"] for r in rows] == [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()
-                                         if json.loads(line)["step"] % 4 == 0][:len(rows)]
+    assert [r["step"] for r in rows] == [
+        json.loads(line)["step"]
+        for line in (run / "steps.jsonl").read_text().splitlines()
+        if json.loads(line)["step"] % 4 == 0
+    ][: len(rows)]
     result = _run("plot", run, "--out", tmp_path / "rnn.png")
     assert result.exit_code == 0, result.output
     assert "valid ppl" in result.stdout and "gradient flow" in result.stdout
@@ -138,8 +158,9 @@ def test_gradient_flow_is_the_gradient_of_the_last_steps_loss():
     ids, targets = torch.randint(0, 20, (30, 4)), torch.randint(0, 20, (30, 4))
 
     def model_of(cell):
-        return LSTMLanguageModel(ModelConfig(cell=cell, embedding_size=16, hidden_size=16, num_layers=1, dropout=0.0,
-                                             impl="custom"), 20)
+        return LSTMLanguageModel(
+            ModelConfig(cell=cell, embedding_size=16, hidden_size=16, num_layers=1, dropout=0.0, impl="custom"), 20
+        )
 
     rnn = model_of("rnn")
     with torch.no_grad():
@@ -182,16 +203,35 @@ def test_probes_have_the_exact_gap_and_batched_accuracy_equals_one_by_one(traine
     # A model of another corpus, read with its own vocabulary: what matters is that the
     # batched count equals asking one prompt at a time.
     model, tokenizer, _ = load_checkpoint(trained["gru"])
-    words = [("the cat sat on the", "mat"), ("the dog sat on the", "log"), ("a bird sat on the", "mat"),
-             ("the cat met the", "dog"), ("the dog", "sat")]
+    words = [
+        ("the cat sat on the", "mat"),
+        ("the dog sat on the", "log"),
+        ("a bird sat on the", "mat"),
+        ("the cat met the", "dog"),
+        ("the dog", "sat"),
+    ]
     one_by_one = sum(next_words(model, tokenizer, p, k=1)[0][0] == a for p, a in words) / len(words)
     assert language_accuracy(model, tokenizer, words) == pytest.approx(one_by_one)
 
 
 def test_long_range_experiment_on_a_tiny_budget(tmp_path):
     out = tmp_path / "exp"
-    result = _run("experiment", "long-range", "--gaps", "3,0", "--steps", 15, "--probes", 12,
-                  "--demo-size", 400, "--hidden", 16, "--out", out)  # every cell
+    result = _run(
+        "experiment",
+        "long-range",
+        "--gaps",
+        "3,0",
+        "--steps",
+        15,
+        "--probes",
+        12,
+        "--demo-size",
+        400,
+        "--hidden",
+        16,
+        "--out",
+        out,
+    )  # every cell
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["gaps"] == [0, 3] and tuple(results["cells"]) == CELLS
@@ -218,22 +258,31 @@ def test_without_matplotlib_the_tables_come_with_a_hint(trained, tmp_path, monke
     assert result.exit_code == 0 and "valid ppl" in result.stdout and "lstm-lm[plot]" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["inspect", "the cat", "--checkpoint", "{tmp}/nothing"], "no checkpoint"),
-    (["inspect", "the cat", "--checkpoint", "{lstm}", "--layer", "2"], "--layer must be between 1 and 1"),
-    (["inspect", "   ", "--checkpoint", "{lstm}"], "the prompt is empty"),
-    (["inspect", "the cat", "--checkpoint", "{lstm}", "--out", "{tmp}/gates.jpg"], "ending in .png"),
-    (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "cat"], "--swap: expected WORD=OTHER"),
-    (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "bird=dog"], "'bird' is not one of the prompt's tokens"),
-    (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "cat=zebra"], "'zebra' is not in the model's vocabulary"),
-    (["plot", "{tmp}/nothing"], "is not a directory"),
-    (["plot", "{tmp}"], "no metrics.jsonl"),
-    (["experiment", "long-range", "--gaps", "0,ten"], "--gaps: expected whole numbers"),
-    (["experiment", "long-range", "--gaps", "0,-5"], "--gaps: each gap must be between 0 and 500"),
-    (["experiment", "long-range", "--cells", "lstm,transformer"], "--cells: transformer unknown"),
-    (["experiment", "long-range", "--steps", "0"], "'--steps': Input should be greater than or equal to 1"),
-    (["experiment", "long-range", "--device", "tpu"], "--device: must be"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "the cat", "--checkpoint", "{tmp}/nothing"], "no checkpoint"),
+        (["inspect", "the cat", "--checkpoint", "{lstm}", "--layer", "2"], "--layer must be between 1 and 1"),
+        (["inspect", "   ", "--checkpoint", "{lstm}"], "the prompt is empty"),
+        (["inspect", "the cat", "--checkpoint", "{lstm}", "--out", "{tmp}/gates.jpg"], "ending in .png"),
+        (["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "cat"], "--swap: expected WORD=OTHER"),
+        (
+            ["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "bird=dog"],
+            "'bird' is not one of the prompt's tokens",
+        ),
+        (
+            ["inspect", "the cat", "--checkpoint", "{lstm}", "--swap", "cat=zebra"],
+            "'zebra' is not in the model's vocabulary",
+        ),
+        (["plot", "{tmp}/nothing"], "is not a directory"),
+        (["plot", "{tmp}"], "no metrics.jsonl"),
+        (["experiment", "long-range", "--gaps", "0,ten"], "--gaps: expected whole numbers"),
+        (["experiment", "long-range", "--gaps", "0,-5"], "--gaps: each gap must be between 0 and 500"),
+        (["experiment", "long-range", "--cells", "lstm,transformer"], "--cells: transformer unknown"),
+        (["experiment", "long-range", "--steps", "0"], "'--steps': Input should be greater than or equal to 1"),
+        (["experiment", "long-range", "--device", "tpu"], "--device: must be"),
+    ],
+)
 def test_bad_inputs_give_one_error_line(trained, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, lstm=trained["lstm"]) for a in args]
     result = runner.invoke(app, args)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lstm_lm.config import ModelConfig
 from lstm_lm import cells
+from lstm_lm.config import ModelConfig
 from lstm_lm.model import LSTMLanguageModel, Recurrent
 
 CELLS = [name for name in cells.names() if cells.get(name).torch_module is not None]  # the cells torch.nn has
@@ -88,7 +88,12 @@ def test_gru_cell_follows_nn_gru_cell():
     x, h = torch.randn(3, 5), torch.randn(3, 6)
     gates = {}
     gru = cells.get("gru")(5, 6)
-    params = {"weight_ih": cell.weight_ih, "weight_hh": cell.weight_hh, "bias_ih": cell.bias_ih, "bias_hh": cell.bias_hh}
+    params = {
+        "weight_ih": cell.weight_ih,
+        "weight_hh": cell.weight_hh,
+        "bias_ih": cell.bias_ih,
+        "bias_hh": cell.bias_hh,
+    }
     (ours,) = gru.step(gru.project_input(x, params), (h,), params, record=gates)
     torch.testing.assert_close(ours, cell(x, h), atol=1e-6, rtol=0)
     assert set(gates) == {"reset", "update"} and gates["update"].shape == (3, 6)
@@ -112,7 +117,9 @@ def test_unknown_cell_is_refused():
 @pytest.mark.parametrize("impl", ["custom", "cudnn"])
 def test_state_carry_whole_equals_two_halves(impl, cell):
     torch.manual_seed(0)
-    model = LSTMLanguageModel(ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl, cell=cell), 20).eval()
+    model = LSTMLanguageModel(
+        ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0, impl=impl, cell=cell), 20
+    ).eval()
     ids = torch.randint(0, 20, (12, 3))
     whole, state_whole = model(ids)
     first, state = model(ids[:5])
@@ -166,8 +173,9 @@ def test_overfits_one_batch(impl, cell):
 
 def _lm(impl, tie=True, cell="lstm"):
     torch.manual_seed(0)
-    cfg = ModelConfig(impl=impl, embedding_size=12, hidden_size=12, num_layers=2, dropout=0.0, tie_weights=tie,
-                      cell=cell)
+    cfg = ModelConfig(
+        impl=impl, embedding_size=12, hidden_size=12, num_layers=2, dropout=0.0, tie_weights=tie, cell=cell
+    )
     return LSTMLanguageModel(cfg, vocab_size=30)
 
 

@@ -76,8 +76,11 @@ def _commands() -> dict[str, set[str]]:
                 walk(command, f"{prefix}{name} ")
                 continue
             options[f"{prefix}{name}"] = {
-                opt for p in command.params if p.param_type_name == "option"
-                for opt in [*p.opts, *p.secondary_opts] if opt.startswith("--")
+                opt
+                for p in command.params
+                if p.param_type_name == "option"
+                for opt in [*p.opts, *p.secondary_opts]
+                if opt.startswith("--")
             }
 
     walk(typer.main.get_command(app), "")

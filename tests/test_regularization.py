@@ -32,8 +32,9 @@ def test_locked_dropout_shares_one_mask_across_time_steps():
 @pytest.mark.parametrize("locked", [True, False])
 def test_model_applies_locked_dropout_to_the_embedding_output(locked):
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, dropout_input=0.5,
-                      locked_dropout=locked)
+    cfg = ModelConfig(
+        embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, dropout_input=0.5, locked_dropout=locked
+    )
     model = LSTMLanguageModel(cfg, 50).train()
     x = _rnn_inputs(model, torch.randint(0, 50, (12, 4)))
     zeros = x == 0
@@ -95,9 +96,20 @@ def test_weight_drop_masks_the_hidden_to_hidden_weights(engine):
 
 
 def _awd_config(impl):
-    return ModelConfig(impl=impl, embedding_size=8, hidden_sizes=[12, 10, 8], num_layers=3, dropout=0.3,
-                       dropout_input=0.4, dropout_hidden=0.2, dropout_output=0.3, dropout_embedding=0.1,
-                       weight_drop=0.5, locked_dropout=True, tie_weights=True)
+    return ModelConfig(
+        impl=impl,
+        embedding_size=8,
+        hidden_sizes=[12, 10, 8],
+        num_layers=3,
+        dropout=0.3,
+        dropout_input=0.4,
+        dropout_hidden=0.2,
+        dropout_output=0.3,
+        dropout_embedding=0.1,
+        weight_drop=0.5,
+        locked_dropout=True,
+        tie_weights=True,
+    )
 
 
 def test_both_engines_agree_with_every_regularizer_on_and_per_layer_sizes():
@@ -144,11 +156,14 @@ def _group_is_one_buffer(rnn, i, buffer):
     return True
 
 
-@pytest.mark.parametrize("sizes, locked, groups", [
-    ([10, 10], False, [[0, 1]]),  # one kernel call for the stack: one buffer
-    ([10, 10], True, [[0], [1]]),  # locked dropout between layers: a call (and a buffer) per layer
-    ([12, 8], False, [[0], [1]]),  # per-layer sizes
-])
+@pytest.mark.parametrize(
+    "sizes, locked, groups",
+    [
+        ([10, 10], False, [[0, 1]]),  # one kernel call for the stack: one buffer
+        ([10, 10], True, [[0], [1]]),  # locked dropout between layers: a call (and a buffer) per layer
+        ([12, 8], False, [[0], [1]]),  # per-layer sizes
+    ],
+)
 def test_recurrent_weights_are_views_of_one_flat_buffer_per_kernel_call(sizes, locked, groups):
     rnn = Recurrent(6, sizes, len(sizes), dropout=0.3, engine="cudnn", locked_dropout=locked)
     assert rnn.groups == groups

@@ -22,22 +22,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN, tiny_overrides, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAIN, tiny_overrides, tiny_sets, write_tiny_corpus
 from lstm_lm import checkpoint as ckpt_mod
 from lstm_lm import training_state as state_mod
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from lstm_lm.rundir import CHECKPOINTS, TRAINING_STATE, last_checkpoint, save_step_checkpoint, step_checkpoints
-from lstm_lm.training_state import TrainState, load_training_state
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
+from lstm_lm.errors import Interrupted
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.optim import make_optimizer
-from lstm_lm.errors import Interrupted
+from lstm_lm.rundir import CHECKPOINTS, TRAINING_STATE, last_checkpoint, save_step_checkpoint, step_checkpoints
 from lstm_lm.runlogs import STEPS
 from lstm_lm.signals import StopSignals
 from lstm_lm.train import train
+from lstm_lm.training_state import TrainState, load_training_state
 
 runner = CliRunner()
 
@@ -48,8 +48,11 @@ def _run(*args):
 
 def _snapshot(root: Path) -> dict[str, str]:
     """Every file under `root` (links followed) and its SHA-256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _assert_one_error_line(result) -> str:
@@ -126,139 +129,310 @@ BAD_INPUTS = {
     # data
     "data path missing": (lambda r, c, run, t: ["train", "--data", t / "nope", "--out", t / "o"], "does not exist"),
     "data file empty": (lambda r, c, run, t: ["train", "--data", _file(t, "e.txt", b""), "--out", t / "o"], "empty"),
-    "data not UTF-8": (lambda r, c, run, t: ["train", "--data", _file(t, "b.txt", b"good words\nbad \xff\xfe here\n" * 50),
-                                             "--out", t / "o"], "offset"),
-    "data smaller than one batch": (lambda r, c, run, t: ["train", "--data", _file(t, "s.txt", b"a few words only\n" * 20),
-                                                          "--out", t / "o", "--batch-size", "32", "--bptt", "35"],
-                                    "fewer than one batch"),
-    "data split file missing": (lambda r, c, run, t: ["train", "--data", _ptb_like_without_test(t), "--out", t / "o"],
-                                "test"),
+    "data not UTF-8": (
+        lambda r, c, run, t: [
+            "train",
+            "--data",
+            _file(t, "b.txt", b"good words\nbad \xff\xfe here\n" * 50),
+            "--out",
+            t / "o",
+        ],
+        "offset",
+    ),
+    "data smaller than one batch": (
+        lambda r, c, run, t: [
+            "train",
+            "--data",
+            _file(t, "s.txt", b"a few words only\n" * 20),
+            "--out",
+            t / "o",
+            "--batch-size",
+            "32",
+            "--bptt",
+            "35",
+        ],
+        "fewer than one batch",
+    ),
+    "data split file missing": (
+        lambda r, c, run, t: ["train", "--data", _ptb_like_without_test(t), "--out", t / "o"],
+        "test",
+    ),
     # config
     "config file missing": (lambda r, c, run, t: ["train", "--config", t / "none.yaml", "--data", c], "does not exist"),
-    "config not YAML": (lambda r, c, run, t: ["train", "--config", _file(t, "x.yaml", b"model: [unclosed\n"),
-                                              "--data", c], "not valid YAML"),
+    "config not YAML": (
+        lambda r, c, run, t: ["train", "--config", _file(t, "x.yaml", b"model: [unclosed\n"), "--data", c],
+        "not valid YAML",
+    ),
     "config unknown key": (lambda r, c, run, t: ["train", "--data", c, "--set", "model.hidden=3"], "unknown key"),
-    "config tied sizes differ": (lambda r, c, run, t: ["train", "--data", c, "--set", "model.tie_weights=true",
-                                                       "--set", "model.embedding_size=8"], "tie_weights"),
+    "config tied sizes differ": (
+        lambda r, c, run, t: [
+            "train",
+            "--data",
+            c,
+            "--set",
+            "model.tie_weights=true",
+            "--set",
+            "model.embedding_size=8",
+        ],
+        "tie_weights",
+    ),
     "config negative learning rate": (lambda r, c, run, t: ["train", "--data", c, "--lr", "-1"], "train.lr"),
     "config keep_last zero": (lambda r, c, run, t: ["train", "--data", c, "--set", "train.keep_last=0"], "keep_last"),
     "config wrong type": (lambda r, c, run, t: ["train", "--data", c, "--set", "train.batch_size=many"], "integer"),
-    "config incompatible options": (lambda r, c, run, t: ["train", "--data", c, "--set", "train.nt_asgd=true",
-                                                          "--set", "train.optimizer=adamw"], "nt_asgd"),
+    "config incompatible options": (
+        lambda r, c, run, t: ["train", "--data", c, "--set", "train.nt_asgd=true", "--set", "train.optimizer=adamw"],
+        "nt_asgd",
+    ),
     # runs and checkpoints
     "resume without --out": (lambda r, c, run, t: ["train", "--resume"], "--out"),
     "resume of nothing": (lambda r, c, run, t: ["train", "--resume", "--out", t / "empty-run"], "cannot resume"),
     "train over a saved run": (lambda r, c, run, t: ["train", "--data", c, "--out", run], "--overwrite"),
-    "resume from a truncated training state": (lambda r, c, run, t: ["train", "--resume", "--out", _truncated_state(run, t)],
-                                               "cannot resume"),
+    "resume from a truncated training state": (
+        lambda r, c, run, t: ["train", "--resume", "--out", _truncated_state(run, t)],
+        "cannot resume",
+    ),
     "checkpoint missing": (lambda r, c, run, t: ["complete", "the", "--checkpoint", t / "nothing"], "no checkpoint"),
-    "checkpoint without weights": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
-                                                         _broken(run, t, lambda p: (p / "model.safetensors").unlink())],
-                                   "missing model.safetensors"),
-    "checkpoint truncated": (lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, _truncate_weights)],
-                             "cannot load"),
-    "checkpoint corrupted": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _garble_weights)],
-                             "cannot load"),
-    "checkpoint vocabulary disagrees": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
-                                                              _broken(run, t, lambda p: _edit_json(p, vocab_size=99))],
-                                       "vocab_size"),
-    "checkpoint format newer": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
-                                                      _broken(run, t, lambda p: _edit_json(p, format_version=99))],
-                                "upgrade lstm-lm"),
-    "checkpoint config not JSON": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
-                                                         _broken(run, t, lambda p: (p / "config.json").write_text("{"))],
-                                   "not valid JSON"),
-    "checkpoint holding a pickle": (lambda r, c, run, t: ["complete", "the", "--checkpoint",
-                                                          _broken(run, t, lambda p: _write_evil_pickle(p / "model.pt", t / "pwned"))],
-                                    "pickle"),
+    "checkpoint without weights": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: (p / "model.safetensors").unlink()),
+        ],
+        "missing model.safetensors",
+    ),
+    "checkpoint truncated": (
+        lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, _truncate_weights)],
+        "cannot load",
+    ),
+    "checkpoint corrupted": (
+        lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _garble_weights)],
+        "cannot load",
+    ),
+    "checkpoint vocabulary disagrees": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: _edit_json(p, vocab_size=99)),
+        ],
+        "vocab_size",
+    ),
+    "checkpoint format newer": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: _edit_json(p, format_version=99)),
+        ],
+        "upgrade lstm-lm",
+    ),
+    "checkpoint config not JSON": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: (p / "config.json").write_text("{")),
+        ],
+        "not valid JSON",
+    ),
+    "checkpoint holding a pickle": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: _write_evil_pickle(p / "model.pt", t / "pwned")),
+        ],
+        "pickle",
+    ),
     # prompts and options
     "prompt empty": (lambda r, c, run, t: ["complete", "   ", "--checkpoint", run], "empty"),
     "prompt all unknown words": (lambda r, c, run, t: ["complete", "zzz qqq", "--checkpoint", run], "vocabulary"),
     "prompt too long": (lambda r, c, run, t: ["complete", "the cat " * 6000, "--checkpoint", run], "limit"),
     "words zero": (lambda r, c, run, t: ["complete", "the", "--words", "0", "--checkpoint", run], "--words"),
-    "temperature negative": (lambda r, c, run, t: ["complete", "the", "--temperature", "-1", "--checkpoint", run],
-                             "--temperature"),
+    "temperature negative": (
+        lambda r, c, run, t: ["complete", "the", "--temperature", "-1", "--checkpoint", run],
+        "--temperature",
+    ),
     "eval split unknown": (lambda r, c, run, t: ["eval", "--split", "train", "--checkpoint", run], "--split"),
     "eval batch size zero": (lambda r, c, run, t: ["eval", "--batch-size", "0", "--checkpoint", run], "--batch-size"),
     "device without a GPU": (lambda r, c, run, t: ["eval", "--device", "cuda:7", "--checkpoint", run], "cuda"),
-    "picture under a regular file": (lambda r, c, run, t: ["inspect", "the", "--checkpoint", run, "--out",
-                                                           _file(t, "notes.txt", b"x") / "gates.png"],
-                                     "notes.txt: is a file"),
+    "picture under a regular file": (
+        lambda r, c, run, t: [
+            "inspect",
+            "the",
+            "--checkpoint",
+            run,
+            "--out",
+            _file(t, "notes.txt", b"x") / "gates.png",
+        ],
+        "notes.txt: is a file",
+    ),
     "inspect units zero": (lambda r, c, run, t: ["inspect", "the", "--units", "0", "--checkpoint", run], "--units"),
     "inspect layer zero": (lambda r, c, run, t: ["inspect", "the", "--layer", "0", "--checkpoint", run], "--layer"),
     "top-p above one": (lambda r, c, run, t: ["complete", "the", "--top-p", "1.5", "--checkpoint", run], "--top-p"),
-    "experiment probes zero": (lambda r, c, run, t: ["experiment", "long-range", "--probes", "0", "--out", t / "lr"],
-                               "--probes"),
-    "train logger unknown": (lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", "--set", "train.logger=wandb"],
-                             "train.logger"),
+    "experiment probes zero": (
+        lambda r, c, run, t: ["experiment", "long-range", "--probes", "0", "--out", t / "lr"],
+        "--probes",
+    ),
+    "train logger unknown": (
+        lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", "--set", "train.logger=wandb"],
+        "train.logger",
+    ),
     # the holes of issue 14
-    "out under a regular file": (lambda r, c, run, t: ["train", "--data", c, "--out", _file(t, "notes.txt", b"x") / "run"],
-                                 "notes.txt/run: a part of the path is a file"),
-    "top-k zero with --next": (lambda r, c, run, t: ["complete", "the", "--next", "--top-k", "0", "--checkpoint", run],
-                               "--top-k"),
-    "a path YAML reads as a boolean": (lambda r, c, run, t: ["train", "--data", "yes", "--out", t / "o"],
-                                       "yes does not exist"),
-    "run directory in use": (lambda r, c, run, t: ["train", "--data", c, "--out", _locked_run(t), "--overwrite",
-                                                   *tiny_sets(c)], f"in use by process {os.getpid()}"),
+    "out under a regular file": (
+        lambda r, c, run, t: ["train", "--data", c, "--out", _file(t, "notes.txt", b"x") / "run"],
+        "notes.txt/run: a part of the path is a file",
+    ),
+    "top-k zero with --next": (
+        lambda r, c, run, t: ["complete", "the", "--next", "--top-k", "0", "--checkpoint", run],
+        "--top-k",
+    ),
+    "a path YAML reads as a boolean": (
+        lambda r, c, run, t: ["train", "--data", "yes", "--out", t / "o"],
+        "yes does not exist",
+    ),
+    "run directory in use": (
+        lambda r, c, run, t: ["train", "--data", c, "--out", _locked_run(t), "--overwrite", *tiny_sets(c)],
+        f"in use by process {os.getpid()}",
+    ),
     "unknown option": (lambda r, c, run, t: ["complete", "the", "--no-such-option"], "No such option"),
     # score, serve and export (issue 15)
     "score file missing": (lambda r, c, run, t: ["score", t / "nope.txt", "--checkpoint", run], "does not exist"),
     "score file empty": (lambda r, c, run, t: ["score", _file(t, "empty.txt", b""), "--checkpoint", run], "is empty"),
-    "score file not UTF-8": (lambda r, c, run, t: ["score", _file(t, "bin.txt", b"the cat\n\xff\xfe sat\n"),
-                                                   "--checkpoint", run], "not UTF-8"),
+    "score file not UTF-8": (
+        lambda r, c, run, t: ["score", _file(t, "bin.txt", b"the cat\n\xff\xfe sat\n"), "--checkpoint", run],
+        "not UTF-8",
+    ),
     "score a directory": (lambda r, c, run, t: ["score", t, "--checkpoint", run], "is not a file"),
-    "score checkpoint missing": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint",
-                                                       t / "nothing"], "no checkpoint"),
-    "score precision unknown": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", run,
-                                                      "--precision", "fp8"], "precision"),
+    "score checkpoint missing": (
+        lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", t / "nothing"],
+        "no checkpoint",
+    ),
+    "score precision unknown": (
+        lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", run, "--precision", "fp8"],
+        "precision",
+    ),
     "serve port out of range": (lambda r, c, run, t: ["serve", "--port", "70000", "--checkpoint", run], "--port"),
     "serve checkpoint missing": (lambda r, c, run, t: ["serve", "--checkpoint", t / "nothing"], "no checkpoint"),
     "serve port in use": (lambda r, c, run, t: ["serve", "--port", str(_busy_port()), "--checkpoint", run], "in use"),
-    "export format unknown": (lambda r, c, run, t: ["export", "--format", "tflite", "--checkpoint", run,
-                                                    "--out", t / "m.onnx"], "only onnx"),
+    "export format unknown": (
+        lambda r, c, run, t: ["export", "--format", "tflite", "--checkpoint", run, "--out", t / "m.onnx"],
+        "only onnx",
+    ),
     "export out is a directory": (lambda r, c, run, t: ["export", "--checkpoint", run, "--out", t], "is a directory"),
     # issue 27: untrusted checkpoints
-    "config sizes far above its weights": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
-        run, t, lambda p: _edit_model(p, hidden_size=12000, embedding_size=12000))], "does not fit"),
-    "config a million layers": (lambda r, c, run, t: ["eval", "--checkpoint", _broken(
-        run, t, lambda p: _edit_model(p, num_layers=1_000_000))], "model.num_layers"),
-    "config a billion units": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", _broken(
-        run, t, lambda p: _edit_model(p, hidden_size=10**9, embedding_size=10**9))], "model.hidden_size"),
-    "config nested brackets": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
-        run, t, lambda p: (p / "config.json").write_text("[" * 100_000 + "]" * 100_000))], "not valid JSON"),
-    "weights of another shape": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
-        run, t, lambda p: _edit_model(p, hidden_size=8, embedding_size=8))], "has shape (14, 16), config.json's model needs (14, 8)"),
-    "weights integer-typed": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _integer_weights)],
-                              "dtype I32"),
-    "weights with a NaN (complete)": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _nan_weight)],
-                                      "'rnn.weight_hh_l0' holds 1 values that are not finite"),
-    "weights with a NaN (eval)": (lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, _nan_weight)], "not finite"),
-    "weights with a NaN (score)": (lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint",
-                                                         _broken(run, t, _nan_weight)], "not finite"),
-    "weights with a NaN (serve)": (lambda r, c, run, t: ["serve", "--port", "0", "--checkpoint", _broken(run, t, _nan_weight)],
-                                   "not finite"),
-    "safetensors header lies about its size": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(
-        run, t, lambda p: _edit_header(p, lambda h: h["embedding.weight"].update(shape=[1400, 16])))], "needs"),
+    "config sizes far above its weights": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: _edit_model(p, hidden_size=12000, embedding_size=12000)),
+        ],
+        "does not fit",
+    ),
+    "config a million layers": (
+        lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, lambda p: _edit_model(p, num_layers=1_000_000))],
+        "model.num_layers",
+    ),
+    "config a billion units": (
+        lambda r, c, run, t: [
+            "score",
+            _file(t, "s.txt", b"the cat\n"),
+            "--checkpoint",
+            _broken(run, t, lambda p: _edit_model(p, hidden_size=10**9, embedding_size=10**9)),
+        ],
+        "model.hidden_size",
+    ),
+    "config nested brackets": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: (p / "config.json").write_text("[" * 100_000 + "]" * 100_000)),
+        ],
+        "not valid JSON",
+    ),
+    "weights of another shape": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: _edit_model(p, hidden_size=8, embedding_size=8)),
+        ],
+        "has shape (14, 16), config.json's model needs (14, 8)",
+    ),
+    "weights integer-typed": (
+        lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _integer_weights)],
+        "dtype I32",
+    ),
+    "weights with a NaN (complete)": (
+        lambda r, c, run, t: ["complete", "the", "--checkpoint", _broken(run, t, _nan_weight)],
+        "'rnn.weight_hh_l0' holds 1 values that are not finite",
+    ),
+    "weights with a NaN (eval)": (
+        lambda r, c, run, t: ["eval", "--checkpoint", _broken(run, t, _nan_weight)],
+        "not finite",
+    ),
+    "weights with a NaN (score)": (
+        lambda r, c, run, t: ["score", _file(t, "s.txt", b"the cat\n"), "--checkpoint", _broken(run, t, _nan_weight)],
+        "not finite",
+    ),
+    "weights with a NaN (serve)": (
+        lambda r, c, run, t: ["serve", "--port", "0", "--checkpoint", _broken(run, t, _nan_weight)],
+        "not finite",
+    ),
+    "safetensors header lies about its size": (
+        lambda r, c, run, t: [
+            "complete",
+            "the",
+            "--checkpoint",
+            _broken(run, t, lambda p: _edit_header(p, lambda h: h["embedding.weight"].update(shape=[1400, 16]))),
+        ],
+        "needs",
+    ),
     # non-finite numbers
-    "temperature not a number": (lambda r, c, run, t: ["complete", "the", "--temperature", "nan", "--checkpoint", run],
-                                 "finite"),
-    "temperature infinite": (lambda r, c, run, t: ["complete", "the", "--temperature", "inf", "--checkpoint", run],
-                             "finite"),
+    "temperature not a number": (
+        lambda r, c, run, t: ["complete", "the", "--temperature", "nan", "--checkpoint", run],
+        "finite",
+    ),
+    "temperature infinite": (
+        lambda r, c, run, t: ["complete", "the", "--temperature", "inf", "--checkpoint", run],
+        "finite",
+    ),
     # other people's files
-    "runs/latest a file of the user's": (lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", *tiny_sets(c)]
-                                         if _file(t / _mkdir(t / "runs"), "latest", b"my notes\n") else [],
-                                         "did not write"),
-    "runs/latest a real directory": (lambda r, c, run, t: ["train", "--data", c, "--out", t / "o", *tiny_sets(c)]
-                                     if _mkdir(t / "runs" / "latest") else [], "real directory"),
-    "another tool's checkpoints folder": (lambda r, c, run, t: ["train", "--data", c, "--out", _foreign_run(t), "--overwrite",
-                                                                *tiny_sets(c)], "did not write"),
-    "a run with no validation yet": (lambda r, c, run, t: ["complete", "the", "--checkpoint", _unvalidated(run, t)],
-                                     "no validated checkpoint"),
+    "runs/latest a file of the user's": (
+        lambda r, c, run, t: (
+            ["train", "--data", c, "--out", t / "o", *tiny_sets(c)]
+            if _file(t / _mkdir(t / "runs"), "latest", b"my notes\n")
+            else []
+        ),
+        "did not write",
+    ),
+    "runs/latest a real directory": (
+        lambda r, c, run, t: (
+            ["train", "--data", c, "--out", t / "o", *tiny_sets(c)] if _mkdir(t / "runs" / "latest") else []
+        ),
+        "real directory",
+    ),
+    "another tool's checkpoints folder": (
+        lambda r, c, run, t: ["train", "--data", c, "--out", _foreign_run(t), "--overwrite", *tiny_sets(c)],
+        "did not write",
+    ),
+    "a run with no validation yet": (
+        lambda r, c, run, t: ["complete", "the", "--checkpoint", _unvalidated(run, t)],
+        "no validated checkpoint",
+    ),
     # the API's bounds, through the CLI
-    "eval batch size negative": (lambda r, c, run, t: ["eval", "--batch-size", "-1", "--checkpoint", run], "--batch-size"),
+    "eval batch size negative": (
+        lambda r, c, run, t: ["eval", "--batch-size", "-1", "--checkpoint", run],
+        "--batch-size",
+    ),
     "serve token too short": (lambda r, c, run, t: ["serve", "--token", "abc", "--checkpoint", run], "--token"),
-    "serve token and no token": (lambda r, c, run, t: ["serve", "--token", "abcdefgh12", "--no-token", "--checkpoint", run],
-                                 "choose one"),
+    "serve token and no token": (
+        lambda r, c, run, t: ["serve", "--token", "abcdefgh12", "--no-token", "--checkpoint", run],
+        "choose one",
+    ),
 }
 
 
@@ -277,10 +451,10 @@ def _edit_header(path: Path, edit) -> None:
     """Rewrite model.safetensors' JSON header with `edit(header)`, the data as it was."""
     data = (path / "model.safetensors").read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header).encode()
-    (path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    (path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
 
 
 def _rewrite_weights(path: Path, change) -> None:
@@ -328,6 +502,7 @@ def _busy_port() -> int:
     sock.listen(1)
     _BUSY.append(sock)
     return sock.getsockname()[1]
+
 
 _HELD_LOCKS = []
 
@@ -415,8 +590,9 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_a_run_keeps_the_last_checkpoints_and_the_best(tiny_corpus, tmp_path):
-    cfg = load_config(None, tiny_overrides(tiny_corpus) + ["train.epochs=4", "train.checkpoint_every=5",
-                                                          "train.keep_last=2"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_corpus) + ["train.epochs=4", "train.checkpoint_every=5", "train.keep_last=2"]
+    )
     run = tmp_path / "r"
     summary = train(cfg, run)
     assert summary["steps"] > 4 * 5  # many more saves than are kept
@@ -452,6 +628,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint(saved_run
                 if calls["n"] == point:
                     raise Crash
                 return real(*args, **kwargs)
+
             return op
 
         def fill(folder):
@@ -546,8 +723,9 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_co
     before = _snapshot(run / CHECKPOINTS)
     steps_before = len(step_checkpoints(run))
     _poison(monkeypatch, {3})
-    line = _assert_one_error_line(_run("train", "--resume", "--out", run, "--epochs", "4",
-                                       "--set", "train.log_interval=1"))
+    line = _assert_one_error_line(
+        _run("train", "--resume", "--out", run, "--epochs", "4", "--set", "train.log_interval=1")
+    )
     assert "step" in line and "not a finite" in line and "checkpoint" in line
     assert len(step_checkpoints(run)) == steps_before and _snapshot(run / CHECKPOINTS) == before
     model, _, _ = load_checkpoint(_assert_resumable(run))
@@ -578,10 +756,13 @@ def _saved_state(ckpt: Path) -> dict:
 
 
 @pytest.mark.parametrize("stop_at", [7, 29, 40])  # inside epoch 1, its last step, inside epoch 2
-def test_a_run_stopped_by_ctrl_c_and_resumed_repeats_every_loss_bitwise(tiny_corpus, tmp_path, monkeypatch,
-                                                                         stop_at):
+def test_a_run_stopped_by_ctrl_c_and_resumed_repeats_every_loss_bitwise(tiny_corpus, tmp_path, monkeypatch, stop_at):
     cfg = tiny_overrides(tiny_corpus) + [
-        "train.epochs=3", "train.log_interval=1", "model.dropout=0.3", "train.optimizer=sgd", "train.lr=1.0",
+        "train.epochs=3",
+        "train.log_interval=1",
+        "model.dropout=0.3",
+        "train.optimizer=sgd",
+        "train.lr=1.0",
         "train.seed=7",
     ]
     whole = tmp_path / "whole"
@@ -629,7 +810,11 @@ def _spawn(corpus: Path, run: Path, *extra: str) -> subprocess.Popen:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "lstm_lm", "train", "--data", str(corpus), "--out", str(run), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=run.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=run.parent,
     )
 
 
@@ -722,7 +907,8 @@ def test_random_mutations_of_config_and_header_load_or_give_one_clear_error(save
     header: each loads (and gives finite probabilities) or raises a CheckpointError, in
     well under 10 s and without allocating more than a small multiple of the model."""
     hypothesis = _hypothesis()
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     from lstm_lm import LanguageModel
     from lstm_lm.errors import CheckpointError
@@ -732,30 +918,48 @@ def test_random_mutations_of_config_and_header_load_or_give_one_clear_error(save
     config = json.loads((original / "config.json").read_text())
     weights = (original / "model.safetensors").read_bytes()
     n = int.from_bytes(weights[:8], "little")
-    header, data = json.loads(weights[8:8 + n]), weights[8 + n:]
+    header, data = json.loads(weights[8 : 8 + n]), weights[8 + n :]
     model_bytes = len(weights)
 
     sizes = st.one_of(st.integers(-3, 40), st.integers(10**3, 10**12), st.sampled_from([0, 1, 2, 16, 14, 64]))
-    junk = st.recursive(st.one_of(st.none(), st.booleans(), sizes, st.floats(allow_nan=True), st.text(max_size=5)),
-                        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
-                        max_leaves=8)
-    config_keys = ["hidden_size", "embedding_size", "num_layers", "hidden_sizes", "cell", "softmax", "cutoffs",
-                   "tie_weights", "impl", "div_value"]
-    config_edit = st.tuples(st.sampled_from(["model", "top"]),
-                            st.sampled_from(config_keys + ["vocab_size", "format_version", "measured"]),
-                            st.one_of(junk, sizes, st.lists(sizes, max_size=4)))
+    junk = st.recursive(
+        st.one_of(st.none(), st.booleans(), sizes, st.floats(allow_nan=True), st.text(max_size=5)),
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+        max_leaves=8,
+    )
+    config_keys = [
+        "hidden_size",
+        "embedding_size",
+        "num_layers",
+        "hidden_sizes",
+        "cell",
+        "softmax",
+        "cutoffs",
+        "tie_weights",
+        "impl",
+        "div_value",
+    ]
+    config_edit = st.tuples(
+        st.sampled_from(["model", "top"]),
+        st.sampled_from(config_keys + ["vocab_size", "format_version", "measured"]),
+        st.one_of(junk, sizes, st.lists(sizes, max_size=4)),
+    )
     tensor_names = sorted(header)
-    header_edit = st.tuples(st.sampled_from(tensor_names), st.sampled_from(["shape", "dtype", "data_offsets", "extra"]),
-                            st.one_of(junk, st.lists(sizes, max_size=3), st.sampled_from(
-                                ["F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3"])))
+    header_edit = st.tuples(
+        st.sampled_from(tensor_names),
+        st.sampled_from(["shape", "dtype", "data_offsets", "extra"]),
+        st.one_of(
+            junk, st.lists(sizes, max_size=3), st.sampled_from(["F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3"])
+        ),
+    )
     nesting = st.integers(0, 3000)
-    edits = st.tuples(st.lists(config_edit, max_size=3), st.lists(header_edit, max_size=2), nesting,
-                      st.booleans())
+    edits = st.tuples(st.lists(config_edit, max_size=3), st.lists(header_edit, max_size=2), nesting, st.booleans())
     count = {"n": 0}
     memory = _peak_rss_reset()
 
-    @settings(max_examples=300, deadline=10_000, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=300, deadline=10_000, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(edits)
     def load_mutated(edit):
         config_edits, header_edits, depth, nest_config = edit
@@ -842,8 +1046,9 @@ def test_a_safetensors_error_while_saving_is_one_error_line(tiny_corpus, tmp_pat
     before = _snapshot(run / CHECKPOINTS)
 
     def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                              "message: \"No space left on device\" })")
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(ckpt_mod, "save_file", full)
     line = _assert_one_error_line(_run("train", "--resume", "--out", run, "--epochs", "3"))
@@ -857,8 +1062,13 @@ def small_tmpfs(tmp_path):
     """A 256 KB file system (root can mount a tmpfs); skipped where it cannot be mounted."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mount
@@ -866,10 +1076,17 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_really_full_disk_stops_training_with_one_line_and_the_run_resumes_exactly(tiny_corpus, tmp_path,
-                                                                                      small_tmpfs):
-    sets = tiny_sets(tiny_corpus, "train.epochs=3",
-                     "train.log_interval=1", "train.checkpoint_every=3", "train.keep_last=3", "train.seed=3")
+def test_a_really_full_disk_stops_training_with_one_line_and_the_run_resumes_exactly(
+    tiny_corpus, tmp_path, small_tmpfs
+):
+    sets = tiny_sets(
+        tiny_corpus,
+        "train.epochs=3",
+        "train.log_interval=1",
+        "train.checkpoint_every=3",
+        "train.keep_last=3",
+        "train.seed=3",
+    )
     run = small_tmpfs / "run"
     line = _assert_one_error_line(_run("train", "--data", tiny_corpus, "--out", run, *sets))
     assert "disk is full" in line and "unchanged" in line, line
@@ -900,22 +1117,34 @@ def test_export_and_pictures_onto_a_full_disk_are_one_error_line(saved_run, smal
 
 
 def _lstm_lm(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lstm_lm", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "lstm_lm", *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 def test_results_onto_a_full_or_closed_stdout_are_one_error_line(saved_run, tmp_path):
     _, corpus, run = saved_run
     for command in (["score", corpus / "test.txt"],):
         with open("/dev/full", "w") as full:
-            proc = subprocess.run([sys.executable, "-m", "lstm_lm", *map(str, command), "--checkpoint", str(run)],
-                                  stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "-m", "lstm_lm", *map(str, command), "--checkpoint", str(run)],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
         assert proc.returncode == 1, proc.stderr
         assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
-            "error: could not write the results to stdout: the disk is full"], proc.stderr
+            "error: could not write the results to stdout: the disk is full"
+        ], proc.stderr
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
-    closed = subprocess.run(f"exec {shlex.quote(sys.executable)} -m lstm_lm score {corpus / 'test.txt'} "
-                            f"--checkpoint {run} >&-", shell=True, capture_output=True, text=True, timeout=120)
+    closed = subprocess.run(
+        f"exec {shlex.quote(sys.executable)} -m lstm_lm score {corpus / 'test.txt'} --checkpoint {run} >&-",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert closed.returncode == 1 and "error: stdout is closed" in closed.stderr and "Traceback" not in closed.stderr
 
 
@@ -960,18 +1189,44 @@ def test_a_run_made_before_the_marker_still_resumes(tiny_corpus, tmp_path):
 
 # Each row: the command line, the same call through the API, and the message both must give.
 BAD_ARGUMENTS = [
-    (["complete", "the", "--words", "0"], lambda lm: lm.complete("the", words=0), "words (--words): must be in [1, 1000]"),
-    (["complete", "the", "--temperature", "-1"], lambda lm: lm.complete("the", temperature=-1.0),
-     "temperature (--temperature): must be at least 0"),
-    (["complete", "the", "--temperature", "nan"], lambda lm: lm.complete("the", temperature=float("nan")),
-     "must be a finite number"),
-    (["complete", "the", "--top-p", "1.5"], lambda lm: lm.complete("the", top_p=1.5), "top_p (--top-p): must be in (0, 1]"),
+    (
+        ["complete", "the", "--words", "0"],
+        lambda lm: lm.complete("the", words=0),
+        "words (--words): must be in [1, 1000]",
+    ),
+    (
+        ["complete", "the", "--temperature", "-1"],
+        lambda lm: lm.complete("the", temperature=-1.0),
+        "temperature (--temperature): must be at least 0",
+    ),
+    (
+        ["complete", "the", "--temperature", "nan"],
+        lambda lm: lm.complete("the", temperature=float("nan")),
+        "must be a finite number",
+    ),
+    (
+        ["complete", "the", "--top-p", "1.5"],
+        lambda lm: lm.complete("the", top_p=1.5),
+        "top_p (--top-p): must be in (0, 1]",
+    ),
     (["complete", "the", "--top-p", "0"], lambda lm: lm.complete("the", top_p=0.0), "top_p (--top-p)"),
-    (["complete", "the", "--top-k", "0"], lambda lm: lm.complete("the", top_k=0), "top_k (--top-k): must be at least 1"),
+    (
+        ["complete", "the", "--top-k", "0"],
+        lambda lm: lm.complete("the", top_k=0),
+        "top_k (--top-k): must be at least 1",
+    ),
     (["complete", "the", "--seed", "-5"], lambda lm: lm.complete("the", seed=-5), "seed (--seed)"),
-    (["complete", "the", "--next", "--top-k", "0"], lambda lm: lm.next_words("the", k=0), "k (--top-k): must be in [1, 1000]"),
+    (
+        ["complete", "the", "--next", "--top-k", "0"],
+        lambda lm: lm.next_words("the", k=0),
+        "k (--top-k): must be in [1, 1000]",
+    ),
     (["complete", "the", "--next", "--top-k", "5000"], lambda lm: lm.next_words("the", k=5000), "k (--top-k)"),
-    (["eval", "--batch-size", "0"], lambda lm: lm.evaluate(batch_size=0), "batch_size (--batch-size): must be at least 1"),
+    (
+        ["eval", "--batch-size", "0"],
+        lambda lm: lm.evaluate(batch_size=0),
+        "batch_size (--batch-size): must be at least 1",
+    ),
     (["eval", "--batch-size", "-1"], lambda lm: lm.evaluate(batch_size=-1), "batch_size (--batch-size)"),
     (["eval", "--split", "train"], lambda lm: lm.evaluate("train"), "split (--split): must be one of test, valid"),
     (["inspect", "the", "--layer", "0"], lambda lm: lm.trace("the", layer=0), "layer (--layer): must be at least 1"),
@@ -1013,8 +1268,7 @@ def test_one_table_of_bad_arguments_gets_the_same_error_from_the_cli_and_the_api
 
 
 def test_a_long_text_scored_in_windows_equals_the_text_read_whole(saved_run, monkeypatch):
-    from lstm_lm import LanguageModel
-    from lstm_lm import scoring
+    from lstm_lm import LanguageModel, scoring
 
     _, _, run = saved_run
     lm = LanguageModel.load(run)
@@ -1035,10 +1289,12 @@ def test_score_reads_a_line_of_any_length_in_bounded_memory_and_scores_the_other
     words = ("the cat sat on the mat " * 270_000).strip()  # 1.6M tokens, 6 MB on one line
     f = tmp_path / "long.txt"
     f.write_text("the dog sat\n" + words + "\nthe bird sang\n")
-    probe = ("import resource, runpy, sys; sys.argv = ['lstm-lm', 'score', sys.argv[1], '--checkpoint', sys.argv[2]]\n"
-             "try:\n    runpy.run_module('lstm_lm', run_name='__main__')\nfinally:\n"
-             "    peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-             "    print(peak.strip(), file=sys.stderr)\n")
+    probe = (
+        "import resource, runpy, sys; sys.argv = ['lstm-lm', 'score', sys.argv[1], '--checkpoint', sys.argv[2]]\n"
+        "try:\n    runpy.run_module('lstm_lm', run_name='__main__')\nfinally:\n"
+        "    peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "    print(peak.strip(), file=sys.stderr)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", probe, str(f), str(run)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -1071,9 +1327,14 @@ def test_the_server_answers_4xx_to_any_number_and_bounds_its_answers(saved_run):
     greedy = client.post("/v1/complete", json={"prompt": "the cat", "words": 6}).json()["completion"]
     r = client.post("/v1/complete", json={"prompt": "the cat", "words": 6, "temperature": 1e-45, "seed": 3})
     assert r.status_code == 200 and r.json()["completion"] == greedy
-    for body in (b'{"prompt": "the", "temperature": NaN}', b'{"prompt": "the", "temperature": Infinity}',
-                 b'{"prompt": "the", "temperature": -1e-300}', b'{"prompt": "the", "top_p": NaN}',
-                 b'{"prompt": "the", "seed": 1e400}', b'{"prompt": "the", "words": 1e308}'):
+    for body in (
+        b'{"prompt": "the", "temperature": NaN}',
+        b'{"prompt": "the", "temperature": Infinity}',
+        b'{"prompt": "the", "temperature": -1e-300}',
+        b'{"prompt": "the", "top_p": NaN}',
+        b'{"prompt": "the", "seed": 1e400}',
+        b'{"prompt": "the", "words": 1e308}',
+    ):
         r = client.post("/v1/complete", content=body, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500 and "error" in r.json(), (body, r.status_code, r.text)
     # /v1/score: at most MAX_SCORE_TOKENS tokens a request, and what is allowed answers in a bounded size
@@ -1085,8 +1346,10 @@ def test_the_server_answers_4xx_to_any_number_and_bounds_its_answers(saved_run):
     assert r.status_code == 400 and "limit per request" in r.json()["error"]
     # /v1/trace: at most MAX_TRACE_TOKENS tokens, its largest answer bounded
     longest = " ".join(["the cat sat on the mat"] * 40).split()[:MAX_TRACE_TOKENS]
-    r = client.post("/v1/trace", json={"prompt": " ".join(longest), "top_k": 20, "units": 64,
-                                       "swap": {"word": "cat", "other": "dog"}})
+    r = client.post(
+        "/v1/trace",
+        json={"prompt": " ".join(longest), "top_k": 20, "units": 64, "swap": {"word": "cat", "other": "dog"}},
+    )
     assert r.status_code == 200 and len(r.content) < 2_000_000, len(r.content)
     r = client.post("/v1/trace", json={"prompt": " ".join(longest + ["the"])})
     assert r.status_code == 400 and f"at most {MAX_TRACE_TOKENS}" in r.json()["error"]
@@ -1135,8 +1398,12 @@ def test_a_light_request_waits_for_one_slice_of_a_heavy_one_not_for_all_of_it(sa
 
 
 def _serve(run, *args):
-    proc = subprocess.Popen([sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(run), "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(run), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     while not lines or not lines[-1].startswith("serving"):
         lines.append(proc.stderr.readline())
@@ -1207,15 +1474,55 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
     port, rdzv_id = _free_port(), f"r{random.randrange(10**9)}"
     agents = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
-               "--rdzv-conf", f"is_host={int(node == 0)}", "--log-dir", str(run.parent / f"logs-{run.name}-{node}"),
-               "--redirects", "3", "-m", "lstm_lm", "train", "--data", str(corpus), "--out", str(run), *args]
-        agents.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                       cwd=run.parent, start_new_session=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            rdzv_id,
+            "--rdzv-conf",
+            f"is_host={int(node == 0)}",
+            "--log-dir",
+            str(run.parent / f"logs-{run.name}-{node}"),
+            "--redirects",
+            "3",
+            "-m",
+            "lstm_lm",
+            "train",
+            "--data",
+            str(corpus),
+            "--out",
+            str(run),
+            *args,
+        ]
+        agents.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=run.parent,
+                start_new_session=True,
+            )
+        )
     if kill_after_steps is not None:
-        _wait_for(lambda: (run / STEPS).is_file() and len((run / STEPS).read_text().splitlines()) > kill_after_steps
-                  and last_checkpoint(run) is not None, timeout=120)
+        _wait_for(
+            lambda: (
+                (run / STEPS).is_file()
+                and len((run / STEPS).read_text().splitlines()) > kill_after_steps
+                and last_checkpoint(run) is not None
+            ),
+            timeout=120,
+        )
         worker = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout.split()
         os.kill(int(worker[0]), signal.SIGKILL)
     codes = [a.wait(timeout=180) for a in agents]
@@ -1227,8 +1534,22 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
 
 def _standalone(corpus: Path, run: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lstm_lm", "train", "--data", str(corpus), "--out", str(run), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lstm_lm",
+        "train",
+        "--data",
+        str(corpus),
+        "--out",
+        str(run),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run.parent, timeout=180)
 
 

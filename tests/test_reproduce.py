@@ -8,8 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_ptb.sh"
-pytestmark = pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "lstm-lm").exists(),
-                                reason="the script runs .venv/bin/lstm-lm (bash scripts/setup.sh makes it)")
+pytestmark = pytest.mark.skipif(
+    not (ROOT / ".venv" / "bin" / "lstm-lm").exists(),
+    reason="the script runs .venv/bin/lstm-lm (bash scripts/setup.sh makes it)",
+)
 
 
 def _run(*args):

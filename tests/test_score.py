@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import tiny_sets
 from typer.testing import CliRunner
 
-from conftest import tiny_sets
 from lstm_lm.cli import app
 
 runner = CliRunner()

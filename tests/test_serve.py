@@ -36,16 +36,24 @@ def test_next_complete_score_trace_model_health(client):
     words = client.post("/v1/next", json={"prompt": SEED_PROMPT, "k": 3}).json()["words"]
     assert words[0]["word"] == SEED_ANSWER and words[0]["p"] > 0.5 and len(words) == 3
     assert client.post("/v1/complete", json={"prompt": SEED_PROMPT}).json() == {"completion": f"{SEED_ANSWER}."}
-    sampled = [client.post("/v1/complete", json={"prompt": "My name is", "temperature": 1.0, "top_p": 0.9,
-                                                 "seed": 5, "words": 5}).json() for _ in range(2)]
+    sampled = [
+        client.post(
+            "/v1/complete", json={"prompt": "My name is", "temperature": 1.0, "top_p": 0.9, "seed": 5, "words": 5}
+        ).json()
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
-    results = client.post("/v1/score", json={"texts": [SEED_PROMPT + " Tamil.", ""], "per_token": True}).json()["results"]
+    results = client.post("/v1/score", json={"texts": [SEED_PROMPT + " Tamil.", ""], "per_token": True}).json()[
+        "results"
+    ]
     assert results[0]["tokens"] == 15 and results[0]["logprob"] < 0 and results[1]["tokens"] == 1
     assert len(results[0]["token_logprobs"]) == 15
     trace = client.post("/v1/trace", json={"prompt": SEED_PROMPT, "units": 4}).json()
     assert trace["tokens"][-1] == "speak" and set(trace["gates"]) == {"forget", "input", "output"}
     assert len(trace["gates"]["input"]["values"][0]) == 4 and len(trace["norms"]["c"]) == len(trace["tokens"])
-    swap = client.post("/v1/trace", json={"prompt": SEED_PROMPT, "swap": {"word": "Tamilnadu", "other": "Kerala"}}).json()
+    swap = client.post(
+        "/v1/trace", json={"prompt": SEED_PROMPT, "swap": {"word": "Tamilnadu", "other": "Kerala"}}
+    ).json()
     at = swap["tokens"].index("Tamilnadu")
     assert max(swap["swap"]["distance"][:at]) == 0 and min(swap["swap"]["distance"][at:]) > 1  # written, and kept
     assert swap["swap"]["guesses"][0][0] == "Malayalam"
@@ -85,7 +93,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("method,path,body,status,message", BAD_REQUESTS, ids=[f"{r[1]}-{r[4][:24]}" for r in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "method,path,body,status,message", BAD_REQUESTS, ids=[f"{r[1]}-{r[4][:24]}" for r in BAD_REQUESTS]
+)
 def test_a_bad_request_gets_a_4xx_and_a_json_error(client, method, path, body, status, message):
     if isinstance(body, bytes):
         r = client.request(method, path, content=body, headers={"content-type": "application/json"})
@@ -108,8 +118,12 @@ def test_a_chunked_body_over_the_limit_is_refused(client):
 
 
 def test_many_clients_at_once_get_the_answers_one_client_gets(client):
-    prompts = [SEED_PROMPT, "I am from Kerala and I speak", "My name is Maria, I am from France and I speak",
-               "I am from Punjab and I speak"]
+    prompts = [
+        SEED_PROMPT,
+        "I am from Kerala and I speak",
+        "My name is Maria, I am from France and I speak",
+        "I am from Punjab and I speak",
+    ]
     want = {p: client.post("/v1/next", json={"prompt": p, "k": 2}).json() for p in prompts}
     got, errors = [], []
 
@@ -170,8 +184,12 @@ def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, demo_run):
 @pytest.fixture(scope="module")
 def server(demo_run):
     """`lstm-lm serve --port 0` in its own process; yields its base URL and the process."""
-    proc = subprocess.Popen([sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(demo_run), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(demo_run), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stderr.readline()
     match = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
     assert match, line + proc.stderr.read()
@@ -210,9 +228,18 @@ def test_the_web_page_suggests_tamil_and_draws_the_gates(server, tmp_path):
         pytest.skip("no Chromium and ChromeDriver (Debian: apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1250"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1100,1250",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     wait = WebDriverWait(driver, 20)
@@ -248,8 +275,11 @@ def test_sigterm_stops_the_server_cleanly(server):
 
 
 def test_ctrl_c_stops_the_server_cleanly(demo_run):
-    proc = subprocess.Popen([sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(demo_run), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstm_lm", "serve", "--checkpoint", str(demo_run), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert "serving" in proc.stderr.readline()
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 0

@@ -5,14 +5,14 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID, tiny_overrides
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint
-from lstm_lm.rundir import last_checkpoint
+from lstm_lm.clock import Clock
 from lstm_lm.config import load_config
 from lstm_lm.errors import ConfigError, DataError, TrainingError
-from lstm_lm.clock import Clock
+from lstm_lm.rundir import last_checkpoint
 from lstm_lm.train import train
 
 
@@ -29,9 +29,18 @@ def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
     assert records[-1]["val_ppl"] < 4
     assert summary["best_valid_perplexity"] == pytest.approx(min(r["val_ppl"] for r in records))
     assert summary["test_perplexity"] is not None and summary["steps"] == records[-1]["step"]
-    assert sorted(p.name for p in run.iterdir()) == [".lstm-lm-run", "best", "checkpoints", "metrics.jsonl", "steps.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lstm-lm-run",
+        "best",
+        "checkpoints",
+        "metrics.jsonl",
+        "steps.jsonl",
+    ]
     assert sorted(p.name for p in resolve_checkpoint(run).iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "training_state.safetensors",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_state.safetensors",
     ]
     latest = tmp_path / "runs" / "latest"
     assert latest.resolve() == run.resolve()
@@ -87,14 +96,27 @@ def test_max_steps_stops_mid_epoch(tiny_corpus, tmp_path):
     assert summary["steps"] == 5
 
 
-AWD_OPTIONS = ("model.weight_drop=0.3", "model.locked_dropout=true", "model.dropout_embedding=0.1",
-               "train.variable_bptt=true", "train.nt_asgd=true", "train.nonmono=1", "train.ar=1", "train.tar=1",
-               "train.schedule=constant")
+AWD_OPTIONS = (
+    "model.weight_drop=0.3",
+    "model.locked_dropout=true",
+    "model.dropout_embedding=0.1",
+    "train.variable_bptt=true",
+    "train.nt_asgd=true",
+    "train.nonmono=1",
+    "train.ar=1",
+    "train.tar=1",
+    "train.schedule=constant",
+)
 
 
-@pytest.mark.parametrize("optimizer, dropout, options", [
-    ("adamw", "0.0", ()), ("sgd", "0.3", ()), ("sgd", "0.3", AWD_OPTIONS),
-])
+@pytest.mark.parametrize(
+    "optimizer, dropout, options",
+    [
+        ("adamw", "0.0", ()),
+        ("sgd", "0.3", ()),
+        ("sgd", "0.3", AWD_OPTIONS),
+    ],
+)
 def test_resume_continues_the_same_run(tiny_corpus, tmp_path, optimizer, dropout, options):
     """Stopped after 7 steps (mid-epoch) and resumed = never stopped: same weights, same losses."""
     extra = [f"train.optimizer={optimizer}", f"model.dropout={dropout}", "train.epochs=3", "train.lr=0.5", *options]
@@ -141,7 +163,10 @@ def test_bf16_training_learns_as_well_as_float32(tiny_corpus, tmp_path):
     for precision in ("fp32", "bf16"):
         summary = train(_cfg(tiny_corpus, "train.epochs=3", f"train.precision={precision}"), tmp_path / precision)
         results[precision] = summary["best_valid_perplexity"]
-        assert json.loads((resolve_checkpoint(tmp_path / precision) / "config.json").read_text())["train"]["precision"] == precision
+        assert (
+            json.loads((resolve_checkpoint(tmp_path / precision) / "config.json").read_text())["train"]["precision"]
+            == precision
+        )
     assert results["bf16"] < 4 and results["fp32"] < 4
     assert results["bf16"] == pytest.approx(results["fp32"], rel=0.05)
     assert results["bf16"] != results["fp32"]  # bf16 really ran
@@ -173,8 +198,18 @@ def test_nt_asgd_evaluates_and_saves_the_averaged_weights(tiny_corpus, tmp_path,
 
     monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
     run = tmp_path / "r"
-    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=0.5", "train.epochs=5", "train.nt_asgd=true",
-               "train.nonmono=1", "train.schedule=constant"), run)
+    train(
+        _cfg(
+            tiny_corpus,
+            "train.optimizer=sgd",
+            "train.lr=0.5",
+            "train.epochs=5",
+            "train.nt_asgd=true",
+            "train.nonmono=1",
+            "train.schedule=constant",
+        ),
+        run,
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["averaged"] for r in records] == [False, False, False, False, True]
     assert [r["lr"] for r in records] == [0.5] * 5  # no plateau decay while averaging
@@ -190,8 +225,17 @@ def test_nt_asgd_evaluates_and_saves_the_averaged_weights(tiny_corpus, tmp_path,
 
 def test_time_budget_ends_the_run_inside_it_with_a_validation_and_a_test(tiny_corpus, tmp_path):
     budget_s = 4.0
-    summary = train(_cfg(tiny_corpus, "train.epochs=100000", f"train.time_budget={budget_s / 60}",
-                         "train.schedule=cosine", "train.optimizer=sgd", "train.lr=1.0"), tmp_path / "r")
+    summary = train(
+        _cfg(
+            tiny_corpus,
+            "train.epochs=100000",
+            f"train.time_budget={budget_s / 60}",
+            "train.schedule=cosine",
+            "train.optimizer=sgd",
+            "train.lr=1.0",
+        ),
+        tmp_path / "r",
+    )
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) > 3 and summary["test_perplexity"] is not None
     assert records[-1]["elapsed_s"] <= budget_s
@@ -209,8 +253,9 @@ def test_a_budget_shorter_than_an_epoch_still_keeps_time_for_the_final_evaluatio
     for name, lines in (("train", TINY_TRAIN * 600), ("valid", TINY_VALID * 150), ("test", TINY_TEST * 150)):
         (d / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     budget_s = 8.0  # the machine's speed drifts: room for a slow moment, still short of an epoch
-    summary = train(_cfg(d, "train.epochs=1", f"train.time_budget={budget_s / 60}", "train.log_interval=5"),
-                    tmp_path / "r")
+    summary = train(
+        _cfg(d, "train.epochs=1", f"train.time_budget={budget_s / 60}", "train.log_interval=5"), tmp_path / "r"
+    )
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and not records[0]["complete_epoch"]  # stopped inside epoch 1
     assert summary["test_perplexity"] is not None
@@ -234,8 +279,18 @@ def test_clock_keeps_the_timed_evaluation_free_and_plans_the_schedule_without_it
 
 
 def test_cosine_over_epochs_anneals_to_min_lr(tiny_corpus, tmp_path):
-    train(_cfg(tiny_corpus, "train.epochs=4", "train.schedule=cosine", "train.optimizer=sgd", "train.lr=1.0",
-               "train.min_lr=0.1", "train.warmup_steps=3"), tmp_path / "r")
+    train(
+        _cfg(
+            tiny_corpus,
+            "train.epochs=4",
+            "train.schedule=cosine",
+            "train.optimizer=sgd",
+            "train.lr=1.0",
+            "train.min_lr=0.1",
+            "train.warmup_steps=3",
+        ),
+        tmp_path / "r",
+    )
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] < 1.0 and all(a > b for a, b in zip(lrs, lrs[1:]))
     assert lrs[-1] == pytest.approx(0.1, abs=0.02)
@@ -259,8 +314,18 @@ def test_variable_bptt_draws_lengths_around_bptt_and_covers_each_epoch(tiny_corp
 
 
 def test_exponential_schedule_divides_after_every_epoch_from_decay_start(tiny_corpus, tmp_path):
-    train(_cfg(tiny_corpus, "train.epochs=5", "train.schedule=exponential", "train.optimizer=sgd", "train.lr=1.0",
-               "train.lr_decay=2", "train.decay_start=2"), tmp_path / "r")
+    train(
+        _cfg(
+            tiny_corpus,
+            "train.epochs=5",
+            "train.schedule=exponential",
+            "train.optimizer=sgd",
+            "train.lr=1.0",
+            "train.lr_decay=2",
+            "train.decay_start=2",
+        ),
+        tmp_path / "r",
+    )
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [1.0, 1.0, 0.5, 0.25, 0.125]
 
@@ -271,8 +336,9 @@ def test_tensorboard_logger_writes_the_same_records_as_the_jsonl_logs(tiny_corpu
 
     run = tmp_path / "r"
     train(_cfg(tiny_corpus, "train.logger=tensorboard", "train.log_interval=5", "train.max_steps=20"), run)
-    train(_cfg(tiny_corpus, "train.logger=tensorboard", "train.log_interval=5", "train.max_steps=40"), run,
-          resume=True)  # the resumed run appends to the same event files' history
+    train(
+        _cfg(tiny_corpus, "train.logger=tensorboard", "train.log_interval=5", "train.max_steps=40"), run, resume=True
+    )  # the resumed run appends to the same event files' history
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
@@ -303,10 +369,22 @@ def test_tensorboard_logger_without_tensorboard_is_refused_before_any_work(tiny_
 
 def test_plain_loss_path_trains_like_the_fused_one(tiny_corpus, tmp_path):
     """train.loss_impl picks the output layer's path; both give the same run to rounding."""
-    runs = {impl: train(_cfg(tiny_corpus, "train.max_steps=6", "train.log_interval=1", f"train.loss_impl={impl}",
-                             "train.precision=fp32"), tmp_path / impl)
-            for impl in ("fused", "plain")}
-    losses = {impl: [json.loads(line)["loss"] for line in (tmp_path / impl / "steps.jsonl").read_text().splitlines()]
-              for impl in runs}
+    runs = {
+        impl: train(
+            _cfg(
+                tiny_corpus,
+                "train.max_steps=6",
+                "train.log_interval=1",
+                f"train.loss_impl={impl}",
+                "train.precision=fp32",
+            ),
+            tmp_path / impl,
+        )
+        for impl in ("fused", "plain")
+    }
+    losses = {
+        impl: [json.loads(line)["loss"] for line in (tmp_path / impl / "steps.jsonl").read_text().splitlines()]
+        for impl in runs
+    }
     assert len(losses["fused"]) == 6
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)

@@ -16,12 +16,15 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert utils.cpu_flags.__wrapped__(str(tmp_path / "missing")) == frozenset()
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"avx512f", "avx512_bf16"}, "bf16"),  # Cooper Lake, Zen 4 and later
-    ({"amx_bf16", "amx_tile"}, "bf16"),  # Sapphire Rapids and later
-    ({"avx2", "avx512f"}, "fp32"),  # bf16 would be emulated: slower than float32
-    (set(), "fp32"),  # not Linux, or no flags
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx512f", "avx512_bf16"}, "bf16"),  # Cooper Lake, Zen 4 and later
+        ({"amx_bf16", "amx_tile"}, "bf16"),  # Sapphire Rapids and later
+        ({"avx2", "avx512f"}, "fp32"),  # bf16 would be emulated: slower than float32
+        (set(), "fp32"),  # not Linux, or no flags
+    ],
+)
 def test_auto_picks_bf16_only_where_the_cpu_does_it_natively(monkeypatch, flags, expected):
     monkeypatch.setattr(utils, "cpu_flags", lambda: frozenset(flags))
     assert utils.pick_precision("auto", torch.device("cpu")) == expected

@@ -34,7 +34,9 @@ _NOT_CELLS = {"base"}
 
 @cache
 def _modules() -> tuple[str, ...]:
-    return tuple(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_CELLS and not m.name.startswith("_"))
+    return tuple(
+        m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_CELLS and not m.name.startswith("_")
+    )
 
 
 @cache

@@ -113,8 +113,9 @@ class Cell:
         """The weights the fused kernel takes for this layer."""
         return list(p.values())
 
-    def fused(self, x: Tensor, stacks: LayerState, weights: list[Tensor], num_layers: int, dropout: float,
-              training: bool) -> tuple[Tensor, LayerState]:
+    def fused(
+        self, x: Tensor, stacks: LayerState, weights: list[Tensor], num_layers: int, dropout: float, training: bool
+    ) -> tuple[Tensor, LayerState]:
         """`kernel` over `num_layers` layers; `stacks` holds (L, B, size) per state name."""
         hx = stacks if len(stacks) > 1 else stacks[0]
         out, *new = self.kernel(x, hx, weights, True, num_layers, dropout, training, False, False)

@@ -22,8 +22,10 @@ class CIFG(LSTM):
     """input gate = 1 - forget gate; with proj_size, projected as LSTMP."""
 
     name = "cifg"
-    citation = ("Greff et al., LSTM: a search space odyssey, IEEE TNNLS 2017; Hard et al., Federated learning "
-                "for mobile keyboard prediction, 2018")
+    citation = (
+        "Greff et al., LSTM: a search space odyssey, IEEE TNNLS 2017; Hard et al., Federated learning "
+        "for mobile keyboard prediction, 2018"
+    )
     summary = "LSTM with a coupled input-forget gate (input = 1 - forget), the cell of Gboard's next-word model"
     title = "the CIFG LSTM: its gates (input = 1 - forget) and memory c"
     order, colour = 30, "#9467bd"
@@ -45,6 +47,7 @@ class CIFG(LSTM):
     def kernel_weights(self, p: Params) -> list[Tensor]:
         """The LSTM's four blocks (input, forget, candidate, output): input = -forget, so
         that sigmoid(input) = 1 - sigmoid(forget)."""
+
         def expand(w: Tensor) -> Tensor:
             f, g, o = w.chunk(3, dim=0)
             return torch.cat([-f, f, g, o])

@@ -15,8 +15,10 @@ class GRU(Cell):
     Parameters in torch.nn.GRU's order: reset, update, candidate (3 blocks of H rows)."""
 
     name = "gru"
-    citation = ("Cho et al., Learning phrase representations using RNN encoder-decoder for statistical "
-                "machine translation, EMNLP 2014")
+    citation = (
+        "Cho et al., Learning phrase representations using RNN encoder-decoder for statistical "
+        "machine translation, EMNLP 2014"
+    )
     summary = "gated recurrent unit: reset and update gates, no separate memory cell"
     title = "the GRU: its gates and state h"
     order, colour = 10, "#2ca02c"

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from lstm_lm.cells.base import Cell, LayerState, Params, TorchLayer
 
 
-def memory_update(forget_gate: Tensor, input_gate: Tensor, candidate: Tensor, output_logit: Tensor, c: Tensor,
-                  record: dict | None) -> tuple[Tensor, Tensor]:
+def memory_update(
+    forget_gate: Tensor, input_gate: Tensor, candidate: Tensor, output_logit: Tensor, c: Tensor, record: dict | None
+) -> tuple[Tensor, Tensor]:
     """The LSTM's memory lines, shared by the LSTM family: keep some, write some, expose some."""
     c = forget_gate * c + input_gate * candidate  # cell update: keep some of the old memory, write some new
     output_gate = torch.sigmoid(output_logit)  # how much of the memory to expose
@@ -34,9 +35,11 @@ class LSTM(Cell):
     """The LSTM; with proj_size P < H, h is projected to P units after the output gate (LSTMP)."""
 
     name = "lstm"
-    citation = ("Hochreiter & Schmidhuber, Long short-term memory, Neural Computation 1997; Gers et al., "
-                "Learning to forget, Neural Computation 2000; LSTMP: Sak et al., Long short-term memory "
-                "recurrent neural network architectures for large scale acoustic modeling, Interspeech 2014")
+    citation = (
+        "Hochreiter & Schmidhuber, Long short-term memory, Neural Computation 1997; Gers et al., "
+        "Learning to forget, Neural Computation 2000; LSTMP: Sak et al., Long short-term memory "
+        "recurrent neural network architectures for large scale acoustic modeling, Interspeech 2014"
+    )
     summary = "long short-term memory: forget, input and output gates around a memory cell c (model.proj_size: LSTMP)"
     title = "the LSTM: its gates and memory c"
     order, colour = 20, "#1f77b4"
@@ -79,8 +82,9 @@ class LSTM(Cell):
         h, c = memory_update(forget_gate, input_gate, candidate, o, c, record)
         return self.project(h, p), c
 
-    def fused(self, x: Tensor, stacks: LayerState, weights: list[Tensor], num_layers: int, dropout: float,
-              training: bool) -> tuple[Tensor, LayerState]:
+    def fused(
+        self, x: Tensor, stacks: LayerState, weights: list[Tensor], num_layers: int, dropout: float, training: bool
+    ) -> tuple[Tensor, LayerState]:
         if not self.proj_size:
             return super().fused(x, stacks, weights, num_layers, dropout, training)
         with warnings.catch_warnings():  # oneDNN has no projection; ATen's own kernel runs it, as it says
@@ -93,8 +97,18 @@ class LSTM(Cell):
         return TorchLayer(nn.LSTM(self.input_size, self.hidden_size), self.kernel_weights(p))
 
 
-def lstm_loop(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor, w_hr: Tensor,
-              q: Tensor, r: Tensor, rounds: int):
+def lstm_loop(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b: Tensor,
+    w_hr: Tensor,
+    q: Tensor,
+    r: Tensor,
+    rounds: int,
+):
     """The LSTM family's step loop in TorchScript, which torch.onnx writes as an ONNX Loop
     over time: the projection when w_hr has rows, the Mogrifier's rounds (q, r stacked)."""
     outputs = []
@@ -119,14 +133,21 @@ class LSTMLoop(nn.Module):
 
     _scripted = None
 
-    def __init__(self, weights: list[Tensor], proj_size: int, q: Tensor | None = None, r: Tensor | None = None,
-                 rounds: int = 0):
+    def __init__(
+        self, weights: list[Tensor], proj_size: int, q: Tensor | None = None, r: Tensor | None = None, rounds: int = 0
+    ):
         super().__init__()
         w_ih, w_hh, b_ih, b_hh = (w.detach().clone() for w in weights[:4])
         w_hr = weights[4].detach().clone() if proj_size else w_ih.new_zeros(0, w_hh.size(1))
         empty = w_ih.new_zeros(0, 1, 1)
-        for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("b", b_ih + b_hh), ("w_hr", w_hr),
-                        ("q", empty if q is None else q), ("r", empty if r is None else r)):
+        for name, t in (
+            ("w_ih", w_ih),
+            ("w_hh", w_hh),
+            ("b", b_ih + b_hh),
+            ("w_hr", w_hr),
+            ("q", empty if q is None else q),
+            ("r", empty if r is None else r),
+        ):
             self.register_buffer(name, t)
         self.rounds = rounds
 

@@ -32,15 +32,18 @@ class Mogrifier(LSTM):
 
     name = "mogrifier"
     citation = "Melis, Kočiský & Blunsom, Mogrifier LSTM, ICLR 2020"
-    summary = ("Mogrifier LSTM: x and h gate each other for model.mogrify_rounds rounds before each LSTM step "
-               "(model.mogrify_rank: low-rank Q and R)")
+    summary = (
+        "Mogrifier LSTM: x and h gate each other for model.mogrify_rounds rounds before each LSTM step "
+        "(model.mogrify_rank: low-rank Q and R)"
+    )
     title = "the Mogrifier LSTM: its gates and memory c"
     order, colour = 40, "#ff7f0e"
     options = ("mogrify_rounds", "mogrify_rank")
     kernel = torch_module = None
 
-    def __init__(self, input_size: int, hidden_size: int, mogrify_rounds: int = DEFAULT_ROUNDS,
-                 mogrify_rank: int | None = None):
+    def __init__(
+        self, input_size: int, hidden_size: int, mogrify_rounds: int = DEFAULT_ROUNDS, mogrify_rank: int | None = None
+    ):
         super().__init__(input_size, hidden_size)
         if mogrify_rounds < 0:
             raise ValueError(f"mogrify_rounds must be >= 0, got {mogrify_rounds}")
@@ -66,7 +69,7 @@ class Mogrifier(LSTM):
         if self.rank is not None:  # each factor's share, so that the product has the full matrix's scale
             for name, p in params.items():
                 if name.startswith("mogrifier"):
-                    bound = (1.0 / math.sqrt(self.hidden_size)) ** 0.5 / self.rank ** 0.25
+                    bound = (1.0 / math.sqrt(self.hidden_size)) ** 0.5 / self.rank**0.25
                     nn.init.uniform_(p, -bound, bound)
 
     def matrix(self, p: Params, name: str, i: int, v: Tensor) -> Tensor:

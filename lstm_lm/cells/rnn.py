@@ -32,5 +32,4 @@ class RNN(Cell):
         return (h,)
 
 
-
 CELL = RNN
