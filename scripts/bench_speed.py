@@ -9,7 +9,9 @@ Rows, all in one process on the same machine:
   nn.LSTM -> linear, log_softmax + NLLLoss in float32, plain SGD written as
   `p.data.add_(-lr * grad)`, `.item()` on every evaluation batch);
 - lstm-lm's own training step (`lstm_lm.trainer.train_step`) and evaluation
-  (`lstm_lm.evaluate.evaluate`) for each impl x precision x compile.
+  (`lstm_lm.evaluate.evaluate`) for each impl x precision x compile;
+- every other registered cell (GRU, RNN, CIFG, Mogrifier, ...: rows `IMPL/fp32/cell=NAME`)
+  at the same size, with each engine it has.
 Sizes are Penn Treebank's: 10k vocabulary, batch 20, bptt 35 (evaluation batch 10),
 ptb-small 2x200, ptb-medium 2x650, ptb-large 2x1500 (GPU only by default).
 
@@ -57,6 +59,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lstm_lm import cells  # noqa: E402
 from lstm_lm.config import ModelConfig  # noqa: E402
 from lstm_lm.evaluate import evaluate  # noqa: E402
 from lstm_lm.model import LSTMLanguageModel  # noqa: E402
@@ -203,8 +206,15 @@ def make_project_row(
 ) -> Row:
     layers, units, dropout = SIZES[size]
     torch.manual_seed(0)
+    cell = variant.removeprefix("cell=") if variant.startswith("cell=") else "lstm"
     cfg = ModelConfig(
-        impl=impl, embedding_size=units, hidden_size=units, num_layers=layers, dropout=dropout, tie_weights=True
+        cell=cell,
+        impl=impl,
+        embedding_size=units,
+        hidden_size=units,
+        num_layers=layers,
+        dropout=dropout,
+        tie_weights=True,
     )
     model = LSTMLanguageModel(cfg, VOCAB).to(device)
     if variant == "plain-loss":  # train.loss_impl=plain
@@ -226,7 +236,8 @@ def make_project_row(
 
 
 def row_name(impl: str, precision: str, compiled: bool, variant: str = "") -> str:
-    """e.g. cudnn/bf16, custom/fp32/compile, cudnn/bf16/plain-loss, cudnn/bf16/compile/cudagraphs."""
+    """e.g. cudnn/bf16, custom/fp32/compile, cudnn/bf16/plain-loss, cudnn/bf16/compile/cudagraphs,
+    cudnn/fp32/cell=gru."""
     return "/".join([impl, precision] + (["compile"] if compiled else []) + ([variant] if variant else []))
 
 
@@ -240,12 +251,20 @@ def plan(size: str, quick: bool, only: list[str] | None, device: str = "cpu") ->
     combos += [("cudnn", prec, False, "plain-loss") for prec in ("fp32", "bf16")]
     if device == "cuda":
         combos += [("cudnn", prec, True, "cudagraphs") for prec in ("fp32", "bf16")]
+    # Every other registered cell (lstm_lm/cells/) at the same sizes, in float32: each engine it has.
+    combos += [
+        (impl, "fp32", False, f"cell={name}")
+        for name in cells.names()
+        if name != "lstm"
+        for impl in (("cudnn", "custom") if cells.get(name).kernel is not None else ("custom",))
+    ]
     if only is not None:
         return [c for c in combos if row_name(*c) in only]
     if not quick:
         return combos
     # the engines in both precisions, the fastest setting, the loss paths, and the compile targets' rows
-    keep = {
+    keep = {c for c in combos if c[3].startswith("cell=") and (size == "small" or c[0] == "cudnn")}
+    keep |= {
         ("cudnn", "fp32", False, ""),
         ("cudnn", "bf16", False, ""),
         ("custom", "fp32", False, ""),
