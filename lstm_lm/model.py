@@ -352,7 +352,7 @@ class LSTMLanguageModel(nn.Module):
     """Embedding -> dropout -> recurrent layers (cfg.cell, any registered cell) -> dropout -> linear
     (optionally tied to the embedding)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, impl: str | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, impl: str | None = None, loss_impl: str = "fused"):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.impl = impl or resolve_impl(cfg)
@@ -372,7 +372,7 @@ class LSTMLanguageModel(nn.Module):
             **cell_options(cfg),
         )
         out_size = self.rnn.hidden_size
-        self.loss_impl = "fused"  # the full softmax's path in training_loss: "fused" or "plain" (loss.py)
+        self.loss_impl = loss_impl  # the full softmax's path in training_loss: "fused" or "plain" (loss.py)
         # The output layer: a full softmax (decoder) or an adaptive one (adaptive.py), never both.
         self.decoder: nn.Linear | None = None
         self.adaptive: AdaptiveSoftmax | None = None

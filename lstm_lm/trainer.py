@@ -12,6 +12,7 @@ One step, from batch to update, is `Trainer._train_epoch`'s loop body.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
@@ -164,13 +165,16 @@ class Trainer:
     def __init__(
         self, cfg: Config, run_dir: Path, world: World, clock: Clock, logs: RunLog, corpus: Corpus | None = None
     ):
-        self.cfg, self.t, self.run_dir, self.world, self.clock, self.logs = cfg, cfg.train, run_dir, world, clock, logs
-        t = self.t
+        t = cfg.train
         self.device = pick_device(distributed.device_for(world, t.device))
         torch.manual_seed(t.seed)
         self.corpus = corpus or load_corpus(cfg.data)
-        if self.corpus.source.kind in ("dir", "file"):
-            cfg.data.source = str(Path(cfg.data.source).expanduser().resolve())  # eval finds it from anywhere
+        if self.corpus.source.kind in ("dir", "file"):  # saved with its absolute path: eval finds it from anywhere
+            source = str(Path(cfg.data.source).expanduser().resolve())
+            cfg = dataclasses.replace(
+                cfg, data=dataclasses.replace(cfg.data, source=source)
+            )  # a copy: cfg is the caller's
+        self.cfg, self.t, self.run_dir, self.world, self.clock, self.logs = cfg, t, run_dir, world, clock, logs
         self.train_data, self.valid_data = training_streams(self.corpus, t, world, self.device)
         self.rows = self.train_data.size(0) - 1  # positions a chunk can start from
         self.n_batches = math.ceil(self.rows / t.bptt)  # per epoch (about that many with variable_bptt)
@@ -180,9 +184,9 @@ class Trainer:
             problem := check_cutoffs(m.cutoffs or default_cutoffs(self.corpus.vocab_size), self.corpus.vocab_size)
         ):
             raise ConfigError([problem])
-        self.model = LSTMLanguageModel(m, self.corpus.vocab_size).to(self.device)
+        loss_impl = resolve_loss_impl(t.loss_impl, self.device)
+        self.model = LSTMLanguageModel(m, self.corpus.vocab_size, loss_impl=loss_impl).to(self.device)
         self.precision = pick_precision(t.precision, self.device)
-        self.model.loss_impl = resolve_loss_impl(t.loss_impl, self.device)
         self.loss = _TrainingLoss(self.model, t.compile, t.compile_mode)
         self.optimizer = make_optimizer(cfg, self.model)
         self.ddp = None
