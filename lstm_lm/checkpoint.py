@@ -33,7 +33,7 @@ from lstm_lm import __version__
 from lstm_lm.config import FORMAT_VERSION, Config, config_from_dict
 from lstm_lm.errors import CheckpointError, ConfigError
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.rundir import BEST, CHECKPOINTS, CONFIG, LAST, TOKENIZER, WEIGHTS, follow, step_checkpoints
+from lstm_lm.training.rundir import BEST, CHECKPOINTS, CONFIG, LAST, TOKENIZER, WEIGHTS, follow, step_checkpoints
 from lstm_lm.writing import write_atomically, write_json
 
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, TOKENIZER)

@@ -222,7 +222,7 @@ def train(
     after the current step with a checkpoint that --resume continues (exit code 130 or 143).
     """
     started = time.perf_counter()  # --time-budget counts from here, torch's import included
-    from lstm_lm.train import run_training
+    from lstm_lm.training.train import run_training
 
     options = {
         "train.epochs": epochs,
@@ -280,7 +280,7 @@ def complete(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
     """Continue PROMPT with the model's words; only the continuation is printed."""
-    from lstm_lm.api import LanguageModel
+    from lstm_lm.inference.api import LanguageModel
     from lstm_lm.utils import log
 
     with user_errors():
@@ -412,9 +412,9 @@ def eval_(
     evaluation-time techniques instead, and the JSON's `protocol` and `settings` say
     which. Progress goes to stderr.
     """
-    from lstm_lm.api import LanguageModel
-    from lstm_lm.dynamic_eval import DEFAULT_LR, RULES, DynamicEval
-    from lstm_lm.neural_cache import NeuralCache
+    from lstm_lm.evaluation.dynamic_eval import DEFAULT_LR, RULES, DynamicEval
+    from lstm_lm.evaluation.neural_cache import NeuralCache
+    from lstm_lm.inference.api import LanguageModel
     from lstm_lm.utils import log
 
     with user_errors():
@@ -592,9 +592,9 @@ def inspect(
     The table goes to stdout; the picture (means, norms and heatmaps of the most active
     units) to --out. --swap WORD=OTHER shows where the memory of WORD is written and kept.
     """
-    from lstm_lm.api import LanguageModel
     from lstm_lm.errors import PromptError
-    from lstm_lm.inspection import trace_table
+    from lstm_lm.inference.api import LanguageModel
+    from lstm_lm.inference.inspection import trace_table
     from lstm_lm.plots import PLOT_HINT, plot_inspection
 
     with user_errors():
@@ -627,7 +627,7 @@ def plot(
     trained with --log-grad-flow. Prints the validation curve as a table."""
     from lstm_lm.errors import DataError
     from lstm_lm.plots import PLOT_HINT, plot_run
-    from lstm_lm.runlogs import read_run_logs
+    from lstm_lm.training.runlogs import read_run_logs
 
     with user_errors():
         if not run_dir.is_dir():
@@ -676,9 +676,9 @@ def score(
     `perplexity` and `unknown` (tokens read as <unk>). A blank line scores the <eos> alone.
     A line of any length is scored, in windows with the memory carried; the `text` of a
     line over 65,536 characters is its first 200, with `text_cut: true`."""
-    from lstm_lm.api import LanguageModel
     from lstm_lm.errors import DataError
-    from lstm_lm.scoring import LongText, read_lines
+    from lstm_lm.inference.api import LanguageModel
+    from lstm_lm.inference.scoring import LongText, read_lines
 
     with user_errors():
         lines = read_lines(file)
@@ -749,7 +749,7 @@ def serve(
                 f"lstm-lm serve needs {' and '.join(missing)}, which the serve extra installs: "
                 "pip install 'lstm-lm[serve]' (in a clone, scripts/setup.sh installs it)"
             )
-        from lstm_lm.serve import run_server
+        from lstm_lm.inference.serve import run_server
 
         run_server(checkpoint, host, port, device, threads, token, no_token)
 
@@ -788,14 +788,14 @@ def export(
 ) -> None:
     """Export the model as an ONNX graph that reads a chunk of tokens with its state (see
     docs/export.md); checks it against PyTorch and prints what it measured as JSON."""
-    from lstm_lm.api import LanguageModel
     from lstm_lm.errors import ConfigError
+    from lstm_lm.inference.api import LanguageModel
 
     with user_errors():
         if format_ != "onnx":
             raise ConfigError([f"--format: only onnx is supported, got {format_!r}"], "command line")
         lm = LanguageModel.load(checkpoint, "cpu")
-        from lstm_lm.export import export_onnx
+        from lstm_lm.inference.export import export_onnx
 
         summary = export_onnx(lm, out or Path("model-int8.onnx" if int8 else "model.onnx"), int8=int8, data=data)
         emit(dumps(summary))

@@ -31,8 +31,8 @@ from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import Config, config_from_dict
 from lstm_lm.demo import biography
 from lstm_lm.errors import ConfigError
+from lstm_lm.inference.sample import encode_prompt
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.sample import encode_prompt
 from lstm_lm.utils import log
 from lstm_lm.writing import write_json, write_text
 
@@ -197,7 +197,7 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
     """Train each cell, measure its accuracy at each gap; write results.json, results.csv
     and (with matplotlib) accuracy_vs_gap.png into `out_dir`. Returns the results."""
     from lstm_lm.data import load_corpus
-    from lstm_lm.train import train
+    from lstm_lm.training.train import train
 
     bad = [cell for cell in cells if cell not in registry.names()]
     if bad:

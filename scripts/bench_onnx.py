@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lstm_lm import LanguageModel
-from lstm_lm.export import export_onnx, ort_session, run_chunk, state_names, state_sizes
+from lstm_lm.inference.export import export_onnx, ort_session, run_chunk, state_names, state_sizes
 
 
 def timed(fn, n: int) -> float:

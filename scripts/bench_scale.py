@@ -18,7 +18,7 @@ Softmax rows. For vocabularies of 10k, 50k and 250k words, a 2x256 tied LSTM (ba
 20, bptt 35, plain SGD, clip 0.25, precision auto, eager) with the full and with the
 adaptive softmax (default cutoffs: 1/12 and 1/4 of the vocabulary) is timed in this
 process on token ids drawn from the same Zipfian law: --steps steps of
-`lstm_lm.trainer.train_step` (after 2 untimed ones) and one `lstm_lm.evaluate.evaluate`
+`lstm_lm.training.trainer.train_step` (after 2 untimed ones) and one `lstm_lm.evaluation.evaluate.evaluate`
 pass over 7,000 tokens, the two models taking turns for --rounds rounds. A row's
 tokens/s is its median over rounds, and the adaptive row's ratio the median of the
 per-round ratios, so a slow spell of a shared machine falls on both sides. Without
@@ -205,7 +205,7 @@ def softmax_rows(vocabs: list[str], steps: int, rounds: int, device: str) -> lis
 
     from lstm_lm.config import load_config
     from lstm_lm.model import LSTMLanguageModel
-    from lstm_lm.optim import make_optimizer
+    from lstm_lm.training.optim import make_optimizer
     from lstm_lm.utils import keep_freed_memory, pick_device, pick_precision
 
     keep_freed_memory()
@@ -262,8 +262,8 @@ def recipe_rows(names: list[str], steps: int, device: str) -> list[dict]:
 
     from lstm_lm.config import load_config
     from lstm_lm.model import LSTMLanguageModel
-    from lstm_lm.optim import make_optimizer
-    from lstm_lm.trainer import compile_loss
+    from lstm_lm.training.optim import make_optimizer
+    from lstm_lm.training.trainer import compile_loss
     from lstm_lm.utils import pick_device, pick_precision
 
     rng, rows = np.random.default_rng(0), []
@@ -327,9 +327,9 @@ def zipf_streams(vocab: int, steps: int, t, device, rng: np.random.Generator):
 
 
 def training_speed(model, opt, train, t, precision: str, steps: int, loss_fn=None) -> float:
-    """Tokens/s of `steps` steps of lstm_lm.trainer.train_step after WARMUP untimed ones."""
+    """Tokens/s of `steps` steps of lstm_lm.training.trainer.train_step after WARMUP untimed ones."""
     from lstm_lm.data import get_batch
-    from lstm_lm.trainer import train_step
+    from lstm_lm.training.trainer import train_step
 
     model.train()
     hidden = model.init_state(t.batch_size)
@@ -342,8 +342,8 @@ def training_speed(model, opt, train, t, precision: str, steps: int, loss_fn=Non
 
 
 def evaluation_speed(model, valid, t, precision: str) -> float:
-    """Tokens/s of one lstm_lm.evaluate.evaluate pass."""
-    from lstm_lm.evaluate import evaluate
+    """Tokens/s of one lstm_lm.evaluation.evaluate.evaluate pass."""
+    from lstm_lm.evaluation.evaluate import evaluate
 
     started = _now(valid.device)
     n = evaluate(model, valid, t.bptt, precision)["tokens"]

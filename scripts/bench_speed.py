@@ -8,8 +8,8 @@ Rows, all in one process on the same machine:
 - baseline: the shape of PyTorch's classic word_language_model example (embedding ->
   nn.LSTM -> linear, log_softmax + NLLLoss in float32, plain SGD written as
   `p.data.add_(-lr * grad)`, `.item()` on every evaluation batch);
-- lstm-lm's own training step (`lstm_lm.trainer.train_step`) and evaluation
-  (`lstm_lm.evaluate.evaluate`) for each impl x precision x compile;
+- lstm-lm's own training step (`lstm_lm.training.trainer.train_step`) and evaluation
+  (`lstm_lm.evaluation.evaluate.evaluate`) for each impl x precision x compile;
 - every other registered cell (GRU, RNN, CIFG, Mogrifier, ...: rows `IMPL/fp32/cell=NAME`)
   at the same size, with each engine it has.
 Sizes are Penn Treebank's: 10k vocabulary, batch 20, bptt 35 (evaluation batch 10),
@@ -61,10 +61,10 @@ sys.path.insert(0, str(ROOT))
 
 from lstm_lm import cells  # noqa: E402
 from lstm_lm.config import ModelConfig  # noqa: E402
-from lstm_lm.evaluate import evaluate  # noqa: E402
+from lstm_lm.evaluation.evaluate import evaluate  # noqa: E402
+from lstm_lm.inference.sample import generate  # noqa: E402
 from lstm_lm.model import LSTMLanguageModel  # noqa: E402
-from lstm_lm.sample import generate  # noqa: E402
-from lstm_lm.trainer import compile_loss, train_step  # noqa: E402
+from lstm_lm.training.trainer import compile_loss, train_step  # noqa: E402
 from lstm_lm.utils import keep_freed_memory, native_bf16, pick_device, pick_precision  # noqa: E402
 
 VOCAB, BATCH, BPTT, EVAL_BATCH = 10_000, 20, 35, 10

@@ -173,7 +173,7 @@ def test_every_command_works_on_an_adaptive_softmax_model(tiny_corpus, tmp_path,
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
 
     fastapi = pytest.importorskip("fastapi.testclient")
-    from lstm_lm.serve import create_app
+    from lstm_lm.inference.serve import create_app
 
     client = fastapi.TestClient(create_app(lm))
     assert len(client.post("/v1/next", json={"prompt": "the cat", "k": 2}).json()["words"]) == 2

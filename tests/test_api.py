@@ -11,7 +11,7 @@ from lstm_lm import LanguageModel
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT
 from lstm_lm.errors import ArgumentError, PromptError
-from lstm_lm.scoring import encode_text
+from lstm_lm.inference.scoring import encode_text
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_next_words_are_whole_words_with_honest_probabilities(tiny_models, kind)
 
 
 def test_the_cli_says_why_a_completion_is_empty(tiny_models, monkeypatch):
-    import lstm_lm.sample as sample
+    import lstm_lm.inference.sample as sample
 
     monkeypatch.setattr(sample, "_pick", lambda logits, *a: 1)  # the model picks <eos> (id 1) first
     result = CliRunner().invoke(app, ["complete", "the cat", "--checkpoint", str(tiny_models["word"])])

@@ -21,7 +21,7 @@ def bench(monkeypatch):
     monkeypatch.setattr(module, "EVAL_TOKENS", 400)
     monkeypatch.setattr(module, "RECIPES", {"wikitext-2": (500, 1_000_000)})
     # The recipe's torch.compile costs half a minute on a CPU; the compiled loss is tested elsewhere.
-    monkeypatch.setattr("lstm_lm.trainer.compile_loss", lambda model, mode: model.training_loss)
+    monkeypatch.setattr("lstm_lm.training.trainer.compile_loss", lambda model, mode: model.training_loss)
     return module
 
 

@@ -22,8 +22,8 @@ from lstm_lm import cells
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig, load_config
+from lstm_lm.inference.sample import next_words
 from lstm_lm.model import LSTMLanguageModel, Recurrent
-from lstm_lm.sample import next_words
 
 # The cell tests' entry per cell: the option sets each test runs it with.
 CELL_VARIANTS = {
@@ -74,7 +74,7 @@ def test_no_list_of_cells_but_the_registry():
                 }
                 if len(found) > 1:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(found)}")
-    for path in ROOT.glob("lstm_lm/web/*.js"):
+    for path in ROOT.glob("lstm_lm/inference/web/*.js"):
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if len({m for m in re.findall(r"\b(\w+)\s*:", line) if m in names} | set()) > 1:
                 offenders.append(f"{path.relative_to(ROOT)}:{lineno}")

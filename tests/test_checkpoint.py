@@ -10,9 +10,9 @@ from lstm_lm.config import FORMAT_VERSION, Config, ModelConfig
 from lstm_lm.data import build_tokenizer
 from lstm_lm.errors import CheckpointError
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.optim import make_optimizer
-from lstm_lm.rundir import update_latest
-from lstm_lm.training_state import TrainState, load_training_state, save_training_state
+from lstm_lm.training.optim import make_optimizer
+from lstm_lm.training.rundir import update_latest
+from lstm_lm.training.training_state import TrainState, load_training_state, save_training_state
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT, demo_splits
-from lstm_lm.sample import next_words
+from lstm_lm.inference.sample import next_words
 
 runner = CliRunner()
 

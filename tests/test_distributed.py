@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
-from lstm_lm.distributed import World
 from lstm_lm.errors import ConfigError
-from lstm_lm.rundir import step_checkpoints
-from lstm_lm.runlogs import METRICS, STEPS
-from lstm_lm.train import train
+from lstm_lm.training.distributed import World
+from lstm_lm.training.rundir import step_checkpoints
+from lstm_lm.training.runlogs import METRICS, STEPS
+from lstm_lm.training.train import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo, POSIX here")
 

@@ -14,10 +14,10 @@ from lstm_lm import LanguageModel
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig
 from lstm_lm.data import batchify
-from lstm_lm.dynamic_eval import DynamicEval, dynamic_log_probs, gradient_statistics
-from lstm_lm.evaluate import evaluate, perplexity_of
+from lstm_lm.evaluation.dynamic_eval import DynamicEval, dynamic_log_probs, gradient_statistics
+from lstm_lm.evaluation.evaluate import evaluate, perplexity_of
+from lstm_lm.evaluation.neural_cache import CacheHistory, NeuralCache, cache_log_probs, cache_probabilities, collect
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.neural_cache import CacheHistory, NeuralCache, cache_log_probs, cache_probabilities, collect
 
 VOCAB = 40
 
@@ -156,7 +156,7 @@ def test_eval_cli_names_the_protocol_and_its_settings(tiny_run):
 
 
 def test_eval_tune_fits_on_valid_then_scores_the_split_once(tiny_run, monkeypatch):
-    import lstm_lm.dynamic_eval as dynamic_eval
+    import lstm_lm.evaluation.dynamic_eval as dynamic_eval
 
     result = _eval(tiny_run, "--cache", "--tune", "--batch-size", "1")
     assert result.exit_code == 0, result.output

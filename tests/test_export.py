@@ -15,7 +15,7 @@ from lstm_lm import LanguageModel, cells  # noqa: E402
 from lstm_lm.checkpoint import save_checkpoint  # noqa: E402
 from lstm_lm.cli import app  # noqa: E402
 from lstm_lm.config import load_config  # noqa: E402
-from lstm_lm.export import export_onnx, max_logit_difference, ort_session, state_names  # noqa: E402
+from lstm_lm.inference.export import export_onnx, max_logit_difference, ort_session, state_names  # noqa: E402
 from lstm_lm.model import LSTMLanguageModel  # noqa: E402
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ from lstm_lm import cells
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import load_config
 from lstm_lm.model import Recurrent
-from lstm_lm.train import train
+from lstm_lm.training.train import train
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -126,7 +126,7 @@ def test_a_training_step_never_waits_for_the_gpu(precision, loss_impl):
     step. torch.cuda's sync debug mode raises on any operation that synchronizes."""
     from lstm_lm.config import ModelConfig
     from lstm_lm.model import LSTMLanguageModel
-    from lstm_lm.trainer import train_step
+    from lstm_lm.training.trainer import train_step
 
     torch.manual_seed(0)
     model = LSTMLanguageModel(ModelConfig(embedding_size=64, hidden_size=64, weight_drop=0.3), 1000).cuda().train()

@@ -13,7 +13,7 @@ from lstm_lm import cells, plots
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig
 from lstm_lm.experiment import Budget, language_accuracy, matched_hidden_size, probe_sentences
-from lstm_lm.inspection import gradient_flow
+from lstm_lm.inference.inspection import gradient_flow
 from lstm_lm.model import LSTMLanguageModel
 
 CELLS = cells.names()
@@ -115,7 +115,7 @@ def test_inspect_swap_shows_where_a_word_is_written(trained, cell, tmp_path):
 def test_inspect_records_the_same_gates_as_the_cell(trained):
     """The traced forget gate is sigmoid of the forget block, recomputed here from the weights."""
     from lstm_lm.checkpoint import load_checkpoint
-    from lstm_lm.inspection import trace_prompt
+    from lstm_lm.inference.inspection import trace_prompt
 
     model, tokenizer, _ = load_checkpoint(trained["lstm"])
     trace = trace_prompt(model, tokenizer, "the cat")
@@ -194,7 +194,7 @@ def test_matched_hidden_sizes_give_each_cell_the_lstms_parameter_count():
 def test_probes_have_the_exact_gap_and_batched_accuracy_equals_one_by_one(trained):
     from lstm_lm.checkpoint import load_checkpoint
     from lstm_lm.demo import REGION_LANGUAGE, gap_of
-    from lstm_lm.sample import next_words
+    from lstm_lm.inference.sample import next_words
 
     pairs = probe_sentences(7, 40, seed=0)
     assert all(gap_of(f"{prompt} {language}.") == 7 for prompt, language in pairs)

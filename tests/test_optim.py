@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lstm_lm.config import TrainConfig
-from lstm_lm.optim import WeightAverage, nt_asgd_triggers, scheduled_lr
+from lstm_lm.training.optim import WeightAverage, nt_asgd_triggers, scheduled_lr
 
 
 def test_warmup_then_cosine_down_to_min_lr():

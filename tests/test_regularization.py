@@ -187,7 +187,7 @@ def test_recurrent_weights_are_views_of_one_flat_buffer_per_kernel_call(sizes, l
 def test_flat_buffer_survives_optimizer_steps_averaging_moves_and_copies():
     import copy
 
-    from lstm_lm.optim import WeightAverage
+    from lstm_lm.training.optim import WeightAverage
 
     torch.manual_seed(0)
     rnn = Recurrent(6, 10, 2, engine="cudnn")

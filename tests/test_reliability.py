@@ -26,18 +26,18 @@ from conftest import TINY_TRAIN, tiny_overrides, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
 from lstm_lm import checkpoint as ckpt_mod
-from lstm_lm import training_state as state_mod
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
 from lstm_lm.errors import Interrupted
 from lstm_lm.model import LSTMLanguageModel
-from lstm_lm.optim import make_optimizer
-from lstm_lm.rundir import CHECKPOINTS, TRAINING_STATE, last_checkpoint, save_step_checkpoint, step_checkpoints
-from lstm_lm.runlogs import STEPS
-from lstm_lm.signals import StopSignals
-from lstm_lm.train import train
-from lstm_lm.training_state import TrainState, load_training_state
+from lstm_lm.training import training_state as state_mod
+from lstm_lm.training.optim import make_optimizer
+from lstm_lm.training.rundir import CHECKPOINTS, TRAINING_STATE, last_checkpoint, save_step_checkpoint, step_checkpoints
+from lstm_lm.training.runlogs import STEPS
+from lstm_lm.training.signals import StopSignals
+from lstm_lm.training.train import train
+from lstm_lm.training.training_state import TrainState, load_training_state
 
 runner = CliRunner()
 
@@ -509,7 +509,7 @@ _HELD_LOCKS = []
 
 def _locked_run(tmp: Path) -> Path:
     """A run directory whose lock this process holds, as a live `lstm-lm train` would."""
-    from lstm_lm.runlock import RunLock
+    from lstm_lm.training.runlock import RunLock
 
     run = tmp / "busy"
     run.mkdir()
@@ -578,7 +578,7 @@ def test_bad_input_gets_one_error_line_and_changes_nothing_saved(case, saved_run
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    from lstm_lm.runlock import LOCK, RunLock
+    from lstm_lm.training.runlock import LOCK, RunLock
 
     (tmp_path / LOCK).write_text("999999999\n")  # no such process holds it
     with RunLock(tmp_path):
@@ -1268,7 +1268,8 @@ def test_one_table_of_bad_arguments_gets_the_same_error_from_the_cli_and_the_api
 
 
 def test_a_long_text_scored_in_windows_equals_the_text_read_whole(saved_run, monkeypatch):
-    from lstm_lm import LanguageModel, scoring
+    from lstm_lm import LanguageModel
+    from lstm_lm.inference import scoring
 
     _, _, run = saved_run
     lm = LanguageModel.load(run)
@@ -1314,13 +1315,13 @@ def _client(run, **kwargs):
     from fastapi.testclient import TestClient
 
     from lstm_lm import LanguageModel
-    from lstm_lm.serve import create_app
+    from lstm_lm.inference.serve import create_app
 
     return TestClient(create_app(LanguageModel.load(run), **kwargs))
 
 
 def test_the_server_answers_4xx_to_any_number_and_bounds_its_answers(saved_run):
-    from lstm_lm.serve import MAX_SCORE_TOKENS, MAX_TRACE_TOKENS
+    from lstm_lm.inference.serve import MAX_SCORE_TOKENS, MAX_TRACE_TOKENS
 
     _, _, run = saved_run
     client = _client(run)
@@ -1363,7 +1364,7 @@ def test_a_light_request_waits_for_one_slice_of_a_heavy_one_not_for_all_of_it(sa
     import threading
 
     from lstm_lm import LanguageModel
-    from lstm_lm.serve import SLICE_TOKENS, ModelService, NextRequest, ScoreRequest
+    from lstm_lm.inference.serve import SLICE_TOKENS, ModelService, NextRequest, ScoreRequest
 
     _, _, run = saved_run
     lm = LanguageModel.load(run)

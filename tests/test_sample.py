@@ -6,7 +6,7 @@ import torch
 from lstm_lm.config import DataConfig
 from lstm_lm.data import build_tokenizer
 from lstm_lm.errors import PromptError
-from lstm_lm.sample import MAX_PROMPT_TOKENS, _pick, encode_prompt
+from lstm_lm.inference.sample import MAX_PROMPT_TOKENS, _pick, encode_prompt
 
 
 def test_prompt_is_read_after_an_eos():
@@ -46,8 +46,8 @@ def test_generation_continues_like_the_full_forward_in_fp32_and_bf16(impl):
     import itertools
 
     from lstm_lm.config import ModelConfig
+    from lstm_lm.inference.sample import generate
     from lstm_lm.model import LSTMLanguageModel
-    from lstm_lm.sample import generate
 
     torch.manual_seed(0)
     model = LSTMLanguageModel(ModelConfig(impl=impl, embedding_size=16, hidden_size=16, num_layers=2), 40).eval()

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from lstm_lm import LanguageModel, cells  # noqa: E402
 from lstm_lm.demo import SEED_ANSWER, SEED_PROMPT  # noqa: E402
-from lstm_lm.serve import MAX_BODY_BYTES, create_app  # noqa: E402
+from lstm_lm.inference.serve import MAX_BODY_BYTES, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from conftest import TINY_TEST, TINY_TRAIN, TINY_VALID, tiny_overrides
 from safetensors.torch import load_file
 
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint
-from lstm_lm.clock import Clock
 from lstm_lm.config import load_config
 from lstm_lm.errors import ConfigError, DataError, TrainingError
-from lstm_lm.rundir import last_checkpoint
-from lstm_lm.train import train
+from lstm_lm.training.clock import Clock
+from lstm_lm.training.rundir import last_checkpoint
+from lstm_lm.training.train import train
 
 
 def _cfg(corpus, *extra):
@@ -54,7 +54,7 @@ def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
 
 
 def test_learning_rate_is_divided_when_validation_stops_improving(tiny_corpus, tmp_path, monkeypatch):
-    import lstm_lm.trainer as train_mod
+    import lstm_lm.training.trainer as train_mod
 
     scripted = iter([3.0, 2.0, 2.5, 1.5, 1.6, 1.7, 1.0])  # validation losses, epoch by epoch
     real_evaluate = train_mod.evaluate
@@ -183,7 +183,7 @@ def test_compiled_training_gives_the_eager_losses(tiny_corpus, tmp_path, capfd):
 
 
 def test_nt_asgd_evaluates_and_saves_the_averaged_weights(tiny_corpus, tmp_path, monkeypatch):
-    import lstm_lm.trainer as train_mod
+    import lstm_lm.training.trainer as train_mod
 
     # Validation losses, epoch by epoch: with nonmono=1, epoch 4's 2.6 is worse than the
     # best before the last epoch (2.0), so averaging starts there; epoch 5 is the best.
@@ -298,7 +298,7 @@ def test_cosine_over_epochs_anneals_to_min_lr(tiny_corpus, tmp_path):
 
 def test_variable_bptt_draws_lengths_around_bptt_and_covers_each_epoch(tiny_corpus, tmp_path):
     from lstm_lm.config import TrainConfig
-    from lstm_lm.trainer import chunk_length
+    from lstm_lm.training.trainer import chunk_length
 
     t = TrainConfig(bptt=35, variable_bptt=True)
     lengths = [chunk_length(t, step) for step in range(4000)]

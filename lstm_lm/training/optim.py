@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lstm_lm.clock import Clock
 from lstm_lm.config import Config, TrainConfig
+from lstm_lm.training.clock import Clock
 from lstm_lm.utils import log
 
 if TYPE_CHECKING:
-    from lstm_lm.training_state import TrainState
+    from lstm_lm.training.training_state import TrainState
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

@@ -27,11 +27,11 @@ from tokenizers import Tokenizer
 from lstm_lm.arguments import check, check_all, check_texts
 from lstm_lm.config import Config, choices
 from lstm_lm.data import EOS
-from lstm_lm.dynamic_eval import DynamicEval
 from lstm_lm.errors import ArgumentError, ConfigError, DataError, PromptError
+from lstm_lm.evaluation.dynamic_eval import DynamicEval
+from lstm_lm.evaluation.neural_cache import NeuralCache
+from lstm_lm.inference.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.model import LSTMLanguageModel, State
-from lstm_lm.neural_cache import NeuralCache
-from lstm_lm.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.utils import autocast, pick_device, pick_precision, progress_bar
 
 
@@ -147,7 +147,7 @@ class LanguageModel:
         """The continuation of `prompt`, up to the end of the sentence or `words` words.
         Greedy at temperature 0; above it (or with top_k / top_p) sampled, repeatably
         with `seed`. An empty string means the model ended the sentence at once."""
-        from lstm_lm.sample import complete
+        from lstm_lm.inference.sample import complete
 
         check("prompt", prompt)
         return complete(
@@ -176,7 +176,7 @@ class LanguageModel:
         including the `<eos>` that ends it): `text`, `tokens`, `logprob` (nats),
         `perplexity`, `unknown` (tokens read as `<unk>`) and with `per_token` the
         [token, logprob] pairs. See scoring.py."""
-        from lstm_lm.scoring import score_texts
+        from lstm_lm.inference.scoring import score_texts
 
         texts = check_texts(texts)
         check("per_token", per_token)
@@ -187,7 +187,7 @@ class LanguageModel:
         """Score one text of any length given as an iterable of pieces cut at spaces (a
         file read a piece at a time, say), as `score` scores it whole, in memory that does
         not grow with it: `tokens`, `logprob`, `perplexity`, `unknown` (and `token_logprobs`)."""
-        from lstm_lm.scoring import score_stream
+        from lstm_lm.inference.scoring import score_stream
 
         check("per_token", per_token)
         with autocast(self.device, self.precision):
@@ -228,7 +228,7 @@ class LanguageModel:
         import time
 
         from lstm_lm.data import Streams
-        from lstm_lm.evaluate import evaluate, perplexity_of
+        from lstm_lm.evaluation.evaluate import evaluate, perplexity_of
 
         check_all(split=split, data=data, batch_size=batch_size, progress=progress)
         if cache is not None and dynamic is not None:
@@ -253,7 +253,7 @@ class LanguageModel:
         started = time.perf_counter()
         out: dict[str, Any] = {"split": split}
         if cache is not None:
-            from lstm_lm.neural_cache import cache_log_probs, collect
+            from lstm_lm.evaluation.neural_cache import cache_log_probs, collect
 
             with progress_bar(stream.numel(), f"neural cache on {split}", progress) as bar:
                 chunks = collect(self.model, stream, bptt, self.precision, bar)
@@ -262,7 +262,7 @@ class LanguageModel:
             out |= {"protocol": "neural cache", "settings": cache.to_dict()} | result
             out["static_perplexity"] = static["perplexity"]
         elif dynamic is not None:
-            from lstm_lm.dynamic_eval import dynamic_log_probs
+            from lstm_lm.evaluation.dynamic_eval import dynamic_log_probs
 
             stats, stats_info = self._gradient_statistics(corpus, dynamic, progress)
             with progress_bar(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
@@ -295,7 +295,7 @@ class LanguageModel:
     def _gradient_statistics(self, corpus, dynamic: DynamicEval, progress: bool):
         """The rms rule's mean squared gradients, over the first STATS_TOKENS of the training split."""
         from lstm_lm.data import to_tensor
-        from lstm_lm.dynamic_eval import STATS_TOKENS, gradient_statistics
+        from lstm_lm.evaluation.dynamic_eval import STATS_TOKENS, gradient_statistics
 
         if dynamic.rule != "rms":
             return None, None
@@ -317,7 +317,7 @@ class LanguageModel:
         every (window, theta, lambda) of neural_cache's grid over the stored states.
         Returns {"settings": NeuralCache, "search": what was tried, "trials": each result}."""
         from lstm_lm.data import Streams
-        from lstm_lm.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
+        from lstm_lm.evaluation.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
 
         check_all(data=data, batch_size=batch_size, progress=progress)
         corpus = self._corpus(data)
@@ -350,7 +350,7 @@ class LanguageModel:
         (default TUNE_TOKENS) of the validation split. Returns {"settings": DynamicEval,
         "search": what was tried, "trials": each result}."""
         from lstm_lm.data import to_tensor
-        from lstm_lm.dynamic_eval import TUNE_DECAYS, TUNE_LRS, TUNE_TOKENS, DynamicEval, tune
+        from lstm_lm.evaluation.dynamic_eval import TUNE_DECAYS, TUNE_LRS, TUNE_TOKENS, DynamicEval, tune
 
         check_all(data=data, segment=segment, tokens=tokens, progress=progress)
         corpus = self._corpus(data)
@@ -380,7 +380,7 @@ class LanguageModel:
         """What `lstm-lm inspect` shows: after each token of `prompt`, layer `layer`'s gates
         (per unit), its state (h, and c for an LSTM) and the top_k next-token guesses.
         See inspection.trace_prompt."""
-        from lstm_lm.inspection import trace_prompt
+        from lstm_lm.inference.inspection import trace_prompt
 
         check_all(prompt=prompt, layer=layer, k=top_k)
         if swap is not None and not (

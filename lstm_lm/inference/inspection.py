@@ -15,8 +15,8 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from lstm_lm.errors import PromptError
+from lstm_lm.inference.sample import encode_prompt
 from lstm_lm.model import LSTMLanguageModel, State
-from lstm_lm.sample import encode_prompt
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from lstm_lm.evaluate import chunk_features, perplexity_of
+from lstm_lm.evaluation.evaluate import chunk_features, perplexity_of
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast
 

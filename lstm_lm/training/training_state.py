@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from lstm_lm.checkpoint import load_weights, refuse_pickles, weights_to_save
 from lstm_lm.config import FORMAT_VERSION
-from lstm_lm.distributed import World
 from lstm_lm.errors import CheckpointError
 from lstm_lm.model import State
-from lstm_lm.optim import WeightAverage
-from lstm_lm.rundir import TRAINING_STATE
+from lstm_lm.training.distributed import World
+from lstm_lm.training.optim import WeightAverage
+from lstm_lm.training.rundir import TRAINING_STATE
 from lstm_lm.utils import log
 from lstm_lm.writing import write_atomically
 

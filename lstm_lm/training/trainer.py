@@ -27,23 +27,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lstm_lm import distributed
 from lstm_lm.adaptive import check_cutoffs, default_cutoffs
 from lstm_lm.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from lstm_lm.clock import Clock
 from lstm_lm.config import Config, TrainConfig
 from lstm_lm.data import Corpus, Streams, get_batch, load_corpus
-from lstm_lm.distributed import World
 from lstm_lm.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
-from lstm_lm.evaluate import evaluate
-from lstm_lm.inspection import gradient_flow
+from lstm_lm.evaluation.evaluate import evaluate
+from lstm_lm.inference.inspection import gradient_flow
 from lstm_lm.loss import resolve_loss_impl
 from lstm_lm.model import LSTMLanguageModel, State, detach_state
-from lstm_lm.optim import LearningRate, WeightAverage, make_optimizer, nt_asgd_triggers
-from lstm_lm.rundir import CHECKPOINTS, LAST, last_checkpoint, resume_hint, save_step_checkpoint, update_latest
-from lstm_lm.runlogs import GRAD_FLOW, METRICS, STEPS, RunLog
-from lstm_lm.signals import StopSignals
-from lstm_lm.training_state import (
+from lstm_lm.training import distributed
+from lstm_lm.training.clock import Clock
+from lstm_lm.training.distributed import World
+from lstm_lm.training.optim import LearningRate, WeightAverage, make_optimizer, nt_asgd_triggers
+from lstm_lm.training.rundir import CHECKPOINTS, LAST, last_checkpoint, resume_hint, save_step_checkpoint, update_latest
+from lstm_lm.training.runlogs import GRAD_FLOW, METRICS, STEPS, RunLog
+from lstm_lm.training.signals import StopSignals
+from lstm_lm.training.training_state import (
     TrainState,
     load_training_state,
     restore_average,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from lstm_lm.evaluate import perplexity_of
+from lstm_lm.evaluation.evaluate import perplexity_of
 from lstm_lm.model import LSTMLanguageModel, detach_state
 from lstm_lm.utils import autocast
 

@@ -58,9 +58,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lstm_lm import __version__
-from lstm_lm.api import LanguageModel
 from lstm_lm.arguments import field
 from lstm_lm.errors import LSTMLMError, PromptError
+from lstm_lm.inference.api import LanguageModel
 from lstm_lm.writing import dumps
 
 WEB = Path(__file__).parent / "web"  # index.html, app.js, style.css: no build step
@@ -200,7 +200,7 @@ class ModelService:
         return {"results": results}
 
     def trace(self, r: TraceRequest) -> dict[str, Any]:
-        from lstm_lm.inspection import trace_summary
+        from lstm_lm.inference.inspection import trace_summary
 
         n = len(self.lm.tokenizer.encode(r.prompt.strip(), add_special_tokens=False).ids)
         if n > MAX_TRACE_TOKENS:

@@ -19,17 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lstm_lm import distributed, utils
+from lstm_lm import utils
 from lstm_lm.checkpoint import load_config_json
-from lstm_lm.clock import Clock
 from lstm_lm.config import Config
 from lstm_lm.data import Corpus
-from lstm_lm.distributed import World
 from lstm_lm.errors import CheckpointError, ConfigError
-from lstm_lm.rundir import CONFIG, check_run_dir, clear_run, last_checkpoint, mark_run
-from lstm_lm.runlock import RunInUseError, RunLock
-from lstm_lm.runlogs import LOGS, RunLog
-from lstm_lm.trainer import Trainer
+from lstm_lm.training import distributed
+from lstm_lm.training.clock import Clock
+from lstm_lm.training.distributed import World
+from lstm_lm.training.rundir import CONFIG, check_run_dir, clear_run, last_checkpoint, mark_run
+from lstm_lm.training.runlock import RunInUseError, RunLock
+from lstm_lm.training.runlogs import LOGS, RunLog
+from lstm_lm.training.trainer import Trainer
 
 
 def train(

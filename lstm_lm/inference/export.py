@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lstm_lm.api import LanguageModel
 from lstm_lm.data import EOS, get_batch
 from lstm_lm.errors import DataError, LSTMLMError
+from lstm_lm.inference.api import LanguageModel
 from lstm_lm.utils import log
 from lstm_lm.writing import write_atomically
 
