@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import importlib.util
+import inspect as pyinspect
 import os
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from lstm_lm.config import choices, field_help
+from lstm_lm.config import FIELDS, choices, field_help
 from lstm_lm.errors import ConfigError, Interrupted, LSTMLMError, describe_os_error
 from lstm_lm.writing import check_stdout, dumps, emit
 
@@ -106,10 +108,11 @@ def user_errors(results: bool = True):
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EPIPE, errno.EIO}
 
 
-# `lstm-lm train`'s own options and the config field each sets: their help comes from the
-# field's declaration, and a bad value's error names both (train.lr (--lr): ...).
+# `lstm-lm train`'s shortcuts for config fields, each declared here once: the option that
+# sets the field. The option's type and help come from the field's declaration, its value
+# goes into the config as if set with --set, and a bad value's error names both
+# (train.lr (--lr): ...). A space in the entry gives the option's metavar.
 TRAIN_FLAGS = {
-    "data.source": "--data",
     "train.epochs": "--epochs",
     "train.max_steps": "--max-steps",
     "train.batch_size": "--batch-size",
@@ -120,10 +123,62 @@ TRAIN_FLAGS = {
     "model.cell": "--cell",
     "model.impl": "--impl",
     "train.precision": "--precision",
-    "train.compile": "--compile",
+    "train.compile": "--compile/--no-compile",
     "train.log_grad_flow": "--log-grad-flow",
-    "train.time_budget": "--time-budget",
+    "train.time_budget": "--time-budget MINUTES",
 }
+
+
+def config_flags(flags: dict[str, str]):
+    """Give a command one option per entry of `flags` (see TRAIN_FLAGS); the command receives
+    the ones given as `values`, {config key: value}."""
+
+    def decorate(command):
+        signature = pyinspect.signature(command, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "values"]
+        for key, flag in flags.items():
+            option_name, *metavar = flag.split(" ")
+            option = typer.Option(option_name, help=field_help(key), metavar=metavar[0] if metavar else None)
+            kind = Annotated[Optional[FIELDS[key].base_type], option]  # noqa: UP045 (Typer reads it)
+            keyword = pyinspect.Parameter.KEYWORD_ONLY
+            params.append(pyinspect.Parameter(key.split(".")[1], keyword, default=None, annotation=kind))
+
+        @functools.wraps(command)
+        def with_flags(*args, **kwargs):
+            given = {key: kwargs.pop(key.split(".")[1]) for key in flags}
+            return command(*args, values={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+        with_flags.__signature__ = signature.replace(parameters=params)
+        return with_flags
+
+    return decorate
+
+
+def setting_flags(command):
+    """Give `lstm-lm eval` one option per setting of each evaluation protocol, as its settings
+    class declares it (lstm_lm/evaluation/protocols.py, torch-free): flag, help, default and
+    bounds. The command receives them as `options`, {flag: value or None}."""
+    from lstm_lm.evaluation.protocols import protocols, setting_help, setting_type, settings_fields
+
+    signature = pyinspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "options"]
+    flags = {}  # parameter name -> flag
+    for panel, (_, kind) in protocols().items():
+        for f in settings_fields(kind) if kind else ():
+            flags[f.name] = f.metadata["flag"]
+            help_, where = setting_help(kind, f.name), panel.capitalize()
+            option = typer.Option(f.metadata["flag"], help=help_, rich_help_panel=where)
+            annotation = Annotated[Optional[setting_type(kind, f.name)], option]  # noqa: UP045 (Typer reads it)
+            keyword = pyinspect.Parameter.KEYWORD_ONLY
+            params.append(pyinspect.Parameter(f.name, keyword, default=None, annotation=annotation))
+
+    @functools.wraps(command)
+    def with_settings(*args, **kwargs):
+        options = {flag: kwargs.pop(name) for name, flag in flags.items()}
+        return command(*args, options=options, **kwargs)
+
+    with_settings.__signature__ = signature.replace(parameters=params)
+    return with_settings
 
 
 def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
@@ -146,6 +201,7 @@ def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
         "    lstm-lm train --config configs/ptb-cpu-30min.yaml --time-budget 10   # the best model in 10 minutes"
     )
 )
+@config_flags(TRAIN_FLAGS)
 def train(
     config: Annotated[
         Optional[str],
@@ -196,25 +252,7 @@ def train(
             ),
         ),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help=field_help("train.epochs"))] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help=field_help("train.max_steps"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=field_help("train.batch_size"))] = None,
-    bptt: Annotated[Optional[int], typer.Option(help=field_help("train.bptt"))] = None,
-    lr: Annotated[Optional[float], typer.Option(help=field_help("train.lr"))] = None,
-    device: Annotated[Optional[str], typer.Option(help=field_help("train.device"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=field_help("train.seed"))] = None,
-    cell: Annotated[Optional[str], typer.Option(help=field_help("model.cell"))] = None,
-    impl: Annotated[Optional[str], typer.Option(help=field_help("model.impl"))] = None,
-    precision: Annotated[Optional[str], typer.Option(help=field_help("train.precision"))] = None,
-    compile_: Annotated[
-        Optional[bool], typer.Option("--compile/--no-compile", help=field_help("train.compile"))
-    ] = None,
-    log_grad_flow: Annotated[
-        Optional[bool], typer.Option("--log-grad-flow", help=field_help("train.log_grad_flow"))
-    ] = None,
-    time_budget: Annotated[
-        Optional[float], typer.Option("--time-budget", metavar="MINUTES", help=field_help("train.time_budget"))
-    ] = None,
+    values: dict | None = None,
 ) -> None:
     """Train a language model; the best model by validation loss is kept in the run directory.
 
@@ -224,29 +262,13 @@ def train(
     started = time.perf_counter()  # --time-budget counts from here, torch's import included
     from lstm_lm.training.train import run_training
 
-    options = {
-        "train.epochs": epochs,
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.bptt": bptt,
-        "train.lr": lr,
-        "train.device": device,
-        "train.seed": seed,
-        "model.cell": cell,
-        "model.impl": impl,
-        "train.precision": precision,
-        "train.compile": compile_,
-        "train.time_budget": time_budget,
-        "train.log_grad_flow": log_grad_flow,
-    }
-    values = {key: value for key, value in options.items() if value is not None}
     with user_errors():
         try:
             summary = run_training(
                 config, data, out, resume, list(set_ or []), started, overwrite=overwrite, values=values
             )
         except ConfigError as e:
-            raise _name_flags(e, TRAIN_FLAGS) from None
+            raise _name_flags(e, TRAIN_FLAGS | {"data.source": "--data"}) from None
         if _main_process():
             emit(dumps(summary))
 
@@ -308,6 +330,7 @@ def complete(
         "    lstm-lm eval --cache --window 2000 --theta 0.3 --lambda 0.1"
     ),
 )
+@setting_flags
 def eval_(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     data: Annotated[
@@ -330,71 +353,20 @@ def eval_(
         bool,
         typer.Option(
             "--cache",
-            help=(
-                "Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent "
-                "hidden states."
-            ),
+            help="Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent "
+            "hidden states.",
             rich_help_panel="Neural cache",
         ),
     ] = False,
-    window: Annotated[
-        Optional[int],
-        typer.Option(
-            min=1, help="Past positions the cache holds, per stream [default: 2000].", rich_help_panel="Neural cache"
-        ),
-    ] = None,
-    theta: Annotated[
-        Optional[float],
-        typer.Option(
-            min=0.0, help="How sharply the cache matches hidden states [default: 0.3].", rich_help_panel="Neural cache"
-        ),
-    ] = None,
-    lambda_: Annotated[
-        Optional[float],
-        typer.Option(
-            "--lambda",
-            min=0.0,
-            max=1.0,
-            help="The cache's share of the mixture [default: 0.1].",
-            rich_help_panel="Neural cache",
-        ),
-    ] = None,
     dynamic: Annotated[
         bool,
         typer.Option(
             "--dynamic",
-            help=(
-                "Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. "
-                "One stream (batch 1)."
-            ),
+            help="Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. "
+            "One stream (batch 1).",
             rich_help_panel="Dynamic evaluation",
         ),
     ] = False,
-    lr: Annotated[
-        Optional[float],
-        typer.Option(
-            min=0.0, help="Step size [default: 2e-4 for rms, 1.0 for sgd].", rich_help_panel="Dynamic evaluation"
-        ),
-    ] = None,
-    decay: Annotated[
-        Optional[float],
-        typer.Option(
-            min=0.0,
-            max=0.999,
-            help="Pull back towards the trained weights per step [default: 0].",
-            rich_help_panel="Dynamic evaluation",
-        ),
-    ] = None,
-    segment: Annotated[
-        Optional[int], typer.Option(min=1, help="Tokens per step [default: 20].", rich_help_panel="Dynamic evaluation")
-    ] = None,
-    rule: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Update rule: rms (steps scaled by the training text's gradient RMS) or sgd [default: rms].",
-            rich_help_panel="Dynamic evaluation",
-        ),
-    ] = None,
     tune: Annotated[
         bool,
         typer.Option(
@@ -405,6 +377,7 @@ def eval_(
             ),
         ),
     ] = False,
+    options: dict | None = None,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object.
 
@@ -412,67 +385,22 @@ def eval_(
     evaluation-time techniques instead, and the JSON's `protocol` and `settings` say
     which. Progress goes to stderr.
     """
-    from lstm_lm.evaluation.dynamic_eval import DEFAULT_LR, RULES, DynamicEval
-    from lstm_lm.evaluation.neural_cache import NeuralCache
+    from lstm_lm.evaluation.protocols import CACHE, DYNAMIC, choose
     from lstm_lm.inference.api import LanguageModel
-    from lstm_lm.utils import log
 
     with user_errors():
-        cache_options = {"--window": window, "--theta": theta, "--lambda": lambda_}
-        dynamic_options = {"--lr": lr, "--decay": decay, "--segment": segment, "--rule": rule}
-        problems = [f"{flag} needs --cache" for flag, v in cache_options.items() if v is not None and not cache]
-        problems += [f"{flag} needs --dynamic" for flag, v in dynamic_options.items() if v is not None and not dynamic]
-        if cache and dynamic:
-            problems.append("--cache and --dynamic: measure one at a time")
-        if tune and not (cache or dynamic):
-            problems.append("--tune needs --cache or --dynamic (the static protocol has nothing to fit)")
-        if rule is not None and rule not in RULES:
-            problems.append(f"--rule: must be one of {', '.join(RULES)}, got {rule!r}")
-        if problems:
-            raise ConfigError(problems, "command line")
+        protocol, settings = choose(cache, dynamic, tune, options, batch_size)
         lm = LanguageModel.load(checkpoint, device, precision=precision)
-        tuned = None
-        if cache:
-            settings = _settings(NeuralCache, window=window, theta=theta, lam=lambda_)
-            if tune:
-                tuned = lm.tune_cache(data, batch_size, progress=True)
-                settings = tuned["settings"]
-        elif dynamic:
-            rule = rule or "rms"
-            settings = _settings(
-                DynamicEval, lr=lr if lr is not None else DEFAULT_LR[rule], decay=decay, segment=segment, rule=rule
-            )
-            if tune:
-                tuned = lm.tune_dynamic(data, rule, settings.segment, progress=True)
-                settings = tuned["settings"]
-        if tuned:
-            best = min(tuned["trials"], key=lambda t: t["loss"])
-            log(
-                f"tuned on valid ({tuned['search']['trials']} trials, {tuned['search']['tokens']:,} tokens): "
-                + ", ".join(f"{k}={v}" for k, v in settings.to_dict().items())
-                + f" (valid perplexity {best['perplexity']:.2f})"
-            )
         result = lm.evaluate(
             split,
             data,
             batch_size,
-            cache=settings if cache else None,
-            dynamic=settings if dynamic else None,
+            cache=settings if protocol == CACHE else None,
+            dynamic=settings if protocol == DYNAMIC else None,
             progress=True,
+            tune=tune,
         )
-        if tuned:
-            result["tuned"] = tuned["search"] | {"valid_perplexity": best["perplexity"]}
-        result["checkpoint"] = str(checkpoint)
-        emit(dumps(result))
-
-
-def _settings(kind, **given):
-    """A NeuralCache or DynamicEval from the options given (None: its default); a bad
-    value is a ConfigError."""
-    try:
-        return kind(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        raise ConfigError([str(e)], "command line") from None
+        emit(dumps(result | {"checkpoint": str(checkpoint)}))
 
 
 experiment_app = typer.Typer(

@@ -14,6 +14,7 @@ from lstm_lm import LanguageModel
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig
 from lstm_lm.data import batchify
+from lstm_lm.errors import ConfigError
 from lstm_lm.evaluation.dynamic_eval import DynamicEval, dynamic_log_probs, gradient_statistics
 from lstm_lm.evaluation.evaluate import evaluate, perplexity_of
 from lstm_lm.evaluation.neural_cache import CacheHistory, NeuralCache, cache_log_probs, cache_probabilities, collect
@@ -181,16 +182,31 @@ def test_eval_tune_fits_on_valid_then_scores_the_split_once(tiny_run, monkeypatc
         (["--lr", "0.1"], "--lr needs --dynamic"),
         (["--cache", "--dynamic"], "one at a time"),
         (["--tune"], "--tune needs --cache or --dynamic"),
-        (["--dynamic", "--rule", "adam"], "--rule: must be one of"),
+        (["--dynamic", "--rule", "adam"], "rule (--rule): must be one of sgd, rms"),
         (["--dynamic", "--batch-size", "4"], "dynamic evaluation reads one stream"),
-        (["--cache", "--lambda", "2"], "--lambda"),
+        (["--cache", "--lambda", "2"], "lam (--lambda): must be in [0, 1], got 2"),
+        (["--dynamic", "--decay", "1"], "decay (--decay): must be in [0, 1), got 1.0"),
     ],
 )
 def test_eval_cli_refuses_bad_options_with_one_line(tiny_run, args, message):
     result = _eval(tiny_run, *args)
-    assert result.exit_code != 0
-    assert message in result.output
+    assert result.exit_code == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output
+
+
+def test_the_api_and_the_cli_check_a_setting_alike(tiny_run):
+    """One declaration (evaluation/protocols.py): the API raises the message the CLI prints."""
+    from lstm_lm.evaluation.protocols import DynamicEval
+
+    with pytest.raises(ValueError, match=r"decay \(--decay\): must be in \[0, 1\), got 1.0"):
+        DynamicEval(decay=1.0)
+    assert DynamicEval(decay=0.9995).decay == 0.9995  # the CLI's bound is the API's: below 1
+    lm = LanguageModel.load(tiny_run)
+    with pytest.raises(ConfigError, match="one at a time"):
+        lm.evaluate("valid", cache=NeuralCache(), dynamic=DynamicEval())
+    with pytest.raises(ConfigError, match="one stream"):
+        lm.evaluate("valid", batch_size=4, dynamic=DynamicEval())
 
 
 def test_both_lower_perplexity_a_lot_on_text_that_repeats_itself(tiny_run):

@@ -26,47 +26,21 @@ depend on text after it. The model itself is never changed: the steps are taken 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from lstm_lm.evaluation.evaluate import perplexity_of
+from lstm_lm.evaluation.protocols import DynamicEval
 from lstm_lm.model import LSTMLanguageModel, detach_state
 from lstm_lm.utils import autocast
 
-RULES = ("sgd", "rms")
-DEFAULT_LR = {"rms": 2e-4, "sgd": 1.0}  # each rule's step size where none is given
 # eps of the rms rule, as a share of the mean RMS: a weight whose gradient training never
 # moved steps at most 10x the mean step. (10% gave valid 78.2 on ptb-cpu-30min where 1%
 # gave 80.2 at its best step size, against 86.0 static; scripts/eval_techniques.py.)
 EPS = 0.1
 STATS_TOKENS = 20_000  # training tokens behind the rms rule's gradient statistics
 TUNE_TOKENS = 40_000  # validation tokens each trial of the search reads
-
-
-@dataclass(frozen=True)
-class DynamicEval:
-    """Dynamic evaluation's settings: the step size, the pull back to the trained
-    weights, the tokens per step and the update rule."""
-
-    lr: float = 2e-4
-    decay: float = 0.0
-    segment: int = 20
-    rule: str = "rms"
-
-    def __post_init__(self):
-        if self.lr < 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
-        if not 0 <= self.decay < 1:
-            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
-        if self.segment < 1:
-            raise ValueError(f"segment must be at least 1, got {self.segment}")
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _segments(ids: Tensor, segment: int):

@@ -25,37 +25,14 @@ batch size 1 gives every token the longest history.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from lstm_lm.evaluation.evaluate import chunk_features, perplexity_of
+from lstm_lm.evaluation.protocols import NeuralCache
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast
-
-
-@dataclass(frozen=True)
-class NeuralCache:
-    """The cache's settings: how many past positions it holds, how sharply it matches
-    hidden states (theta) and how much of the mixture it gets (lam, "lambda")."""
-
-    window: int = 2000
-    theta: float = 0.3
-    lam: float = 0.1
-
-    def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.theta < 0:
-            raise ValueError(f"theta must be >= 0, got {self.theta}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"lambda must be between 0 and 1, got {self.lam}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lambda"] = d.pop("lam")
-        return d
 
 
 class CacheHistory:

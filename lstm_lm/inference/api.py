@@ -32,7 +32,7 @@ from lstm_lm.evaluation.dynamic_eval import DynamicEval
 from lstm_lm.evaluation.neural_cache import NeuralCache
 from lstm_lm.inference.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.model import LSTMLanguageModel, State
-from lstm_lm.utils import autocast, pick_device, pick_precision, progress_bar
+from lstm_lm.utils import autocast, log, pick_device, pick_precision, progress_bar
 
 
 class LanguageModel:
@@ -219,33 +219,29 @@ class LanguageModel:
         cache: NeuralCache | None = None,
         dynamic: DynamicEval | None = None,
         progress: bool = False,
+        tune: bool = False,
     ) -> dict[str, Any]:
         """The evaluation protocol (docs/reference.md) on a split of the corpus the model was
         trained on (or of `data`): what `lstm-lm eval` prints. `protocol` in the result
         names what was measured: "static" (the default), "neural cache" with `cache`, or
         "dynamic evaluation" with `dynamic` (one stream: batch_size is 1), each with its
-        settings. `progress` shows a progress bar on stderr."""
+        settings. With `tune`, the settings are first fitted on the valid split (`tune_cache`,
+        `tune_dynamic`; `tuned` in the result says how). `progress` shows a progress bar on stderr."""
         import time
 
         from lstm_lm.data import Streams
         from lstm_lm.evaluation.evaluate import evaluate, perplexity_of
+        from lstm_lm.evaluation.protocols import exclusions
 
         check_all(split=split, data=data, batch_size=batch_size, progress=progress)
-        if cache is not None and dynamic is not None:
-            raise ConfigError(
-                ["the neural cache and dynamic evaluation are measured one at a time; choose one"], "command line"
-            )
+        if problems := exclusions(cache is not None, dynamic is not None, tune, {}, batch_size):
+            raise ConfigError(problems, "command line")
+        tuned = self._tune(cache, dynamic, data, batch_size, progress) if tune else None
+        if tuned:
+            cache, dynamic = (tuned["settings"], None) if cache is not None else (None, tuned["settings"])
         corpus = self._corpus(data)
         ids = corpus.splits[split]
         bsz = 1 if dynamic is not None else batch_size if batch_size is not None else self.config.train.eval_batch_size
-        if dynamic is not None and batch_size not in (None, 1):
-            raise ConfigError(
-                [
-                    f"--batch-size: dynamic evaluation reads one stream (batch 1), got {batch_size}: "
-                    "streams sharing the adapted weights would each learn from later text"
-                ],
-                "command line",
-            )
         if len(ids) < 2 * bsz:
             raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
         bptt = self.config.train.bptt
@@ -284,6 +280,9 @@ class LanguageModel:
             }
         if self.kind == "char":
             out["bits_per_char"] = out["loss"] / math.log(2)
+        if tuned:
+            best = min(tuned["trials"], key=lambda t: t["loss"])
+            out["tuned"] = tuned["search"] | {"valid_perplexity": best["perplexity"]}
         return out | {
             "batch_size": bsz,
             "bptt": dynamic.segment if dynamic else bptt,
@@ -291,6 +290,20 @@ class LanguageModel:
             "data": corpus.source.spec,
             "seconds": round(time.perf_counter() - started, 1),
         }
+
+    def _tune(self, cache, dynamic, data, batch_size, progress) -> dict[str, Any]:
+        """The settings fitted on valid for the protocol `cache` or `dynamic` picks, logged."""
+        if cache is not None:
+            tuned = self.tune_cache(data, batch_size, progress=progress)
+        else:
+            tuned = self.tune_dynamic(data, dynamic.rule, dynamic.segment, progress=progress)
+        best = min(tuned["trials"], key=lambda t: t["loss"])
+        log(
+            f"tuned on valid ({tuned['search']['trials']} trials, {tuned['search']['tokens']:,} tokens): "
+            + ", ".join(f"{k}={v}" for k, v in tuned["settings"].to_dict().items())
+            + f" (valid perplexity {best['perplexity']:.2f})"
+        )
+        return tuned
 
     def _gradient_statistics(self, corpus, dynamic: DynamicEval, progress: bool):
         """The rms rule's mean squared gradients, over the first STATS_TOKENS of the training split."""
