@@ -163,8 +163,20 @@ def setting_flags(command):
     signature = pyinspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.name != "options"]
     flags = {}  # parameter name -> flag
-    for panel, (_, kind) in protocols().items():
-        for f in settings_fields(kind) if kind else ():
+    for panel, (flag, kind, help_) in protocols().items():
+        if kind is None:
+            continue
+        flags[flag.removeprefix("--")] = flag
+        option = typer.Option(flag, help=help_, rich_help_panel=panel.capitalize())
+        params.append(
+            pyinspect.Parameter(
+                flag.removeprefix("--"),
+                pyinspect.Parameter.KEYWORD_ONLY,
+                default=False,
+                annotation=Annotated[bool, option],
+            )
+        )
+        for f in settings_fields(kind):
             flags[f.name] = f.metadata["flag"]
             help_, where = setting_help(kind, f.name), panel.capitalize()
             option = typer.Option(f.metadata["flag"], help=help_, rich_help_panel=where)
@@ -190,6 +202,33 @@ def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
     return ConfigError(named, e.origin)
 
 
+# `lstm-lm train`'s options beyond the config shortcuts of TRAIN_FLAGS.
+_CONFIG = typer.Option(
+    "--config",
+    "-c",
+    help="YAML recipe: a file, or a built-in recipe's name (demo, ptb-small, ptb-cpu-30min ...; see configs/). "
+    "Default: the demo recipe when --data is not given either.",
+)
+_DATA = typer.Option(
+    "--data",
+    "-d",
+    help="Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG "
+    "(data.source).",
+)
+_OUT = typer.Option(
+    "--out",
+    "-o",
+    help="Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo for the demo).",
+)
+_RESUME = typer.Option("--resume", help="Continue the run in --out from its last saved checkpoint.")
+_OVERWRITE = typer.Option("--overwrite", help="Start afresh in an --out that already holds a run, deleting that run.")
+_SET = typer.Option(
+    "--set",
+    help="Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5; the value is "
+    "read as the field's type.",
+)
+
+
 @app.command(
     epilog=(
         "**Examples**\n\n"
@@ -203,55 +242,12 @@ def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
 )
 @config_flags(TRAIN_FLAGS)
 def train(
-    config: Annotated[
-        Optional[str],
-        typer.Option(
-            "--config",
-            "-c",
-            help=(
-                "YAML recipe: a file, or a built-in recipe's name (demo, ptb-small, ptb-cpu-30min ...; see "
-                "configs/). Default: the demo recipe when --data is not given either."
-            ),
-        ),
-    ] = None,
-    data: Annotated[
-        Optional[str],
-        typer.Option(
-            "--data",
-            "-d",
-            help=(
-                "Corpus: 'demo', a directory with train/valid/test.txt, a text file, or a hub dataset NAME:CONFIG"
-                " (data.source)."
-            ),
-        ),
-    ] = None,
-    out: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--out",
-            "-o",
-            help=(
-                "Run directory. Default: runs/NAME, NAME being the config file's or the data's name (runs/demo "
-                "for the demo)."
-            ),
-        ),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last saved checkpoint.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Start afresh in an --out that already holds a run, deleting that run.")
-    ] = False,
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--set",
-            help=(
-                "Override any config field: section.key=value (repeatable), e.g. --set model.dropout=0.5; the "
-                "value is read as the field's type."
-            ),
-        ),
-    ] = None,
+    config: Annotated[Optional[str], _CONFIG] = None,
+    data: Annotated[Optional[str], _DATA] = None,
+    out: Annotated[Optional[Path], _OUT] = None,
+    resume: Annotated[bool, _RESUME] = False,
+    overwrite: Annotated[bool, _OVERWRITE] = False,
+    set_: Annotated[Optional[list[str]], _SET] = None,
     values: dict | None = None,
 ) -> None:
     """Train a language model; the best model by validation loss is kept in the run directory.
@@ -349,24 +345,6 @@ def eval_(
         Optional[str],
         typer.Option(callback=_precision, help="auto, fp32 or bf16. Default: the run's own setting (train.precision)."),
     ] = None,
-    cache: Annotated[
-        bool,
-        typer.Option(
-            "--cache",
-            help="Mix in the neural cache (Grave et al. 2017): the words that followed the most similar recent "
-            "hidden states.",
-            rich_help_panel="Neural cache",
-        ),
-    ] = False,
-    dynamic: Annotated[
-        bool,
-        typer.Option(
-            "--dynamic",
-            help="Dynamic evaluation (Krause et al. 2018): score each segment, then take a gradient step on it. "
-            "One stream (batch 1).",
-            rich_help_panel="Dynamic evaluation",
-        ),
-    ] = False,
     tune: Annotated[
         bool,
         typer.Option(
@@ -389,7 +367,7 @@ def eval_(
     from lstm_lm.inference.api import LanguageModel
 
     with user_errors():
-        protocol, settings = choose(cache, dynamic, tune, options, batch_size)
+        protocol, settings = choose(options, tune, batch_size)
         lm = LanguageModel.load(checkpoint, device, precision=precision)
         result = lm.evaluate(
             split,
@@ -458,16 +436,9 @@ def long_range(
     between the region and the language. Prints the table; writes results.json,
     results.csv and accuracy_vs_gap.png (with matplotlib) into --out.
     """
-    from lstm_lm import cells as registry
-    from lstm_lm.config import is_device_name
-    from lstm_lm.errors import ConfigError
-    from lstm_lm.experiment import Budget, parse_list, results_table
-    from lstm_lm.experiment import long_range as run
-    from lstm_lm.plots import PLOT_HINT, plot_long_range
+    from lstm_lm.experiment import Budget, long_range_command
 
     with user_errors():
-        if not is_device_name(device):
-            raise ConfigError([f"--device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}"], "command line")
         budget = Budget(
             steps=steps,
             lstm_hidden=hidden,
@@ -477,13 +448,7 @@ def long_range(
             device=device,
             seed=seed,
         )
-        chosen = list(registry.names()) if cells.strip() == "all" else parse_list(cells, "cells", registry.names())
-        results = run(parse_list(gaps, "gaps"), chosen, out, budget)
-        png = plot_long_range(results, out / "accuracy_vs_gap.png")
-        emit(results_table(results))
-    typer.echo(f"wrote {out / 'results.json'}, {out / 'results.csv'}" + (f" and {png}" if png else ""), err=True)
-    if png is None:
-        typer.echo(PLOT_HINT, err=True)
+        emit(long_range_command(gaps, cells, out, budget))
 
 
 @app.command(

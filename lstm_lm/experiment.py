@@ -246,6 +246,22 @@ def long_range(gaps: list[int], cells: list[str], out_dir: str | Path, budget: B
     return results
 
 
+def long_range_command(gaps: str, cells: str, out_dir: Path, budget: Budget) -> str:
+    """`lstm-lm experiment long-range`: parse its lists, run, draw; the table it prints."""
+    from lstm_lm.config import is_device_name
+    from lstm_lm.plots import PLOT_HINT, plot_long_range
+
+    if not is_device_name(budget.device):
+        raise ConfigError([f"--device: must be auto, cpu, cuda, cuda:N or mps, got {budget.device!r}"], "command line")
+    chosen = list(registry.names()) if cells.strip() == "all" else parse_list(cells, "cells", registry.names())
+    results = long_range(parse_list(gaps, "gaps"), chosen, out_dir, budget)
+    png = plot_long_range(results, out_dir / "accuracy_vs_gap.png")
+    log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}" + (f" and {png}" if png else ""))
+    if png is None:
+        log(PLOT_HINT)
+    return results_table(results)
+
+
 def write_results(results: dict, out_dir: Path) -> None:
     write_json(out_dir / "results.json", results)
     table = io.StringIO()

@@ -105,71 +105,21 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     else:
         maps.append((f"memory {memory_name}", memory, None))
     fig_h = 2.6 + 1.55 * len(maps)
-    fig, axes = plt.subplots(
-        1 + len(maps),
-        1,
-        figsize=(max(7.0, 0.42 * len(tokens) + 2), fig_h),
-        gridspec_kw={"height_ratios": [1.6] + [1] * len(maps)},
-        sharex=True,
-    )
+    size = (max(7.0, 0.42 * len(tokens) + 2), fig_h)
+    ratios = {"height_ratios": [1.6] + [1] * len(maps)}
+    fig, axes = plt.subplots(1 + len(maps), 1, figsize=size, gridspec_kw=ratios, sharex=True)
     x = np.arange(len(tokens))
-    ax = axes[0]
-    for name, values in gates.items():
-        ax.plot(x, np.array(values).mean(1), marker="o", ms=3, lw=1.8, label=f"{name} gate (mean)")
-    ax.set_ylabel("gate (mean)")
-    ax.set_ylim(0, 1)
-    if not gates:
-        ax.set_ylabel("")
-        ax.set_yticks([])
-        ax.text(
-            0.02,
-            0.5,
-            "this cell has no gates:\nit rewrites its whole state at every step",
-            transform=ax.transAxes,
-            fontsize=9,
-            va="center",
-            color="dimgray",
-        )
-    ax.grid(alpha=0.3)
-    norm_ax = ax.twinx()
-    norm = np.linalg.norm(memory, axis=1)
-    norm_ax.plot(x, norm, color="black", ls="--", lw=1.5, label=f"|{memory_name}| (norm)")
-    if swap:
-        norm_ax.plot(
-            x,
-            swap["distance"],
-            color="#d62728",
-            lw=2.2,
-            label=f"|{memory_name} - {memory_name}'|, {memory_name}' with {swap['other']} for {swap['word']}",
-        )
-    norm_ax.set_ylabel(f"|{memory_name}| (norm)")
-    (lines, labels), (more, more_labels) = ax.get_legend_handles_labels(), norm_ax.get_legend_handles_labels()
-    ax.legend(
-        lines + more,
-        labels + more_labels,
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.0),
-        fontsize=8,
-        ncol=3,
-        frameon=False,
-    )
+    _gate_means(axes[0], x, trace, memory)
+    guesses = ", ".join(f"{w} {p:.0%}" for w, p in trace["guesses"][-1][:3])
     fig.suptitle(
-        f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: "
-        f"{', '.join(f'{w} {p:.0%}' for w, p in trace['guesses'][-1][:3])}",
-        fontsize=11,
+        f"{trace['cell'].upper()} layer {trace['layer']} reading the prompt; next word: {guesses}", fontsize=11
     )
     for ax, (name, values, picked) in zip(axes[1:], maps):
         if picked is None:
             picked = np.argsort(-values.std(0))[:units]  # the units that change most over the prompt
         lo, hi = (0, 1) if name in gates else (-np.abs(values).max(), np.abs(values).max())
-        im = ax.imshow(
-            values[:, picked].T,
-            aspect="auto",
-            cmap="viridis" if name in gates else "coolwarm",
-            vmin=lo,
-            vmax=hi,
-            interpolation="nearest",
-        )
+        cmap = "viridis" if name in gates else "coolwarm"
+        im = ax.imshow(values[:, picked].T, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_ylabel(f"{name}\nunit", fontsize=9)
         ax.set_yticks(range(len(picked)))
         ax.set_yticklabels([str(u) for u in picked], fontsize=6)
@@ -178,6 +128,32 @@ def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | No
     axes[-1].set_xticklabels(tokens, rotation=45, ha="right", fontsize=9)
     axes[-1].set_xlabel("prompt token (each column: the state after reading it)")
     return _save(fig, path)
+
+
+def _gate_means(ax, x, trace: dict, memory) -> None:
+    """The top panel: each gate's mean over units, and the memory's norm (and the swap's distance)."""
+    import numpy as np
+
+    gates, swap, memory_name = trace["gates"], trace.get("swap"), trace["memory"]
+    for name, values in gates.items():
+        ax.plot(x, np.array(values).mean(1), marker="o", ms=3, lw=1.8, label=f"{name} gate (mean)")
+    ax.set_ylabel("gate (mean)")
+    ax.set_ylim(0, 1)
+    if not gates:
+        ax.set_ylabel("")
+        ax.set_yticks([])
+        note = "this cell has no gates:\nit rewrites its whole state at every step"
+        ax.text(0.02, 0.5, note, transform=ax.transAxes, fontsize=9, va="center", color="dimgray")
+    ax.grid(alpha=0.3)
+    norm_ax = ax.twinx()
+    norm_ax.plot(x, np.linalg.norm(memory, axis=1), color="black", ls="--", lw=1.5, label=f"|{memory_name}| (norm)")
+    if swap:
+        label = f"|{memory_name} - {memory_name}'|, {memory_name}' with {swap['other']} for {swap['word']}"
+        norm_ax.plot(x, swap["distance"], color="#d62728", lw=2.2, label=label)
+    norm_ax.set_ylabel(f"|{memory_name}| (norm)")
+    (lines, labels), (more, more_labels) = ax.get_legend_handles_labels(), norm_ax.get_legend_handles_labels()
+    where = {"loc": "lower center", "bbox_to_anchor": (0.5, 1.0)}
+    ax.legend(lines + more, labels + more_labels, **where, fontsize=8, ncol=3, frameon=False)
 
 
 def plot_run(name: str, logs: dict[str, list[dict]], path: str | Path) -> Path | None:

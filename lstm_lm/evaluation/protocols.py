@@ -139,16 +139,36 @@ class DynamicEval:
         return asdict(self)
 
 
-def protocols() -> dict[str, tuple[str, type | None]]:
-    """Each protocol: the option that picks it and its settings class."""
-    return {STATIC: ("", None), CACHE: ("--cache", NeuralCache), DYNAMIC: ("--dynamic", DynamicEval)}
+class Protocol(typing.NamedTuple):
+    flag: str  # the option that picks it ("" for the default)
+    settings: type | None  # its settings class
+    help: str
+
+
+def protocols() -> dict[str, Protocol]:
+    """Each protocol by name, the static one (the default) first."""
+    return {
+        STATIC: Protocol("", None, "The model's own probabilities, read in bptt chunks with the state carried."),
+        CACHE: Protocol(
+            "--cache",
+            NeuralCache,
+            "Mix in the neural cache (Grave et al. 2017): the words that "
+            "followed the most similar recent hidden states.",
+        ),
+        DYNAMIC: Protocol(
+            "--dynamic",
+            DynamicEval,
+            "Dynamic evaluation (Krause et al. 2018): score each segment, "
+            "then take a gradient step on it. One stream (batch 1).",
+        ),
+    }
 
 
 def exclusions(cache: bool, dynamic: bool, tune: bool, given: dict[str, Any], batch_size: int | None) -> list[str]:
     """What the protocols do not allow together; `given` holds the setting flags given a value."""
     chosen = {CACHE: cache, DYNAMIC: dynamic}
     problems = []
-    for protocol, (flag, kind) in protocols().items():
+    for protocol, (flag, kind, _) in protocols().items():
         if kind is None or chosen[protocol]:
             continue
         problems += [
@@ -168,16 +188,11 @@ def exclusions(cache: bool, dynamic: bool, tune: bool, given: dict[str, Any], ba
     return problems
 
 
-def choose(
-    cache: bool = False,
-    dynamic: bool = False,
-    tune: bool = False,
-    options: dict[str, Any] | None = None,
-    batch_size: int | None = None,
-) -> tuple[str, Any]:
-    """The protocol the options pick and its settings (the defaults where none is given);
-    every problem together in one ConfigError."""
-    options = options or {}
+def choose(options: dict[str, Any], tune: bool = False, batch_size: int | None = None) -> tuple[str, Any]:
+    """The protocol the options pick ({"--cache": True, "--theta": 0.5, ...}: the command
+    line's) and its settings (the defaults where none is given); every problem together
+    in one ConfigError."""
+    cache, dynamic = bool(options.get("--cache")), bool(options.get("--dynamic"))
     problems = exclusions(cache, dynamic, tune, options, batch_size)
     if problems:
         raise ConfigError(problems, "command line")

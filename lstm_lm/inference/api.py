@@ -28,11 +28,10 @@ from lstm_lm.arguments import check, check_all, check_texts
 from lstm_lm.config import Config, choices
 from lstm_lm.data import EOS
 from lstm_lm.errors import ArgumentError, ConfigError, DataError, PromptError
-from lstm_lm.evaluation.dynamic_eval import DynamicEval
-from lstm_lm.evaluation.neural_cache import NeuralCache
+from lstm_lm.evaluation.protocols import DynamicEval, NeuralCache
 from lstm_lm.inference.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.model import LSTMLanguageModel, State
-from lstm_lm.utils import autocast, log, pick_device, pick_precision, progress_bar
+from lstm_lm.utils import autocast, pick_device, pick_precision
 
 
 class LanguageModel:
@@ -53,7 +52,7 @@ class LanguageModel:
         self.precision = precision
         self.kind = config.data.tokenizer  # word, char or bpe
         self._pieces: WordPieces | None = None
-        self._statistics: dict = {}  # dynamic evaluation's gradient statistics, for one setting
+        self.kept_statistics: dict = {}  # dynamic evaluation's gradient statistics, kept for one setting
 
     @classmethod
     def load(
@@ -201,7 +200,8 @@ class LanguageModel:
             raise PromptError("no texts to score")
         return math.exp(min(-sum(s["logprob"] for s in scores) / tokens, 700.0))
 
-    def _corpus(self, data: str | None):
+    def corpus(self, data: str | None = None):
+        """The corpus the model was trained on, or `data` (a path or hub name) read with its tokenizer."""
         from lstm_lm.data import load_corpus
 
         try:
@@ -225,131 +225,18 @@ class LanguageModel:
         trained on (or of `data`): what `lstm-lm eval` prints. `protocol` in the result
         names what was measured: "static" (the default), "neural cache" with `cache`, or
         "dynamic evaluation" with `dynamic` (one stream: batch_size is 1), each with its
-        settings. With `tune`, the settings are first fitted on the valid split (`tune_cache`,
-        `tune_dynamic`; `tuned` in the result says how). `progress` shows a progress bar on stderr."""
-        import time
+        settings. With `tune`, the settings are first fitted on the valid split (`tuned` in
+        the result says how). `progress` shows a progress bar on stderr."""
+        from lstm_lm.evaluation import run
 
-        from lstm_lm.data import Streams
-        from lstm_lm.evaluation.evaluate import evaluate, perplexity_of
-        from lstm_lm.evaluation.protocols import exclusions
+        return run.evaluate(self, split, data, batch_size, cache, dynamic, progress, tune)
 
-        check_all(split=split, data=data, batch_size=batch_size, progress=progress)
-        if problems := exclusions(cache is not None, dynamic is not None, tune, {}, batch_size):
-            raise ConfigError(problems, "command line")
-        tuned = self._tune(cache, dynamic, data, batch_size, progress) if tune else None
-        if tuned:
-            cache, dynamic = (tuned["settings"], None) if cache is not None else (None, tuned["settings"])
-        corpus = self._corpus(data)
-        ids = corpus.splits[split]
-        bsz = 1 if dynamic is not None else batch_size if batch_size is not None else self.config.train.eval_batch_size
-        if len(ids) < 2 * bsz:
-            raise DataError(f"the {split} split has {len(ids)} tokens, too few for batch size {bsz}")
-        bptt = self.config.train.bptt
-        stream = Streams(ids, bsz, self.device)
-        started = time.perf_counter()
-        out: dict[str, Any] = {"split": split}
-        if cache is not None:
-            from lstm_lm.evaluation.neural_cache import cache_log_probs, collect
+    def tune_cache(self, data: str | None = None, batch_size: int | None = None, progress: bool = False) -> dict:
+        """Fit the neural cache's settings on the validation split (evaluation/run.py:
+        {"settings": NeuralCache, "search": what was tried, "trials": each result})."""
+        from lstm_lm.evaluation import run
 
-            with progress_bar(stream.numel(), f"neural cache on {split}", progress) as bar:
-                chunks = collect(self.model, stream, bptt, self.precision, bar)
-            static = perplexity_of(torch.cat([logp for _, logp, _ in chunks]))
-            result = perplexity_of(cache_log_probs(chunks, cache)[0])
-            out |= {"protocol": "neural cache", "settings": cache.to_dict()} | result
-            out["static_perplexity"] = static["perplexity"]
-        elif dynamic is not None:
-            from lstm_lm.evaluation.dynamic_eval import dynamic_log_probs
-
-            stats, stats_info = self._gradient_statistics(corpus, dynamic, progress)
-            with progress_bar(stream.size(0) - 1, f"dynamic evaluation on {split}", progress) as bar:
-                log_probs = dynamic_log_probs(
-                    self.model, stream[0 : stream.size(0)], dynamic, stats, self.precision, bar
-                )
-            out |= {"protocol": "dynamic evaluation", "settings": dynamic.to_dict()} | perplexity_of(log_probs)
-            if stats_info:
-                out["gradient_statistics"] = stats_info
-        else:
-            result = evaluate(self.model, stream, bptt, self.precision)
-            out |= {
-                "protocol": "static",
-                "perplexity": result["perplexity"],
-                "loss": result["loss"],
-                "tokens": result["tokens"],
-                "top1_accuracy": result["top1_accuracy"],
-                "top5_accuracy": result["top5_accuracy"],
-            }
-        if self.kind == "char":
-            out["bits_per_char"] = out["loss"] / math.log(2)
-        if tuned:
-            best = min(tuned["trials"], key=lambda t: t["loss"])
-            out["tuned"] = tuned["search"] | {"valid_perplexity": best["perplexity"]}
-        return out | {
-            "batch_size": bsz,
-            "bptt": dynamic.segment if dynamic else bptt,
-            "precision": self.precision,
-            "data": corpus.source.spec,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-
-    def _tune(self, cache, dynamic, data, batch_size, progress) -> dict[str, Any]:
-        """The settings fitted on valid for the protocol `cache` or `dynamic` picks, logged."""
-        if cache is not None:
-            tuned = self.tune_cache(data, batch_size, progress=progress)
-        else:
-            tuned = self.tune_dynamic(data, dynamic.rule, dynamic.segment, progress=progress)
-        best = min(tuned["trials"], key=lambda t: t["loss"])
-        log(
-            f"tuned on valid ({tuned['search']['trials']} trials, {tuned['search']['tokens']:,} tokens): "
-            + ", ".join(f"{k}={v}" for k, v in tuned["settings"].to_dict().items())
-            + f" (valid perplexity {best['perplexity']:.2f})"
-        )
-        return tuned
-
-    def _gradient_statistics(self, corpus, dynamic: DynamicEval, progress: bool):
-        """The rms rule's mean squared gradients, over the first STATS_TOKENS of the training split."""
-        from lstm_lm.data import to_tensor
-        from lstm_lm.evaluation.dynamic_eval import STATS_TOKENS, gradient_statistics
-
-        if dynamic.rule != "rms":
-            return None, None
-        train_ids = corpus.splits["train"][: STATS_TOKENS + 1]
-        if len(train_ids) < 2:
-            raise DataError("the rms rule needs training text for its gradient statistics; the train split is empty")
-        info = {"split": "train", "tokens": len(train_ids) - 1}
-        key = (corpus.source.spec, dynamic.segment, info["tokens"], self.precision)
-        if key not in self._statistics:  # kept: --tune and the evaluation after it share them
-            stream = to_tensor(train_ids, self.device)[:, None]
-            with progress_bar(info["tokens"], "gradient statistics on train", progress) as bar:
-                self._statistics = {key: gradient_statistics(self.model, stream, dynamic.segment, self.precision, bar)}
-        return self._statistics[key], info
-
-    def tune_cache(
-        self, data: str | None = None, batch_size: int | None = None, progress: bool = False
-    ) -> dict[str, Any]:
-        """Fit the neural cache's settings on the validation split: one static pass, then
-        every (window, theta, lambda) of neural_cache's grid over the stored states.
-        Returns {"settings": NeuralCache, "search": what was tried, "trials": each result}."""
-        from lstm_lm.data import Streams
-        from lstm_lm.evaluation.neural_cache import TUNE_LAMBDAS, TUNE_THETAS, TUNE_WINDOWS, collect, tune
-
-        check_all(data=data, batch_size=batch_size, progress=progress)
-        corpus = self._corpus(data)
-        bsz = batch_size if batch_size is not None else self.config.train.eval_batch_size
-        stream = Streams(corpus.splits["valid"], bsz, self.device)
-        with progress_bar(stream.numel(), "tuning the cache on valid: states", progress) as bar:
-            chunks = collect(self.model, stream, self.config.train.bptt, self.precision, bar)
-        with progress_bar(len(TUNE_WINDOWS) * len(TUNE_THETAS), "tuning the cache on valid: settings", progress) as bar:
-            best, trials = tune(chunks, progress=bar)
-        search = {
-            "split": "valid",
-            "tokens": stream.numel() - stream.size(1),
-            "batch_size": bsz,
-            "windows": list(TUNE_WINDOWS),
-            "thetas": list(TUNE_THETAS),
-            "lambdas": list(TUNE_LAMBDAS),
-            "trials": len(trials),
-        }
-        return {"settings": best, "search": search, "trials": trials}
+        return run.tune_cache(self, data, batch_size, progress)
 
     def tune_dynamic(
         self,
@@ -358,32 +245,12 @@ class LanguageModel:
         segment: int = 20,
         tokens: int | None = None,
         progress: bool = False,
-    ) -> dict[str, Any]:
-        """Fit dynamic evaluation's step size, then its decay, on the first `tokens`
-        (default TUNE_TOKENS) of the validation split. Returns {"settings": DynamicEval,
-        "search": what was tried, "trials": each result}."""
-        from lstm_lm.data import to_tensor
-        from lstm_lm.evaluation.dynamic_eval import TUNE_DECAYS, TUNE_LRS, TUNE_TOKENS, DynamicEval, tune
+    ) -> dict:
+        """Fit dynamic evaluation's step size, then its decay, on the start of the validation
+        split (evaluation/run.py: {"settings": DynamicEval, "search", "trials"})."""
+        from lstm_lm.evaluation import run
 
-        check_all(data=data, segment=segment, tokens=tokens, progress=progress)
-        corpus = self._corpus(data)
-        probe = DynamicEval(segment=segment, rule=rule)
-        stats, _ = self._gradient_statistics(corpus, probe, progress)
-        ids = corpus.splits["valid"][: (tokens or TUNE_TOKENS) + 1]
-        if len(ids) < 2:
-            raise DataError("the valid split is empty: nothing to tune on")
-        stream = to_tensor(ids, self.device)[:, None]
-        passes = len(TUNE_LRS[rule]) + len(TUNE_DECAYS)
-        with progress_bar(passes, "tuning dynamic evaluation on valid", progress) as bar:
-            best, trials = tune(self.model, stream, segment, rule, stats, self.precision, bar)
-        search = {
-            "split": "valid",
-            "tokens": stream.size(0) - 1,
-            "lrs": list(TUNE_LRS[rule]),
-            "decays": [0.0, *TUNE_DECAYS],
-            "trials": len(trials),
-        }
-        return {"settings": best, "search": search, "trials": trials}
+        return run.tune_dynamic(self, data, rule, segment, tokens, progress)
 
     # -- inside the model ---------------------------------------------------------------
 

@@ -423,6 +423,24 @@ def access_token(host: str, token: str | None, no_token: bool) -> str | None:
     return secrets.token_urlsafe(24)
 
 
+def listen(host: str, port: int):
+    """A socket listening on host:port (an IPv6 address in brackets in the URL), and its URL."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise LSTMLMError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.listen(2048)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    return sock, f"http://{shown}:{sock.getsockname()[1]}"
+
+
 def run_server(
     checkpoint: str | Path,
     host: str = "127.0.0.1",
@@ -436,7 +454,6 @@ def run_server(
     finish the requests in flight and return. `threads`: PyTorch's CPU threads. Beyond
     loopback, requests need an access token (`token`, or one made and printed here)."""
     import signal
-    import socket
 
     import torch
     import uvicorn
@@ -446,18 +463,7 @@ def run_server(
     token = access_token(host, token, no_token)
     torch.set_num_threads(threads)
     lm = LanguageModel.load(checkpoint, device)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-        raise LSTMLMError(f"cannot listen on {host}:{port}: {why}") from None
-    sock.listen(2048)
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    url = f"http://{shown}:{sock.getsockname()[1]}"
+    sock, url = listen(host, port)
     opening = f"{url}/?token={token}" if token else url
     needs = f"; the API needs the header Authorization: Bearer {token}" if token else ""
 

@@ -74,7 +74,7 @@ def _train(
         if world.main:
             mark_run(run_dir)  # what makes the folder a run: only lstm-lm's runs are ever resumed or cleared
         if resume:
-            trainer.resume()
+            trainer.checkpoints.resume()
         else:
             world.barrier()  # every rank has looked at the directory before rank 0 clears it
             if world.main:

@@ -2,7 +2,7 @@
 learning-rate policy, optional NT-ASGD weight averaging, validation and checkpoints.
 
     trainer = Trainer(cfg, run_dir, world, clock, RunLog(run_dir))
-    trainer.resume()            # or start afresh
+    trainer.checkpoints.resume()   # or start afresh
     summary = trainer.fit()
 
 train.py sets a run up (its directory, its lock, the process group) around this.
@@ -201,42 +201,9 @@ class Trainer:
         self.average: WeightAverage | None = None  # NT-ASGD's, once it has begun
         self.meter = LossMeter(self.device)
         self.stop = StopSignals()
-        self.segment_start = self.last_save = time.perf_counter()
-        self.saved: tuple[int, Path] | None = None  # (step, directory) of the last save
+        self.segment_start = time.perf_counter()
+        self.checkpoints = Checkpoints(self)
         self.compile_logged = False  # the first compiled step's time, logged once
-
-    def resume(self) -> None:
-        """Continue from the run's last checkpoint: its weights, optimizer, RNG, hidden state and TrainState."""
-        t = self.t
-        ckpt = last_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise CheckpointError(
-                f"cannot resume: {self.run_dir} holds no saved training state (start it without --resume)"
-            )
-        self.state, self.hidden, extra = load_training_state(ckpt, self.model, self.optimizer, self.device)
-        s = self.state
-        if self.world.enabled:
-            self.hidden = take_share(self.world, self.hidden, extra, self.device, reseed=t.seed + s.step)
-        self.lr.resumed(s)
-        if s.averaging_since is not None:
-            self.average = restore_average(self.model, extra)
-        if s.epoch > t.epochs or (t.max_steps is not None and s.step >= t.max_steps):
-            raise ConfigError(
-                [
-                    f"nothing to resume: {self.run_dir} already ran {s.step} steps into epoch {s.epoch}; "
-                    "raise --epochs or --max-steps (or --set train.max_steps=null)"
-                ]
-            )
-        self.clock.before = s.elapsed_s
-        if t.time_budget and self.clock.out_of_time():
-            raise ConfigError(
-                [
-                    f"nothing to resume: {self.run_dir} already used its time budget of "
-                    f"{t.time_budget:g} minutes; raise --time-budget"
-                ]
-            )
-        self.logs.open(resumed_at=s.step)  # the log lines after the checkpoint come again
-        log(f"resuming {self.run_dir} from {ckpt} at epoch {s.epoch}, step {s.step}")
 
     def fit(self) -> dict[str, Any]:
         """Train until the epochs, max_steps or the time budget run out, or a signal
@@ -260,11 +227,12 @@ class Trainer:
                 self._end_of_epoch(whole=s.pos >= self.rows)
             if self.stop.signum is not None:
                 # An epoch's end may have saved this very step already.
-                saved = self.saved[1] if self.saved and self.saved[0] == s.step else self._save(best=False)
+                last = self.checkpoints.saved
+                saved = last[1] if last and last[0] == s.step else self.checkpoints.save(best=False)
                 raise Interrupted(
                     _interrupted(self.stop.name, s, saved, self.run_dir, self.world), exit_code=128 + self.stop.signum
                 )
-        return self._finish()
+        return self.checkpoints.finish()
 
     # -- training -----------------------------------------------------------------------
 
@@ -298,45 +266,50 @@ class Trainer:
                         "grad_norm": gradient_flow(self.model, x, y, self.hidden),
                     },
                 )
-            started = time.perf_counter()
-            loss_fn = self.loss.for_chunk(x.size(0), t.bptt, self.ddp)
-            loss, self.hidden = train_step(
-                self.model,
-                self.optimizer,
-                x,
-                y,
-                self.hidden,
-                t.clip,
-                self.precision,
-                loss_fn,
-                t.ar,
-                t.tar,
-                t.skip_nonfinite,
-            )
-            s.step, s.batch, s.pos = s.step + 1, s.batch + 1, s.pos + x.size(0)
-            if loss is None:  # skip_nonfinite: the update was skipped
-                s.skipped_steps += 1
-                log(f"step {s.step}: the loss or gradient is not finite; update skipped ({s.skipped_steps} so far)")
-            else:
-                if self.average is not None:
-                    self.average.update()
-                if t.compile and not self.compile_logged and x.size(0) == t.bptt:
-                    self.compile_logged = True
-                    loss.item()  # wait for the step, so the time is the compilation's
-                    log(f"compiled the model in {time.perf_counter() - started:.1f} s (first step included)")
-                self.meter.add(loss, y.numel(), s.step)
-                tokens = y.numel() * self.world.size  # the global batch's: every rank runs the same shape
-                s.epoch_tokens += tokens
-                self.meter.tokens += tokens
+            self._step(x, y)
             bar.update(1)
             if s.step % t.log_interval == 0 or s.pos >= self.rows:  # the same steps after a resume
                 self._log_steps(bar)
-            if s.pos < self.rows and self._checkpoint_due():  # an epoch's end saves anyway
-                self._save(best=False)
+            if s.pos < self.rows and self.checkpoints.due():  # an epoch's end saves anyway
+                self.checkpoints.save(best=False)
         bar.close()
-        self._sync()
+        self.sync()
 
-    def _sync(self) -> None:
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on the chunk (x, y), counted in the state and the loss meter."""
+        t, s = self.t, self.state
+        started = time.perf_counter()
+        loss_fn = self.loss.for_chunk(x.size(0), t.bptt, self.ddp)
+        loss, self.hidden = train_step(
+            self.model,
+            self.optimizer,
+            x,
+            y,
+            self.hidden,
+            t.clip,
+            self.precision,
+            loss_fn,
+            t.ar,
+            t.tar,
+            t.skip_nonfinite,
+        )
+        s.step, s.batch, s.pos = s.step + 1, s.batch + 1, s.pos + x.size(0)
+        if loss is None:  # skip_nonfinite: the update was skipped
+            s.skipped_steps += 1
+            log(f"step {s.step}: the loss or gradient is not finite; update skipped ({s.skipped_steps} so far)")
+        else:
+            if self.average is not None:
+                self.average.update()
+            if t.compile and not self.compile_logged and x.size(0) == t.bptt:
+                self.compile_logged = True
+                loss.item()  # wait for the step, so the time is the compilation's
+                log(f"compiled the model in {time.perf_counter() - started:.1f} s (first step included)")
+            self.meter.add(loss, y.numel(), s.step)
+            tokens = y.numel() * self.world.size  # the global batch's: every rank runs the same shape
+            s.epoch_tokens += tokens
+            self.meter.tokens += tokens
+
+    def sync(self) -> None:
         """Fold the device's loss sum into the state (one host sync), stop on a non-finite
         loss, and count the training time so far."""
         summed, bad = self.meter.collect(self.world)
@@ -352,31 +325,16 @@ class Trainer:
         self.segment_start = now
 
     def _log_steps(self, bar) -> None:
-        """Progress bar and a line of steps.jsonl: the mean loss of the steps since the last
-        line and their own tokens/s (the time between the two lines, validation left out),
-        and the mean tokens/s since the epoch began."""
-        s, meter = self.state, self.meter
-        self._sync()
-        if meter.tokens:
-            interval_s, self.logged_time = s.epoch_time_s - self.logged_time, s.epoch_time_s
-            tok_s = meter.tokens / max(interval_s, 1e-9)
-            avg = s.epoch_loss_sum / max(s.epoch_tokens, 1)
-            bar.set_postfix(
-                loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}", lr=f"{s.lr:.3g}", tok_s=f"{tok_s:,.0f}"
-            )
-            self.logs.write(
-                STEPS,
-                {
-                    "step": s.step,
-                    "epoch": s.epoch,
-                    "lr": s.lr,
-                    "loss": meter.loss / meter.tokens,
-                    "tokens_per_s": tok_s,
-                    "epoch_tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9),
-                    "elapsed_s": round(self.clock.elapsed(), 2),
-                },
-            )
-        meter.tokens, meter.loss = 0, 0.0
+        """Progress bar and a line of steps.jsonl (see `steps_record`)."""
+        self.sync()
+        if self.meter.tokens:
+            record = steps_record(self.state, self.meter, self.state.epoch_time_s - self.logged_time, self.clock)
+            self.logged_time = self.state.epoch_time_s
+            avg = self.state.epoch_loss_sum / max(self.state.epoch_tokens, 1)
+            ppl, lr, tok_s = f"{math.exp(min(avg, 50)):.1f}", f"{self.state.lr:.3g}", f"{record['tokens_per_s']:,.0f}"
+            bar.set_postfix(loss=f"{avg:.3f}", ppl=ppl, lr=lr, tok_s=tok_s)
+            self.logs.write(STEPS, record)
+        self.meter.tokens, self.meter.loss = 0, 0.0
 
     def _should_stop(self) -> bool:
         """Time to stop: steps, time or a signal. Every rank of a distributed run stops together."""
@@ -390,17 +348,9 @@ class Trainer:
             self.stop.signum = shared >> 1
         return shared > 0
 
-    def _checkpoint_due(self) -> bool:
-        t = self.t
-        if t.checkpoint_every is not None and self.state.step % t.checkpoint_every == 0:
-            return True
-        if t.checkpoint_minutes is None:
-            return False
-        return self.world.any(time.perf_counter() - self.last_save >= 60 * t.checkpoint_minutes)  # clocks differ
-
     # -- validation, checkpoints and the end --------------------------------------------
 
-    def _eval_weights(self):
+    def eval_weights(self):
         """The weights to validate and save: the NT-ASGD average once it has begun."""
         return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
 
@@ -409,7 +359,7 @@ class Trainer:
         rate; log; save a checkpoint (the new best when validation improved)."""
         t, s = self.t, self.state
         started = time.perf_counter()
-        with self._eval_weights():
+        with self.eval_weights():
             val = evaluate_streams(self.model, self.valid_data, t.bptt, self.precision, self.world)
         if not math.isfinite(val["loss"]):
             raise TrainingError(
@@ -442,46 +392,102 @@ class Trainer:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
         self.segment_start = time.perf_counter()  # the validation is no epoch's training time
-        self._save(
+        self.checkpoints.save(
             best=improved, measured={"step": s.step, "valid_loss": val["loss"], "valid_perplexity": val["perplexity"]}
         )
 
-    def _save(self, best: bool, measured: dict[str, Any] | None = None) -> Path:
+
+class Checkpoints:
+    """A run's step checkpoints: when one is due, writing one (everything --resume needs),
+    and at the end, the best one tested."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.last_save = time.perf_counter()
+        self.saved: tuple[int, Path] | None = None  # (step, directory) of the last save
+
+    def resume(self) -> None:
+        """Continue from the run's last checkpoint: its weights, optimizer, RNG, hidden state and TrainState."""
+        tr = self.trainer
+        t = tr.t
+        ckpt = last_checkpoint(tr.run_dir)
+        if ckpt is None:
+            raise CheckpointError(
+                f"cannot resume: {tr.run_dir} holds no saved training state (start it without --resume)"
+            )
+        tr.state, tr.hidden, extra = load_training_state(ckpt, tr.model, tr.optimizer, tr.device)
+        s = tr.state
+        if tr.world.enabled:
+            tr.hidden = take_share(tr.world, tr.hidden, extra, tr.device, reseed=t.seed + s.step)
+        tr.lr.resumed(s)
+        if s.averaging_since is not None:
+            tr.average = restore_average(tr.model, extra)
+        if s.epoch > t.epochs or (t.max_steps is not None and s.step >= t.max_steps):
+            raise ConfigError(
+                [
+                    f"nothing to resume: {tr.run_dir} already ran {s.step} steps into epoch {s.epoch}; "
+                    "raise --epochs or --max-steps (or --set train.max_steps=null)"
+                ]
+            )
+        tr.clock.before = s.elapsed_s
+        if t.time_budget and tr.clock.out_of_time():
+            raise ConfigError(
+                [
+                    f"nothing to resume: {tr.run_dir} already used its time budget of "
+                    f"{t.time_budget:g} minutes; raise --time-budget"
+                ]
+            )
+        tr.logs.open(resumed_at=s.step)  # the log lines after the checkpoint come again
+        log(f"resuming {tr.run_dir} from {ckpt} at epoch {s.epoch}, step {s.step}")
+
+    def due(self) -> bool:
+        """Whether a step checkpoint is due now (train.checkpoint_every, train.checkpoint_minutes)."""
+        tr = self.trainer
+        t = tr.t
+        if t.checkpoint_every is not None and tr.state.step % t.checkpoint_every == 0:
+            return True
+        if t.checkpoint_minutes is None:
+            return False
+        return tr.world.any(time.perf_counter() - self.last_save >= 60 * t.checkpoint_minutes)  # clocks differ
+
+    def save(self, best: bool, measured: dict[str, Any] | None = None) -> Path:
         """Write a step checkpoint: the weights to evaluate, and everything --resume needs;
         `measured`, the validation just run on these weights, goes into its config.json."""
-        s = self.state
-        self._sync()
-        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all().item():
+        tr = self.trainer
+        s = tr.state
+        tr.sync()
+        if not torch.stack([torch.isfinite(p).all() for p in tr.model.parameters()]).all().item():
             raise TrainingError(
                 f"the weights are not finite numbers at step {s.step}; "
                 "not saving them over the last good checkpoint. Lower the learning rate"
             )
-        s.elapsed_s = self.clock.elapsed()
-        hidden, extra = resume_tensors(self.world, self.hidden, self.average, self.device)
+        s.elapsed_s = tr.clock.elapsed()
+        hidden, extra = resume_tensors(tr.world, tr.hidden, tr.average, tr.device)
 
         def fill(folder: Path) -> None:
-            with self._eval_weights():
-                save_checkpoint(folder, self.model, self.corpus.tokenizer, self.cfg, measured)
-            save_training_state(folder, self.model, self.optimizer, s, hidden, extra)
+            with tr.eval_weights():
+                save_checkpoint(folder, tr.model, tr.corpus.tokenizer, tr.cfg, measured)
+            save_training_state(folder, tr.model, tr.optimizer, s, hidden, extra)
 
-        saved = self.run_dir / CHECKPOINTS / LAST
-        if self.world.main:  # rank 0 alone writes
-            saved = save_step_checkpoint(self.run_dir, s.step, fill, best, self.t.keep_last)
-            update_latest(self.run_dir)
-        self.world.barrier()  # no rank reads a checkpoint before it is whole
+        saved = tr.run_dir / CHECKPOINTS / LAST
+        if tr.world.main:  # rank 0 alone writes
+            saved = save_step_checkpoint(tr.run_dir, s.step, fill, best, tr.t.keep_last)
+            update_latest(tr.run_dir)
+        tr.world.barrier()  # no rank reads a checkpoint before it is whole
         self.last_save = time.perf_counter()
         self.saved = (s.step, saved)
         return saved
 
-    def _finish(self) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint on the test split and summarise the run."""
-        s, t = self.state, self.t
-        best_dir = resolve_checkpoint(self.run_dir)
-        best, _, _ = load_checkpoint(best_dir, self.device)
-        test_data = Streams(self.corpus.splits["test"], t.eval_batch_size, self.device)
-        test_data = test_data[:, self.world.share(t.eval_batch_size, "train.eval_batch_size")]
-        test = evaluate_streams(best, test_data, t.bptt, self.precision, self.world) if test_data.size(0) > 1 else None
-        summary = _summary(s, self.run_dir, best_dir, test, self.clock)
+        tr = self.trainer
+        s, t = tr.state, tr.t
+        best_dir = resolve_checkpoint(tr.run_dir)
+        best, _, _ = load_checkpoint(best_dir, tr.device)
+        test_data = Streams(tr.corpus.splits["test"], t.eval_batch_size, tr.device)
+        test_data = test_data[:, tr.world.share(t.eval_batch_size, "train.eval_batch_size")]
+        test = evaluate_streams(best, test_data, t.bptt, tr.precision, tr.world) if test_data.size(0) > 1 else None
+        summary = _summary(s, tr.run_dir, best_dir, test, tr.clock)
         log(
             f"best model in {summary['best_checkpoint']}: valid ppl {summary['best_valid_perplexity']:.6g}"
             + (f", test ppl {summary['test_perplexity']:.6g}" if test else "")
@@ -511,6 +517,21 @@ class _TrainingLoss(torch.nn.Module):
         if ddp is not None:
             return functools.partial(ddp, compiled=compiled)
         return self.compiled if compiled else None
+
+
+def steps_record(s: TrainState, meter: LossMeter, interval_s: float, clock: Clock) -> dict[str, Any]:
+    """A line of steps.jsonl: the mean loss of the steps since the last line and their own
+    tokens/s (the time between the two lines, validation left out), and the mean tokens/s
+    since the epoch began."""
+    return {
+        "step": s.step,
+        "epoch": s.epoch,
+        "lr": s.lr,
+        "loss": meter.loss / meter.tokens,
+        "tokens_per_s": meter.tokens / max(interval_s, 1e-9),
+        "epoch_tokens_per_s": s.epoch_tokens / max(s.epoch_time_s, 1e-9),
+        "elapsed_s": round(clock.elapsed(), 2),
+    }
 
 
 def evaluate_streams(
