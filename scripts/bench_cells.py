@@ -34,7 +34,11 @@ def worker(cell: str, impl: str, steps: int) -> None:
 
     from lstm_lm.config import ModelConfig
     from lstm_lm.model import LSTMLanguageModel
-    from lstm_lm.training.trainer import train_step
+
+    try:
+        from lstm_lm.training.trainer import train_step
+    except ImportError:  # a version before the training/ subpackage
+        from lstm_lm.trainer import train_step
 
     torch.manual_seed(0)
     cfg = ModelConfig(cell=cell, impl=impl, embedding_size=200, hidden_size=200, num_layers=2, dropout=0.2)

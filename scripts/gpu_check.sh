@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for lstm-lm, in order of importance, each part under a time cap so that one
 # slow part cannot starve the rest (about 10 minutes in all, 13 with --more):
-#   1. the suite's CUDA tests: every cell (LSTM, GRU, RNN) custom vs cuDNN on CUDA, the flat
+#   1. the suite's CUDA tests: every registered cell (lstm_lm/cells/) custom vs cuDNN on CUDA, the flat
 #      weight buffer read in place by cuDNN (no copy warning), no host sync in a training step,
 #      fp32 and bf16 training of each cell, the fused loss (tests/test_gpu.py, test_model.py, test_loss.py);
 #   2. the speed benchmark on CUDA (bench_speed.py --quick): in-process rows (cuDNN and the
@@ -14,7 +14,7 @@
 #   5. 300 steps of ptb-small under DistributedDataParallel (torchrun, one process, NCCL)
 #      against the plain run;
 #   6. the first two epochs of ptb-awd (AWD-LSTM's regularization on cuDNN);
-#   with --more: 7. the long-range experiment (RNN vs LSTM vs GRU) on CUDA, at its default
+#   with --more: 7. the long-range experiment (every cell) on CUDA, at its default
 #   budget; 8. one epoch of ptb-small with the hand-written cell.
 #
 #   scripts/gpu_check.sh [--out DIR] [--data PTB_DIR] [--python PYTHON] [--more]
