@@ -27,7 +27,7 @@ def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
             "--sizes",
             "small",
             "--rows",
-            "cudnn/fp32,custom/bf16,cudnn/fp32/plain-loss",
+            "cudnn/fp32,cudnn/bf16,cudnn/fp32/plain-loss,cudnn/fp32/cell=cifg",
             "--steps",
             "1",
             "--rounds",
@@ -50,17 +50,18 @@ def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
     assert set(rows) == {
         "baseline",
         "cudnn/fp32",
-        "custom/bf16",
+        "cudnn/bf16",
         "cudnn/fp32/plain-loss",
+        "cudnn/fp32/cell=cifg",
         "generate/fp32",
         "generate/bf16",
     }
     assert rows["baseline"]["ratio_vs_baseline"] == 1.0
-    for name in ("baseline", "cudnn/fp32", "custom/bf16", "cudnn/fp32/plain-loss"):
+    for name in ("baseline", "cudnn/fp32", "cudnn/bf16", "cudnn/fp32/plain-loss", "cudnn/fp32/cell=cifg"):
         r = rows[name]
         assert r["tokens_per_s"] > 0 and r["eval_tokens_per_s"] > 0 and 0 < r["peak_share"]
         assert len(r["step_ms_all"]) == 2  # one median over two rounds
-    assert rows["custom/bf16"]["precision"] == "bf16" and not rows["custom/bf16"]["compile"]
+    assert rows["cudnn/bf16"]["precision"] == "bf16" and not rows["cudnn/bf16"]["compile"]
     assert result["peak_flops"]["fp32"] > 0 and result["peak_flops"]["bf16"] > 0
     # the targets that these rows allow are checked, with their figures
     names = [t["target"] for t in result["targets"]]

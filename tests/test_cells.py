@@ -236,19 +236,24 @@ def test_onnx_export_matches(trained_runs, name, opts, tmp_path):
     assert abs(summary["valid_perplexity"]["change"]) < 1e-3 * summary["valid_perplexity"]["pytorch_fp32"]
 
 
-GATED = [name for name in cells.names() if cells.get(name).gate_names]
+# The quickstart's cell learns the full demo (gaps of 0 to 12 words) in test_cli.py's
+# test_demo_end_to_end_answers_tamil, to the same 95%; every other gated cell here.
+DEMO_CELL = ModelConfig().cell
+GATED = [name for name in cells.names() if cells.get(name).gate_names and name != DEMO_CELL]
 
 
 @pytest.mark.parametrize("name", GATED)
 def test_gated_cells_learn_the_demo_corpus(name, tmp_path):
     """>= 95% of held-out biographies get the right language after "I speak": the demo
     recipe's model on biographies whose language follows "I am from X and" (no clauses
-    between: data.gap_max=0), 12 epochs, dropout off. The quickstart's test holds the LSTM
-    to the full demo, gaps of 0 to 12 words; `lstm-lm experiment long-range` every cell."""
+    between: data.gap_max=0), 12 epochs of batches of 64 at AdamW's lr 0.02, dropout off.
+    The quickstart's test holds the LSTM to the full demo, gaps of 0 to 12 words;
+    `lstm-lm experiment long-range` every cell."""
     from lstm_lm.demo import demo_splits
 
     out = tmp_path / name
-    sets = ["data.gap_max=0", "model.dropout=0", "train.epochs=12", "train.checkpoint_minutes=null"]
+    sets = ["data.gap_max=0", "model.dropout=0", "train.epochs=12", "train.batch_size=64", "train.lr=0.02"]
+    sets.append("train.checkpoint_minutes=null")
     sets.append("train.precision=fp32")
     result = runner.invoke(app, ["train", "--cell", name, "--out", str(out), *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
