@@ -277,9 +277,10 @@ def write_results(results: dict, out_dir: Path) -> None:
 def results_table(results: dict) -> str:
     """Accuracy (%) per cell and gap, as aligned text."""
     gaps = results["gaps"]
-    head = f"{'cell':<6} {'units':>5} {'params':>8} " + " ".join(f"{'gap ' + str(g):>7}" for g in gaps)
+    width = max(len("cell"), *(len(cell) for cell in results["cells"]))
+    head = f"{'cell':<{width}} {'units':>5} {'params':>8} " + " ".join(f"{'gap ' + str(g):>7}" for g in gaps)
     rows = [head]
     for cell, r in results["cells"].items():
         accs = " ".join(f"{100 * r['accuracy'][str(g)]:6.1f}%" for g in gaps)
-        rows.append(f"{cell:<6} {r['hidden_size']:>5} {r['parameters']:>8,} {accs}")
+        rows.append(f"{cell:<{width}} {r['hidden_size']:>5} {r['parameters']:>8,} {accs}")
     return "\n".join(rows)

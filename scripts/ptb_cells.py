@@ -82,12 +82,15 @@ def main() -> None:
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        first = next(r for r in records if r.get("complete_epoch"))  # the same tokens seen by every cell
         results["cells"][cell] = {
             "hidden_size": hidden,
             "parameters": load_checkpoint(out)[0].num_parameters(),
             "test_perplexity": summary["test_perplexity"],
             "valid_perplexity": summary["best_valid_perplexity"],
-            "epochs": summary["epochs"],
+            "epochs": round(summary["steps"] / first["step"], 2),
+            "valid_after_one_epoch": first["val_ppl"],
             "steps": summary["steps"],
             "tokens_per_s": sum(s["tokens_per_s"] for s in steps) / len(steps),
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -96,12 +99,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['machine']}; {args.minutes:g} minutes per cell\n")
-    print("| cell | units | parameters | epochs | train tokens/s | valid ppl | test ppl |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| cell | units | parameters | epochs | train tokens/s | valid ppl after 1 epoch | valid ppl | test ppl |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for cell, r in results["cells"].items():
         print(
             f"| {cell} | {r['hidden_size']} | {r['parameters']:,} | {r['epochs']} | {r['tokens_per_s']:,.0f} "
-            f"| {r['valid_perplexity']:.2f} | {r['test_perplexity']:.2f} |"
+            f"| {r['valid_after_one_epoch']:.2f} | {r['valid_perplexity']:.2f} | {r['test_perplexity']:.2f} |"
         )
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_sets, write_tiny_corpus
+from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
-from lstm_lm import cells
+from lstm_lm import LanguageModel, cells
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig, load_config
@@ -218,9 +218,38 @@ def test_save_load_resume_and_every_command(trained_runs, name, opts, tmp_path):
     ):
         result = runner.invoke(app, [*args[:1], "--checkpoint", str(run), *args[1:]])
         assert result.exit_code == 0, (args, result.output)
+    result = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "curves.png")])
+    assert result.exit_code == 0, result.output
+    lm = LanguageModel.load(run)  # the API, and a session fed word by word
+    session, whole = lm.session("the cat"), lm.session("the cat sat on")
+    session.feed("sat on")
+    torch.testing.assert_close(session.probabilities(), whole.probabilities(), atol=1e-6, rtol=1e-5)
+    assert [w for w, _ in lm.next_words("the cat sat on", 3)] == [w for w, _ in whole.next_words(3)]
     result = runner.invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
+def test_stopped_and_resumed_is_never_stopped(name, opts, tmp_path):
+    """Two layers with dropout and weight drop, stopped mid-epoch and resumed: the same weights
+    and optimizer state as the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from lstm_lm.training.rundir import last_checkpoint
+    from lstm_lm.training.train import train
+
+    data = write_tiny_corpus(tmp_path / "data")
+    sets = [*tiny_overrides(data), *(f"model.{k}={v}" for k, v in opts.items()), "model.tie_weights=false"]
+    sets += ["model.num_layers=2", "model.dropout=0.3", "model.weight_drop=0.3", "train.epochs=2"]
+    train(load_config(None, sets), tmp_path / "whole")
+    train(load_config(None, [*sets, "train.max_steps=5"]), tmp_path / "parts")
+    train(load_config(None, sets), tmp_path / "parts", resume=True)
+    a, b = (load_file(str(last_checkpoint(tmp_path / r) / "training_state.safetensors")) for r in ("whole", "parts"))
+    assert [k for k in a if k.startswith("model.")]
+    for key in a:
+        if key.startswith(("model.", "optim.")):
+            assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
@@ -242,8 +271,40 @@ DEMO_CELL = ModelConfig().cell
 GATED = [name for name in cells.names() if cells.get(name).gate_names and name != DEMO_CELL]
 
 
+LEARN = ["data.gap_max=0", "model.dropout=0", "train.epochs=12", "train.batch_size=64", "train.lr=0.02"]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """Each gated cell trained on the demo as LEARN sets it, all at once: one `lstm-lm train`
+    process per cell, one thread each (small models gain little from a second thread, and
+    the cells then share the machine's cores)."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("learned")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    sets = [a for s in [*LEARN, "train.checkpoint_minutes=null", "train.precision=fp32"] for a in ("--set", s)]
+    logs = {name: open(root / f"{name}.log", "w+") for name in GATED}  # noqa: SIM115 (closed below)
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "lstm_lm", "train", "--cell", name, "--out", str(root / name), *sets],
+            env=env,
+            cwd=root,
+            stdout=logs[name],
+            stderr=subprocess.STDOUT,
+        )
+        for name in GATED
+    }
+    codes = {name: run.wait() for name, run in runs.items()}
+    for f in logs.values():
+        f.close()
+    return {name: (root / name, codes[name], (root / f"{name}.log").read_text()) for name in GATED}
+
+
 @pytest.mark.parametrize("name", GATED)
-def test_gated_cells_learn_the_demo_corpus(name, tmp_path):
+def test_gated_cells_learn_the_demo_corpus(learned, name):
     """>= 95% of held-out biographies get the right language after "I speak": the demo
     recipe's model on biographies whose language follows "I am from X and" (no clauses
     between: data.gap_max=0), 12 epochs of batches of 64 at AdamW's lr 0.02, dropout off.
@@ -251,13 +312,9 @@ def test_gated_cells_learn_the_demo_corpus(name, tmp_path):
     `lstm-lm experiment long-range` every cell."""
     from lstm_lm.demo import demo_splits
 
-    out = tmp_path / name
-    sets = ["data.gap_max=0", "model.dropout=0", "train.epochs=12", "train.batch_size=64", "train.lr=0.02"]
-    sets.append("train.checkpoint_minutes=null")
-    sets.append("train.precision=fp32")
-    result = runner.invoke(app, ["train", "--cell", name, "--out", str(out), *[a for s in sets for a in ("--set", s)]])
-    assert result.exit_code == 0, result.output
-    model, tokenizer, cfg = load_checkpoint(out)
+    run, code, log = learned[name]
+    assert code == 0, log[-2000:]
+    model, tokenizer, cfg = load_checkpoint(run)
     cases = [
         m.groups()
         for line in demo_splits(3000, cfg.data.demo_seed + 1, 0, 0)["train"][:300]

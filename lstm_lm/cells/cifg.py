@@ -12,10 +12,10 @@ expanded weights, gradients flowing back through the expansion) and its ONNX exp
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lstm_lm.cells.base import LayerState, Params, TorchLayer
-from lstm_lm.cells.lstm import LSTM, LSTMLoop, memory_update
+from lstm_lm.cells.base import LayerState, Params
+from lstm_lm.cells.lstm import LSTM, memory_update
 
 
 class CIFG(LSTM):
@@ -54,11 +54,6 @@ class CIFG(LSTM):
 
         weights = [expand(p[name]) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         return weights + ([p["weight_hr"]] if self.proj_size else [])
-
-    def export_layer(self, p: Params) -> nn.Module:
-        if self.proj_size:
-            return LSTMLoop(self.kernel_weights(p), self.proj_size)
-        return TorchLayer(nn.LSTM(self.input_size, self.hidden_size), self.kernel_weights(p))
 
 
 CELL = CIFG

@@ -92,7 +92,9 @@ class LSTM(Cell):
             return super().fused(x, stacks, weights, num_layers, dropout, training)
 
     def export_layer(self, p: Params) -> nn.Module:
-        if self.proj_size:  # ONNX's LSTM operator has no projection: the step loop, as an ONNX Loop
+        """ONNX's LSTM operator on the kernel's weights (for the CIFG too, whose kernel weights
+        are an LSTM's); with a projection, which that operator lacks, the step loop as a Loop."""
+        if self.proj_size:
             return LSTMLoop(self.kernel_weights(p), self.proj_size)
         return TorchLayer(nn.LSTM(self.input_size, self.hidden_size), self.kernel_weights(p))
 
