@@ -35,9 +35,11 @@ def worker(cell: str, impl: str, steps: int) -> None:
     from lstm_lm.config import ModelConfig
     from lstm_lm.model import LSTMLanguageModel
 
-    try:
+    # By file, not by import: an editable install would find this version's modules for a
+    # name the other version lacks.
+    if (Path.cwd() / "lstm_lm" / "training").is_dir():
         from lstm_lm.training.trainer import train_step
-    except ImportError:  # a version before the training/ subpackage
+    else:  # a version before the training/ subpackage
         from lstm_lm.trainer import train_step
 
     torch.manual_seed(0)
@@ -64,13 +66,16 @@ def measure(tree: Path, cell: str, impl: str, steps: int) -> float:
 
 
 def rows_of(tree: Path) -> list[tuple[str, str]]:
-    """(cell, engine) pairs the version in `tree` has."""
-    code = (
-        "from lstm_lm import model as m\n"
-        "try:\n from lstm_lm import cells; print(' '.join(f'{c}:{e}' for c in cells.names() for e in "
-        "(('cudnn', 'custom') if cells.get(c).kernel else ('custom',))))\n"
-        "except ImportError:\n print(' '.join(f'{c}:{e}' for c in m.CELLS for e in ('cudnn', 'custom')))\n"
-    )
+    """(cell, engine) pairs the version in `tree` has (a version before lstm_lm/cells/: its model.CELLS)."""
+    if (tree / "lstm_lm" / "cells").is_dir():
+        code = (
+            "from lstm_lm import cells; print(' '.join(f'{c}:{e}' for c in cells.names() for e in "
+            "(('cudnn', 'custom') if cells.get(c).kernel else ('custom',))))"
+        )
+    else:
+        code = (
+            "from lstm_lm import model as m; print(' '.join(f'{c}:{e}' for c in m.CELLS for e in ('cudnn', 'custom')))"
+        )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tree).stdout
     return [tuple(item.split(":")) for item in out.split()]
 
