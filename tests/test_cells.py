@@ -233,14 +233,17 @@ def test_save_load_resume_and_every_command(trained_runs, name, opts, tmp_path):
 @pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
 def test_stopped_and_resumed_is_never_stopped(name, opts, tmp_path):
     """Two layers with dropout and weight drop, stopped mid-epoch and resumed: the same weights
-    and optimizer state as the run that was never stopped."""
+    and optimizer state as the run that was never stopped (to float32 rounding: a product
+    of thin matrices, the low-rank Mogrifier's, may round its last bit differently when its
+    operands lie elsewhere in memory, as they do after loading)."""
     from safetensors.torch import load_file
 
     from lstm_lm.training.rundir import last_checkpoint
     from lstm_lm.training.train import train
 
     data = write_tiny_corpus(tmp_path / "data")
-    sets = [*tiny_overrides(data), *(f"model.{k}={v}" for k, v in opts.items()), "model.tie_weights=false"]
+    sets = [*tiny_overrides(data), f"model.cell={name}", *(f"model.{k}={v}" for k, v in opts.items())]
+    sets.append("model.tie_weights=false")
     sets += ["model.num_layers=2", "model.dropout=0.3", "model.weight_drop=0.3", "train.epochs=2"]
     train(load_config(None, sets), tmp_path / "whole")
     train(load_config(None, [*sets, "train.max_steps=5"]), tmp_path / "parts")
@@ -249,7 +252,7 @@ def test_stopped_and_resumed_is_never_stopped(name, opts, tmp_path):
     assert [k for k in a if k.startswith("model.")]
     for key in a:
         if key.startswith(("model.", "optim.")):
-            assert torch.equal(a[key], b[key]), key
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
