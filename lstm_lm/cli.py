@@ -393,7 +393,7 @@ app.add_typer(experiment_app, name="experiment")
     "long-range",
     epilog=(
         "**Examples**\n\n"
-        "    lstm-lm experiment long-range                      # every cell; about 20 minutes on a 2-core CPU\n\n"
+        "    lstm-lm experiment long-range                      # every cell; 23.5 minutes on a 2-core CPU\n\n"
         "    lstm-lm experiment long-range --gaps 0,10,20,30 --cells rnn,lstm --out runs/rnn-vs-lstm\n\n"
         "    lstm-lm experiment long-range --steps 200 --probes 50   # a quick look"
     ),
