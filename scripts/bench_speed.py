@@ -11,7 +11,8 @@ Rows, all in one process on the same machine:
 - lstm-lm's own training step (`lstm_lm.training.trainer.train_step`) and evaluation
   (`lstm_lm.evaluation.evaluate.evaluate`) for each impl x precision x compile;
 - every other registered cell (GRU, RNN, CIFG, Mogrifier, ...: rows `IMPL/fp32/cell=NAME`)
-  at the same size, with each engine it has.
+  at the same size, with each engine it has; with `--baseline REV`, every cell also against
+  the same cell in an earlier version (scripts/bench_cells.py).
 Sizes are Penn Treebank's: 10k vocabulary, batch 20, bptt 35 (evaluation batch 10),
 ptb-small 2x200, ptb-medium 2x650, ptb-large 2x1500 (GPU only by default).
 
@@ -667,6 +668,12 @@ def main(argv: list[str] | None = None) -> int:
         "--peer-interval", type=int, default=100, help="log interval of those runs, in batches (default 100)"
     )
     p.add_argument("--peer-rounds", type=int, default=2, help="rounds of those runs (default 2)")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time every cell against the same cell in git revision REV (scripts/bench_cells.py: "
+        "alternating processes, this version and a worktree of REV)",
+    )
     args = p.parse_args(argv)
     keep_freed_memory()  # as every lstm-lm process does; the baseline rows, in this process, share it
     device = pick_device(args.device)
@@ -789,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             mark = "met   " if t["met"] else "MISSED"
             log(f"  {mark} {t['target']}: {t['value']:.2f} (needs {t['op']} {t['threshold']})")
+
+    if args.baseline:  # each cell against an earlier version of lstm-lm: no regression beyond noise
+        log(f"\nevery cell against {args.baseline} (scripts/bench_cells.py) ...")
+        command = [sys.executable, str(ROOT / "scripts" / "bench_cells.py"), "--baseline", args.baseline]
+        log(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
     total = time.perf_counter() - started
     log(f"\nbenchmark wall time {total:.0f} s")
