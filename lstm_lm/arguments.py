@@ -51,6 +51,43 @@ class Arg:
             return f"at most {high[:-1]}" if high[-1] == "]" else f"below {high[:-1]}"
         return "a finite number"
 
+    def check(self, value: Any) -> Any:
+        """`value` if it is valid (ints widen to float), else an ArgumentError that names the
+        argument, its option, what it must be and what it got."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ArgumentError(f"{self.label}: required, got None")
+        shown = repr(value) if not isinstance(value, str) else repr(value[:40] + ("..." if len(value) > 40 else ""))
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ArgumentError(f"{self.label}: must be true or false, got {shown}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise ArgumentError(f"{self.label}: must be a string, got {type(value).__name__} {shown[:60]}")
+            if self.choices and value not in self.choices:
+                raise ArgumentError(f"{self.label}: must be one of {', '.join(self.choices)}, got {shown}")
+            return value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (self.type is int and not isinstance(value, int))
+        ):
+            kind = "an integer" if self.type is int else "a number"
+            raise ArgumentError(f"{self.label}: must be {kind}, got {type(value).__name__} {shown[:60]}")
+        if not math.isfinite(value):
+            raise ArgumentError(f"{self.label}: must be a finite number, got {value}")
+        ok = (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+        if not ok:
+            raise ArgumentError(f"{self.label}: must be {self.bounds()}, got {value}")
+        return float(value) if self.type is float else value
+
 
 MAX_WORDS = 1000  # words of one completion
 MAX_K = 1000  # next words listed
@@ -81,36 +118,7 @@ ARGS: dict[str, Arg] = {
 def check(name: str, value: Any) -> Any:
     """`value` if it is a valid `name` (ints widen to float), else an ArgumentError that
     names the argument, its option, what it must be and what it got."""
-    a = ARGS[name]
-    if value is None:
-        if a.optional:
-            return None
-        raise ArgumentError(f"{a.label}: required, got None")
-    shown = repr(value) if not isinstance(value, str) else repr(value[:40] + ("..." if len(value) > 40 else ""))
-    if a.type is bool:
-        if not isinstance(value, bool):
-            raise ArgumentError(f"{a.label}: must be true or false, got {shown}")
-        return value
-    if a.type is str:
-        if not isinstance(value, str):
-            raise ArgumentError(f"{a.label}: must be a string, got {type(value).__name__} {shown[:60]}")
-        if a.choices and value not in a.choices:
-            raise ArgumentError(f"{a.label}: must be one of {', '.join(a.choices)}, got {shown}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (a.type is int and not isinstance(value, int)):
-        kind = "an integer" if a.type is int else "a number"
-        raise ArgumentError(f"{a.label}: must be {kind}, got {type(value).__name__} {shown[:60]}")
-    if not math.isfinite(value):
-        raise ArgumentError(f"{a.label}: must be a finite number, got {value}")
-    ok = (
-        (a.ge is None or value >= a.ge)
-        and (a.gt is None or value > a.gt)
-        and (a.le is None or value <= a.le)
-        and (a.lt is None or value < a.lt)
-    )
-    if not ok:
-        raise ArgumentError(f"{a.label}: must be {a.bounds()}, got {value}")
-    return float(value) if a.type is float else value
+    return ARGS[name].check(value)
 
 
 def check_all(**values: Any) -> None:

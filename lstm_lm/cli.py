@@ -19,7 +19,7 @@ import inspect as pyinspect
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -129,68 +129,57 @@ TRAIN_FLAGS = {
 }
 
 
+def with_options(command, into: str, options: dict[str, tuple[str, Any, Any]]):
+    """`command` with more keyword-only Typer options, {parameter: (key, annotation, default)};
+    the command receives their values as the keyword `into`, {key: value}."""
+    signature = pyinspect.signature(command, eval_str=True)
+    keyword = pyinspect.Parameter.KEYWORD_ONLY
+    params = [p for p in signature.parameters.values() if p.name != into]
+    params += [
+        pyinspect.Parameter(name, keyword, default=default, annotation=annotation)
+        for name, (_, annotation, default) in options.items()
+    ]
+
+    @functools.wraps(command)
+    def with_them(*args, **kwargs):
+        return command(*args, **{into: {key: kwargs.pop(name) for name, (key, _, _) in options.items()}}, **kwargs)
+
+    with_them.__signature__ = signature.replace(parameters=params)
+    return with_them
+
+
 def config_flags(flags: dict[str, str]):
     """Give a command one option per entry of `flags` (see TRAIN_FLAGS); the command receives
-    the ones given as `values`, {config key: value}."""
-
-    def decorate(command):
-        signature = pyinspect.signature(command, eval_str=True)
-        params = [p for p in signature.parameters.values() if p.name != "values"]
-        for key, flag in flags.items():
-            option_name, *metavar = flag.split(" ")
-            option = typer.Option(option_name, help=field_help(key), metavar=metavar[0] if metavar else None)
-            kind = Annotated[Optional[FIELDS[key].base_type], option]  # noqa: UP045 (Typer reads it)
-            keyword = pyinspect.Parameter.KEYWORD_ONLY
-            params.append(pyinspect.Parameter(key.split(".")[1], keyword, default=None, annotation=kind))
-
-        @functools.wraps(command)
-        def with_flags(*args, **kwargs):
-            given = {key: kwargs.pop(key.split(".")[1]) for key in flags}
-            return command(*args, values={k: v for k, v in given.items() if v is not None}, **kwargs)
-
-        with_flags.__signature__ = signature.replace(parameters=params)
-        return with_flags
-
-    return decorate
+    them as `values`, {config key: value or None}."""
+    options = {}
+    for key, flag in flags.items():
+        option_name, *metavar = flag.split(" ")
+        option = typer.Option(option_name, help=field_help(key), metavar=metavar[0] if metavar else None)
+        annotation = Annotated[Optional[FIELDS[key].base_type], option]  # noqa: UP045 (Typer reads it)
+        options[key.split(".")[1]] = (key, annotation, None)
+    return lambda command: with_options(command, "values", options)
 
 
 def setting_flags(command):
-    """Give `lstm-lm eval` one option per setting of each evaluation protocol, as its settings
-    class declares it (lstm_lm/evaluation/protocols.py, torch-free): flag, help, default and
-    bounds. The command receives them as `options`, {flag: value or None}."""
+    """Give `lstm-lm eval` its protocols' options, as the settings classes declare them
+    (lstm_lm/evaluation/protocols.py, torch-free): the option that picks each protocol, then
+    each setting's flag, help, default and bounds. The command receives them as `options`,
+    {flag: value or None}."""
     from lstm_lm.evaluation.protocols import protocols, setting_help, setting_type, settings_fields
 
-    signature = pyinspect.signature(command, eval_str=True)
-    params = [p for p in signature.parameters.values() if p.name != "options"]
-    flags = {}  # parameter name -> flag
+    options = {}
     for panel, (flag, kind, help_) in protocols().items():
         if kind is None:
             continue
-        flags[flag.removeprefix("--")] = flag
         option = typer.Option(flag, help=help_, rich_help_panel=panel.capitalize())
-        params.append(
-            pyinspect.Parameter(
-                flag.removeprefix("--"),
-                pyinspect.Parameter.KEYWORD_ONLY,
-                default=False,
-                annotation=Annotated[bool, option],
-            )
-        )
+        options[flag.removeprefix("--")] = (flag, Annotated[bool, option], False)
         for f in settings_fields(kind):
-            flags[f.name] = f.metadata["flag"]
-            help_, where = setting_help(kind, f.name), panel.capitalize()
-            option = typer.Option(f.metadata["flag"], help=help_, rich_help_panel=where)
+            option = typer.Option(
+                f.metadata["flag"], help=setting_help(kind, f.name), rich_help_panel=panel.capitalize()
+            )
             annotation = Annotated[Optional[setting_type(kind, f.name)], option]  # noqa: UP045 (Typer reads it)
-            keyword = pyinspect.Parameter.KEYWORD_ONLY
-            params.append(pyinspect.Parameter(f.name, keyword, default=None, annotation=annotation))
-
-    @functools.wraps(command)
-    def with_settings(*args, **kwargs):
-        options = {flag: kwargs.pop(name) for name, flag in flags.items()}
-        return command(*args, options=options, **kwargs)
-
-    with_settings.__signature__ = signature.replace(parameters=params)
-    return with_settings
+            options[f.name] = (f.metadata["flag"], annotation, None)
+    return with_options(command, "options", options)
 
 
 def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
@@ -258,10 +247,11 @@ def train(
     started = time.perf_counter()  # --time-budget counts from here, torch's import included
     from lstm_lm.training.train import run_training
 
+    given = {key: value for key, value in (values or {}).items() if value is not None}
     with user_errors():
         try:
             summary = run_training(
-                config, data, out, resume, list(set_ or []), started, overwrite=overwrite, values=values
+                config, data, out, resume, list(set_ or []), started, overwrite=overwrite, values=given
             )
         except ConfigError as e:
             raise _name_flags(e, TRAIN_FLAGS | {"data.source": "--data"}) from None

@@ -556,11 +556,15 @@ def _cell_problems(m: ModelConfig) -> list[str]:
     if m.cell not in cells.module_names():
         return []  # its choices already said so
     spec, p = cells.get(m.cell), []
-    for name in ("proj_size", "mogrify_rounds", "mogrify_rank"):
+    readers = {}  # each cell option (a model.* field) -> the cells that read it
+    for cell in cells.names():
+        for name in cells.get(cell).options:
+            readers.setdefault(name, []).append(cell)
+    for name, cells_reading in readers.items():
         if getattr(m, name) is not None and name not in spec.options:
-            readers = [c for c in cells.names() if name in cells.get(c).options]
             p.append(
-                f"model.{name}: the {m.cell} cell does not read it (cells that do: {', '.join(readers)}); leave it null"
+                f"model.{name}: the {m.cell} cell does not read it (cells that do: {', '.join(cells_reading)}); "
+                "leave it null"
             )
     if m.proj_size is not None and _sizes_ok(m) and any(m.proj_size >= size for size in m.layer_sizes):
         p.append(f"model.proj_size: must be smaller than every layer's size ({min(m.layer_sizes)}), got {m.proj_size}")

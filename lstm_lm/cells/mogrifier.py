@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_lm.cells.base import LayerState, Params
-from lstm_lm.cells.lstm import LSTM, LSTMLoop, memory_update
+from lstm_lm.cells.lstm import LSTM, LSTMLoop
 
 DEFAULT_ROUNDS = 5  # the paper's setting on Penn Treebank and WikiText-2
 
@@ -91,14 +91,8 @@ class Mogrifier(LSTM):
 
     def step(self, x: Tensor, state: LayerState, p: Params, record: dict | None = None) -> LayerState:
         h, c = state
-        x, h = self.mogrify(x, h, p)
-        gates = torch.addmm(F.linear(x, p["weight_ih"], p["bias_ih"] + p["bias_hh"]), h, p["weight_hh"].t())
-        i, f, g, o = gates.chunk(4, dim=1)
-
-        forget_gate = torch.sigmoid(f)  # how much of the old memory to keep
-        input_gate = torch.sigmoid(i)  # how much of the new candidate to write
-        candidate = torch.tanh(g)  # the new content proposed for the memory
-        return memory_update(forget_gate, input_gate, candidate, o, c, record)
+        x, h = self.mogrify(x, h, p)  # then an ordinary LSTM step on the mogrified x and h
+        return super().step(super().project_input(x, p), (h, c), p, record)
 
     def full_matrices(self, p: Params, name: str) -> Tensor | None:
         if self.rank is None:

@@ -16,11 +16,11 @@ to fit, dynamic evaluation on one stream) are `exclusions`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lstm_lm.arguments import Arg
 from lstm_lm.errors import ArgumentError, ConfigError
 
 STATIC, CACHE, DYNAMIC = "static", "neural cache", "dynamic evaluation"
@@ -47,36 +47,20 @@ def settings_fields(kind: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(kind) if "flag" in f.metadata]
 
 
+def setting_arg(kind: type, f: dataclasses.Field) -> Arg:
+    """The setting `f` of settings class `kind` as an argument (arguments.py): its checks and messages."""
+    m = f.metadata
+    typ = setting_type(kind, f.name)
+    return Arg(
+        f.name, m["flag"], typ, ge=m["ge"], le=m["le"], lt=m["lt"], optional=f.default is None, choices=m["choices"]
+    )
+
+
 def check_settings(obj: Any) -> None:
-    """Every setting of `obj` within its declared bounds; else an ArgumentError naming the flag."""
+    """Every setting of `obj` valid and within its declared bounds; else the ArgumentError
+    that `arguments.Arg.check` raises, naming the flag."""
     for f in settings_fields(type(obj)):
-        value, m = getattr(obj, f.name), f.metadata
-        name = f"{f.name} ({m['flag']})"
-        if m["choices"] is not None:
-            if value not in m["choices"]:
-                raise ArgumentError(f"{name}: must be one of {', '.join(m['choices'])}, got {value!r}")
-            continue
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ArgumentError(f"{name}: must be a finite number, got {value!r}")
-        if (
-            (m["ge"] is not None and value < m["ge"])
-            or (m["le"] is not None and value > m["le"])
-            or (m["lt"] is not None and value >= m["lt"])
-        ):
-            raise ArgumentError(f"{name}: must be {describe(m)}, got {value}")
-
-
-def describe(m: dict) -> str:
-    """The bounds in words: "in [0, 1)", "at least 1"."""
-    low, high = m["ge"], m["le"] if m["le"] is not None else m["lt"]
-    close = "]" if m["le"] is not None else ")"
-    if low is not None and high is not None:
-        return f"in [{low:g}, {high:g}{close}"
-    if low is not None:
-        return f"at least {low:g}"
-    return f"below {high:g}" if m["lt"] is not None else f"at most {high:g}"
+        setting_arg(type(obj), f).check(getattr(obj, f.name))
 
 
 def setting_type(kind: type, name: str) -> type:
@@ -88,16 +72,10 @@ def setting_type(kind: type, name: str) -> type:
 def setting_help(kind: type, name: str) -> str:
     """The option's help: the declaration's, with its default and bounds."""
     f = next(f for f in settings_fields(kind) if f.name == name)
-    m = f.metadata
-    bounds = (
-        f"one of {', '.join(m['choices'])}"
-        if m["choices"]
-        else describe(m)
-        if any(m[k] is not None for k in ("ge", "le", "lt"))
-        else ""
-    )
+    m, arg = f.metadata, setting_arg(kind, f)
+    bounds = f"one of {', '.join(m['choices'])}" if m["choices"] else arg.bounds()
     default = "" if f.default is None else f"; default {f.default}"
-    return f"{m['help']} [{bounds}{default}]" if bounds or default else m["help"]
+    return f"{m['help']} [{bounds}{default}]"
 
 
 @dataclass(frozen=True)
