@@ -7,9 +7,9 @@ For a small LSTM the output layer is most of the cost: at PTB size (10k words,
 textbook `F.cross_entropy(decoder(h), y)` writes it, reads it for log-softmax,
 writes the log-probabilities, and in backward fills a zero gradient of the same
 size, scatters into it and reads both again. Here each block of rows (a whole
-PTB-size step is one block) computes its logits, their log-softmax in float32, the
-loss and at once the gradient `softmax - onehot` and its two matrix products, so
-nothing of the logits is kept for backward (the idea of the fused
+PTB-size step is one block) computes its logits, their softmax in float32 (one pass
+of exp, which gives both the loss and the gradient `softmax - onehot`) and at once
+the gradient's two matrix products, so nothing of the logits is kept for backward (the idea of the fused
 linear-cross-entropy kernels of Liger and of Apple's Cut Cross-Entropy).
 Under bf16 autocast the matrix products run in bf16 and the softmax and loss in
 float32 ("bf16 logits, float32 loss").
@@ -44,10 +44,24 @@ def _blocks(n: int, vocab: int):
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """h W^T + b in h's dtype, returned in float32. (A separate .float() then a float32
-    log-softmax is several times faster on a CPU than log_softmax(bf16, dtype=float32).)"""
+    """h W^T + b in h's dtype, returned in float32 (float64 stays float64). (A separate
+    .float() then a float32 softmax is several times faster on a CPU than
+    softmax(bf16, dtype=float32).)"""
     logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-    return logits.float()
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _softmax_and_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(logits) (n, V) and each row's -log softmax[target] (n,), from one pass of
+    exp over the block (and two cheap passes of max).
+
+    The loss is read off the softmax without a second pass: with m a row's highest logit,
+    log-sum-exp = m - log p_max, and p_max >= 1/V, so its log is as exact as log-softmax's
+    (where log p_target itself would underflow for a target the model all but excludes)."""
+    top_logit = logits.amax(dim=1)  # (amax: max(dim) with its indices costs as much as the softmax)
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    probs = torch.softmax(logits, dim=1)
+    return probs, top_logit - probs.amax(dim=1).log() - target_logit
 
 
 def _blocked_loss(
@@ -61,36 +75,40 @@ def _blocked_loss(
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None] | None, Tensor]:
     """The summed loss block by block; with `with_grads` the gradients of that sum with
     respect to h, weight and bias (float32 for the weights); for each k in `ks`, how
-    many rows have their target among the k highest logits."""
+    many rows have their target among the k highest logits (fewer than k words score
+    above it: a tie counts in the target's favour)."""
     hc, wc = h.to(dtype), weight.to(dtype)
     bc = bias.to(dtype) if bias is not None else None
+    grad_dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
     # Evaluation sums the float32 per-token losses in float64, as the cache and dynamic
     # evaluation sum theirs, so that the protocols agree to float64 rounding.
-    total = torch.zeros((), dtype=torch.float32 if with_grads else torch.float64, device=h.device)
+    total = torch.zeros((), dtype=grad_dtype if with_grads else torch.float64, device=h.device)
     hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
-    kmax = min(max(ks, default=1), weight.size(0))
     if with_grads:
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        grad_w = torch.zeros_like(weight, dtype=grad_dtype)
+        grad_b = torch.zeros_like(bias, dtype=grad_dtype) if bias is not None else None
     for start, end in _blocks(h.size(0), weight.size(0)):
         h_blk, y = hc[start:end], targets[start:end]
         logits = _logits(h_blk, wc, bc)  # (n, V) float32
-        total -= torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum(dtype=total.dtype)
         if ks:
-            found = logits.topk(kmax, dim=1).indices == y[:, None]  # (n, kmax): where the target ranks
+            # the target's rank: how many words score above it (a third cheaper than topk on a CPU)
+            rank = (logits > logits.gather(1, y[:, None])).sum(dim=1, dtype=torch.int32)
             for i, k in enumerate(ks):
-                hits[i] += found[:, :k].any(dim=1).sum()
-        if not with_grads:
+                hits[i] += (rank < k).sum()
+        if not with_grads:  # evaluation: the log-softmax is the one pass the loss needs
+            total -= torch.log_softmax(logits, dim=1).gather(1, y[:, None]).sum(dtype=total.dtype)
             continue
-        # d(loss)/d(logits) = softmax - onehot(target)
-        grad_logits = torch.softmax(logits, dim=1)
-        grad_logits.scatter_add_(1, y[:, None], grad_logits.new_full((end - start, 1), -1.0))
+        probs, nll = _softmax_and_nll(logits, y)
+        total += nll.sum(dtype=total.dtype)
+        del logits
+        # d(loss)/d(logits) = softmax - onehot(target), in place of the softmax
+        grad_logits = probs.scatter_add_(1, y[:, None], probs.new_full((end - start, 1), -1.0))
         if grad_b is not None:
             grad_b += grad_logits.sum(0)
         grad_logits = grad_logits.to(dtype)
         grad_h[start:end] = grad_logits @ wc  # (n, H)
-        grad_w += (grad_logits.t() @ h_blk).float()  # (V, H)
+        grad_w += (grad_logits.t() @ h_blk).to(grad_dtype)  # (V, H)
     return total, ((grad_h, grad_w, grad_b) if with_grads else None), hits
 
 

@@ -90,23 +90,31 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- peak
 
 
+PEAK_SIZES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
-    """FLOP/s of a large square matrix product, the machine's practical peak."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
+    """FLOP/s of large square matrix products, the machine's practical peak: the best
+    of short bursts at each of several sizes (a CPU's bf16 kernels reach their peak
+    only past 1024, e.g. 1.84 TFLOP/s at 2048 against 1.24 at 1024 on a 2-core AMX
+    Xeon), `seconds` per size. A size whose one product would take longer than a
+    burst's budget (bf16 emulated on a CPU without bf16 instructions) is skipped."""
     best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:  # best of short bursts: the machine's peak, not its average
-        start, k = time.perf_counter(), 0
-        while k < 5 or time.perf_counter() - start < 0.05:
-            a @ b
-            k += 1
+    for n in PEAK_SIZES["cuda" if device.type == "cuda" else "cpu"]:
+        if best and 2 * n**3 / best > seconds / 4:
+            break
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
         sync(device)
-        best = max(best, 2 * n**3 * k / (time.perf_counter() - start))
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:  # best of short bursts: the machine's peak, not its average
+            start, k = time.perf_counter(), 0
+            while k < 3 or time.perf_counter() - start < 0.05:
+                a @ b
+                k += 1
+            sync(device)
+            best = max(best, 2 * n**3 * k / (time.perf_counter() - start))
     return best
 
 
@@ -294,10 +302,12 @@ def run_size(size: str, args, device: torch.device) -> list[Row]:
     data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
     eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
     rows = [make_baseline(size, device, data, eval_data)]
-    rows += [
-        make_project_row(size, *combo, device, data, eval_data)
-        for combo in plan(size, args.quick, args.rows, device.type)
-    ]
+    combos = plan(size, args.quick, args.rows, device.type)
+    if not native_bf16(device) and args.rows is None:
+        # bf16 without bf16 instructions is emulated, tens of times slower: nothing to learn
+        log("bf16 rows skipped: this CPU has no bf16 instructions (name them in --rows to measure them)")
+        combos = [c for c in combos if c[1] != "bf16"]
+    rows += [make_project_row(size, *combo, device, data, eval_data) for combo in combos]
     for row in list(rows):  # warm-up; the first step carries any compilation
         start = time.perf_counter()
         try:
@@ -549,17 +559,32 @@ def check_targets(records: list[dict], extra: dict, device: torch.device) -> lis
                 }
             )
 
-    for size, need in (("ptb-small", 1.6), ("ptb-medium", 1.5)):
-        project = [  # the LSTM's rows: the targets are about it, the other cells' rows are for comparison
+    def lstm_rows(size: str) -> list[dict]:  # the targets are the LSTM's; the other cells' rows compare
+        return [
             r
             for r in records
             if r["size"] == size and "ratio_vs_baseline" in r and r["row"] != "baseline" and "cell=" not in r["row"]
         ]
-        if project and device.type == "cpu":
-            best = max(project, key=lambda r: r["ratio_vs_baseline"])
-            target(f"{size}: best setting ({best['row']}) vs baseline", best["ratio_vs_baseline"], ">=", need)
-    # Issue 16: real `lstm-lm train` runs against the upstream example, same machine, same run.
-    for size, need_best, need_default in (("ptb-small", 2.0, 1.5), ("ptb-medium", 1.8, None)):
+
+    if device.type == "cpu":
+        if project := lstm_rows("ptb-small"):
+            best = max(project, key=lambda r: r["eval_ratio_vs_baseline"])
+            target(
+                f"ptb-small evaluation: best setting ({best['row']}) vs the fp32 baseline",
+                best["eval_ratio_vs_baseline"],
+                ">=",
+                2.0,
+            )
+        if native_bf16(device) and (project := [r for r in lstm_rows("ptb-medium") if r["precision"] == "bf16"]):
+            best = max(project, key=lambda r: r["peak_share"])
+            target(
+                f"ptb-medium training: best bf16 row ({best['row']}), share of the bf16 peak",
+                best["peak_share"],
+                ">=",
+                0.45,
+            )
+    # Real `lstm-lm train` runs against the upstream example, same machine, same run.
+    for size, need_best, need_default in (("ptb-small", 3.0, 2.5), ("ptb-medium", 2.5, None)):
         mine = [r for r in records if r["size"] == size and "ratio_vs_peer" in r and r["row"].startswith("lstm-lm")]
         if mine:
             best = max(mine, key=lambda r: r["ratio_vs_peer"])

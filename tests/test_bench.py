@@ -113,3 +113,35 @@ def test_gpu_plan_and_targets(bench):
     assert not targets["ptb-large: cuDNN, fp32 vs the upstream example, same GPU"]["met"]
     custom = targets["ptb-large: compiled hand-written cell vs cuDNN (lstm-lm train)"]
     assert custom["value"] == pytest.approx(0.4) and not custom["met"]
+
+
+PEER_SCRIPT = SCRIPT.with_name("peer_budget.py")
+PEER_MAIN = SCRIPT.parents[2] / "shared" / "peer" / "word_language_model" / "main.py"
+
+
+def _peer_budget():
+    spec = importlib.util.spec_from_file_location("peer_budget", PEER_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not PEER_MAIN.is_file(), reason="../shared/peer is not present")
+def test_peer_budget_reports_the_examples_epochs_and_test_perplexity(tmp_path, capsys):
+    words = "the cat sat on the mat and the dog sat on the log".split()
+    for split, lines in (("train", 60), ("valid", 8), ("test", 8)):
+        (tmp_path / f"{split}.txt").write_text("\n".join(" ".join(words[i % 5 :]) for i in range(lines)) + "\n")
+    extra = ["--epochs", "2", "--emsize", "8", "--nhid", "8", "--bptt", "5", "--batch_size", "4"]
+    assert _peer_budget().main(["--data", str(tmp_path), "--minutes", "5", "--", *extra]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert record["epochs"] == 2  # it finished within the budget, so nothing stopped it
+    assert f"test ppl {record['test_ppl']:8.2f}" in captured.err  # the example's own line, passed on to stderr
+    assert record["best_valid_ppl"] > 1.0 and record["wall_s"] >= record["training_s"] > 0
+
+
+def test_peer_budget_refuses_a_folder_without_the_three_splits(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("a b c\n")
+    assert _peer_budget().main(["--data", str(tmp_path), "--minutes", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "test.txt" in err

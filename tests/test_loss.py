@@ -105,3 +105,45 @@ def test_both_output_loss_paths_give_the_same_loss_and_gradients():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="loss impl"):
         output_cross_entropy(*_inputs(), "other")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_loss_and_gradients_match_cross_entropy_of_the_logits_in_float64(monkeypatch, bias):
+    """The fused path's arithmetic, free of float32 rounding: the loss and all three
+    gradients against autograd through F.cross_entropy on the materialized logits."""
+    monkeypatch.setattr(loss_mod, "BLOCK_ELEMENTS", 8 * 50)  # several blocks, a ragged last one
+    h, w, b, y = (
+        t.double().detach().requires_grad_() if t is not None and t.is_floating_point() else t
+        for t in _inputs(bias=bias)
+    )
+    ref = F.cross_entropy(F.linear(h, w, b), y)
+    ref.backward()
+    ref_grads = _grads(h, w, b)
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    ours = linear_cross_entropy(h, w, b, y)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    ours.backward()
+    for got, want in zip(_grads(h, w, b), ref_grads):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_a_target_the_model_all_but_excludes_keeps_a_finite_exact_loss():
+    """Targets whose probability underflows float32 (log-prob -150): the loss is still
+    log-sum-exp minus the target's logit, as log-softmax gives it, and finite."""
+    h, w, b, y = _inputs(n=6, hidden=4, vocab=10)
+    b = torch.zeros(10)
+    b[y[0]] = -150.0  # the first row's target
+    b[y[1]] = -120.0
+    ref = F.cross_entropy(F.linear(h, w, b).double(), y, reduction="none")
+    assert ref[0] > 140
+    with torch.no_grad():
+        total = linear_cross_entropy(h, w, b, y, reduction="sum")
+    torch.testing.assert_close(total.double(), ref.sum(), atol=1e-3, rtol=1e-5)
+    ours = linear_cross_entropy(h, w, b, y, reduction="sum")
+    torch.testing.assert_close(ours.double(), ref.sum(), atol=1e-3, rtol=1e-5)
+    ours.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()

@@ -56,7 +56,11 @@ def train(
     try:
         # The trainer (with its DistributedDataParallel) is gone when _train returns: a
         # process group torn down under a live DDP reducer hangs the process on exit.
-        return _train(cfg, run_dir, world, clock, resume, corpus)
+        summary = _train(cfg, run_dir, world, clock, resume, corpus)
+        # Every rank leaves together: a rank that tore its process group down while
+        # another still ran its last steps was seen to abort at exit (gloo, 1 run in ~30).
+        world.barrier()
+        return summary
     except RuntimeError as e:
         if world.enabled and distributed.lost_a_process(e):
             raise distributed.LostProcess(run_dir, last_checkpoint(run_dir), e) from None
