@@ -295,6 +295,57 @@ def plan(size: str, quick: bool, only: list[str] | None, device: str = "cpu") ->
     return [c for c in combos if c in keep]
 
 
+def measured(size: str, quick: bool, only: list[str] | None, device: torch.device) -> list[tuple]:
+    """plan()'s rows, less the bf16 ones where the hardware has no bf16 (unless named in --rows)."""
+    combos = plan(size, quick, only, device.type)
+    if not native_bf16(device) and only is None:
+        # bf16 without bf16 instructions is emulated, tens of times slower: nothing to learn
+        log("bf16 rows skipped: this device has no bf16 instructions (name them in --rows to measure them)")
+        combos = [c for c in combos if c[1] != "bf16"]
+    return combos
+
+
+def profile_rows(size: str, args, device: torch.device) -> list[dict]:
+    """Where each row's training step spends its time: torch.profiler's self time per
+    op over `args.steps` steps (after the warm-up), the largest shares first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = args.steps
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, VOCAB, ((steps + args.warmup) * BPTT + 1, BATCH), generator=g).to(device)
+    eval_data = torch.randint(0, VOCAB, (BPTT + 1, EVAL_BATCH), generator=g).to(device)
+    rows = [make_baseline(size, device, data, eval_data)]
+    rows += [make_project_row(size, *c, device, data, eval_data) for c in measured(size, True, args.rows, device)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    records = []
+    for row in rows:
+        for i in range(args.warmup):
+            row.train_step(i)
+        sync(device)
+        with profile(activities=activities) as prof:
+            for i in range(steps):
+                row.train_step(args.warmup + i)
+            sync(device)
+        ops = [e for e in prof.key_averages() if e.self_device_time_total or e.self_cpu_time_total]
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in ops)
+        ops.sort(key=lambda e: getattr(e, key), reverse=True)
+        top = [
+            {
+                "op": e.key,
+                "share": getattr(e, key) / total,
+                "calls_per_step": e.count / steps,
+                "ms_per_step": getattr(e, key) / 1e3 / steps,
+            }
+            for e in ops[:10]
+        ]
+        records.append({"size": f"ptb-{size}", "row": row.name, "ms_per_step": total / 1e3 / steps, "top": top})
+        log(f"\nptb-{size} {row.name}: {total / 1e3 / steps:.1f} ms of self time per step, by op:")
+        for t in top:
+            log(f"  {100 * t['share']:5.1f}%  {t['ms_per_step']:7.2f} ms  {t['calls_per_step']:6.1f} calls  {t['op']}")
+    return records
+
+
 def run_size(size: str, args, device: torch.device) -> list[Row]:
     steps, rounds = args.steps, args.rounds
     chunks = steps * rounds + args.warmup
@@ -302,12 +353,7 @@ def run_size(size: str, args, device: torch.device) -> list[Row]:
     data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
     eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
     rows = [make_baseline(size, device, data, eval_data)]
-    combos = plan(size, args.quick, args.rows, device.type)
-    if not native_bf16(device) and args.rows is None:
-        # bf16 without bf16 instructions is emulated, tens of times slower: nothing to learn
-        log("bf16 rows skipped: this CPU has no bf16 instructions (name them in --rows to measure them)")
-        combos = [c for c in combos if c[1] != "bf16"]
-    rows += [make_project_row(size, *combo, device, data, eval_data) for combo in combos]
+    rows += [make_project_row(size, *c, device, data, eval_data) for c in measured(size, args.quick, args.rows, device)]
     for row in list(rows):  # warm-up; the first step carries any compilation
         start = time.perf_counter()
         try:
@@ -694,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--peer-rounds", type=int, default=2, help="rounds of those runs (default 2)")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: profile --steps training steps of the baseline and each row (default: the --quick "
+        "rows) with torch.profiler and print each one's largest ops",
+    )
+    p.add_argument(
         "--baseline",
         metavar="REV",
         help="also time every cell against the same cell in git revision REV (scripts/bench_cells.py: "
@@ -719,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     log(
         f"machine: {info['name']}; torch {info['torch']}, {info['threads']} threads, native bf16: {info['native_bf16']}"
     )
+    if args.profile:
+        records = [r for size in sizes for r in profile_rows(size, args, device)]
+        if args.json:
+            args.json.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return 0
     seconds = 1.0 if args.quick else 2.0
     peak = {"fp32": matmul_peak(device, torch.float32, seconds), "bf16": matmul_peak(device, torch.bfloat16, seconds)}
     log(

@@ -115,6 +115,30 @@ def test_gpu_plan_and_targets(bench):
     assert custom["value"] == pytest.approx(0.4) and not custom["met"]
 
 
+def test_bench_profile_names_where_each_rows_step_spends_its_time(bench, tmp_path):
+    out = tmp_path / "profile.json"
+    args = [
+        "--profile",
+        "--sizes",
+        "small",
+        "--rows",
+        "cudnn/fp32",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert bench.main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in records] == ["baseline", "cudnn/fp32"]
+    for r in records:
+        shares = [t["share"] for t in r["top"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        assert any(t["op"] in ("aten::mm", "aten::addmm") for t in r["top"])  # the output layer's products
+
+
 PEER_SCRIPT = SCRIPT.with_name("peer_budget.py")
 PEER_MAIN = SCRIPT.parents[2] / "shared" / "peer" / "word_language_model" / "main.py"
 
