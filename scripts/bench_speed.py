@@ -306,8 +306,8 @@ def measured(size: str, quick: bool, only: list[str] | None, device: torch.devic
 
 
 def profile_rows(size: str, args, device: torch.device) -> list[dict]:
-    """Where each row's training step spends its time: torch.profiler's self time per
-    op over `args.steps` steps (after the warm-up), the largest shares first."""
+    """Where each row's training step and evaluation pass spend their time: torch.profiler's
+    self time per op over `args.steps` of each (after the warm-up), the largest shares first."""
     from torch.profiler import ProfilerActivity, profile
 
     steps = args.steps
@@ -318,13 +318,14 @@ def profile_rows(size: str, args, device: torch.device) -> list[dict]:
     rows += [make_project_row(size, *c, device, data, eval_data) for c in measured(size, True, args.rows, device)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     records = []
-    for row in rows:
+    phases = {"train": lambda row, i: row.train_step(i), "eval": lambda row, i: row.eval_pass()}
+    for row, (phase, run) in itertools.product(rows, phases.items()):
         for i in range(args.warmup):
-            row.train_step(i)
+            run(row, i)
         sync(device)
         with profile(activities=activities) as prof:
             for i in range(steps):
-                row.train_step(args.warmup + i)
+                run(row, args.warmup + i)
             sync(device)
         ops = [e for e in prof.key_averages() if e.self_device_time_total or e.self_cpu_time_total]
         key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -339,8 +340,10 @@ def profile_rows(size: str, args, device: torch.device) -> list[dict]:
             }
             for e in ops[:10]
         ]
-        records.append({"size": f"ptb-{size}", "row": row.name, "ms_per_step": total / 1e3 / steps, "top": top})
-        log(f"\nptb-{size} {row.name}: {total / 1e3 / steps:.1f} ms of self time per step, by op:")
+        per_step = total / 1e3 / steps
+        records.append({"size": f"ptb-{size}", "row": row.name, "phase": phase, "ms_per_step": per_step, "top": top})
+        what = "training step" if phase == "train" else f"evaluation of {BPTT * EVAL_BATCH} tokens"
+        log(f"\nptb-{size} {row.name}: {per_step:.1f} ms of self time per {what}, by op:")
         for t in top:
             log(f"  {100 * t['share']:5.1f}%  {t['ms_per_step']:7.2f} ms  {t['calls_per_step']:6.1f} calls  {t['op']}")
     return records

@@ -132,7 +132,12 @@ def test_bench_profile_names_where_each_rows_step_spends_its_time(bench, tmp_pat
     ]
     assert bench.main(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["row"] for r in records] == ["baseline", "cudnn/fp32"]
+    assert [(r["row"], r["phase"]) for r in records] == [
+        ("baseline", "train"),
+        ("baseline", "eval"),
+        ("cudnn/fp32", "train"),
+        ("cudnn/fp32", "eval"),
+    ]
     for r in records:
         shares = [t["share"] for t in r["top"]]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
