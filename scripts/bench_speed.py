@@ -305,18 +305,27 @@ def measured(size: str, quick: bool, only: list[str] | None, device: torch.devic
     return combos
 
 
+def make_rows(size: str, args, device: torch.device, train_chunks: int, eval_chunks: int, quick: bool) -> list[Row]:
+    """The baseline and the measured rows, on seeded random tokens: `train_chunks` bptt
+    chunks to train on and `eval_chunks` to evaluate."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, VOCAB, (train_chunks * BPTT + 1, BATCH), generator=g).to(device)
+    eval_data = torch.randint(0, VOCAB, (eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
+    rows = [make_baseline(size, device, data, eval_data)]
+    return rows + [
+        make_project_row(size, *c, device, data, eval_data) for c in measured(size, quick, args.rows, device)
+    ]
+
+
 def profile_rows(size: str, args, device: torch.device) -> list[dict]:
     """Where each row's training step and evaluation pass spend their time: torch.profiler's
     self time per op over `args.steps` of each (after the warm-up), the largest shares first."""
     from torch.profiler import ProfilerActivity, profile
 
     steps = args.steps
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, VOCAB, ((steps + args.warmup) * BPTT + 1, BATCH), generator=g).to(device)
-    eval_data = torch.randint(0, VOCAB, (BPTT + 1, EVAL_BATCH), generator=g).to(device)
-    rows = [make_baseline(size, device, data, eval_data)]
-    rows += [make_project_row(size, *c, device, data, eval_data) for c in measured(size, True, args.rows, device)]
+    rows = make_rows(size, args, device, steps + args.warmup, 1, quick=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     records = []
     phases = {"train": lambda row, i: row.train_step(i), "eval": lambda row, i: row.eval_pass()}
     for row, (phase, run) in itertools.product(rows, phases.items()):
@@ -328,7 +337,6 @@ def profile_rows(size: str, args, device: torch.device) -> list[dict]:
                 run(row, args.warmup + i)
             sync(device)
         ops = [e for e in prof.key_averages() if e.self_device_time_total or e.self_cpu_time_total]
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         total = sum(getattr(e, key) for e in ops)
         ops.sort(key=lambda e: getattr(e, key), reverse=True)
         top = [
@@ -351,12 +359,7 @@ def profile_rows(size: str, args, device: torch.device) -> list[dict]:
 
 def run_size(size: str, args, device: torch.device) -> list[Row]:
     steps, rounds = args.steps, args.rounds
-    chunks = steps * rounds + args.warmup
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, VOCAB, (chunks * BPTT + 1, BATCH), generator=g).to(device)
-    eval_data = torch.randint(0, VOCAB, (args.eval_chunks * BPTT + 1, EVAL_BATCH), generator=g).to(device)
-    rows = [make_baseline(size, device, data, eval_data)]
-    rows += [make_project_row(size, *c, device, data, eval_data) for c in measured(size, args.quick, args.rows, device)]
+    rows = make_rows(size, args, device, steps * rounds + args.warmup, args.eval_chunks, args.quick)
     for row in list(rows):  # warm-up; the first step carries any compilation
         start = time.perf_counter()
         try:
@@ -745,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="instead of timing: profile --steps training steps of the baseline and each row (default: the --quick "
-        "rows) with torch.profiler and print each one's largest ops",
+        help="instead of timing: profile --steps training steps and evaluation passes of the baseline and each row "
+        "(default: the --quick rows) with torch.profiler and print each one's largest ops",
     )
     p.add_argument(
         "--baseline",
