@@ -36,7 +36,15 @@ def run(data: Path, minutes: float, extra: list[str]) -> dict:
         cmd = [sys.executable, "-u", "main.py", "--data", str(data.resolve()), "--tied", "--save", f"{tmp}/peer.pt"]
         started = time.perf_counter()
         proc = subprocess.Popen(
-            cmd + extra, cwd=PEER, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd + extra,
+            cwd=PEER,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            # A job started in the background (`cmd &`, nohup) inherits SIGINT ignored, and
+            # Python then never turns Ctrl-C into KeyboardInterrupt: give the example the default.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         lines: list[str] = []
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -167,6 +168,25 @@ def test_peer_budget_reports_the_examples_epochs_and_test_perplexity(tmp_path, c
     assert record["epochs"] == 2  # it finished within the budget, so nothing stopped it
     assert f"test ppl {record['test_ppl']:8.2f}" in captured.err  # the example's own line, passed on to stderr
     assert record["best_valid_ppl"] > 1.0 and record["wall_s"] >= record["training_s"] > 0
+
+
+@pytest.mark.skipif(not PEER_MAIN.is_file(), reason="../shared/peer is not present")
+def test_peer_budget_stops_the_example_at_the_budget_even_from_a_background_job(tmp_path, capsys):
+    words = "the cat sat on the mat and the dog sat on the log".split()
+    for split, lines in (("train", 60), ("valid", 8), ("test", 8)):
+        (tmp_path / f"{split}.txt").write_text("\n".join(" ".join(words[i % 5 :]) for i in range(lines)) + "\n")
+    extra = ["--epochs", "100000", "--emsize", "8", "--nhid", "8", "--bptt", "5", "--batch_size", "4"]
+    # A shell's background job starts with SIGINT ignored; its children inherit that.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert _peer_budget().main(["--data", str(tmp_path), "--minutes", "0.25", "--", *extra]) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert "Exiting from training early" in captured.err  # the example's own Ctrl-C path
+    assert 1 <= record["epochs"] < 100000
+    assert record["training_s"] >= 15 and record["wall_s"] >= record["training_s"]
 
 
 def test_peer_budget_refuses_a_folder_without_the_three_splits(tmp_path, capsys):
