@@ -156,11 +156,16 @@ def _peer_budget():
     return module
 
 
-@pytest.mark.skipif(not PEER_MAIN.is_file(), reason="../shared/peer is not present")
-def test_peer_budget_reports_the_examples_epochs_and_test_perplexity(tmp_path, capsys):
+def _tiny_corpus(folder):
+    """train.txt, valid.txt and test.txt of a few words: epochs of the example take milliseconds."""
     words = "the cat sat on the mat and the dog sat on the log".split()
     for split, lines in (("train", 60), ("valid", 8), ("test", 8)):
-        (tmp_path / f"{split}.txt").write_text("\n".join(" ".join(words[i % 5 :]) for i in range(lines)) + "\n")
+        (folder / f"{split}.txt").write_text("\n".join(" ".join(words[i % 5 :]) for i in range(lines)) + "\n")
+
+
+@pytest.mark.skipif(not PEER_MAIN.is_file(), reason="../shared/peer is not present")
+def test_peer_budget_reports_the_examples_epochs_and_test_perplexity(tmp_path, capsys):
+    _tiny_corpus(tmp_path)
     extra = ["--epochs", "2", "--emsize", "8", "--nhid", "8", "--bptt", "5", "--batch_size", "4"]
     assert _peer_budget().main(["--data", str(tmp_path), "--minutes", "5", "--", *extra]) == 0
     captured = capsys.readouterr()
@@ -172,9 +177,7 @@ def test_peer_budget_reports_the_examples_epochs_and_test_perplexity(tmp_path, c
 
 @pytest.mark.skipif(not PEER_MAIN.is_file(), reason="../shared/peer is not present")
 def test_peer_budget_stops_the_example_at_the_budget_even_from_a_background_job(tmp_path, capsys):
-    words = "the cat sat on the mat and the dog sat on the log".split()
-    for split, lines in (("train", 60), ("valid", 8), ("test", 8)):
-        (tmp_path / f"{split}.txt").write_text("\n".join(" ".join(words[i % 5 :]) for i in range(lines)) + "\n")
+    _tiny_corpus(tmp_path)
     extra = ["--epochs", "100000", "--emsize", "8", "--nhid", "8", "--bptt", "5", "--batch_size", "4"]
     # A shell's background job starts with SIGINT ignored; its children inherit that.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
