@@ -313,7 +313,8 @@ def complete(
         "    lstm-lm eval --checkpoint runs/ptb-small --split valid --batch-size 1\n\n"
         "    lstm-lm eval --cache --tune --batch-size 1    # the neural cache, fitted on valid first\n\n"
         "    lstm-lm eval --dynamic --tune                 # dynamic evaluation, fitted on valid first\n\n"
-        "    lstm-lm eval --cache --window 2000 --theta 0.3 --lambda 0.1"
+        "    lstm-lm eval --cache --window 2000 --theta 0.3 --lambda 0.1\n\n"
+        "    lstm-lm eval --keystrokes --checkpoint runs/keyboard   # a keyboard's 3 suggestions: keystrokes saved"
     ),
 )
 @setting_flags
@@ -345,6 +346,27 @@ def eval_(
             ),
         ),
     ] = False,
+    keystrokes: Annotated[
+        bool,
+        typer.Option(
+            "--keystrokes",
+            help=(
+                "Instead of the perplexity, type the split with a keyboard's suggestions (a word model): keystroke "
+                "savings, top-1 and top-k recall, per-suggestion latency and size on disk (docs/keyboard.md)."
+            ),
+            rich_help_panel="Keyboard",
+        ),
+    ] = False,
+    suggestions: Annotated[
+        int, typer.Option("--suggestions", "-k", help="Suggestions offered (--keystrokes).", rich_help_panel="Keyboard")
+    ] = 3,
+    latency: Annotated[
+        bool,
+        typer.Option(
+            help="With --keystrokes: time a suggestion in PyTorch, ONNX fp32 and ONNX int8 (one thread).",
+            rich_help_panel="Keyboard",
+        ),
+    ] = True,
     options: dict | None = None,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object.
@@ -357,6 +379,17 @@ def eval_(
     from lstm_lm.inference.api import LanguageModel
 
     with user_errors():
+        if keystrokes:
+            from lstm_lm.inference.keystrokes import run_keystrokes
+
+            if tune or any(v for v in (options or {}).values()):
+                raise ConfigError(
+                    ["--keystrokes: measures suggestions, not perplexity; drop --cache, --dynamic and --tune"],
+                    "command line",
+                )
+            lm = LanguageModel.load(checkpoint, device, precision=precision)
+            emit(dumps(run_keystrokes(lm, split, data, suggestions, latency) | {"checkpoint": str(checkpoint)}))
+            return
         protocol, settings = choose(options, tune, batch_size)
         lm = LanguageModel.load(checkpoint, device, precision=precision)
         result = lm.evaluate(
@@ -642,16 +675,37 @@ def serve(
         "**Examples**\n\n"
         "    lstm-lm export --format onnx                      # runs/latest -> model.onnx\n\n"
         "    lstm-lm export --format onnx --checkpoint runs/ptb-small --out ptb-small.onnx\n\n"
-        "    lstm-lm export --format onnx --int8 --out model-int8.onnx   # int8 weights: smaller and faster"
+        "    lstm-lm export --format onnx --int8 --out model-int8.onnx   # int8 weights: smaller and faster\n\n"
+        "    lstm-lm export --format web site --checkpoint runs/keyboard   # a static page: suggestions, no server"
     )
 )
 def export(
-    format_: Annotated[str, typer.Option("--format", help="The format: onnx.")] = "onnx",
+    target: Annotated[
+        Optional[Path],
+        typer.Argument(help="The file (onnx) or folder (web) to write; the same as --out.", show_default=False),
+    ] = None,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help=(
+                "onnx: a graph that reads chunks of tokens with their state. web: a folder any static host "
+                "serves, a page with a keyboard's three suggestions run by onnxruntime-web (docs/keyboard.md)."
+            ),
+        ),
+    ] = "onnx",
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="The file to write. Default: model.onnx (model-int8.onnx with --int8)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="The file or folder to write. Default: model.onnx (model-int8.onnx with --int8), or web/.",
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="--format web: replace the page in a folder that is not empty.")
+    ] = False,
     int8: Annotated[
         bool,
         typer.Option(
@@ -670,13 +724,26 @@ def export(
     ] = None,
 ) -> None:
     """Export the model as an ONNX graph that reads a chunk of tokens with its state (see
-    docs/export.md); checks it against PyTorch and prints what it measured as JSON."""
-    from lstm_lm.errors import ConfigError
+    docs/export.md), or as a web page that suggests next words with no server
+    (docs/keyboard.md); checks it against PyTorch and prints what it measured as JSON."""
     from lstm_lm.inference.api import LanguageModel
 
     with user_errors():
-        if format_ != "onnx":
-            raise ConfigError([f"--format: only onnx is supported, got {format_!r}"], "command line")
+        if format_ not in ("onnx", "web"):
+            raise ConfigError([f"--format: must be onnx or web, got {format_!r}"], "command line")
+        if target is not None and out is not None and target != out:
+            raise ConfigError([f"give the place to write once: {target} or --out {out}"], "command line")
+        out = out or target
+        if format_ == "web":
+            if int8:
+                raise ConfigError(["--int8: the web page's model is always int8; drop --int8"], "command line")
+            from lstm_lm.inference.keyboard import export_web
+
+            lm = LanguageModel.load(checkpoint, "cpu")
+            emit(dumps(export_web(lm, out or Path("web"), overwrite=overwrite)))
+            return
+        if overwrite:
+            raise ConfigError(["--overwrite: only for --format web (an ONNX file is replaced whole)"], "command line")
         lm = LanguageModel.load(checkpoint, "cpu")
         from lstm_lm.inference.export import export_onnx
 

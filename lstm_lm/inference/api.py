@@ -9,6 +9,8 @@
     lm.perplexity(["...", "..."])                            # one number for all the texts
     lm.trace("I am from Kerala and I speak")                 # gates, |h|, |c|, guesses per token
     s = lm.session("I am from Kerala"); s.feed("and I speak"); s.next_words()   # one step per new token
+    lm.suggest("I am from Kerala and I speak Mal", k=3)      # a keyboard's suggestions: ["Malayalam"]
+    lm.keystrokes(open("my.txt").read().splitlines())      # what those suggestions save on a text
 
 `lstm-lm complete`, `eval`, `inspect`, `score`, `serve` and `export` all go through
 this class. Every method reads with dropout off and without gradients; `precision`
@@ -18,6 +20,7 @@ this class. Every method reads with dropout off and without gradients; `precisio
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ class LanguageModel:
         self.precision = precision
         self.kind = config.data.tokenizer  # word, char or bpe
         self._pieces: WordPieces | None = None
+        self._keyboard = None
         self.kept_statistics: dict = {}  # dynamic evaluation's gradient statistics, kept for one setting
 
     @classmethod
@@ -167,6 +171,36 @@ class LanguageModel:
         new token costs one step of the model, not a re-read of what came before."""
         session = Session(self)
         return session.feed(prompt) if check("prompt", prompt).strip() else session
+
+    # -- a keyboard's suggestions ----------------------------------------------------------
+
+    def suggest(self, text: str, k: int = 3) -> list[str]:
+        """A keyboard's k suggestions as `text` is being typed (a word model): the likeliest
+        next words that start with the word being typed, the text after its last space
+        (none after a space). The words before it are read as the context."""
+        check_all(text=text, k=k)
+        kb = self.keyboard
+        last_space = re.search(r"\s\S*$", text)
+        context, typed = (text[: last_space.start()], text[last_space.start() + 1 :]) if last_space else ("", text)
+        return kb.suggest(kb.scores_after(kb.split(context)), kb.normalize(typed), k)
+
+    @property
+    def keyboard(self):
+        """The vocabulary as a keyboard's dictionary (inference/keystrokes.py; built once)."""
+        from lstm_lm.inference.keystrokes import Keyboard
+
+        if self._keyboard is None:
+            self._keyboard = Keyboard(self)
+        return self._keyboard
+
+    def keystrokes(self, lines: list[str] | str, k: int = 3) -> dict[str, Any]:
+        """Simulate typing `lines` (a text, or its lines) with the k suggestions of `suggest`:
+        the keystroke savings rate, top-1 and top-k recall (inference/keystrokes.py
+        defines them)."""
+        from lstm_lm.inference.keystrokes import simulate
+
+        lines = check_texts(lines)
+        return simulate(self, (line for text in lines for line in text.splitlines()), k).as_dict()
 
     # -- scores -------------------------------------------------------------------------
 

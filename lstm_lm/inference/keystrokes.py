@@ -1,0 +1,248 @@
+"""What a keyboard's next-word suggestions save: `lstm-lm eval --keystrokes`.
+
+    report = simulate(lm, ["the company said it would", ...], k=3)
+    report.savings, report.top1, report.topk
+
+The simulation (docs/keyboard.md has the definitions beside presage's) types a text
+word by word, as a phone keyboard with a row of k suggestions would:
+
+- Before each character of a word, the first included, the keyboard offers the k
+  words the model finds likeliest next among the words of its vocabulary that start
+  with what has been typed of the word so far.
+- Choosing the word when it is offered costs one keystroke, which also enters the space
+  after it; otherwise the word is typed to its end and a space after it.
+- Without suggestions a word of n characters costs n + 1 keystrokes (its space).
+
+The keystroke savings rate is 1 - (keystrokes with suggestions) / (keystrokes without).
+Top-1 and top-k recall are how often the word is the first, or among the k, suggestions
+offered before its first character.
+
+The words counted are the text's words made of letters and digits only (`str.isalnum`):
+punctuation, PTB's "'s" and "n't", "u.s." and the like, `<unk>` (a word the corpus
+itself has hidden) and the line ends are read by the model as context but neither
+typed nor suggested. A counted word outside the model's vocabulary can never be
+offered: it costs its full length, and counts as a miss for recall. Only word models
+can be simulated: their tokens are the words that the keyboard offers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lstm_lm.data import EOS, UNK
+from lstm_lm.errors import ArgumentError, DataError
+from lstm_lm.utils import autocast
+
+if TYPE_CHECKING:
+    from lstm_lm.inference.api import LanguageModel
+
+MAX_PREFIX = 32  # characters of a word compared; longer prefixes count as this long
+CHUNK = 512  # tokens the model reads at once
+POSITIONS = 256  # word positions ranked at once
+
+
+@dataclass
+class KeystrokeReport:
+    k: int  # suggestions offered
+    words: int  # words typed (counted)
+    out_of_vocabulary: int  # counted words the model cannot offer
+    keystrokes_without: int  # every character and a space per word
+    keystrokes_with: int  # with the suggestions taken when offered
+    savings: float  # 1 - with / without
+    top1: float  # the word was the first suggestion before its first character
+    topk: float  # ... one of the k suggestions
+    tokens: int  # tokens the model read, context included
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("savings", "top1", "topk"):
+            out[key] = round(out[key], 4)
+        return out
+
+
+def is_typed(word: str) -> bool:
+    """Whether the simulation types this word (and a keyboard may suggest it)."""
+    return word.isalnum()
+
+
+class Keyboard:
+    """A word model's vocabulary as a keyboard's dictionary: which tokens may be
+    suggested, and their spellings as a (V, MAX_PREFIX) tensor of code points for
+    comparing prefixes."""
+
+    def __init__(self, lm: LanguageModel):
+        if lm.kind != "word":
+            raise ArgumentError(
+                f"keystroke simulation needs a word model (data.tokenizer word); this one is a {lm.kind} model"
+            )
+        tok = lm.tokenizer
+        self.lm = lm
+        self.words = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.offered = torch.tensor([is_typed(w) and w not in (UNK, EOS) for w in self.words])  # (V,)
+        codes = torch.full((len(self.words), MAX_PREFIX), -1, dtype=torch.int32)
+        for i, w in enumerate(self.words):
+            w = w[:MAX_PREFIX]
+            codes[i, : len(w)] = torch.tensor([ord(c) for c in w], dtype=torch.int32)
+        self.codes = codes  # (V, MAX_PREFIX), -1 past a word's end
+        self.normalize = tok.normalizer.normalize_str if tok.normalizer is not None else (lambda s: s)
+        self.pre = tok.pre_tokenizer
+
+    def split(self, line: str) -> list[str]:
+        """A line's words as the model's tokenizer cuts them."""
+        line = self.normalize(line)
+        return [w for w, _ in self.pre.pre_tokenize_str(line)] if self.pre is not None else line.split()
+
+    @torch.no_grad()
+    def scores_after(self, words: list[str]) -> Tensor:
+        """(V,) the scores of the next token after `words`, read after an `<eos>`."""
+        lm = self.lm
+        unk = self.ids.get(UNK, self.ids[EOS])
+        ids = [self.ids[EOS]] + [self.ids.get(w, unk) for w in words]
+        with autocast(lm.device, lm.precision):
+            out, _ = lm.model.features(torch.tensor(ids, device=lm.device)[:, None])
+            return lm.model.scores(out[-1, 0]).float().cpu()
+
+    def suggest(self, scores: Tensor, typed: str = "", k: int = 3) -> list[str]:
+        """The k words with the highest `scores` (V,) that start with `typed`, best first
+        (ties: the lower token id first, as `torch.sort` with stable ordering gives)."""
+        mask = self.offered.clone()
+        if typed:
+            prefix = torch.tensor([ord(c) for c in typed[:MAX_PREFIX]], dtype=torch.int32)
+            mask &= (self.codes[:, : len(prefix)] == prefix).all(1)
+        ranked = torch.sort(scores.float().masked_fill(~mask, -math.inf), descending=True, stable=True).indices
+        return [self.words[int(i)] for i in ranked[: min(k, int(mask.sum()))]]
+
+    def first_offered(self, scores: Tensor, targets: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """For P word positions: `scores` (P, V), the word typed `targets` (P,) (in the
+        vocabulary) and its length `lengths` (P,). Returns how many characters are typed
+        before the word is among the k suggestions (0 to length - 1, or `lengths` where it
+        is never offered), and its rank before the first character (0: the first
+        suggestion). A rival word outranks the target if it scores higher, or as high
+        with a lower id."""
+        scores = scores.float().masked_fill(~self.offered, -math.inf)
+        own = scores.gather(1, targets[:, None])  # (P, 1)
+        ids = torch.arange(scores.shape[1])
+        better = (scores > own) | ((scores == own) & (ids[None, :] < targets[:, None]))  # (P, V)
+        same = (self.codes[None, :, :] == self.codes[targets][:, None, :]).cumprod(2)  # (P, V, L): first j+1 equal
+        rivals = torch.empty(len(targets), MAX_PREFIX + 1, dtype=torch.long)
+        rivals[:, 0] = better.sum(1)  # before the first character: every better word
+        rivals[:, 1:] = torch.einsum("pv,pvl->pl", better.long(), same.long())  # after j characters
+        offered = rivals < k  # (P, L + 1): offered after j characters typed
+        j = torch.arange(MAX_PREFIX + 1)
+        offered &= j[None, :] < lengths[:, None]  # a word fully typed needs no suggestion
+        first = torch.where(offered.any(1), offered.float().argmax(1), lengths)
+        return first, rivals[:, 0]
+
+
+def simulate(lm: LanguageModel, lines: Iterable[str], k: int = 3, progress=None) -> KeystrokeReport:
+    """Type `lines` with the model's k suggestions (see the module's docstring). The text
+    is read as one stream, each line after an `<eos>` as in training, in `CHUNK`-token
+    pieces that carry the memory. `progress(n)` is told each batch of tokens read."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ArgumentError(f"k: the number of suggestions must be at least 1, got {k!r}")
+    kb = lm.keyboard
+    unk, eos = kb.ids.get(UNK), kb.ids[EOS]
+    ids: list[int] = [eos]
+    typed: list[tuple[int, str]] = []  # (position of the token before the word, word)
+    for line in lines:
+        for word in kb.split(line):
+            if is_typed(word):
+                typed.append((len(ids) - 1, word))
+            ids.append(kb.ids.get(word, unk if unk is not None else eos))
+        ids.append(eos)
+    if not typed:
+        raise DataError("the text has no words to type (words of letters and digits)")
+
+    model = lm.model
+    scores_at = {p: i for i, (p, _) in enumerate(typed)}  # positions whose scores are needed
+    firsts = torch.empty(len(typed), dtype=torch.long)  # characters typed before the word is offered
+    ranks = torch.empty(len(typed), dtype=torch.long)  # its rank before its first character
+    pending: list[tuple[int, Tensor]] = []  # (index into typed, scores (V,))
+
+    def rank(pending: list[tuple[int, Tensor]]) -> None:
+        index = torch.tensor([i for i, _ in pending])
+        words = [typed[i][1] for i in index.tolist()]
+        known = torch.tensor([w in kb.ids for w in words])
+        lengths = torch.tensor([len(w) for w in words])
+        firsts[index], ranks[index] = lengths, len(kb.words)  # out of the vocabulary: never offered
+        if known.any():
+            scores = torch.stack([s for s, ok in zip((s for _, s in pending), known.tolist()) if ok])
+            targets = torch.tensor([kb.ids[w] for w, ok in zip(words, known.tolist()) if ok])
+            firsts[index[known]], ranks[index[known]] = kb.first_offered(scores, targets, lengths[known], k)
+
+    state = model.init_state(1, lm.device)
+    with torch.no_grad(), autocast(lm.device, lm.precision):
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            out, state = model.features(torch.tensor(chunk, device=lm.device)[:, None], state)
+            wanted = [t for t in range(len(chunk)) if start + t in scores_at]
+            if wanted:
+                scores = model.scores(out[wanted, 0]).float().cpu()  # (W, V)
+                pending += [(scores_at[start + t], s) for t, s in zip(wanted, scores)]
+            while len(pending) >= POSITIONS:
+                rank(pending[:POSITIONS])
+                pending = pending[POSITIONS:]
+            if progress is not None:
+                progress(len(chunk))
+        if pending:
+            rank(pending)
+
+    lengths = torch.tensor([len(w) for _, w in typed])
+    offered = firsts < lengths
+    without = int((lengths + 1).sum())
+    with_ = int(torch.where(offered, firsts + 1, lengths + 1).sum())
+    return KeystrokeReport(
+        k=k,
+        words=len(typed),
+        out_of_vocabulary=sum(w not in kb.ids for _, w in typed),
+        keystrokes_without=without,
+        keystrokes_with=with_,
+        savings=1 - with_ / without,
+        top1=float((ranks == 0).float().mean()),
+        topk=float((ranks < k).float().mean()),
+        tokens=len(ids),
+    )
+
+
+def split_lines(lm: LanguageModel, split: str = "test", data: str | None = None) -> list[str]:
+    """The raw lines of a split of the model's corpus (or of `data`), as `lstm-lm train` reads them."""
+    from lstm_lm.data import read_source, resolve_source
+
+    source = resolve_source(data or lm.config.data.source)
+    splits = read_source(source, lm.config.data)
+    if split not in splits:
+        raise ArgumentError(f"split: must be one of {', '.join(s for s in splits if s != 'train')}, got {split!r}")
+    return [line for block in splits[split]() for line in block]
+
+
+def run_keystrokes(
+    lm: LanguageModel, split: str = "test", data: str | None = None, k: int = 3, latency: bool = True
+) -> dict[str, Any]:
+    """What `lstm-lm eval --keystrokes` prints: the simulation on a split, and (with
+    `latency`) the time and size of a suggestion in each form (keyboard.latency)."""
+    import importlib.util
+
+    from lstm_lm.inference.keyboard import latency as time_suggestions
+    from lstm_lm.utils import log, progress_bar
+
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ArgumentError(f"--suggestions: must be at least 1, got {k!r}")
+    lines = split_lines(lm, split, data)
+    lm.keyboard  # a character or BPE model is refused before any work  # noqa: B018
+    with progress_bar(sum(len(line.split()) + 1 for line in lines), f"typing {split}", unit="tok") as bar:
+        report = simulate(lm, lines, k, progress=bar)
+    out = {"protocol": "keystrokes", "split": split} | report.as_dict()
+    if latency:
+        onnx = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+        if not onnx:
+            log("timing PyTorch only: ONNX needs the export extra (pip install 'lstm-lm[export]')")
+        log("timing suggestions at batch 1 on one thread ...")
+        out["latency"] = time_suggestions(lm, lines, k, onnx=onnx)
+    return out
