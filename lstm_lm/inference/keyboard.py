@@ -204,6 +204,7 @@ def export_web(lm: LanguageModel, out: Path, overwrite: bool = False, k: int = 3
         "unk": lm.tokenizer.token_to_id(UNK),
         "offered": lm.keyboard.offered.nonzero().flatten().tolist(),  # the words a suggestion may be
         "lowercase": lm.config.data.lowercase,
+        "split_punctuation": lm.config.data.split_punctuation,  # "John," -> "John" ","
         "states": [{"name": n, "size": s} for n, s in zip(state_names(lm.model), state_sizes(lm.model))],
         "suggestions": k,
         "cell": lm.cell,

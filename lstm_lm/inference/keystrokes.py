@@ -42,9 +42,9 @@ from lstm_lm.utils import autocast
 if TYPE_CHECKING:
     from lstm_lm.inference.api import LanguageModel
 
-MAX_PREFIX = 32  # characters of a word compared; longer prefixes count as this long
+MAX_PREFIX = 32  # characters of a word compared: a word longer than 33 is offered by its first 32 or never
 CHUNK = 512  # tokens the model reads at once
-POSITIONS = 256  # word positions ranked at once
+POSITIONS = 64  # word positions ranked at once
 
 
 @dataclass
@@ -73,7 +73,7 @@ def is_typed(word: str) -> bool:
 
 class Keyboard:
     """A word model's vocabulary as a keyboard's dictionary: which tokens may be
-    suggested, and their spellings as a (V, MAX_PREFIX) tensor of code points for
+    suggested, and their spellings as a (V, width) tensor of code points for
     comparing prefixes."""
 
     def __init__(self, lm: LanguageModel):
@@ -86,11 +86,12 @@ class Keyboard:
         self.words = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
         self.ids = {w: i for i, w in enumerate(self.words)}
         self.offered = torch.tensor([is_typed(w) and w not in (UNK, EOS) for w in self.words])  # (V,)
-        codes = torch.full((len(self.words), MAX_PREFIX), -1, dtype=torch.int32)
+        self.width = min(MAX_PREFIX, max(len(w) for w in self.words))
+        codes = torch.full((len(self.words), self.width), -1, dtype=torch.int32)
         for i, w in enumerate(self.words):
-            w = w[:MAX_PREFIX]
+            w = w[: self.width]
             codes[i, : len(w)] = torch.tensor([ord(c) for c in w], dtype=torch.int32)
-        self.codes = codes  # (V, MAX_PREFIX), -1 past a word's end
+        self.codes = codes  # (V, width), -1 past a word's end
         self.normalize = tok.normalizer.normalize_str if tok.normalizer is not None else (lambda s: s)
         self.pre = tok.pre_tokenizer
 
@@ -114,7 +115,9 @@ class Keyboard:
         (ties: the lower token id first, as `torch.sort` with stable ordering gives)."""
         mask = self.offered.clone()
         if typed:
-            prefix = torch.tensor([ord(c) for c in typed[:MAX_PREFIX]], dtype=torch.int32)
+            if len(typed) > self.width:  # longer than every word but maybe one cut at MAX_PREFIX
+                mask &= torch.tensor([w.startswith(typed) for w in self.words])
+            prefix = torch.tensor([ord(c) for c in typed[: self.width]], dtype=torch.int32)
             mask &= (self.codes[:, : len(prefix)] == prefix).all(1)
         ranked = torch.sort(scores.float().masked_fill(~mask, -math.inf), descending=True, stable=True).indices
         return [self.words[int(i)] for i in ranked[: min(k, int(mask.sum()))]]
@@ -130,15 +133,16 @@ class Keyboard:
         own = scores.gather(1, targets[:, None])  # (P, 1)
         ids = torch.arange(scores.shape[1])
         better = (scores > own) | ((scores == own) & (ids[None, :] < targets[:, None]))  # (P, V)
-        same = (self.codes[None, :, :] == self.codes[targets][:, None, :]).cumprod(2)  # (P, V, L): first j+1 equal
-        rivals = torch.empty(len(targets), MAX_PREFIX + 1, dtype=torch.long)
+        equal = self.codes[None, :, :] == self.codes[targets][:, None, :]  # (P, V, L)
+        same = equal.to(torch.uint8).cummin(2).values.float()  # (P, V, L): the first j + 1 characters equal
+        rivals = torch.empty(len(targets), self.width + 1)
         rivals[:, 0] = better.sum(1)  # before the first character: every better word
-        rivals[:, 1:] = torch.einsum("pv,pvl->pl", better.long(), same.long())  # after j characters
+        rivals[:, 1:] = torch.bmm(better.float()[:, None, :], same)[:, 0]  # after j characters typed
         offered = rivals < k  # (P, L + 1): offered after j characters typed
-        j = torch.arange(MAX_PREFIX + 1)
+        j = torch.arange(self.width + 1)
         offered &= j[None, :] < lengths[:, None]  # a word fully typed needs no suggestion
         first = torch.where(offered.any(1), offered.float().argmax(1), lengths)
-        return first, rivals[:, 0]
+        return first, rivals[:, 0].long()
 
 
 def simulate(lm: LanguageModel, lines: Iterable[str], k: int = 3, progress=None) -> KeystrokeReport:
@@ -246,3 +250,20 @@ def run_keystrokes(
         log("timing suggestions at batch 1 on one thread ...")
         out["latency"] = time_suggestions(lm, lines, k, onnx=onnx)
     return out
+
+
+def held_out_prompts(lines: list[str], n: int, seed: int = 0) -> list[str]:
+    """`n` prompts cut from `lines` (a held-out text) for comparing suggestions: the first
+    words of a line of two words or more, then a space and 0 to 2 letters of the next word."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [line for line in lines if len(line.split()) >= 2]
+    if not lines:
+        raise DataError("no line of two words or more to cut prompts from")
+    prompts = []
+    while len(prompts) < n:
+        words = rng.choice(lines).split()
+        cut = rng.randrange(1, len(words))
+        prompts.append(" ".join(words[:cut]) + " " + words[cut][: rng.randrange(0, min(3, len(words[cut])))])
+    return prompts

@@ -93,11 +93,17 @@
     kb.shownFor = forText;
   }
 
+  // Punctuation, as the tokenizer's Punctuation pre-tokenizer isolates it: Unicode's
+  // punctuation and ASCII's other symbols.
+  const PUNCTUATION = /([\p{P}!-\/:-@\[-`{-~])/u;
+
   function split(text) {
     const cut = text.search(/\s\S*$/);  // the last whitespace
     const done = cut < 0 ? "" : text.slice(0, cut);
     const typed = cut < 0 ? text : text.slice(cut + 1);
-    return { done, typed, words: normal(done).split(/\s+/).filter(Boolean) };
+    let words = normal(done).split(/\s+/).filter(Boolean);
+    if (vocab.split_punctuation) words = words.flatMap((w) => w.split(PUNCTUATION).filter(Boolean));
+    return { done, typed, words };
   }
 
   function take(word) {
