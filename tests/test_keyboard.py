@@ -5,12 +5,14 @@ exported page in headless Chromium against `LanguageModel.suggest`."""
 import functools
 import http.server
 import json
+import math
 import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
@@ -104,12 +106,87 @@ def test_more_suggestions_save_at_least_as_much_and_k_is_checked(lm, runs):
     assert lm.keystrokes(lines)["savings"] == pytest.approx(savings[2], abs=1e-4)
 
 
-def test_a_character_model_is_refused_with_a_clear_error(runs):
+def test_a_character_model_suggests_the_likeliest_endings_of_the_word(runs):
     char = LanguageModel.load(runs["char"])
-    with pytest.raises(ArgumentError, match="needs a word model"):
-        char.suggest("the c")
+    for text in ("the c", "a bird s", "the "):
+        words = char.suggest(text, 3)
+        typed = text.split(" ")[-1]
+        assert len(words) == 3 == len(set(words)) and all(w.startswith(typed) for w in words)
+        # best first: the probability of each word's ending and a word end after it, read step by step
+        logp = [_word_logp(char, text, w[len(typed) :]) for w in words]
+        assert logp == sorted(logp, reverse=True), (words, logp)
+    # the search's best word is at least as likely as every word of up to 3 more letters, all tried
+    for text in ("the ca", "a b"):
+        found = char.suggest(text, 1)[0]
+        typed = text.split(" ")[-1]
+        assert _word_logp(char, text, found[len(typed) :]) >= _best_short_word(char, text, 3) - 1e-6
+
+
+@torch.no_grad()
+def _read(lm, text):
+    kb = lm.keyboard
+    ids = [kb.ids["<eos>"]] + [kb.ids[c] for c in text]
+    out, state = lm.model.features(torch.tensor(ids)[:, None])
+    return torch.log_softmax(lm.model.scores(out[-1]).double(), -1), state
+
+
+@torch.no_grad()
+def _word_logp(lm, text, ending):
+    """log p(the ending's characters, then a word end | text)."""
+    kb = lm.keyboard
+    logp, state = _read(lm, text)
+    total = 0.0
+    for c in ending:
+        total += float(logp[0, kb.ids[c]])
+        h, state = lm.model.step_hidden(torch.tensor([kb.ids[c]]), state)
+        logp = torch.log_softmax(lm.model.scores(h).double(), -1)
+    return total + float(torch.logsumexp(logp[0, kb.ends], 0))
+
+
+@torch.no_grad()
+def _best_short_word(lm, text, n):
+    """The largest log p of a word that ends the typed letters with at most n more, every one tried."""
+    kb = lm.keyboard
+    logp, state = _read(lm, text)
+    grows = kb.grows.nonzero().flatten()
+    so_far, best = torch.zeros(1, dtype=torch.float64), -math.inf
+    for level in range(n + 1):
+        best = max(best, float((so_far + torch.logsumexp(logp[:, kb.ends], 1)).max()))
+        if level == n:
+            break
+        rows, chars = torch.arange(len(so_far)).repeat_interleave(len(grows)), grows.repeat(len(so_far))
+        so_far = so_far[rows] + logp[rows, chars]
+        state = [tuple(t[rows] for t in layer) for layer in state]
+        h, state = lm.model.step_hidden(chars, state)
+        logp = torch.log_softmax(lm.model.scores(h).double(), -1)
+    return best
+
+
+def test_keystrokes_need_a_word_model_and_bpe_has_no_keyboard(runs, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--keystrokes", "--checkpoint", str(runs["char"])])
     assert result.exit_code == 1 and "error: keystroke simulation needs a word model" in result.output
+    with pytest.raises(ArgumentError, match="needs a word model"):
+        simulate(LanguageModel.load(runs["char"]), ["the cat"], 3)
+    corpus = runs["corpus"]
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "bpe"),
+            *tiny_sets(corpus, "data.tokenizer=bpe", "data.vocab_size=40"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ArgumentError, match="word or character model"):
+        LanguageModel.load(tmp_path / "bpe").suggest("the c")
+    result = CliRunner().invoke(
+        app, ["export", "--format", "web", str(tmp_path / "site"), "--checkpoint", str(tmp_path / "bpe")]
+    )
+    assert result.exit_code == 1 and "error: the web page reads word and character models" in result.output
+    assert not (tmp_path / "site").exists()
 
 
 def test_eval_keystrokes_prints_savings_latency_and_sizes(runs):
@@ -216,7 +293,6 @@ def test_export_web_writes_a_static_folder_and_never_overwrites_without_asking(r
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--format", "web", "{tmp}/c", "--checkpoint", "{char}"], "the web page reads word models"),
         (["--format", "web", "{tmp}/d", "--int8", "--checkpoint", "{word}"], "always int8"),
         (["--format", "svg", "{tmp}/e", "--checkpoint", "{word}"], "must be onnx or web"),
         (["--format", "web", "{tmp}/f", "--out", "{tmp}/g", "--checkpoint", "{word}"], "give the place to write once"),
@@ -284,55 +360,98 @@ def static_server(tmp_path):
     server.shutdown()
 
 
-def test_the_exported_page_suggests_what_pytorch_suggests(demo_workdir, static_server, tmp_path):
-    """200 held-out prompts typed into the page in headless Chromium: its three suggestions,
-    in order, equal `LanguageModel.suggest`'s for at least 99% of them; each word finished
-    costs the page one step of the model; a tap on a suggestion takes it."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+class Page:
+    """The exported page in headless Chromium: type into its text box, read its suggestions."""
 
-    site, url = static_server
-    lm = LanguageModel.load(demo_workdir / "runs" / "demo")
+    def __init__(self, driver, url: str):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver, self.wait = driver, WebDriverWait(driver, 30)
+        driver.get(url)
+        self.wait.until(lambda d: self.state("ready") or self.state("error"))
+        assert self.state("error") is None
+        self.box = driver.find_element(By.ID, "text")
+
+    def state(self, key: str):
+        return self.driver.execute_script(f"return window.lstmKeyboard && window.lstmKeyboard.{key}")
+
+    def type(self, text: str, clear: bool = True) -> list[str]:
+        """Empty the box (as select-all and delete would), type `text` key by key, and
+        return the suggestions once the page shows them for the whole text."""
+        if clear:
+            self.driver.execute_script(
+                "arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))", self.box
+            )
+            self.wait.until(lambda d: self.state("shownFor") == "")
+        self.box.send_keys(text)
+        want = self.box.get_attribute("value")
+        self.wait.until(lambda d: self.state("shownFor") == want)
+        return self.state("shown")
+
+
+def _export_or_skip(lm, site):
     try:
         keyboard.export_web(lm, site)
     except Exception as e:
         if "onnxruntime-web is not installed" in str(e):
             pytest.skip(str(e))
         raise
-    driver = _browser(tmp_path)
-    wait = WebDriverWait(driver, 30)
-    page = "return window.lstmKeyboard"
-    try:
-        driver.get(url)
-        wait.until(lambda d: d.execute_script(page + " && (window.lstmKeyboard.ready || window.lstmKeyboard.error)"))
-        assert driver.execute_script(page + ".error") is None
-        box = driver.find_element(By.ID, "text")
-        from lstm_lm.inference.keystrokes import held_out_prompts, split_lines
 
+
+def test_the_exported_page_suggests_what_pytorch_suggests(demo_workdir, static_server, tmp_path):
+    """200 held-out prompts typed into the page in headless Chromium: its three suggestions,
+    in order, equal `LanguageModel.suggest`'s for at least 99% of them; each word finished
+    costs the page one step of the model; a tap on a suggestion takes it."""
+    from selenium.webdriver.common.by import By
+
+    from lstm_lm.inference.keystrokes import held_out_prompts, split_lines
+
+    site, url = static_server
+    lm = LanguageModel.load(demo_workdir / "runs" / "demo")
+    _export_or_skip(lm, site)
+    driver = _browser(tmp_path)
+    try:
+        page = Page(driver, url)
         prompts = held_out_prompts(split_lines(lm, "test"), 200)
-        same = 0
-        for prompt in prompts:
-            box.clear()
-            box.send_keys(prompt)
-            wait.until(lambda d, p=prompt: d.execute_script(page + ".shownFor") == p)
-            same += driver.execute_script(page + ".shown") == lm.suggest(prompt, 3)
+        same = sum(page.type(prompt) == lm.suggest(prompt, 3) for prompt in prompts)
         assert same >= 0.99 * len(prompts), f"{same} of {len(prompts)} prompts"
 
-        # one step per word: typing three words after a clear reads <eos> (the reset) and three words
-        box.clear()
-        wait.until(lambda d: d.execute_script(page + ".shownFor") == "")
-        before = len(driver.execute_script(page + ".timings"))
-        box.send_keys("I am from ")
-        wait.until(lambda d: d.execute_script(page + ".shownFor") == "I am from ")
-        steps = [t["steps"] for t in driver.execute_script(page + ".timings")[before:]]
+        # one step per word: after a reset (<eos>, one step), three words cost three steps
+        page.type("")
+        before = len(page.state("timings"))
+        page.type("I am from ", clear=False)
+        steps = [t["steps"] for t in page.state("timings")[before:]]
         assert sum(steps) == 3, steps
         # a tap takes the first suggestion, and a space after it
         first = driver.find_elements(By.CSS_SELECTOR, ".suggestion")[0]
         word = first.text
         assert [word] == lm.suggest("I am from ", 1)
         first.click()
-        wait.until(lambda d: box.get_attribute("value") == f"I am from {word} ")
-        driver.save_screenshot(str(tmp_path / "page.png"))
+        page.wait.until(lambda d: page.state("shownFor") == f"I am from {word} ")
+    finally:
+        driver.quit()
+
+
+def test_the_exported_page_of_a_character_model_finishes_words_as_pytorch_does(runs, static_server, tmp_path):
+    """A character model's page reads each key in one step and searches the word's endings
+    as `CharKeyboard` does: the same three suggestions for the tiny corpus's prompts."""
+    from lstm_lm.inference.keystrokes import held_out_prompts
+
+    site, url = static_server
+    lm = LanguageModel.load(runs["char"])
+    _export_or_skip(lm, site)
+    driver = _browser(tmp_path)
+    try:
+        page = Page(driver, url)
+        lines = (runs["corpus"] / "test.txt").read_text().splitlines()
+        prompts = held_out_prompts(lines, 30)
+        same = sum(page.type(prompt) == lm.suggest(prompt, 3) for prompt in prompts)
+        assert same >= 0.9 * len(prompts), f"{same} of {len(prompts)} prompts"
+        page.type("")
+        before = len(page.state("timings"))
+        page.type("the c", clear=False)
+        assert sum(t["steps"] for t in page.state("timings")[before:]) == len("the c")
     finally:
         driver.quit()
 

@@ -35,7 +35,8 @@ def test_readme_is_a_front_door():
     assert "bash scripts/setup.sh && .venv/bin/lstm-lm train" in text  # the main job, set-up included
     assert "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q" in text  # the tests, likewise
     assert "](docs/serve-page.png)" in text  # a screenshot of the web page
-    for page in ["results", "speed", "why-lstm", "use", "reference", "checkpoints", "distributed", "development"]:
+    pages = ["results", "speed", "why-lstm", "use", "reference", "checkpoints", "distributed", "development"]
+    for page in [*pages, "keyboard"]:
         assert f"](docs/{page}.md)" in text, page
 
 

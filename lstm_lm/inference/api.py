@@ -175,11 +175,15 @@ class LanguageModel:
     # -- a keyboard's suggestions ----------------------------------------------------------
 
     def suggest(self, text: str, k: int = 3) -> list[str]:
-        """A keyboard's k suggestions as `text` is being typed (a word model): the likeliest
-        next words that start with the word being typed, the text after its last space
-        (none after a space). The words before it are read as the context."""
+        """A keyboard's k suggestions as `text` is being typed: the likeliest next words
+        that start with the word being typed, the text after its last space (none after a
+        space). A word model reads the words before it as the context and ranks its
+        vocabulary; a character model reads the whole text and searches for the word's
+        likeliest endings (keystrokes.CharKeyboard)."""
         check_all(text=text, k=k)
         kb = self.keyboard
+        if self.kind == "char":
+            return kb.suggest_after(text, k)
         last_space = re.search(r"\s\S*$", text)
         context, typed = (text[: last_space.start()], text[last_space.start() + 1 :]) if last_space else ("", text)
         return kb.suggest(kb.scores_after(kb.split(context)), kb.normalize(typed), k)
@@ -187,10 +191,15 @@ class LanguageModel:
     @property
     def keyboard(self):
         """The vocabulary as a keyboard's dictionary (inference/keystrokes.py; built once)."""
-        from lstm_lm.inference.keystrokes import Keyboard
+        from lstm_lm.inference.keystrokes import CharKeyboard, Keyboard
 
+        if self.kind == "bpe":
+            raise ArgumentError(
+                "a keyboard's suggestions need a word or character model; a BPE model's words are pieces "
+                "that this keyboard does not join (train with data.tokenizer word or char)"
+            )
         if self._keyboard is None:
-            self._keyboard = Keyboard(self)
+            self._keyboard = CharKeyboard(self) if self.kind == "char" else Keyboard(self)
         return self._keyboard
 
     def keystrokes(self, lines: list[str] | str, k: int = 3) -> dict[str, Any]:

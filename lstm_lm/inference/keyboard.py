@@ -167,12 +167,12 @@ def ort_web_dir() -> Path:
 
 
 def check_web_model(lm: LanguageModel) -> None:
-    """Refuse what the page cannot run: it cuts the text into words at spaces, as a word
-    model's tokenizer does."""
-    if lm.kind != "word":
+    """Refuse what the page cannot run: it cuts the text into words at spaces (and
+    punctuation, where the model's tokenizer does), or into characters."""
+    if lm.kind not in ("word", "char"):
         raise ArgumentError(
-            f"the web page reads word models; this is a {lm.kind} model, whose tokenizer the page does not "
-            "have (train with data.tokenizer word)"
+            f"the web page reads word and character models; this is a {lm.kind} model, whose tokenizer the "
+            "page does not have (train with data.tokenizer word or char)"
         )
 
 
@@ -197,12 +197,24 @@ def export_web(lm: LanguageModel, out: Path, overwrite: bool = False, k: int = 3
     summary: dict[str, Any] = {"out": str(out), "format": "web", "tokenizer": lm.kind}
     step = export_step(lm, out / "model.onnx", int8=True)
     summary |= {"model_bytes": step["bytes"], "max_abs_diff": step["max_abs_diff"]}
+    from lstm_lm.inference.keystrokes import CharKeyboard
+
+    keyboard = lm.keyboard
     vocab = {
         "kind": lm.kind,
         "tokens": [lm.tokenizer.id_to_token(i) for i in range(lm.vocab_size)],
         "eos": lm.tokenizer.token_to_id(EOS),
         "unk": lm.tokenizer.token_to_id(UNK),
-        "offered": lm.keyboard.offered.nonzero().flatten().tolist(),  # the words a suggestion may be
+        **(
+            {  # the search for a word's endings: CharKeyboard's
+                "ends": keyboard.ends.nonzero().flatten().tolist(),
+                "grows": keyboard.grows.nonzero().flatten().tolist(),
+                "beam": CharKeyboard.BEAM,
+                "max_chars": CharKeyboard.MAX_CHARS,
+            }
+            if lm.kind == "char"
+            else {"offered": keyboard.offered.nonzero().flatten().tolist()}  # the words a suggestion may be
+        ),
         "lowercase": lm.config.data.lowercase,
         "split_punctuation": lm.config.data.split_punctuation,  # "John," -> "John" ","
         "states": [{"name": n, "size": s} for n, s in zip(state_names(lm.model), state_sizes(lm.model))],

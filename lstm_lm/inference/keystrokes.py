@@ -28,6 +28,7 @@ can be simulated: their tokens are the words that the keyboard offers.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -77,10 +78,6 @@ class Keyboard:
     comparing prefixes."""
 
     def __init__(self, lm: LanguageModel):
-        if lm.kind != "word":
-            raise ArgumentError(
-                f"keystroke simulation needs a word model (data.tokenizer word); this one is a {lm.kind} model"
-            )
         tok = lm.tokenizer
         self.lm = lm
         self.words = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
@@ -145,12 +142,94 @@ class Keyboard:
         return first, rivals[:, 0].long()
 
 
+def require_word_model(lm: LanguageModel) -> None:
+    if lm.kind != "word":
+        raise ArgumentError(
+            f"keystroke simulation needs a word model (data.tokenizer word); this one is a {lm.kind} model"
+        )
+
+
+class CharKeyboard:
+    """A character model's suggestions: the k likeliest ways to finish the word being
+    typed, found by a beam search over characters.
+
+    The text so far, the letters typed of the word included, is read one character at a
+    time. The search then grows `BEAM` endings of the word at once (one step of the model
+    for all of them), the most likely first; an ending's word is scored by the
+    probability of its characters and of a word end after them (a whitespace character
+    or `<eos>`). Growing a word only lowers its probability, so the search stops when no
+    ending still growing can enter the top k, or after `MAX_CHARS` characters. The page
+    of `export --format web` runs the same search (keyboard.js).
+    """
+
+    BEAM = 8
+    MAX_CHARS = 24
+
+    def __init__(self, lm: LanguageModel):
+        tok = lm.tokenizer
+        self.lm = lm
+        self.chars = [tok.id_to_token(i) or "" for i in range(tok.get_vocab_size())]
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+        special = [c in (UNK, EOS) for c in self.chars]
+        self.ends = torch.tensor([c.isspace() or c == EOS for c in self.chars])  # (V,) a word ends here
+        self.grows = torch.tensor([not (c.isspace() or s) for c, s in zip(self.chars, special)])  # (V,)
+
+    @torch.no_grad()
+    def suggest_after(self, text: str, k: int = 3) -> list[str]:
+        """The k likeliest words that finish the word being typed at the end of `text`."""
+        lm, model = self.lm, self.lm.model
+        if lm.tokenizer.normalizer is not None:
+            text = lm.tokenizer.normalizer.normalize_str(text)
+        typed = re.split(r"\s", text)[-1]
+        unk = self.ids.get(UNK, self.ids[EOS])
+        ids = [self.ids[EOS]] + [self.ids.get(c, unk) for c in text]
+        with autocast(lm.device, lm.precision):
+            out, state = model.features(torch.tensor(ids, device=lm.device)[:, None])
+            logp = torch.log_softmax(model.scores(out[-1]).float(), dim=-1).cpu()  # (1, V)
+        return self.search(logp, state, typed, k, self._step)
+
+    def _step(self, chars: Tensor, state):
+        lm = self.lm
+        with autocast(lm.device, lm.precision):
+            h, state = lm.model.step_hidden(chars.to(lm.device), state)
+            return torch.log_softmax(lm.model.scores(h).float(), dim=-1).cpu(), state
+
+    def search(self, logp: Tensor, state, typed: str, k: int, step) -> list[str]:
+        """The beam search from the scores `logp` (1, V) and `state` (batch 1) after the
+        text; `step(chars (B,), state) -> (logp (B, V), state)` runs the model."""
+        endings, so_far = [""], torch.zeros(1, dtype=torch.float64)  # the endings growing, their log p
+        found: dict[str, float] = {}
+        for n in range(self.MAX_CHARS + 1):
+            logp = logp.double()
+            end = torch.logsumexp(logp.masked_fill(~self.ends, -math.inf), dim=1)  # (B,)
+            for ending, p in zip(endings, (so_far + end).tolist()):
+                if typed + ending:
+                    found[typed + ending] = p
+            if n == self.MAX_CHARS:
+                break
+            kth = sorted(found.values(), reverse=True)[k - 1] if len(found) >= k else -math.inf
+            longer = (so_far[:, None] + logp).masked_fill(~self.grows, -math.inf).flatten()  # (B * V,)
+            best = torch.sort(longer, descending=True, stable=True)
+            keep = best.values[: self.BEAM] > kth
+            if not keep.any():
+                break
+            chosen = best.indices[: self.BEAM][keep]
+            beam, chars = chosen // logp.shape[1], chosen % logp.shape[1]
+            endings = [endings[b] + self.chars[c] for b, c in zip(beam.tolist(), chars.tolist())]
+            so_far = best.values[: self.BEAM][keep]
+            state = [tuple(t[beam.to(t.device)] for t in layer) for layer in state]
+            logp, state = step(chars, state)
+        ranked = sorted(found.items(), key=lambda wp: -wp[1])
+        return [word for word, _ in ranked[:k]]
+
+
 def simulate(lm: LanguageModel, lines: Iterable[str], k: int = 3, progress=None) -> KeystrokeReport:
     """Type `lines` with the model's k suggestions (see the module's docstring). The text
     is read as one stream, each line after an `<eos>` as in training, in `CHUNK`-token
     pieces that carry the memory. `progress(n)` is told each batch of tokens read."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ArgumentError(f"k: the number of suggestions must be at least 1, got {k!r}")
+    require_word_model(lm)
     kb = lm.keyboard
     unk, eos = kb.ids.get(UNK), kb.ids[EOS]
     ids: list[int] = [eos]
@@ -238,8 +317,8 @@ def run_keystrokes(
 
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ArgumentError(f"--suggestions: must be at least 1, got {k!r}")
+    require_word_model(lm)  # before any work
     lines = split_lines(lm, split, data)
-    lm.keyboard  # a character or BPE model is refused before any work  # noqa: B018
     with progress_bar(sum(len(line.split()) + 1 for line in lines), f"typing {split}", unit="tok") as bar:
         report = simulate(lm, lines, k, progress=bar)
     out = {"protocol": "keystrokes", "split": split} | report.as_dict()
