@@ -706,6 +706,13 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="--format web: replace the page in a folder that is not empty.")
     ] = False,
+    fp32: Annotated[
+        bool,
+        typer.Option(
+            "--fp32",
+            help="--format web: float32 weights instead of int8 (4x the bytes; the suggestions are PyTorch's exactly).",
+        ),
+    ] = False,
     int8: Annotated[
         bool,
         typer.Option(
@@ -736,14 +743,15 @@ def export(
         out = out or target
         if format_ == "web":
             if int8:
-                raise ConfigError(["--int8: the web page's model is always int8; drop --int8"], "command line")
+                raise ConfigError(["--int8: the page's weights are int8 unless --fp32; drop --int8"], "command line")
             from lstm_lm.inference.keyboard import export_web
 
             lm = LanguageModel.load(checkpoint, "cpu")
-            emit(dumps(export_web(lm, out or Path("web"), overwrite=overwrite)))
+            emit(dumps(export_web(lm, out or Path("web"), overwrite=overwrite, int8=not fp32)))
             return
-        if overwrite:
-            raise ConfigError(["--overwrite: only for --format web (an ONNX file is replaced whole)"], "command line")
+        if overwrite or fp32:
+            flag = "--overwrite" if overwrite else "--fp32"
+            raise ConfigError([f"{flag}: only for --format web (an ONNX file is replaced whole)"], "command line")
         lm = LanguageModel.load(checkpoint, "cpu")
         from lstm_lm.inference.export import export_onnx
 
