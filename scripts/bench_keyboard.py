@@ -183,6 +183,18 @@ def presage_simulator(config: Path, text: Path) -> dict:
     return {"ki": int(got["ki"]), "ks": int(got["ks"]), "kn": int(got["kn"]), "savings": round(got["KSR"] / 100, 4)}
 
 
+def screenshot(driver, box, path: Path, text: str = "the company said it would be") -> Path:
+    """The page with `text` typed, as docs/keyboard.md shows it."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.set_window_size(800, 600)
+    driver.execute_script("arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))", box)
+    box.send_keys(text)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return window.lstmKeyboard.shownFor") == text)
+    driver.save_screenshot(str(path))
+    return path
+
+
 def browser_check(lm, lines: list[str], prompts: int = 200) -> dict:
     """The exported page in headless Chromium: agreement with PyTorch, and update times."""
     import functools
@@ -225,12 +237,8 @@ def browser_check(lm, lines: list[str], prompts: int = 200) -> dict:
                 wait.until(lambda d, p=prompt: d.execute_script(page + ".shownFor") == p)
                 same += driver.execute_script(page + ".shown") == lm.suggest(prompt, 3)
             timings = driver.execute_script(page + ".timings")
-            shot = ROOT / "docs" / "keyboard-page.png"
-            box.clear()
-            box.send_keys("the company said it would ")
-            wait.until(lambda d: d.execute_script(page + ".shownFor") == "the company said it would ")
-            driver.set_window_size(800, 420)
-            driver.save_screenshot(str(shot))
+            shot = screenshot(driver, box, ROOT / "docs" / "keyboard-page.png")
+            model_bytes = (site / "model.onnx").stat().st_size
         finally:
             driver.quit()
             server.shutdown()
@@ -246,7 +254,7 @@ def browser_check(lm, lines: list[str], prompts: int = 200) -> dict:
         "share_same": round(same / len(chosen), 4),
         "update_ms": {"p50": pct(every, 0.5), "p95": pct(every, 0.95), "updates": len(every)},
         "word_step_ms": {"p50": pct(stepped, 0.5), "p95": pct(stepped, 0.95), "updates": len(stepped)},
-        "model_bytes": (site / "model.onnx").stat().st_size if site.exists() else None,
+        "model_bytes": model_bytes,
         "screenshot": str(shot.relative_to(ROOT)),
     }
 
