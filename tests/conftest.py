@@ -113,3 +113,33 @@ def demo_workdir(tmp_path_factory) -> Path:
         result = CliRunner().invoke(app, ["train", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return work
+
+
+def headless_chromium(tmp_path: Path, window: str = "1100,1250"):
+    """Debian's Chromium driven by its ChromeDriver, headless, with a profile in `tmp_path`;
+    the test skips where either is missing (nothing downloads a browser at run time)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("no Chromium and ChromeDriver (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--window-size={window}",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver_path), options=options)

@@ -6,14 +6,13 @@ import functools
 import http.server
 import json
 import math
-import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_sets, write_tiny_corpus
+from conftest import headless_chromium, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
 from lstm_lm import LanguageModel
@@ -329,32 +328,6 @@ def test_export_web_without_onnxruntime_web_says_how_to_install_it(runs, tmp_pat
 # -- the page in a real browser --------------------------------------------------------------
 
 
-def _browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.skip("no Chromium and ChromeDriver (Debian: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=800,500",
-    ):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver_path), options=options)
-
-
 @pytest.fixture
 def static_server(tmp_path):
     """A plain static file server on loopback, as any static host would serve the folder."""
@@ -423,7 +396,7 @@ def test_the_exported_page_suggests_what_pytorch_suggests(demo_workdir, static_s
     site, url = static_server
     lm = LanguageModel.load(demo_workdir / "runs" / "demo")
     _export_or_skip(lm, site, int8=False)
-    driver = _browser(tmp_path)
+    driver = headless_chromium(tmp_path, "800,600")
     try:
         page = Page(driver, url)
         prompts = held_out_prompts(split_lines(lm, "test"), 200)
@@ -454,7 +427,7 @@ def test_the_exported_page_of_a_character_model_finishes_words_as_pytorch_does(r
     site, url = static_server
     lm = LanguageModel.load(runs["char"])
     _export_or_skip(lm, site)
-    driver = _browser(tmp_path)
+    driver = headless_chromium(tmp_path, "800,600")
     try:
         page = Page(driver, url)
         lines = (runs["corpus"] / "test.txt").read_text().splitlines()
