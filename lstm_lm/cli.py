@@ -182,6 +182,61 @@ def setting_flags(command):
     return with_options(command, "options", options)
 
 
+KEYBOARD_FLAGS = {  # eval's keyboard options: {parameter: (flag, annotation, default)}
+    "keystrokes": (
+        "--keystrokes",
+        Annotated[
+            bool,
+            typer.Option(
+                "--keystrokes",
+                help=(
+                    "Instead of the perplexity, type the split with a keyboard's suggestions (a word model): "
+                    "keystroke savings, top-1 and top-k recall, per-suggestion latency and size on disk "
+                    "(docs/keyboard.md)."
+                ),
+                rich_help_panel="Keyboard",
+            ),
+        ],
+        False,
+    ),
+    "suggestions": (
+        "--suggestions",
+        Annotated[int, typer.Option("--suggestions", "-k", help="Suggestions offered.", rich_help_panel="Keyboard")],
+        3,
+    ),
+    "latency": (
+        "--latency",
+        Annotated[
+            bool,
+            typer.Option(
+                help="With --keystrokes: time a suggestion in PyTorch, ONNX fp32 and ONNX int8 (one thread).",
+                rich_help_panel="Keyboard",
+            ),
+        ],
+        True,
+    ),
+}
+
+
+def keyboard_flags(command):
+    """Give `lstm-lm eval` the keyboard's options; it receives them as `keyboard`, {flag: value}."""
+    return with_options(command, "keyboard", KEYBOARD_FLAGS)
+
+
+def _keystrokes(checkpoint, device, precision, split, data, tune, options, keyboard) -> dict:
+    """`lstm-lm eval --keystrokes`: the keyboard simulation's JSON (inference/keystrokes.py)."""
+    from lstm_lm.inference.api import LanguageModel
+    from lstm_lm.inference.keystrokes import run_keystrokes
+
+    if tune or any(v for v in (options or {}).values()):
+        raise ConfigError(
+            ["--keystrokes: measures suggestions, not perplexity; drop --cache, --dynamic and --tune"], "command line"
+        )
+    lm = LanguageModel.load(checkpoint, device, precision=precision)
+    k, latency = keyboard["--suggestions"], keyboard["--latency"]
+    return run_keystrokes(lm, split, data, k, latency) | {"checkpoint": str(checkpoint)}
+
+
 def _name_flags(e: ConfigError, flags: dict[str, str]) -> ConfigError:
     """The same problems, each config key followed by the option that sets it."""
     named = []
@@ -318,6 +373,7 @@ def complete(
     ),
 )
 @setting_flags
+@keyboard_flags
 def eval_(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint directory.")] = DEFAULT_CHECKPOINT,
     data: Annotated[
@@ -346,27 +402,7 @@ def eval_(
             ),
         ),
     ] = False,
-    keystrokes: Annotated[
-        bool,
-        typer.Option(
-            "--keystrokes",
-            help=(
-                "Instead of the perplexity, type the split with a keyboard's suggestions (a word model): keystroke "
-                "savings, top-1 and top-k recall, per-suggestion latency and size on disk (docs/keyboard.md)."
-            ),
-            rich_help_panel="Keyboard",
-        ),
-    ] = False,
-    suggestions: Annotated[
-        int, typer.Option("--suggestions", "-k", help="Suggestions offered (--keystrokes).", rich_help_panel="Keyboard")
-    ] = 3,
-    latency: Annotated[
-        bool,
-        typer.Option(
-            help="With --keystrokes: time a suggestion in PyTorch, ONNX fp32 and ONNX int8 (one thread).",
-            rich_help_panel="Keyboard",
-        ),
-    ] = True,
+    keyboard: dict | None = None,
     options: dict | None = None,
 ) -> None:
     """Print the perplexity of a checkpoint on a split as one JSON object.
@@ -379,16 +415,8 @@ def eval_(
     from lstm_lm.inference.api import LanguageModel
 
     with user_errors():
-        if keystrokes:
-            from lstm_lm.inference.keystrokes import run_keystrokes
-
-            if tune or any(v for v in (options or {}).values()):
-                raise ConfigError(
-                    ["--keystrokes: measures suggestions, not perplexity; drop --cache, --dynamic and --tune"],
-                    "command line",
-                )
-            lm = LanguageModel.load(checkpoint, device, precision=precision)
-            emit(dumps(run_keystrokes(lm, split, data, suggestions, latency) | {"checkpoint": str(checkpoint)}))
+        if keyboard["--keystrokes"]:
+            emit(dumps(_keystrokes(checkpoint, device, precision, split, data, tune, options, keyboard)))
             return
         protocol, settings = choose(options, tune, batch_size)
         lm = LanguageModel.load(checkpoint, device, precision=precision)
@@ -733,30 +761,31 @@ def export(
     """Export the model as an ONNX graph that reads a chunk of tokens with its state (see
     docs/export.md), or as a web page that suggests next words with no server
     (docs/keyboard.md); checks it against PyTorch and prints what it measured as JSON."""
+    with user_errors():
+        emit(dumps(_export(format_, checkpoint, out or target, target, int8, overwrite, fp32, data)))
+
+
+def _export(format_, checkpoint, out, target, int8, overwrite, fp32, data) -> dict:
+    """`lstm-lm export`'s checks of its options, then the export: its summary."""
     from lstm_lm.inference.api import LanguageModel
 
-    with user_errors():
-        if format_ not in ("onnx", "web"):
-            raise ConfigError([f"--format: must be onnx or web, got {format_!r}"], "command line")
-        if target is not None and out is not None and target != out:
-            raise ConfigError([f"give the place to write once: {target} or --out {out}"], "command line")
-        out = out or target
-        if format_ == "web":
-            if int8:
-                raise ConfigError(["--int8: the page's weights are int8 unless --fp32; drop --int8"], "command line")
-            from lstm_lm.inference.keyboard import export_web
+    if format_ not in ("onnx", "web"):
+        raise ConfigError([f"--format: must be onnx or web, got {format_!r}"], "command line")
+    if target is not None and out != target:
+        raise ConfigError([f"give the place to write once: {target} or --out {out}"], "command line")
+    if format_ == "web":
+        if int8:
+            raise ConfigError(["--int8: the page's weights are int8 unless --fp32; drop --int8"], "command line")
+        from lstm_lm.inference.keyboard import export_web
 
-            lm = LanguageModel.load(checkpoint, "cpu")
-            emit(dumps(export_web(lm, out or Path("web"), overwrite=overwrite, int8=not fp32)))
-            return
-        if overwrite or fp32:
-            flag = "--overwrite" if overwrite else "--fp32"
-            raise ConfigError([f"{flag}: only for --format web (an ONNX file is replaced whole)"], "command line")
-        lm = LanguageModel.load(checkpoint, "cpu")
-        from lstm_lm.inference.export import export_onnx
+        return export_web(LanguageModel.load(checkpoint, "cpu"), out or Path("web"), overwrite, int8=not fp32)
+    if overwrite or fp32:
+        flag = "--overwrite" if overwrite else "--fp32"
+        raise ConfigError([f"{flag}: only for --format web (an ONNX file is replaced whole)"], "command line")
+    from lstm_lm.inference.export import export_onnx
 
-        summary = export_onnx(lm, out or Path("model-int8.onnx" if int8 else "model.onnx"), int8=int8, data=data)
-        emit(dumps(summary))
+    lm = LanguageModel.load(checkpoint, "cpu")
+    return export_onnx(lm, out or Path("model-int8.onnx" if int8 else "model.onnx"), int8=int8, data=data)
 
 
 def main() -> None:

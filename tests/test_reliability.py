@@ -318,7 +318,7 @@ BAD_INPUTS = {
     "serve port in use": (lambda r, c, run, t: ["serve", "--port", str(_busy_port()), "--checkpoint", run], "in use"),
     "export format unknown": (
         lambda r, c, run, t: ["export", "--format", "tflite", "--checkpoint", run, "--out", t / "m.onnx"],
-        "only onnx",
+        "must be onnx or web",
     ),
     "export out is a directory": (lambda r, c, run, t: ["export", "--checkpoint", run, "--out", t], "is a directory"),
     # issue 27: untrusted checkpoints

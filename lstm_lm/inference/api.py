@@ -19,8 +19,8 @@ this class. Every method reads with dropout off and without gradients; `precisio
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from lstm_lm.config import Config, choices
 from lstm_lm.data import EOS
 from lstm_lm.errors import ArgumentError, ConfigError, DataError, PromptError
 from lstm_lm.evaluation.protocols import DynamicEval, NeuralCache
+from lstm_lm.inference.keystrokes import make_keyboard, simulate
 from lstm_lm.inference.sample import MAX_PROMPT_TOKENS, WordPieces, encode_prompt, words_after
 from lstm_lm.model import LSTMLanguageModel, State
 from lstm_lm.utils import autocast, pick_device, pick_precision
@@ -55,7 +56,6 @@ class LanguageModel:
         self.precision = precision
         self.kind = config.data.tokenizer  # word, char or bpe
         self._pieces: WordPieces | None = None
-        self._keyboard = None
         self.kept_statistics: dict = {}  # dynamic evaluation's gradient statistics, kept for one setting
 
     @classmethod
@@ -172,44 +172,20 @@ class LanguageModel:
         session = Session(self)
         return session.feed(prompt) if check("prompt", prompt).strip() else session
 
-    # -- a keyboard's suggestions ----------------------------------------------------------
-
     def suggest(self, text: str, k: int = 3) -> list[str]:
-        """A keyboard's k suggestions as `text` is being typed: the likeliest next words
-        that start with the word being typed, the text after its last space (none after a
-        space). A word model reads the words before it as the context and ranks its
-        vocabulary; a character model reads the whole text and searches for the word's
-        likeliest endings (keystrokes.CharKeyboard)."""
+        """A keyboard's k suggestions as `text` is typed: the likeliest words that start with
+        what follows its last space (inference/keystrokes.py: Keyboard, CharKeyboard)."""
         check_all(text=text, k=k)
-        kb = self.keyboard
-        if self.kind == "char":
-            return kb.suggest_after(text, k)
-        last_space = re.search(r"\s\S*$", text)
-        context, typed = (text[: last_space.start()], text[last_space.start() + 1 :]) if last_space else ("", text)
-        return kb.suggest(kb.scores_after(kb.split(context)), kb.normalize(typed), k)
+        return self.keyboard.suggest_after(text, k)
 
-    @property
+    @functools.cached_property
     def keyboard(self):
-        """The vocabulary as a keyboard's dictionary (inference/keystrokes.py; built once)."""
-        from lstm_lm.inference.keystrokes import CharKeyboard, Keyboard
-
-        if self.kind == "bpe":
-            raise ArgumentError(
-                "a keyboard's suggestions need a word or character model; a BPE model's words are pieces "
-                "that this keyboard does not join (train with data.tokenizer word or char)"
-            )
-        if self._keyboard is None:
-            self._keyboard = CharKeyboard(self) if self.kind == "char" else Keyboard(self)
-        return self._keyboard
+        """The vocabulary as a keyboard's dictionary (keystrokes.make_keyboard; built once)."""
+        return make_keyboard(self)
 
     def keystrokes(self, lines: list[str] | str, k: int = 3) -> dict[str, Any]:
-        """Simulate typing `lines` (a text, or its lines) with the k suggestions of `suggest`:
-        the keystroke savings rate, top-1 and top-k recall (inference/keystrokes.py
-        defines them)."""
-        from lstm_lm.inference.keystrokes import simulate
-
-        lines = check_texts(lines)
-        return simulate(self, (line for text in lines for line in text.splitlines()), k).as_dict()
+        """Keystroke savings and recall of `suggest` on a text (keystrokes.simulate)."""
+        return simulate(self, (line for text in check_texts(lines) for line in text.splitlines()), k).as_dict()
 
     # -- scores -------------------------------------------------------------------------
 

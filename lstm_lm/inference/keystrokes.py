@@ -107,6 +107,13 @@ class Keyboard:
             out, _ = lm.model.features(torch.tensor(ids, device=lm.device)[:, None])
             return lm.model.scores(out[-1, 0]).float().cpu()
 
+    def suggest_after(self, text: str, k: int = 3) -> list[str]:
+        """The k suggestions as `text` is typed: the words before its last space are the
+        context, the text after it the start of the word."""
+        last_space = re.search(r"\s\S*$", text)
+        context, typed = (text[: last_space.start()], text[last_space.start() + 1 :]) if last_space else ("", text)
+        return self.suggest(self.scores_after(self.split(context)), self.normalize(typed), k)
+
     def suggest(self, scores: Tensor, typed: str = "", k: int = 3) -> list[str]:
         """The k words with the highest `scores` (V,) that start with `typed`, best first
         (ties: the lower token id first, as `torch.sort` with stable ordering gives)."""
@@ -140,6 +147,16 @@ class Keyboard:
         offered &= j[None, :] < lengths[:, None]  # a word fully typed needs no suggestion
         first = torch.where(offered.any(1), offered.float().argmax(1), lengths)
         return first, rivals[:, 0].long()
+
+
+def make_keyboard(lm: LanguageModel) -> Keyboard | CharKeyboard:
+    """A word model's Keyboard or a character model's CharKeyboard; a BPE model has none."""
+    if lm.kind == "bpe":
+        raise ArgumentError(
+            "a keyboard's suggestions need a word or character model; a BPE model's words are pieces "
+            "that this keyboard does not join (train with data.tokenizer word or char)"
+        )
+    return CharKeyboard(lm) if lm.kind == "char" else Keyboard(lm)
 
 
 def require_word_model(lm: LanguageModel) -> None:
@@ -231,18 +248,7 @@ def simulate(lm: LanguageModel, lines: Iterable[str], k: int = 3, progress=None)
         raise ArgumentError(f"k: the number of suggestions must be at least 1, got {k!r}")
     require_word_model(lm)
     kb = lm.keyboard
-    unk, eos = kb.ids.get(UNK), kb.ids[EOS]
-    ids: list[int] = [eos]
-    typed: list[tuple[int, str]] = []  # (position of the token before the word, word)
-    for line in lines:
-        for word in kb.split(line):
-            if is_typed(word):
-                typed.append((len(ids) - 1, word))
-            ids.append(kb.ids.get(word, unk if unk is not None else eos))
-        ids.append(eos)
-    if not typed:
-        raise DataError("the text has no words to type (words of letters and digits)")
-
+    ids, typed = _read_words(kb, lines)
     model = lm.model
     scores_at = {p: i for i, (p, _) in enumerate(typed)}  # positions whose scores are needed
     firsts = torch.empty(len(typed), dtype=torch.long)  # characters typed before the word is offered
@@ -278,20 +284,28 @@ def simulate(lm: LanguageModel, lines: Iterable[str], k: int = 3, progress=None)
             rank(pending)
 
     lengths = torch.tensor([len(w) for _, w in typed])
-    offered = firsts < lengths
     without = int((lengths + 1).sum())
-    with_ = int(torch.where(offered, firsts + 1, lengths + 1).sum())
-    return KeystrokeReport(
-        k=k,
-        words=len(typed),
-        out_of_vocabulary=sum(w not in kb.ids for _, w in typed),
-        keystrokes_without=without,
-        keystrokes_with=with_,
-        savings=1 - with_ / without,
-        top1=float((ranks == 0).float().mean()),
-        topk=float((ranks < k).float().mean()),
-        tokens=len(ids),
-    )
+    with_ = int(torch.where(firsts < lengths, firsts + 1, lengths + 1).sum())
+    oov = sum(w not in kb.ids for _, w in typed)
+    top1, topk = float((ranks == 0).float().mean()), float((ranks < k).float().mean())
+    return KeystrokeReport(k, len(typed), oov, without, with_, 1 - with_ / without, top1, topk, len(ids))
+
+
+def _read_words(kb: Keyboard, lines: Iterable[str]) -> tuple[list[int], list[tuple[int, str]]]:
+    """The token ids of the text (an `<eos>` first and after each line), and each word
+    typed with the position of the token before it."""
+    unk, eos = kb.ids.get(UNK), kb.ids[EOS]
+    ids: list[int] = [eos]
+    typed: list[tuple[int, str]] = []
+    for line in lines:
+        for word in kb.split(line):
+            if is_typed(word):
+                typed.append((len(ids) - 1, word))
+            ids.append(kb.ids.get(word, unk if unk is not None else eos))
+        ids.append(eos)
+    if not typed:
+        raise DataError("the text has no words to type (words of letters and digits)")
+    return ids, typed
 
 
 def split_lines(lm: LanguageModel, split: str = "test", data: str | None = None) -> list[str]:
