@@ -175,11 +175,14 @@ def _export(chunk: OnnxChunk, names: list[str], path: Path, lm: LanguageModel) -
     onnx.save(proto, str(path))
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session of the file; `threads` caps its threads (None: onnxruntime's choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    if threads is not None:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

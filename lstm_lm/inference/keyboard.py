@@ -10,10 +10,10 @@ The step graph (inputs `input_ids` (B,) int64 and the state, per layer `h{k}` (a
 `step_hidden` and `scores`, traced: the textbook cell of every kind, with no loop over
 time, so that a page pays one step per word it reads.
 
-Its int8 form stores each weight matrix as int8 with a float32 scale per row and
-turns it back into float32 in the graph (a Cast and a Mul on constants): a quarter of
-the bytes, and a tied embedding and output layer stay one matrix. onnxruntime folds
-those two nodes into float32 weights when it loads the file, so the arithmetic is
+Its int8 form stores each weight matrix as int8 with a float32 scale per 16 entries of
+a row and turns it back into float32 in the graph (Cast, Reshape, Mul on constants):
+about a quarter of the bytes, and a tied embedding and output layer stay one matrix.
+onnxruntime folds those nodes into float32 weights when it loads the file, so the arithmetic is
 float32: int8 weights, not int8 products (at batch 1 the products are not what a step
 waits for). Not ONNX's DequantizeLinear: onnxruntime reads DequantizeLinear before a
 MatMul or Gemm as a quantized product and quantizes the activations too, which moved
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lstm_lm.data import EOS, UNK
 from lstm_lm.errors import ArgumentError, DataError, LSTMLMError
 from lstm_lm.inference.export import OPSET, ort_session, state_names, state_sizes
+from lstm_lm.inference.keystrokes import CharKeyboard
 from lstm_lm.utils import log
 from lstm_lm.writing import write_atomically
 
@@ -209,8 +210,6 @@ def export_web(lm: LanguageModel, out: Path, overwrite: bool = False, k: int = 3
     summary: dict[str, Any] = {"out": str(out), "format": "web", "tokenizer": lm.kind, "int8": int8}
     step = export_step(lm, out / "model.onnx", int8=int8)
     summary |= {"model_bytes": step["bytes"], "max_abs_diff": step["max_abs_diff"]}
-    from lstm_lm.inference.keystrokes import CharKeyboard
-
     keyboard = lm.keyboard
     vocab = {
         "kind": lm.kind,
@@ -253,9 +252,7 @@ def latency(lm: LanguageModel, lines: list[str], k: int = 3, steps: int = 300, o
     onnxruntime is installed; with each form's size on disk."""
     import tempfile
 
-    from lstm_lm.inference.keystrokes import Keyboard
-
-    kb: Keyboard = lm.keyboard
+    kb = lm.keyboard
     words = [w for line in lines for w in kb.split(line)][: steps + 20]
     if len(words) < 21:
         raise DataError("the text has too few words to time suggestions (at least 21)")
@@ -282,7 +279,7 @@ def latency(lm: LanguageModel, lines: list[str], k: int = 3, steps: int = 300, o
                 for form, int8 in (("onnx_fp32", False), ("onnx_int8", True)):
                     path = Path(tmp) / f"{form}.onnx"
                     size = export_step(lm, path, int8=int8)["bytes"]
-                    session = _one_thread_session(path)
+                    session = ort_session(path, threads=1)
                     ort_state = [np.zeros((1, s), np.float32) for s in state_sizes(model)]
 
                     def ort_step(i: int, session=session):
@@ -294,16 +291,6 @@ def latency(lm: LanguageModel, lines: list[str], k: int = 3, steps: int = 300, o
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-def _one_thread_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _percentiles(step, ids: list[int], warmup: int = 20) -> dict[str, float]:
