@@ -1466,11 +1466,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int | None = None):
+def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int | None = None, tries: int = 2):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1, as
     two machines would. With `kill_after_steps`, the second agent's worker is killed
     (SIGKILL) once that many steps are logged. Returns each agent's return code and the
-    surviving worker's stderr."""
+    surviving worker's stderr.
+
+    A launch whose agents have not finished after 180 s (once in CI, on a loaded machine,
+    a resume that never began to train) is stopped, its logs shown as a warning, and
+    launched once more on a new port; a second such launch fails the test with its logs."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     port, rdzv_id = _free_port(), f"r{random.randrange(10**9)}"
     agents = []
@@ -1526,7 +1530,22 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
         )
         worker = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout.split()
         os.kill(int(worker[0]), signal.SIGKILL)
-    codes = [a.wait(timeout=180) for a in agents]
+    try:
+        codes = [a.wait(timeout=180) for a in agents]
+    except subprocess.TimeoutExpired:
+        for a in agents:  # each agent leads its own session: stop it and its workers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(a.pid, signal.SIGKILL)
+        said = [f"agent {i}:\n{a.communicate()[1][-3000:]}" for i, a in enumerate(agents)]
+        for node in (0, 1):
+            for log in sorted((run.parent / f"logs-{run.name}-{node}").rglob("std*.log")):
+                said.append(f"{log}:\n{log.read_text()[-3000:]}")
+        if tries <= 1 or kill_after_steps is not None:
+            pytest.fail("the two agents did not finish in 180 s:\n" + "\n".join(said))
+        import warnings
+
+        warnings.warn("two agents stopped after 180 s, launched again:\n" + "\n".join(said), stacklevel=2)
+        return _two_nodes(corpus, run, args, tries=tries - 1)
     for a in agents:
         a.stderr.close()
     logs = sorted((run.parent / f"logs-{run.name}-0").rglob("stderr.log"))
