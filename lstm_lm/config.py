@@ -147,6 +147,13 @@ class ModelConfig:
         ge=1,
         le=MAX_UNITS,
     )
+    num_heads: int | None = param(
+        None,
+        "Cells slstm and mlstm: heads per layer, each with its own block of the recurrence "
+        "(sLSTM) or its own matrix memory (mLSTM); must divide every layer's size (null: 4).",
+        ge=1,
+        le=MAX_UNITS,
+    )
     embedding_size: int = param(200, "Size of the word vectors.", ge=1, le=MAX_UNITS)
     hidden_size: int = param(200, "Units in each recurrent layer.", ge=1, le=MAX_UNITS)
     num_layers: int = param(2, "Number of stacked recurrent layers.", ge=1, le=MAX_LAYERS)
@@ -286,6 +293,13 @@ class TrainConfig:
         "Variable-length BPTT (Merity et al. 2017): each chunk's length is drawn "
         "around bptt (N(bptt, 5), or N(bptt/2, 5) one time in 20, at least 5) and the "
         "learning rate scaled by length / bptt.",
+    )
+    eval_every: int | None = param(
+        None,
+        "Also validate (and save a checkpoint) every this many steps inside an epoch, for a curve "
+        "of validation perplexity over a long epoch (null: at epoch ends only). The learning rate "
+        "still moves at epoch ends only.",
+        ge=1,
     )
     time_budget: float | None = param(
         None,
@@ -570,6 +584,14 @@ def _cell_problems(m: ModelConfig) -> list[str]:
         p.append(f"model.proj_size: must be smaller than every layer's size ({min(m.layer_sizes)}), got {m.proj_size}")
     if m.impl == "cudnn" and spec.kernel is None:
         p.append(f"model.impl: the {m.cell} cell has no fused kernel; use custom or auto")
+    if not p and _sizes_ok(m):  # what only the cell itself can say about its sizes (heads that do not divide them)
+        options = {name: getattr(m, name) for name in spec.options if getattr(m, name) is not None}
+        for size in sorted(set(m.layer_sizes)):
+            try:
+                spec(m.embedding_size, size, **options)
+            except ValueError as e:
+                p.append(str(e))
+                break
     return p
 
 

@@ -32,6 +32,10 @@ CELL_VARIANTS = {
     "lstm": [{}, {"proj_size": 5}],
     "cifg": [{}, {"proj_size": 5}],
     "mogrifier": [{}, {"mogrify_rounds": 2, "mogrify_rank": 3}],
+    "mingru": [{}],
+    "minlstm": [{}],
+    "slstm": [{}, {"num_heads": 1}],
+    "mlstm": [{}, {"num_heads": 2}],
 }
 VARIANTS = [(name, opts) for name, variants in CELL_VARIANTS.items() for opts in variants]
 IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in VARIANTS]
@@ -102,7 +106,7 @@ def _step_loop(rnn: Recurrent, x, state):
 
 
 def _random_state(rnn, batch, dtype=torch.float32):
-    return [tuple(torch.randn(batch, size, dtype=dtype) for size in cell.state_sizes()) for cell in rnn.cells]
+    return [cell.random_state(batch, dtype) for cell in rnn.cells]
 
 
 @pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
@@ -126,7 +130,7 @@ def test_step_loop_and_sequence_path_agree(name, opts, carried):
 def test_gradcheck_float64(name, opts):
     """The step loop's gradients (inputs, carried state and parameters) against finite
     differences; the fused kernel's against the step loop's."""
-    rnn = _recurrent(name, opts, "custom", layers=2, dtype=torch.float64, input_size=3, hidden=6)
+    rnn = _recurrent(name, opts, "custom", layers=2, dtype=torch.float64, input_size=3, hidden=8)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     state = _random_state(rnn, 2, torch.float64)
     leaves = [s.requires_grad_() for layer in state for s in layer]
@@ -370,6 +374,9 @@ def test_mogrifier_with_no_rounds_is_the_lstm():
         (["model.cell=mogrifier", "model.mogrify_rounds=-1"], "model.mogrify_rounds"),
         (["model.cell=lstm", "model.mogrify_rounds=3"], "does not read it"),
         (["model.cell=mogrifier", "model.impl=cudnn"], "no fused kernel"),
+        (["model.cell=mlstm", "model.num_heads=3"], "model.num_heads: 3 heads do not divide the hidden size 8"),
+        (["model.cell=slstm", "model.hidden_sizes=[8,6]", "model.num_heads=4"], "do not divide the hidden size 6"),
+        (["model.cell=gru", "model.num_heads=2"], "does not read it"),
     ],
 )
 def test_bad_cell_options_are_one_error_line(sets, message, tmp_path):

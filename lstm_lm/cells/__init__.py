@@ -1,7 +1,7 @@
 """The recurrent cells: one module per cell, found by name.
 
     from lstm_lm import cells
-    cells.names()                      # ('rnn', 'gru', 'lstm', 'cifg', 'mogrifier'), torch not imported
+    cells.names()                      # ('rnn', 'gru', 'lstm', 'cifg', 'mogrifier', 'mingru', ...)
     spec = cells.get("cifg")           # the Cell subclass declared in lstm_lm/cells/cifg.py
     cell = spec(input_size=64, hidden_size=128)
 
@@ -17,6 +17,11 @@ the ONNX export, the long-range experiment and the tests' list of cells.
     lstm.py       the LSTM, and with model.proj_size the projected LSTM (LSTMP)
     cifg.py       the LSTM with a coupled input-forget gate
     mogrifier.py  the Mogrifier LSTM
+    mingru.py     the minimal GRU, parallel in time (a scan)
+    minlstm.py    the minimal LSTM, parallel in time (a scan)
+    slstm.py      xLSTM's sLSTM: exponential gates, normaliser and stabiliser, per-head recurrence
+    mlstm.py      xLSTM's mLSTM: a matrix memory per head, trained chunkwise in parallel
+    scan.py       the log-space parallel scan the minimal RNNs share
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lstm_lm.cells.base import Cell
 
-_NOT_CELLS = {"base"}
+_NOT_CELLS = {"base", "scan"}
 
 
 @cache

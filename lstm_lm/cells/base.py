@@ -35,6 +35,21 @@ Params = dict[str, Tensor]  # one layer's parameters by name ("weight_ih", ...)
 LayerState = tuple[Tensor, ...]  # one layer's state, in state_names' order, (B, size) each
 
 
+def split_heads(hidden_size: int, num_heads: int | None) -> int:
+    """The heads of a cell with heads (sLSTM, mLSTM): num_heads (None: DEFAULT_HEADS), which
+    must divide hidden_size; ValueError, naming model.num_heads, when it does not."""
+    heads = DEFAULT_HEADS if num_heads is None else num_heads
+    if heads < 1 or hidden_size % heads:
+        raise ValueError(
+            f"model.num_heads: {heads} heads do not divide the hidden size {hidden_size} into equal heads; "
+            f"choose a divisor of every layer's size"
+        )
+    return heads
+
+
+DEFAULT_HEADS = 4
+
+
 class Cell:
     """A recurrent cell of `input_size` inputs and `hidden_size` units."""
 
@@ -130,6 +145,32 @@ class Cell:
         if self.torch_module is None:
             return None
         return TorchLayer(self.torch_module(self.input_size, self.hidden_size), self.kernel_weights(p))
+
+    # -- tests ----------------------------------------------------------------------------
+
+    def random_state(self, batch: int, dtype: torch.dtype = torch.float32) -> LayerState:
+        """A random state of the kind a run reaches (the tests carry it into a chunk)."""
+        return tuple(torch.randn(batch, size, dtype=dtype) for size in self.state_sizes())
+
+
+class LoopLayer(nn.Module):
+    """A layer as a TorchScript step loop, which torch.onnx writes as an ONNX Loop over time:
+    forward(x (T, B, I), *state) -> (h (T, B, out), *state). `loop(x, *state, *weights,
+    *constants)` is a module-level function TorchScript can compile (each cell's own)."""
+
+    _scripted: ClassVar[dict] = {}
+
+    def __init__(self, loop: Callable, weights: dict[str, Tensor], *constants: int):
+        super().__init__()
+        self.loop, self.names, self.constants = loop, list(weights), constants
+        for name, w in weights.items():
+            self.register_buffer(name, w.detach().clone())
+
+    def forward(self, x: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        if self.loop not in LoopLayer._scripted:
+            LoopLayer._scripted[self.loop] = torch.jit.script(self.loop)
+        weights = [getattr(self, name) for name in self.names]
+        return LoopLayer._scripted[self.loop](x, *state, *weights, *self.constants)
 
 
 class TorchLayer(nn.Module):

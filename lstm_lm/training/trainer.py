@@ -270,7 +270,11 @@ class Trainer:
             bar.update(1)
             if s.step % t.log_interval == 0 or s.pos >= self.rows:  # the same steps after a resume
                 self._log_steps(bar)
-            if s.pos < self.rows and self.checkpoints.due():  # an epoch's end saves anyway
+            if s.pos < self.rows and t.eval_every and s.step % t.eval_every == 0:
+                self.sync()
+                self._end_of_epoch(whole=False)  # validate and save inside the epoch
+                self.model.train()
+            elif s.pos < self.rows and self.checkpoints.due():  # an epoch's end saves anyway
                 self.checkpoints.save(best=False)
         bar.close()
         self.sync()

@@ -88,8 +88,8 @@ def save_training_state(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    for k, layer in enumerate(hidden or []):  # (h, c) for an LSTM, (h,) for a GRU or RNN
-        for name, t in zip(("h", "c"), layer):
+    for k, layer in enumerate(hidden or []):  # (h, c) for an LSTM, (h,) for a GRU: the cell's state_names
+        for name, t in zip(model.rnn.cells[k].state_names, layer, strict=True):
             tensors[f"hidden.{k}.{name}"] = t
     for name, t in (extra or {}).items():
         tensors[f"extra.{name}"] = t
@@ -151,10 +151,13 @@ def load_training_state(
     if cuda_keys and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda_keys])
     layers = sum(1 for k in tensors if k.startswith("hidden.") and k.endswith(".h"))
-    hidden = [
-        tuple(tensors[f"hidden.{k}.{name}"].to(device) for name in ("h", "c") if f"hidden.{k}.{name}" in tensors)
-        for k in range(layers)
-    ] or None
+    try:
+        hidden = [
+            tuple(tensors[f"hidden.{k}.{name}"].to(device) for name in model.rnn.cells[k].state_names)
+            for k in range(layers)
+        ] or None
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"cannot resume from {path}: its hidden state does not fit this model ({e})") from None
     extra = {k[len("extra.") :]: v.to(device) for k, v in tensors.items() if k.startswith("extra.")}
     return state, hidden, extra
 

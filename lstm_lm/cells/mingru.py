@@ -1,0 +1,78 @@
+"""The minimal GRU (Feng et al., Were RNNs all we needed?, 2024).
+
+The GRU with its gates' dependence on h_{t-1} removed, and the reset gate with it:
+
+    z_t = sigmoid(W_z x_t + b_z)              update gate, from the input alone
+    h~_t = g(W_h x_t + b_h)                    candidate, from the input alone
+    h_t = (1 - z_t) * h_{t-1} + z_t * h~_t     keep some, replace the rest
+
+with g(x) = x + 1/2 for x >= 0 and sigmoid(x) below, the paper's positive candidate of
+its log-space form. Since nothing on the right reads h_{t-1} but the last line, the
+recurrence is linear, h_t = a_t h_{t-1} + b_t, and a whole chunk runs as one parallel
+scan (scan.py): every time step's gates in one matrix product, then a cumulative sum
+and a cumulative log-sum-exp over time. Generation runs the step. No fused kernel:
+the scan is the fast path of both engines' worth.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lstm_lm.cells.base import Cell, LayerState, LoopLayer, Params
+from lstm_lm.cells.scan import full, g, linear_scan, log_g
+
+
+def mingru_step(k: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """One step from k = W x + b (B, 2H): the new h and the update gate z."""
+    k_z, k_h = k.chunk(2, dim=1)
+    update_gate = torch.sigmoid(k_z)  # how much of h to replace
+    candidate = g(k_h)  # the new content, positive
+    return (1 - update_gate) * h + update_gate * candidate, update_gate
+
+
+def mingru_loop(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The step loop over x (T, B, I), for the ONNX export."""
+    outputs = []
+    for t in range(x.size(0)):
+        h, _ = mingru_step(F.linear(x[t], weight, bias), h)
+        outputs.append(h)
+    return torch.stack(outputs), h
+
+
+class MinGRU(Cell):
+    """A GRU whose update gate and candidate read only the input: linear in h, so parallel in time."""
+
+    name = "mingru"
+    citation = "Feng, Tung, Ahmed, Bengio & Hajimirsadeghi, Were RNNs all we needed?, 2024"
+    summary = "minimal GRU: update gate and candidate from the input alone, trained with a parallel scan over time"
+    title = "the minGRU: its update gate and state h"
+    order, colour = 50, "#17becf"
+    gate_names = ("update",)
+    dropped = ()  # no recurrent matrix for weight drop to mask
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight_ih": (2 * self.hidden_size, self.input_size), "bias_ih": (2 * self.hidden_size,)}
+
+    def project_input(self, x: Tensor, p: Params) -> Tensor:
+        return F.linear(x, p["weight_ih"], p["bias_ih"])  # [k_z, k_h] for every step at once
+
+    def step(self, x_proj: Tensor, state: LayerState, p: Params, record: dict | None = None) -> LayerState:
+        h, update_gate = mingru_step(x_proj, state[0])
+        if record is not None:
+            record.update(update=update_gate)
+        return (h,)
+
+    def sequence(self, x: Tensor, state: LayerState, p: Params) -> tuple[Tensor, LayerState]:
+        k_z, k_h = full(self.project_input(x, p)).chunk(2, dim=2)
+        log_keep = -F.softplus(k_z)  # log(1 - z)
+        log_write = -F.softplus(-k_z) + log_g(k_h)  # log(z * h~)
+        h = linear_scan(log_keep, log_write, state[0]).to(x.dtype)
+        return h, (h[-1],)
+
+    def export_layer(self, p: Params) -> nn.Module:
+        return LoopLayer(mingru_loop, {"weight": p["weight_ih"], "bias": p["bias_ih"]})
+
+
+CELL = MinGRU

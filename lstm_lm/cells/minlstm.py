@@ -1,0 +1,77 @@
+"""The minimal LSTM (Feng et al., Were RNNs all we needed?, 2024).
+
+The LSTM with its gates' dependence on h_{t-1} removed, no output gate, and the forget
+and input gates normalised to sum to one, so that the state's scale does not drift:
+
+    f_t = sigmoid(W_f x_t + b_f)               forget gate, from the input alone
+    i_t = sigmoid(W_i x_t + b_i)               input gate, from the input alone
+    f'_t, i'_t = f_t / (f_t + i_t), i_t / (f_t + i_t)
+    h~_t = g(W_h x_t + b_h)                    candidate, positive (see mingru.py)
+    h_t = f'_t * h_{t-1} + i'_t * h~_t
+
+Linear in h_{t-1}, so a chunk runs as one parallel scan (scan.py). In log space the
+normalised gates come out of one difference: with d = softplus(-k_f) - softplus(-k_i),
+log f' = -softplus(d) and log i' = -softplus(-d), as in the paper's log-space code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lstm_lm.cells.base import Cell, LayerState, LoopLayer, Params
+from lstm_lm.cells.scan import full, g, linear_scan, log_g
+
+
+def minlstm_step(k: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step from k = W x + b (B, 3H): the new h and the normalised forget and input gates."""
+    k_f, k_i, k_h = k.chunk(3, dim=1)
+    f, i = torch.sigmoid(k_f), torch.sigmoid(k_i)
+    forget_gate, input_gate = f / (f + i), i / (f + i)  # they sum to one
+    return forget_gate * h + input_gate * g(k_h), forget_gate, input_gate
+
+
+def minlstm_loop(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The step loop over x (T, B, I), for the ONNX export."""
+    outputs = []
+    for t in range(x.size(0)):
+        h, _, _ = minlstm_step(F.linear(x[t], weight, bias), h)
+        outputs.append(h)
+    return torch.stack(outputs), h
+
+
+class MinLSTM(Cell):
+    """An LSTM whose forget and input gates read only the input and share one unit of weight."""
+
+    name = "minlstm"
+    citation = "Feng, Tung, Ahmed, Bengio & Hajimirsadeghi, Were RNNs all we needed?, 2024"
+    summary = "minimal LSTM: normalised forget and input gates from the input alone, trained with a parallel scan"
+    title = "the minLSTM: its forget and input gates and state h"
+    order, colour = 60, "#bcbd22"
+    gate_names = ("forget", "input")
+    dropped = ()  # no recurrent matrix for weight drop to mask
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight_ih": (3 * self.hidden_size, self.input_size), "bias_ih": (3 * self.hidden_size,)}
+
+    def project_input(self, x: Tensor, p: Params) -> Tensor:
+        return F.linear(x, p["weight_ih"], p["bias_ih"])  # [k_f, k_i, k_h] for every step at once
+
+    def step(self, x_proj: Tensor, state: LayerState, p: Params, record: dict | None = None) -> LayerState:
+        h, forget_gate, input_gate = minlstm_step(x_proj, state[0])
+        if record is not None:
+            record.update(forget=forget_gate, input=input_gate)
+        return (h,)
+
+    def sequence(self, x: Tensor, state: LayerState, p: Params) -> tuple[Tensor, LayerState]:
+        k_f, k_i, k_h = full(self.project_input(x, p)).chunk(3, dim=2)
+        d = F.softplus(-k_f) - F.softplus(-k_i)  # log(i / f)
+        h = linear_scan(-F.softplus(d), -F.softplus(-d) + log_g(k_h), state[0]).to(x.dtype)
+        return h, (h[-1],)
+
+    def export_layer(self, p: Params) -> nn.Module:
+        return LoopLayer(minlstm_loop, {"weight": p["weight_ih"], "bias": p["bias_ih"]})
+
+
+CELL = MinLSTM
