@@ -502,6 +502,52 @@ def long_range(
         emit(long_range_command(gaps, cells, out, budget))
 
 
+@experiment_app.command(
+    "cells",
+    epilog=(
+        "**Examples**\n\n"
+        "    lstm-lm experiment cells --minutes 1                # every cell on the demo corpus\n\n"
+        "    lstm-lm experiment cells --config ptb-small --data ../shared/data/ptb --minutes 5 --out runs/cells-ptb\n\n"
+        "    lstm-lm experiment cells --cells lstm,mingru --config ptb-small --data ../shared/data/ptb"
+    ),
+)
+def cells(
+    config: Annotated[Optional[str], _CONFIG] = None,
+    data: Annotated[Optional[str], _DATA] = None,
+    cells: Annotated[
+        str, typer.Option(help="Cells to compare, comma-separated, or all (every registered cell).")
+    ] = "all",
+    minutes: Annotated[
+        float, typer.Option(min=0.05, help="Wall time per cell, its learning-rate sweep and final test included.")
+    ] = 5.0,
+    lr_factors: Annotated[
+        str, typer.Option(help="The sweep's candidates: the recipe's train.lr times each of these.")
+    ] = "0.5,1,2",
+    sweep_share: Annotated[
+        float, typer.Option(help="The share of each cell's minutes its sweep's short runs get, together.")
+    ] = 0.3,
+    points: Annotated[int, typer.Option(min=1, help="Validations of each final run: the picture's points.")] = 5,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where results.json, results.csv, valid_vs_time.png and the runs go.")
+    ] = Path("runs/cells"),
+    set_: Annotated[Optional[list[str]], _SET] = None,
+) -> None:
+    """Every cell on one corpus at the recipe's parameter count and the same wall time each.
+
+    Each cell gets the hidden size that gives its model as many parameters as the
+    recipe's, and --minutes of this machine's time, in which a short run at each
+    candidate learning rate picks the best on the valid split and a fresh model trains
+    at it for the rest. Prints the table (parameters, tokens/s, tokens, valid and test
+    perplexity, top-1 accuracy); writes results.json, results.csv and
+    valid_vs_time.png into --out.
+    """
+    from lstm_lm.cell_comparison import CellBudget, cells_command
+
+    with user_errors():
+        budget = CellBudget(minutes=minutes, sweep_share=sweep_share, points=points)
+        emit(cells_command(config, data, list(set_ or []), cells, lr_factors, budget, out))
+
+
 @app.command(
     epilog=(
         "**Examples**\n\n"

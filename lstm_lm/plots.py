@@ -87,6 +87,34 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
+    """Validation perplexity against wall time, one line per cell (`experiment cells`):
+    each line begins where its learning-rate sweep ended."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for cell, r in results["cells"].items():
+        if "curve" not in r:
+            continue
+        minutes, ppl = [p[0] / 60 for p in r["curve"]], [p[1] for p in r["curve"]]
+        label = f"{cell} ({r['hidden_size']} units, lr {r['lr']:g}): test {r['test_perplexity']:.1f}"
+        ax.plot(minutes, ppl, marker="o", lw=2, color=cell_colour(cell), label=label)
+    budget = results["budget"]
+    ax.axvline(budget["minutes"] * budget["sweep_share"], color="grey", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time per cell (minutes), its learning-rate sweep included")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(
+        f"{Path(results['corpus']).name}: every cell at {results['target_parameters']:,} parameters and "
+        f"{budget['minutes']:g} minutes ({results['machine']})",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_inspection(trace: dict, path: str | Path, units: int = 16) -> Path | None:
     """Gate activations per token: the means over units, the cell state's norm, and
     heatmaps of the `units` most active units of each gate and of the memory."""

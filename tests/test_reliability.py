@@ -1472,9 +1472,10 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
     (SIGKILL) once that many steps are logged. Returns each agent's return code and the
     surviving worker's stderr.
 
-    A launch whose agents have not finished after 180 s (once in CI, on a loaded machine,
-    a resume that never began to train) is stopped, its logs shown as a warning, and
-    launched once more on a new port; a second such launch fails the test with its logs."""
+    A launch that hangs (seen about once in ten on a loaded machine: agents that never
+    began to train, before the kill or on resuming) is stopped, its logs shown as a
+    warning, and launched once more on a new port; a second hang fails the test with its
+    logs."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     port, rdzv_id = _free_port(), f"r{random.randrange(10**9)}"
     agents = []
@@ -1519,20 +1520,20 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
                 start_new_session=True,
             )
         )
-    if kill_after_steps is not None:
-        _wait_for(
-            lambda: (
-                (run / STEPS).is_file()
-                and len((run / STEPS).read_text().splitlines()) > kill_after_steps
-                and last_checkpoint(run) is not None
-            ),
-            timeout=120,
-        )
-        worker = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(worker[0]), signal.SIGKILL)
     try:
+        if kill_after_steps is not None:
+            _wait_for(
+                lambda: (
+                    (run / STEPS).is_file()
+                    and len((run / STEPS).read_text().splitlines()) > kill_after_steps
+                    and last_checkpoint(run) is not None
+                ),
+                timeout=120,
+            )
+            worker = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout
+            os.kill(int(worker.split()[0]), signal.SIGKILL)
         codes = [a.wait(timeout=180) for a in agents]
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, AssertionError):
         for a in agents:  # each agent leads its own session: stop it and its workers
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(a.pid, signal.SIGKILL)
@@ -1540,12 +1541,14 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
         for node in (0, 1):
             for log in sorted((run.parent / f"logs-{run.name}-{node}").rglob("std*.log")):
                 said.append(f"{log}:\n{log.read_text()[-3000:]}")
-        if tries <= 1 or kill_after_steps is not None:
-            pytest.fail("the two agents did not finish in 180 s:\n" + "\n".join(said))
+        if tries <= 1:
+            pytest.fail("the two agents hung:\n" + "\n".join(said))
         import warnings
 
-        warnings.warn("two agents stopped after 180 s, launched again:\n" + "\n".join(said), stacklevel=2)
-        return _two_nodes(corpus, run, args, tries=tries - 1)
+        warnings.warn("two agents hung; stopped and launched again:\n" + "\n".join(said), stacklevel=2)
+        if "--resume" not in args:
+            shutil.rmtree(run, ignore_errors=True)  # a fresh start again
+        return _two_nodes(corpus, run, args, kill_after_steps, tries - 1)
     for a in agents:
         a.stderr.close()
     logs = sorted((run.parent / f"logs-{run.name}-0").rglob("stderr.log"))
