@@ -111,7 +111,8 @@ def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
         f"{budget['minutes']:g} minutes ({results['machine']})",
         fontsize=9,
     )
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
