@@ -56,12 +56,14 @@ class CellBudget:
 
 def model_for(base: ModelConfig, cell: str, size: int) -> ModelConfig:
     """The recipe's model with `cell` at `size` units per layer: the recipe's options
-    that `cell` does not read are dropped; with tied weights and no projection the
-    embedding follows the size."""
+    that `cell` does not read are dropped (and weight drop, for a cell with no recurrent
+    matrix); with tied weights and no projection the embedding follows the size."""
     spec = registry.get(cell)
     options = {name: None for name in ("proj_size", "mogrify_rounds", "mogrify_rank", "num_heads")}
     options |= {name: getattr(base, name) for name in spec.options if hasattr(base, name)}
     model = dataclasses.replace(base, cell=cell, hidden_size=size, hidden_sizes=None, impl="auto", **options)
+    if not spec.dropped:
+        model = dataclasses.replace(model, weight_drop=0.0)
     if base.tie_weights and not model.proj_size:
         model = dataclasses.replace(model, embedding_size=size)
     return model

@@ -584,6 +584,8 @@ def _cell_problems(m: ModelConfig) -> list[str]:
         p.append(f"model.proj_size: must be smaller than every layer's size ({min(m.layer_sizes)}), got {m.proj_size}")
     if m.impl == "cudnn" and spec.kernel is None:
         p.append(f"model.impl: the {m.cell} cell has no fused kernel; use custom or auto")
+    if isinstance(m.weight_drop, (int, float)) and m.weight_drop > 0 and not spec.dropped:
+        p.append(f"model.weight_drop: the {m.cell} cell has no recurrent matrix for weight drop to mask; set it to 0")
     if not p and _sizes_ok(m):  # what only the cell itself can say about its sizes (heads that do not divide them)
         options = {name: getattr(m, name) for name in spec.options if getattr(m, name) is not None}
         for size in sorted(set(m.layer_sizes)):

@@ -157,15 +157,22 @@ def language_accuracy(model: LSTMLanguageModel, tokenizer: Tokenizer, pairs: lis
 
 
 def machine_name(device: str) -> str:
-    """What ran it, for the record: the GPU's name, or the CPU's model and threads."""
+    """What ran it, for the record: the GPU's name, or the CPU's model (with its family and
+    model numbers and whether it has AVX-512 BF16 and AMX, which decide bf16's speed) and threads."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = dict(
+            (key.strip(), value.strip())
+            for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+            if ":" in line
+            for key, value in [line.split(":", 1)]
+        )
+        flags = set(info.get("flags", "").split())
+        isa = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
+        cpu = f"{info.get('model name', cpu)} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}"
+        cpu += f"; {', '.join(isa) if isa else 'no AVX-512 BF16, no AMX'})"
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"

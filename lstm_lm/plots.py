@@ -93,7 +93,7 @@ def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for cell, r in results["cells"].items():
         if "curve" not in r:
             continue
@@ -101,7 +101,7 @@ def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
         label = f"{cell} ({r['hidden_size']} units, lr {r['lr']:g}): test {r['test_perplexity']:.1f}"
         ax.plot(minutes, ppl, marker="o", lw=2, color=cell_colour(cell), label=label)
     budget = results["budget"]
-    ax.axvline(budget["minutes"] * budget["sweep_share"], color="grey", ls=":", lw=1)
+    ax.axvline(budget["minutes"] * budget["sweep_share"], color="grey", ls=":", lw=1, label="the sweeps end")
     ax.set_yscale("log")
     ax.set_xlabel("wall time per cell (minutes), its learning-rate sweep included")
     ax.set_ylabel("validation perplexity")
@@ -111,8 +111,8 @@ def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
         f"{budget['minutes']:g} minutes ({results['machine']})",
         fontsize=9,
     )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[0]) > 1:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 

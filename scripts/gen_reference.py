@@ -27,9 +27,11 @@ def cells_table() -> str:
         engines = "custom, cudnn" if spec.kernel is not None else "custom"
         state = ", ".join(f"**{s}**" if s == spec.memory else s for s in spec.state_names)
         onnx = "its own operator" if spec.torch_module is not None else "LSTM operator" if spec.kernel else "Loop"
-        blocks = cell.shapes()["weight_hh"][0] // cell.hidden_size
-        extra = [k for k in cell.shapes() if k not in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        count = f"{blocks}(HI + H² + 2H)" + "".join(f" + {k}" for k in extra)
+        count = spec.parameter_formula
+        if count is None:  # the torch.nn layout: blocks of W_ih, W_hh and two biases
+            blocks = cell.shapes()["weight_hh"][0] // cell.hidden_size
+            extra = [k for k in cell.shapes() if k not in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            count = f"{blocks}(HI + H² + 2H)" + "".join(f" + {k}" for k in extra)
         rows.append(
             f"| `{name}` | {spec.summary}; {spec.citation} | {state} | {', '.join(spec.gate_names) or '-'} "
             f"| {engines} | {onnx} | {count} |"

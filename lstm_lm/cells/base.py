@@ -67,6 +67,7 @@ class Cell:
     kernel: ClassVar[Callable | None] = None  # torch.lstm, torch.gru, torch.rnn_tanh
     torch_module: ClassVar[type[nn.Module] | None] = None  # nn.LSTM, ...: the module whose state dict ours matches
     kernel_takes_params: ClassVar[bool] = True  # the kernel reads the parameters as they are (see Recurrent)
+    parameter_formula: ClassVar[str | None] = None  # docs/reference.md's count per layer, where not torch.nn's layout
 
     def __init__(self, input_size: int, hidden_size: int, **options):
         unknown = set(options) - set(self.options)

@@ -49,6 +49,7 @@ class MinGRU(Cell):
     summary = "minimal GRU: update gate and candidate from the input alone, trained with a parallel scan over time"
     title = "the minGRU: its update gate and state h"
     order, colour = 50, "#17becf"
+    parameter_formula = "2(HI + H)"
     gate_names = ("update",)
     dropped = ()  # no recurrent matrix for weight drop to mask
 

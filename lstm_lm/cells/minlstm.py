@@ -49,6 +49,7 @@ class MinLSTM(Cell):
     summary = "minimal LSTM: normalised forget and input gates from the input alone, trained with a parallel scan"
     title = "the minLSTM: its forget and input gates and state h"
     order, colour = 60, "#bcbd22"
+    parameter_formula = "3(HI + H)"
     gate_names = ("forget", "input")
     dropped = ()  # no recurrent matrix for weight drop to mask
 

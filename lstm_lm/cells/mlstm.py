@@ -114,6 +114,7 @@ class MLSTM(Cell):
     title = "the mLSTM: its exponential gates and matrix memory C"
     order, colour = 80, "#e377c2"
     state_names, memory = ("h", "C", "n", "m"), "C"
+    parameter_formula = "(4H + 2 heads)(I + 1)"
     gate_names = ("input", "forget", "output")
     options = ("num_heads",)
     dropped = ()  # no recurrent matrix for weight drop to mask

@@ -74,6 +74,7 @@ class SLSTM(Cell):
     title = "the sLSTM: its exponential gates and memory c"
     order, colour = 70, "#8c564b"
     state_names, memory = ("h", "c", "n", "m"), "c"
+    parameter_formula = "4(HI + H²/heads + H)"
     gate_names = ("input", "forget", "output")
     options = ("num_heads",)
 

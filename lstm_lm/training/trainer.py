@@ -204,6 +204,7 @@ class Trainer:
         self.segment_start = time.perf_counter()
         self.checkpoints = Checkpoints(self)
         self.compile_logged = False  # the first compiled step's time, logged once
+        self.validated_at: int | None = None  # the step of the last validation
 
     def fit(self) -> dict[str, Any]:
         """Train until the epochs, max_steps or the time budget run out, or a signal
@@ -224,7 +225,8 @@ class Trainer:
                 self._train_epoch()
                 if self.stop.signum is not None:
                     break
-                self._end_of_epoch(whole=s.pos >= self.rows)
+                if s.pos >= self.rows or self.validated_at != s.step:  # (eval_every may have just validated)
+                    self._end_of_epoch(whole=s.pos >= self.rows)
             if self.stop.signum is not None:
                 # An epoch's end may have saved this very step already.
                 last = self.checkpoints.saved
@@ -370,6 +372,7 @@ class Trainer:
                 f"the validation loss is not finite in epoch {s.epoch} at step {s.step}; "
                 f"{resume_hint(self.run_dir)}. Lower the learning rate or set train.clip"
             )
+        self.validated_at = s.step
         improved = s.best_val_loss is None or val["loss"] < s.best_val_loss
         if improved:
             s.best_val_loss = val["loss"]

@@ -1,0 +1,124 @@
+"""Training speed of the 2024 cells' parallel forms, at the parameter count of `lstm-lm
+experiment cells` on Penn Treebank (the ptb-small recipe: 2 layers, tied, 10k words,
+batch 20, bptt 35; each cell at its matched hidden size).
+
+    python scripts/bench_modern_cells.py                 # 5 rounds of 10 timed steps
+    python scripts/bench_modern_cells.py --rounds 3 --json bench.json
+
+Rows, each a whole training step (forward, backward, clip, SGD) in the precision the
+recipe picks on this machine, and its recurrent layers alone (forward and backward of
+the layers on the embedding-sized input), in tokens/s:
+- lstm, the fused kernel (oneDNN on a CPU): the LSTM's fastest path;
+- mingru and minlstm, their parallel scan;
+- mlstm, chunkwise, and mlstm through its own step loop (the base cell's time loop).
+Variants alternate within each round, so a slow spell of a shared machine hits all
+alike; each ratio is the median of the per-round ratios. Prints a Markdown table and
+the CPU it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lstm_lm.cell_comparison import matched_model, parameter_count  # noqa: E402
+from lstm_lm.cells.base import Cell  # noqa: E402
+from lstm_lm.config import load_config  # noqa: E402
+from lstm_lm.experiment import machine_name  # noqa: E402
+from lstm_lm.model import LSTMLanguageModel  # noqa: E402
+from lstm_lm.training.trainer import train_step  # noqa: E402
+from lstm_lm.utils import autocast, pick_precision  # noqa: E402
+
+VOCAB, BATCH, BPTT = 10_000, 20, 35
+VARIANTS = [
+    ("lstm", "fused kernel"),
+    ("mingru", "scan"),
+    ("minlstm", "scan"),
+    ("mlstm", "chunkwise"),
+    ("mlstm", "step loop"),
+]
+
+
+def build(cell: str, form: str, precision: str):
+    base = load_config("ptb-small", [])
+    cfg = matched_model(base.model, cell, VOCAB, parameter_count(base.model, VOCAB))
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(cfg, VOCAB).train()
+    if form == "step loop":  # the cell's own step, one time step after another
+        for c in model.rnn.cells:
+            c.sequence = Cell.sequence.__get__(c)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    data = torch.randint(0, VOCAB, (64 * BPTT + 1, BATCH), generator=torch.Generator().manual_seed(0))
+    state = {"hidden": model.init_state(BATCH), "i": 0}
+
+    def whole_step() -> None:
+        i = state["i"] % 60
+        x, y = data[i * BPTT : (i + 1) * BPTT], data[i * BPTT + 1 : (i + 1) * BPTT + 1]
+        _, state["hidden"] = train_step(model, optimizer, x, y, state["hidden"], 0.25, precision)
+        state["i"] += 1
+
+    x = torch.randn(BPTT, BATCH, cfg.embedding_size, requires_grad=True)
+
+    def layers_only() -> None:
+        with autocast(torch.device("cpu"), precision):
+            out, _ = model.rnn(x)
+        out.float().sum().backward()
+
+    return cfg, model, whole_step, layers_only
+
+
+def tokens_per_s(fn, steps: int) -> float:
+    fn()  # one untimed step
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * BATCH * BPTT / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    precision = pick_precision("auto", torch.device("cpu"))
+    built = {v: build(*v, precision) for v in VARIANTS}
+    speeds = {v: {"step": [], "layers": []} for v in VARIANTS}
+    for r in range(args.rounds):
+        for v in VARIANTS:
+            _, _, whole, layers = built[v]
+            speeds[v]["step"].append(tokens_per_s(whole, args.steps))
+            speeds[v]["layers"].append(tokens_per_s(layers, args.steps))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    def ratio(a, b, what):
+        return statistics.median(x / y for x, y in zip(speeds[a][what], speeds[b][what], strict=True))
+
+    lstm, loop = ("lstm", "fused kernel"), ("mlstm", "step loop")
+    print(f"{machine_name('cpu')}; precision {precision}; ptb-small's parameter count\n")
+    print("| cell | form | units | parameters | step tokens/s | x LSTM | layers tokens/s | x LSTM | x its step loop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    records = []
+    for v in VARIANTS:
+        cfg, model, _, _ = built[v]
+        step, layers = statistics.median(speeds[v]["step"]), statistics.median(speeds[v]["layers"])
+        own = f"{ratio(v, loop, 'step'):.2f}x" if v[0] == "mlstm" else ""
+        row = (
+            f"| {v[0]} | {v[1]} | {cfg.hidden_size} | {model.num_parameters():,} | {step:,.0f} | "
+            f"{ratio(v, lstm, 'step'):.2f}x | {layers:,.0f} | {ratio(v, lstm, 'layers'):.2f}x | {own} |"
+        )
+        print(row)
+        records.append({"cell": v[0], "form": v[1], "units": cfg.hidden_size, "speeds": speeds[v]})
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_name("cpu"), "rows": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
