@@ -27,6 +27,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lstm_lm import cells as registry
+from lstm_lm.cells.base import DEFAULT_HEADS
 from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.config import Config, config_from_dict
 from lstm_lm.demo import biography
@@ -70,7 +71,8 @@ def matched_hidden_size(cell: str, budget: Budget, vocab_size: int) -> int:
         )
 
     target = total("lstm", budget.lstm_hidden)
-    return min(range(1, 8 * budget.lstm_hidden), key=lambda h: abs(total(cell, h) - target))
+    step = DEFAULT_HEADS if "num_heads" in registry.get(cell).options else 1  # sizes the heads divide
+    return min(range(step, 8 * budget.lstm_hidden, step), key=lambda h: abs(total(cell, h) - target))
 
 
 SHORT_GAPS = 10  # half of the training biographies have gaps of 0 to this many words

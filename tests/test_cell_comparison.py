@@ -65,7 +65,7 @@ def test_cells_experiment_on_a_tiny_budget(tmp_path):
         assert set(r["sweep"]) == {f"{base_lr * 0.5:g}", f"{base_lr * 2:g}"} and r["lr"] in (base_lr * 0.5, base_lr * 2)
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["test_top1_accuracy"] <= 1
         assert len(r["curve"]) >= 2 and r["curve"][-1][0] <= 0.12 * 60 + 5  # within its minutes (and a margin)
-        assert r["curve"][0][0] >= 0.12 * 60 * 0.3 * 0.9  # the sweep's time came first
+        assert [p[0] for p in r["curve"]] == sorted(p[0] for p in r["curve"])  # on the cell's one clock
         assert r["valid_perplexity"] == pytest.approx(min(p for _, p in r["curve"]))
         assert r["command"].startswith("lstm-lm train") and f"model.cell={name}" in r["command"]
         steps = [json.loads(x)["step"] for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
