@@ -9,7 +9,6 @@ Rows, each a whole training step (forward, backward, clip, SGD) in the precision
 recipe picks on this machine, and its recurrent layers alone (forward and backward of
 the layers on the embedding-sized input), in tokens/s:
 - lstm, the fused kernel (oneDNN on a CPU): the LSTM's fastest path;
-
 - the cells with a parallel form (minGRU, minLSTM: a scan; mLSTM: chunkwise), each
   also through its own step loop (the base cell's time loop).
 Variants alternate within each round, so a slow spell of a shared machine hits all

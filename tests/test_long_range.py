@@ -66,7 +66,9 @@ def test_every_command_works_with_every_cell(trained, cell, tmp_path):
     config = json.loads((run / "best" / "config.json").read_text())
     assert config["model"]["cell"] == cell
     result = _run("complete", "the cat sat on the", "--checkpoint", run, "--words", 3)
-    assert result.exit_code == 0 and result.stdout.strip(), result.output
+    assert result.exit_code == 0, result.output  # (a tiny model's greedy first word may be <eos>: nothing to print)
+    result = _run("complete", "the cat sat on the", "--checkpoint", run, "--next", "--top-k", 3)
+    assert result.exit_code == 0 and len(result.stdout.strip().splitlines()) == 3, result.output
     result = _run("eval", "--checkpoint", run, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["perplexity"] > 1
@@ -188,7 +190,7 @@ def test_matched_hidden_sizes_give_each_cell_the_lstms_parameter_count():
         cfg = ModelConfig(cell=cell, embedding_size=64, hidden_size=hidden, num_layers=1, tie_weights=False)
         counts[cell] = LSTMLanguageModel(cfg, 223).num_parameters()
     assert matched_hidden_size("lstm", budget, 223) == 128
-    assert max(counts.values()) / min(counts.values()) < 1.01, counts
+    assert max(counts.values()) / min(counts.values()) < 1.02, counts  # sizes in steps of 4 for cells with heads
 
 
 def test_probes_have_the_exact_gap_and_batched_accuracy_equals_one_by_one(trained):
@@ -240,7 +242,7 @@ def test_long_range_experiment_on_a_tiny_budget(tmp_path):
         assert all(0 <= a <= 1 for a in r["accuracy"].values())
         assert round(r["accuracy"]["0"] * 12) == pytest.approx(r["accuracy"]["0"] * 12)  # a count of 12 probes
     params = [r["parameters"] for r in results["cells"].values()]
-    assert max(params) / min(params) < 1.04  # at 16 units, one unit more or less is 1-3% of a cell
+    assert max(params) / min(params) < 1.06  # at 16 units, one unit more or less is 1-3% of a cell (4 with heads)
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0] == "cell,hidden_size,parameters,gap_0,gap_3" and len(csv_rows) == 1 + len(CELLS)
     table = result.stdout.splitlines()

@@ -5,15 +5,17 @@ heads are independent."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
+from lstm_lm import cells
 from lstm_lm.cells import mlstm
 from lstm_lm.model import Recurrent
 
-SCANNED = ["mingru", "minlstm"]
+SCANNED = [n for n in cells.names() if hasattr(importlib.import_module(f"lstm_lm.cells.{n}"), "linear_scan")]
 
 
 def _steps(rnn: Recurrent, x: torch.Tensor, state):
@@ -76,7 +78,7 @@ def test_mlstm_chunkwise_equals_steps_over_chunk_boundaries(monkeypatch):
     assert ((got32 - want32).abs() <= 1e-5 + 1e-5 * want32.abs()).float().mean() >= 0.99
 
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+@pytest.mark.parametrize("cell", SCANNED)
 def test_the_log_space_scan_holds_where_products_of_gates_underflow(cell):
     """Gates that keep 1e-4 of the state per step: over 2,000 steps their product is 1e-8000,
     far below float32. The scan in log space still gives the step loop's h (float64)."""

@@ -148,11 +148,13 @@ def gradient_flow(model: LSTMLanguageModel, ids: Tensor, targets: Tensor, state:
                 for k, layer in enumerate(state):
                     hs[k].append(layer[0])
             loss = -model.target_log_probs(top, targets[-1]).mean()
-            grads = torch.autograd.grad(loss, [h for layer in hs for h in layer])
+            # allow_unused: an mLSTM's later steps never read h (its memory C carries the past): no gradient reaches it
+            grads = torch.autograd.grad(loss, [h for layer in hs for h in layer], allow_unused=True)
     finally:
         model.train(was_training)
     T = ids.size(0)
-    return [[float(g.norm(dim=1).mean()) for g in reversed(grads[k * T : (k + 1) * T])] for k in range(len(hs))]
+    norms = [0.0 if g is None else float(g.norm(dim=1).mean()) for g in grads]
+    return [list(reversed(norms[k * T : (k + 1) * T])) for k in range(len(hs))]
 
 
 def trace_summary(trace: dict, units: int = 12) -> dict:
