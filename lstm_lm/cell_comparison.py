@@ -39,6 +39,7 @@ from lstm_lm.config import Config, ModelConfig, validate
 from lstm_lm.data import Corpus
 from lstm_lm.errors import ConfigError, LSTMLMError
 from lstm_lm.experiment import machine_name
+from lstm_lm.model import LSTMLanguageModel, cell_options
 from lstm_lm.utils import log
 from lstm_lm.writing import write_json, write_text
 
@@ -59,8 +60,8 @@ def model_for(base: ModelConfig, cell: str, size: int) -> ModelConfig:
     that `cell` does not read are dropped (and weight drop, for a cell with no recurrent
     matrix); with tied weights and no projection the embedding follows the size."""
     spec = registry.get(cell)
-    options = {name: None for name in ("proj_size", "mogrify_rounds", "mogrify_rank", "num_heads")}
-    options |= {name: getattr(base, name) for name in spec.options if hasattr(base, name)}
+    options = {name: None for other in registry.names() for name in registry.get(other).options}  # every cell's
+    options |= {name: getattr(base, name) for name in spec.options}
     model = dataclasses.replace(base, cell=cell, hidden_size=size, hidden_sizes=None, impl="auto", **options)
     if not spec.dropped:
         model = dataclasses.replace(model, weight_drop=0.0)
@@ -70,8 +71,6 @@ def model_for(base: ModelConfig, cell: str, size: int) -> ModelConfig:
 
 
 def parameter_count(model: ModelConfig, vocab_size: int) -> int:
-    from lstm_lm.model import LSTMLanguageModel
-
     with torch.device("meta"):
         return LSTMLanguageModel(model, vocab_size).num_parameters()
 
@@ -181,7 +180,7 @@ def train_command(cfg: Config, minutes: float, recipe: str | None) -> str:
         "model.cell": m.cell,
         "model.hidden_size": m.hidden_size,
         "model.embedding_size": m.embedding_size,
-        **{f"model.{k}": getattr(m, k) for k in registry.get(m.cell).options if getattr(m, k) is not None},
+        **{f"model.{k}": v for k, v in cell_options(m).items()},
         "train.lr": f"{t.lr:g}",
         "train.eval_every": t.eval_every,
         "train.time_budget": f"{minutes:.2f}",
