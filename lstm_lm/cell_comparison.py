@@ -199,9 +199,9 @@ def compare_cells(
     problems = validate(base)
     if problems:
         raise ConfigError(problems, "the recipe")
+    corpus = load_corpus(base.data)  # once for every cell, before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(base.data)  # once for every cell
     target = parameter_count(base.model, corpus.vocab_size)
     results: dict = {
         "experiment": "cells",

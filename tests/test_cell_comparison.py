@@ -93,6 +93,7 @@ def test_the_command_of_a_row_repeats_its_run():
         (["--sweep-share", "1.5"], "--sweep-share"),
         (["--set", "model.cell=mlstm", "--set", "model.num_heads=3"], "model.num_heads"),
         (["--config", "no-such-recipe"], "no-such-recipe"),
+        (["--data", "no/such/corpus"], "no/such/corpus"),
     ],
 )
 def test_bad_options_are_one_error_line(args, message, tmp_path):

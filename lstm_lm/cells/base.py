@@ -35,19 +35,7 @@ Params = dict[str, Tensor]  # one layer's parameters by name ("weight_ih", ...)
 LayerState = tuple[Tensor, ...]  # one layer's state, in state_names' order, (B, size) each
 
 
-def split_heads(hidden_size: int, num_heads: int | None) -> int:
-    """The heads of a cell with heads (sLSTM, mLSTM): num_heads (None: DEFAULT_HEADS), which
-    must divide hidden_size; ValueError, naming model.num_heads, when it does not."""
-    heads = DEFAULT_HEADS if num_heads is None else num_heads
-    if heads < 1 or hidden_size % heads:
-        raise ValueError(
-            f"model.num_heads: {heads} heads do not divide the hidden size {hidden_size} into equal heads; "
-            f"choose a divisor of every layer's size"
-        )
-    return heads
-
-
-DEFAULT_HEADS = 4
+DEFAULT_HEADS = 4  # model.num_heads when unset
 
 
 class Cell:
@@ -152,6 +140,24 @@ class Cell:
     def random_state(self, batch: int, dtype: torch.dtype = torch.float32) -> LayerState:
         """A random state of the kind a run reaches (the tests carry it into a chunk)."""
         return tuple(torch.randn(batch, size, dtype=dtype) for size in self.state_sizes())
+
+
+class HeadedCell(Cell):
+    """A cell whose units split into model.num_heads equal heads (sLSTM, mLSTM); `heads`."""
+
+    options: ClassVar[tuple[str, ...]] = ("num_heads",)
+
+    def __init__(self, input_size: int, hidden_size: int, num_heads: int | None = None):
+        super().__init__(input_size, hidden_size)
+        self.heads = DEFAULT_HEADS if num_heads is None else num_heads
+        if self.heads < 1 or hidden_size % self.heads:
+            raise ValueError(
+                f"model.num_heads: {self.heads} heads do not divide the hidden size {hidden_size} into equal "
+                f"heads; choose a divisor of every layer's size"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, heads={self.heads})"
 
 
 class LoopLayer(nn.Module):

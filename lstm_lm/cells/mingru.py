@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lstm_lm.cells.base import Cell, LayerState, LoopLayer, Params
-from lstm_lm.cells.scan import full, g, linear_scan, log_g
+from lstm_lm.cells.base import LayerState, Params
+from lstm_lm.cells.scan import InputGatedCell, full, g, linear_scan, log_g
 
 
 def mingru_step(k: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,7 +41,7 @@ def mingru_loop(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor) -> tuple[Ten
     return torch.stack(outputs), h
 
 
-class MinGRU(Cell):
+class MinGRU(InputGatedCell):
     """A GRU whose update gate and candidate read only the input: linear in h, so parallel in time."""
 
     name = "mingru"
@@ -51,13 +51,7 @@ class MinGRU(Cell):
     order, colour = 50, "#17becf"
     parameter_formula = "2(HI + H)"
     gate_names = ("update",)
-    dropped = ()  # no recurrent matrix for weight drop to mask
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"weight_ih": (2 * self.hidden_size, self.input_size), "bias_ih": (2 * self.hidden_size,)}
-
-    def project_input(self, x: Tensor, p: Params) -> Tensor:
-        return F.linear(x, p["weight_ih"], p["bias_ih"])  # [k_z, k_h] for every step at once
+    blocks, loop = 2, staticmethod(mingru_loop)  # [k_z, k_h] = W x + b
 
     def step(self, x_proj: Tensor, state: LayerState, p: Params, record: dict | None = None) -> LayerState:
         h, update_gate = mingru_step(x_proj, state[0])
@@ -71,9 +65,6 @@ class MinGRU(Cell):
         log_write = -F.softplus(-k_z) + log_g(k_h)  # log(z * h~)
         h = linear_scan(log_keep, log_write, state[0]).to(x.dtype)
         return h, (h[-1],)
-
-    def export_layer(self, p: Params) -> nn.Module:
-        return LoopLayer(mingru_loop, {"weight": p["weight_ih"], "bias": p["bias_ih"]})
 
 
 CELL = MinGRU

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lstm_lm.cells.base import Cell, LayerState, LoopLayer, Params
-from lstm_lm.cells.scan import full, g, linear_scan, log_g
+from lstm_lm.cells.base import LayerState, Params
+from lstm_lm.cells.scan import InputGatedCell, full, g, linear_scan, log_g
 
 
 def minlstm_step(k: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,7 +41,7 @@ def minlstm_loop(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor) -> tuple[Te
     return torch.stack(outputs), h
 
 
-class MinLSTM(Cell):
+class MinLSTM(InputGatedCell):
     """An LSTM whose forget and input gates read only the input and share one unit of weight."""
 
     name = "minlstm"
@@ -51,13 +51,7 @@ class MinLSTM(Cell):
     order, colour = 60, "#bcbd22"
     parameter_formula = "3(HI + H)"
     gate_names = ("forget", "input")
-    dropped = ()  # no recurrent matrix for weight drop to mask
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"weight_ih": (3 * self.hidden_size, self.input_size), "bias_ih": (3 * self.hidden_size,)}
-
-    def project_input(self, x: Tensor, p: Params) -> Tensor:
-        return F.linear(x, p["weight_ih"], p["bias_ih"])  # [k_f, k_i, k_h] for every step at once
+    blocks, loop = 3, staticmethod(minlstm_loop)  # [k_f, k_i, k_h] = W x + b
 
     def step(self, x_proj: Tensor, state: LayerState, p: Params, record: dict | None = None) -> LayerState:
         h, forget_gate, input_gate = minlstm_step(x_proj, state[0])
@@ -70,9 +64,6 @@ class MinLSTM(Cell):
         d = F.softplus(-k_f) - F.softplus(-k_i)  # log(i / f)
         h = linear_scan(-F.softplus(d), -F.softplus(-d) + log_g(k_h), state[0]).to(x.dtype)
         return h, (h[-1],)
-
-    def export_layer(self, p: Params) -> nn.Module:
-        return LoopLayer(minlstm_loop, {"weight": p["weight_ih"], "bias": p["bias_ih"]})
 
 
 CELL = MinLSTM

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstm_lm.cells.base import Cell, LayerState, LoopLayer, Params, split_heads
+from lstm_lm.cells.base import HeadedCell, LayerState, LoopLayer, Params
 from lstm_lm.cells.scan import full
 
 CHUNK = 64  # time steps per parallel chunk: the (CHUNK x CHUNK) decay matrix per head and stream
@@ -102,7 +102,7 @@ def mlstm_loop(
     return torch.stack(outputs), h, C, n, m
 
 
-class MLSTM(Cell):
+class MLSTM(HeadedCell):
     """xLSTM's matrix-memory LSTM: per head, values stored under keys and read with a query."""
 
     name = "mlstm"
@@ -116,15 +116,7 @@ class MLSTM(Cell):
     state_names, memory = ("h", "C", "n", "m"), "C"
     parameter_formula = "(4H + 2 heads)(I + 1)"
     gate_names = ("input", "forget", "output")
-    options = ("num_heads",)
     dropped = ()  # no recurrent matrix for weight drop to mask
-
-    def __init__(self, input_size: int, hidden_size: int, num_heads: int | None = None):
-        super().__init__(input_size, hidden_size)
-        self.heads = split_heads(hidden_size, num_heads)
-
-    def __repr__(self) -> str:
-        return f"MLSTM({self.input_size}, {self.hidden_size}, heads={self.heads})"
 
     def state_sizes(self) -> tuple[int, ...]:
         H, d = self.hidden_size, self.hidden_size // self.heads

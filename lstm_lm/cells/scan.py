@@ -3,6 +3,9 @@ h_t = a_t * h_{t-1} + b_t over a whole chunk at once, in log space (Heinsen 2023
 
     h = linear_scan(log_a, log_b, h0)    # (T, B, H), every h_t at once
 
+`InputGatedCell` is what the two cells share: gates that read only x_t, all of them in
+one input matrix, and no recurrent matrix.
+
 Unrolled, h_t = A_t h_0 + sum_{s<=t} (A_t / A_s) b_s with A_t = a_1 ... a_t. In log
 space A_t is a cumulative sum, a* = cumsum(log a), and the sum over s a cumulative
 log-sum-exp: h_t = exp(a*_t) h_0 + exp(a*_t + logcumsumexp_{s<=t}(log b_s - a*_s)).
@@ -17,8 +20,14 @@ over (T, B, H); the products around them stay in the model's precision).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lstm_lm.cells.base import Cell, LoopLayer, Params
 
 
 def linear_scan(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
@@ -45,3 +54,23 @@ def log_g(x: Tensor) -> Tensor:
 def g(x: Tensor) -> Tensor:
     """The minimal RNNs' candidate activation: continuous, positive, linear for x >= 0."""
     return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+class InputGatedCell(Cell):
+    """A cell whose gates and candidate read only the input: `blocks` blocks of H rows in one
+    input matrix, linear in h_{t-1}, so `sequence` is a scan. `loop(x, h, weight, bias)` is
+    the cell's step loop, a module-level function, for the ONNX export."""
+
+    blocks: ClassVar[int]
+    loop: ClassVar[Callable]
+    dropped: ClassVar[tuple[str, ...]] = ()  # no recurrent matrix for weight drop to mask
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        rows = self.blocks * self.hidden_size
+        return {"weight_ih": (rows, self.input_size), "bias_ih": (rows,)}
+
+    def project_input(self, x: Tensor, p: Params) -> Tensor:
+        return F.linear(x, p["weight_ih"], p["bias_ih"])  # every block for every step at once
+
+    def export_layer(self, p: Params) -> nn.Module:
+        return LoopLayer(self.loop, {"weight": p["weight_ih"], "bias": p["bias_ih"]})

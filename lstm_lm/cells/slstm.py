@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstm_lm.cells.base import Cell, LayerState, LoopLayer, Params, split_heads
+from lstm_lm.cells.base import HeadedCell, LayerState, LoopLayer, Params
 
 FORGET_BIAS = (3.0, 6.0)  # the range the forget gate's bias starts in, across units
 
@@ -62,7 +62,7 @@ def slstm_loop(
     return torch.stack(outputs), h, c, n, m
 
 
-class SLSTM(Cell):
+class SLSTM(HeadedCell):
     """xLSTM's scalar-memory LSTM: exponential gating with a normaliser and a stabiliser, per-head recurrence."""
 
     name = "slstm"
@@ -76,14 +76,6 @@ class SLSTM(Cell):
     state_names, memory = ("h", "c", "n", "m"), "c"
     parameter_formula = "4(HI + H²/heads + H)"
     gate_names = ("input", "forget", "output")
-    options = ("num_heads",)
-
-    def __init__(self, input_size: int, hidden_size: int, num_heads: int | None = None):
-        super().__init__(input_size, hidden_size)
-        self.heads = split_heads(hidden_size, num_heads)
-
-    def __repr__(self) -> str:
-        return f"SLSTM({self.input_size}, {self.hidden_size}, heads={self.heads})"
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         H, I, d = self.hidden_size, self.input_size, self.hidden_size // self.heads
