@@ -28,6 +28,7 @@ import json
 import math
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,7 +123,14 @@ def curve(run_dir: Path) -> tuple[list[list[float]], int, float]:
 
 
 def train_cell(
-    cell: str, base: Config, corpus: Corpus, target: int, budget: CellBudget, out_dir: Path, recipe: str | None
+    cell: str,
+    base: Config,
+    corpus: Corpus,
+    target: int,
+    budget: CellBudget,
+    out_dir: Path,
+    recipe: str | None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Sweep, then train: one cell's row of the table."""
     model = matched_model(base.model, cell, corpus.vocab_size, target)
@@ -169,12 +177,13 @@ def train_cell(
         "test_top1_accuracy": summary["test_top1_accuracy"],
         "wall_s": round(time.perf_counter() - started, 1),
         "curve": points,
-        "command": train_command(final, left_s / 60, recipe),
+        "command": train_command(final, left_s / 60, recipe, overrides),
     }
 
 
-def train_command(cfg: Config, minutes: float, recipe: str | None) -> str:
-    """The `lstm-lm train` command that repeats a final run on its own, in `minutes`."""
+def train_command(cfg: Config, minutes: float, recipe: str | None, overrides: Sequence[str] = ()) -> str:
+    """The `lstm-lm train` command that repeats a final run on its own, in `minutes`: the
+    experiment's own --set overrides, then the row's."""
     m, t = cfg.model, cfg.train
     sets = {
         "model.cell": m.cell,
@@ -186,12 +195,18 @@ def train_command(cfg: Config, minutes: float, recipe: str | None) -> str:
         "train.time_budget": f"{minutes:.2f}",
     }
     args = ["lstm-lm", "train", *(["--config", recipe] if recipe else []), "--data", cfg.data.source]
+    args += [a for o in overrides for a in ("--set", o)]
     args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     return shlex.join(args)
 
 
 def compare_cells(
-    chosen: list[str], base: Config, budget: CellBudget, out_dir: str | Path, recipe: str | None = None
+    chosen: list[str],
+    base: Config,
+    budget: CellBudget,
+    out_dir: str | Path,
+    recipe: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Train every chosen cell as the module docstring says; write and return the results."""
     from lstm_lm.data import load_corpus
@@ -214,7 +229,7 @@ def compare_cells(
         "cells": {},
     }
     for cell in chosen:
-        results["cells"][cell] = train_cell(cell, base, corpus, target, budget, out_dir, recipe)
+        results["cells"][cell] = train_cell(cell, base, corpus, target, budget, out_dir, recipe, overrides)
         write_results(results, out_dir)  # after every cell: a stopped experiment keeps what it measured
     return results
 
@@ -280,7 +295,8 @@ def cells_command(
         if config is None and data is None
         else load_config(config, overrides, values=values)
     )
-    results = compare_cells(chosen, base, dataclasses.replace(budget, lr_factors=factors), out_dir, config)
+    budget = dataclasses.replace(budget, lr_factors=factors)
+    results = compare_cells(chosen, base, budget, out_dir, config, overrides)
     png = plot_cell_comparison(results, out_dir / "valid_vs_time.png")
     log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.csv'}" + (f" and {png}" if png else ""))
     if png is None:

@@ -3,7 +3,9 @@ table, files and picture it writes; `train.eval_every`, which gives its curves t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 
 import pytest
 from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
@@ -77,11 +79,16 @@ def test_cells_experiment_on_a_tiny_budget(tmp_path):
 
 
 def test_the_command_of_a_row_repeats_its_run():
-    cfg = load_config("ptb-small", ["model.cell=mlstm", "model.num_heads=2", "train.eval_every=100"])
-    cmd = train_command(cfg, 2.1, "ptb-small")
+    overrides = ["train.compile=false", "model.dropout=0.3"]  # the experiment's own --set
+    cfg = load_config("ptb-small", [*overrides, "model.cell=mlstm", "model.num_heads=2", "train.eval_every=100"])
+    cmd = train_command(cfg, 2.1, "ptb-small", overrides)
     assert cmd.startswith("lstm-lm train --config ptb-small --data ../shared/data/ptb ")
     for part in ("model.cell=mlstm", "model.num_heads=2", "train.eval_every=100", "train.time_budget=2.10"):
         assert f"--set {part}" in cmd
+    args = shlex.split(cmd)
+    again = load_config("ptb-small", [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+    assert again.model == cfg.model
+    assert dataclasses.replace(again.train, time_budget=None) == dataclasses.replace(cfg.train, time_budget=None)
 
 
 @pytest.mark.parametrize(
