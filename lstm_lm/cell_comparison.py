@@ -155,14 +155,18 @@ def train_cell(
     lr = min(scored, key=scored.get)
     left_s = budget.minutes * 60 - (time.perf_counter() - started)
     every = max(1, int(speeds[lr] * left_s / max(budget.points, 1)))
-    final = dataclasses.replace(base, model=model, train=dataclasses.replace(base.train, lr=lr, eval_every=every))
-    final = dataclasses.replace(final, train=dataclasses.replace(final.train, time_budget=budget.minutes))
+    # The final run gets the minutes left as its own budget, on its own clock: a schedule over
+    # the budget (cosine) spans the final run, as in its row's `lstm-lm train` command.
+    t = dataclasses.replace(base.train, lr=lr, eval_every=every, time_budget=left_s / 60)
+    final = dataclasses.replace(base, model=model, train=t)
     log(f"== {cell}: lr {lr:g} (sweep: {sweep}); training for the {left_s / 60:.2f} min left")
     run_dir = out_dir / "runs" / cell
-    summary, why = _run(final, run_dir, corpus, started)
+    final_start = time.perf_counter()
+    summary, why = _run(final, run_dir, corpus, final_start)
     if summary is None:
         return {"hidden_size": model.hidden_size, "sweep": sweep, "lr": lr, "failed": f"the final run failed: {why}"}
     points, tokens, seconds = curve(run_dir)
+    points = [[round(s + final_start - started, 2), ppl] for s, ppl in points]  # on the cell's clock
     return {
         "hidden_size": model.hidden_size,
         "embedding_size": model.embedding_size,
