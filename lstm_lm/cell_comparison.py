@@ -122,6 +122,31 @@ def curve(run_dir: Path) -> tuple[list[list[float]], int, float]:
     return [[r["elapsed_s"], r["val_ppl"]] for r in records], round(tokens), seconds
 
 
+def sweep_lr(
+    base: Config, cell: str, corpus: Corpus, budget: CellBudget, out_dir: Path
+) -> tuple[dict[str, float | None], dict[float, float], str]:
+    """Short runs at each of the budget's learning rates, scored on the start of the valid split.
+
+    Returns each rate's best valid perplexity (None where it diverged), each rate's steps per
+    second, and why the last failed run failed.
+    """
+    trial_minutes = budget.minutes * budget.sweep_share / len(budget.lr_factors)
+    small = sweep_corpus(corpus, budget.sweep_tokens)
+    sweep, speeds, why = {}, {}, ""
+    for factor in budget.lr_factors:
+        lr = base.train.lr * factor
+        log(f"== {cell}: {base.model.hidden_size} units, lr {lr:g} for {trial_minutes:.2f} min (sweep)")
+        trial = dataclasses.replace(
+            base, train=dataclasses.replace(base.train, lr=lr, time_budget=trial_minutes, eval_every=None)
+        )
+        t0 = time.perf_counter()
+        summary, why = _run(trial, out_dir / "sweep" / f"{cell}-lr{lr:g}", small, time.perf_counter())
+        finite = summary is not None and summary["best_valid_perplexity"] is not None
+        sweep[f"{lr:g}"] = summary["best_valid_perplexity"] if finite else None
+        speeds[lr] = summary["steps"] / (time.perf_counter() - t0) if summary else 0.0
+    return sweep, speeds, why
+
+
 def train_cell(
     cell: str,
     base: Config,
@@ -135,19 +160,7 @@ def train_cell(
     """Sweep, then train: one cell's row of the table."""
     model = matched_model(base.model, cell, corpus.vocab_size, target)
     started = time.perf_counter()
-    trial_minutes = budget.minutes * budget.sweep_share / len(budget.lr_factors)
-    small = sweep_corpus(corpus, budget.sweep_tokens)
-    sweep, speeds, why = {}, {}, ""
-    for factor in budget.lr_factors:
-        lr = base.train.lr * factor
-        log(f"== {cell}: {model.hidden_size} units, lr {lr:g} for {trial_minutes:.2f} min (sweep)")
-        t = dataclasses.replace(base.train, lr=lr, time_budget=trial_minutes, eval_every=None)
-        trial = dataclasses.replace(base, model=model, train=t)
-        t0 = time.perf_counter()
-        summary, why = _run(trial, out_dir / "sweep" / f"{cell}-lr{lr:g}", small, time.perf_counter())
-        finite = summary is not None and summary["best_valid_perplexity"] is not None
-        sweep[f"{lr:g}"] = summary["best_valid_perplexity"] if finite else None
-        speeds[lr] = summary["steps"] / (time.perf_counter() - t0) if summary else 0.0
+    sweep, speeds, why = sweep_lr(dataclasses.replace(base, model=model), cell, corpus, budget, out_dir)
     scored = {float(lr): ppl for lr, ppl in sweep.items() if ppl is not None and math.isfinite(ppl)}
     if not scored:
         failed = f"no learning rate of the sweep trained: {why}"
