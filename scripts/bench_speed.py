@@ -746,6 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--peer-rounds", type=int, default=2, help="rounds of those runs (default 2)")
     p.add_argument(
+        "--peak-seconds",
+        type=float,
+        help="seconds per matrix size for the peak (default 2; 1 with --quick)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="instead of timing: profile --steps training steps and evaluation passes of the baseline and each row "
@@ -782,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text("".join(json.dumps(r) + "\n" for r in records))
         return 0
-    seconds = 1.0 if args.quick else 2.0
+    seconds = args.peak_seconds or (1.0 if args.quick else 2.0)
     peak = {"fp32": matmul_peak(device, torch.float32, seconds), "bf16": matmul_peak(device, torch.bfloat16, seconds)}
     log(
         f"matrix-product peak: fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s "

@@ -41,6 +41,8 @@ def test_bench_writes_one_record_per_row_with_ratios(bench, tmp_path, capsys):
             "5",
             "--skip-complete",
             "--no-peer",
+            "--peak-seconds",
+            "0.2",
             "--json",
             str(out),
         ]
