@@ -774,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown row(s) {unknown}; choose from {sorted(known)}")
     if unknown := [s for s in sizes if s not in SIZES]:
         p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+    if args.peak_seconds is not None and args.peak_seconds <= 0:
+        p.error(f"--peak-seconds: above 0, got {args.peak_seconds:g}")
     args.steps = args.steps or (4 if args.quick else 6)
     args.rounds = args.rounds or (3 if args.quick else 5)
     started = time.perf_counter()
@@ -787,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text("".join(json.dumps(r) + "\n" for r in records))
         return 0
-    seconds = args.peak_seconds or (1.0 if args.quick else 2.0)
+    seconds = args.peak_seconds if args.peak_seconds is not None else (1.0 if args.quick else 2.0)
     peak = {"fp32": matmul_peak(device, torch.float32, seconds), "bf16": matmul_peak(device, torch.bfloat16, seconds)}
     log(
         f"matrix-product peak: fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s "

@@ -78,6 +78,12 @@ def test_bench_refuses_unknown_rows(bench):
         bench.main(["--rows", "cudnn/fp16"])
 
 
+def test_bench_refuses_a_peak_of_no_seconds(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--peak-seconds", "0"])
+    assert "--peak-seconds: above 0" in capsys.readouterr().err
+
+
 @pytest.mark.shared_data
 def test_bench_runs_the_upstream_example_and_lstm_lm_train_side_by_side(bench):
     """The peer as its own process, and real `lstm-lm train` runs, a few batches each."""
