@@ -90,15 +90,17 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- peak
 
 
-PEAK_SIZES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
+PEAK_SIZES = {"cpu": (256, 1024, 2048, 3072), "cuda": (1024, 4096, 8192)}  # the first, small, sets the pace
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     """FLOP/s of large square matrix products, the machine's practical peak: the best
     of short bursts at each of several sizes (a CPU's bf16 kernels reach their peak
     only past 1024, e.g. 1.84 TFLOP/s at 2048 against 1.24 at 1024 on a 2-core AMX
-    Xeon), `seconds` per size. A size whose one product would take longer than a
-    burst's budget (bf16 emulated on a CPU without bf16 instructions) is skipped."""
+    Xeon), `seconds` per size. The first size is small, so that a dtype the hardware
+    only emulates (bf16 on a CPU without bf16 instructions: about 1 GFLOP/s) is timed in
+    a fraction of a second; a size whose one product would take longer than a quarter of
+    the budget at the best rate so far is skipped, and so are the sizes after it."""
     best = 0.0
     for n in PEAK_SIZES["cuda" if device.type == "cuda" else "cpu"]:
         if best and 2 * n**3 / best > seconds / 4:
