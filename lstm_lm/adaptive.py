@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_lm.loss import _blocks, _compute_dtype, _logits, linear_cross_entropy, token_log_probs
+from lstm_lm.utils import not_compiled
 
 
 def default_cutoffs(vocab_size: int) -> list[int]:
@@ -95,7 +96,7 @@ class AdaptiveSoftmax(nn.Module):
             rows.append(inside.nonzero()[:, 0])
         return head_targets, rows
 
-    @torch.compiler.disable  # which positions go to which tail changes every batch: no graph to keep
+    @not_compiled  # which positions go to which tail changes every batch: no graph to keep
     def loss(self, h: Tensor, targets: Tensor, words: Tensor | None = None) -> Tensor:
         """The mean cross-entropy (float32) of h (N, H) against targets (N,), for training:
         the head over every position, each tail over the positions whose target is in it."""

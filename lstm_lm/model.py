@@ -41,7 +41,7 @@ from lstm_lm.adaptive import AdaptiveSoftmax, default_cutoffs
 from lstm_lm.cells.base import Cell
 from lstm_lm.config import ModelConfig
 from lstm_lm.loss import linear_cross_entropy_and_hits, output_cross_entropy, token_log_probs
-from lstm_lm.utils import native_bf16
+from lstm_lm.utils import native_bf16, not_compiled
 
 # Per layer a tuple of tensors, each (B, size), in the cell's state_names order: (h, c)
 # for the LSTM family, (h,) for the GRU and the simple RNN. Layers may differ in size
@@ -112,7 +112,7 @@ def _cpu_runs_bf16() -> bool:
     return native_bf16(torch.device("cpu"))
 
 
-@torch.compiler.disable
+@not_compiled
 def fused_rnn(
     cell: Cell,
     x: Tensor,
@@ -238,7 +238,7 @@ class Recurrent(nn.Module):
     def flatten_parameters(self) -> None:
         """Copy each group's parameters into one new flat buffer and make them views of it."""
         self._flat = []
-        if not self._flat_kernel:
+        if not self._flat_kernel or next(self.parameters()).is_meta:  # shapes only (checkpoint.py)
             return
         for i in range(len(self.groups)):
             params = self.group_parameters(i)
@@ -263,7 +263,7 @@ class Recurrent(nn.Module):
         self.flatten_parameters()
         return module
 
-    @torch.compiler.disable
+    @not_compiled
     def fused_weights(self) -> list[list[Tensor]]:
         """Each group's weights for its call of the fused kernel. For a cell whose kernel
         reads its parameters: the parameters themselves, or in training with weight drop,

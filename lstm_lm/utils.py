@@ -27,6 +27,33 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+NOT_COMPILED: list = []  # every function marked with not_compiled
+
+
+def not_compiled(fn):
+    """`torch.compiler.disable(fn)` where it matters, inside a region torch.compile traces,
+    and `fn` itself everywhere else. torch.compiler.disable imports torch._dynamo, 1.6 s
+    of a 2-core CPU that every command would pay at start-up (`complete`, `eval`, `score`
+    never compile); here the disabled function is made when first needed (`compile_loss`
+    makes them all before it compiles, so that its first trace has nothing to make)."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return wrapper.disabled()(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def make_disabled():
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0]
+
+    wrapper.disabled = make_disabled
+    NOT_COMPILED.append(wrapper)
+    return wrapper
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 

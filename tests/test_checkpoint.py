@@ -165,3 +165,23 @@ def test_a_safetensors_file_whose_header_starts_like_a_pickle_loads(saved):
         pytest.skip(f"could not make an 896-byte header (got {n})")
     assert (path / "model.safetensors").read_bytes()[:2] == b"\x80\x03"
     load_checkpoint(path)
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_loading_and_completing_leave_torch_dynamo_unimported(tmp_path, softmax):
+    """torch._dynamo costs 1.6 s to import on a 2-core CPU: `complete`, `eval` and `score`,
+    which never compile, must not import it (not through torch.compiler.disable at import
+    time, nor through the meta-device shape check of loading)."""
+    import subprocess
+    import sys
+
+    cfg = Config(model=ModelConfig(embedding_size=8, hidden_size=8, softmax=softmax, cutoffs=[5]))
+    tok = build_tokenizer(cfg.data, ["the cat sat on the mat", "a dog ran"])
+    save_checkpoint(tmp_path / "ckpt", LSTMLanguageModel(cfg.model, tok.get_vocab_size()), tok, cfg)
+    code = (
+        "import sys; from lstm_lm import LanguageModel; "
+        f"lm = LanguageModel.load({str(tmp_path / 'ckpt')!r}); lm.next_words('the cat', 2); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -51,7 +51,7 @@ from lstm_lm.training.training_state import (
     save_training_state,
     take_share,
 )
-from lstm_lm.utils import autocast, log, pick_device, pick_precision
+from lstm_lm.utils import NOT_COMPILED, autocast, log, pick_device, pick_precision
 
 
 def train_step(
@@ -105,6 +105,8 @@ def compile_loss(model: LSTMLanguageModel, mode: str = "default") -> Callable:
     model itself is unchanged, so checkpoints are the same. `mode` is torch.compile's
     (reduce-overhead: CUDA graphs on a GPU).
     """
+    for fn in NOT_COMPILED:  # made now, or the first trace would stop at each to make it
+        fn.disabled()
     return torch.compile(model.training_loss, dynamic=False, mode=mode)
 
 
