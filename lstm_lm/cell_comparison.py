@@ -32,8 +32,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from lstm_lm import cells as registry
 from lstm_lm.cells.base import DEFAULT_HEADS
 from lstm_lm.config import Config, ModelConfig, validate
@@ -41,7 +39,7 @@ from lstm_lm.data import Corpus
 from lstm_lm.errors import ConfigError, LSTMLMError
 from lstm_lm.experiment import machine_name
 from lstm_lm.model import LSTMLanguageModel, cell_options
-from lstm_lm.utils import log
+from lstm_lm.utils import log, shapes_only
 from lstm_lm.writing import write_json, write_text
 
 
@@ -72,7 +70,7 @@ def model_for(base: ModelConfig, cell: str, size: int) -> ModelConfig:
 
 
 def parameter_count(model: ModelConfig, vocab_size: int) -> int:
-    with torch.device("meta"):
+    with shapes_only():
         return LSTMLanguageModel(model, vocab_size).num_parameters()
 
 

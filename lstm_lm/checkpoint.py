@@ -28,13 +28,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
-from torch.overrides import TorchFunctionMode
 
 from lstm_lm import __version__
 from lstm_lm.config import FORMAT_VERSION, Config, config_from_dict
 from lstm_lm.errors import CheckpointError, ConfigError
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.training.rundir import BEST, CHECKPOINTS, CONFIG, LAST, TOKENIZER, WEIGHTS, follow, step_checkpoints
+from lstm_lm.utils import shapes_only
 from lstm_lm.writing import write_atomically, write_json
 
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, TOKENIZER)
@@ -248,18 +248,6 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-class _NoRandomFill(TorchFunctionMode):
-    """A meta tensor has no values to fill: `normal_` (nn.Embedding's own initialiser) is
-    skipped, which on the meta device would run torch._refs and import torch._dynamo,
-    1.6 s of every command that loads a checkpoint."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", None) == "normal_":  # nn.init.normal_(tensor=...) or Tensor.normal_
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
-
-
 def check_weights_fit(
     cfg: Config, vocab_size: int, header: dict[str, tuple[str, tuple[int, ...]]], impl: str | None = None
 ) -> None:
@@ -282,7 +270,7 @@ def check_weights_fit(
             f"{len(header)} tensors hold (the largest dimension among them is {largest})"
         )
     try:
-        with torch.device("meta"), _NoRandomFill():
+        with shapes_only():
             shapes = {
                 name: tuple(t.shape)
                 for name, t in weights_to_save(LSTMLanguageModel(m, vocab_size, impl), copy=False).items()
