@@ -96,7 +96,8 @@ def test_the_log_space_scan_holds_where_products_of_gates_underflow(cell):
 
 
 def _unstabilised_mlstm(x_proj: torch.Tensor, heads: int) -> torch.Tensor:
-    """The paper's mLSTM without the stabiliser, in float64: exp(i~) as it is."""
+    """The paper's mLSTM without the stabiliser, in float64: exp(i~) as it is, each head's h~
+    normalised over its d units before the output gate."""
     T, B, _ = x_proj.shape
     H = (x_proj.size(2) - 2 * heads) // 4
     d = H // heads
@@ -109,6 +110,7 @@ def _unstabilised_mlstm(x_proj: torch.Tensor, heads: int) -> torch.Tensor:
         C = f[..., None] * C + i[..., None] * v[..., :, None] * k[..., None, :]
         n = f * n + i * k
         h = (C @ q[..., None]).squeeze(-1) / torch.clamp((n * q).sum(-1, keepdim=True).abs(), min=1)
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)  # head norm
         outputs.append(torch.sigmoid(o) * h.reshape(B, H))
     return torch.stack(outputs)
 

@@ -11,7 +11,12 @@ values under keys, written with a covariance update; every gate reads the input 
     C_t = f_t C_{t-1} + i_t v_t k_t^T            store v under the key k
     n_t = f_t n_{t-1} + i_t k_t                  the normaliser: the keys written
     h~_t = C_t q_t / max(|n_t . q_t|, exp(-m_t)) read the value stored under the query q
-    h_t = sigmoid(W_o x_t + b_o) * h~_t          output gate
+    h_t = sigmoid(W_o x_t + b_o) * norm(h~_t)    output gate, after each head's h~ is normalised
+
+norm is a layer norm over each head's d units without weights (the xLSTM cell's outnorm,
+there with weights): it puts every head's read on one scale whatever the magnitudes in
+its memory. Without it, tests/test_cells.py's recipe found the demo's region-to-language
+link in 3 of 11 seeds on a 2-core Zen 3 EPYC; with it, in 9 of 9.
 
 The floor exp(-m_t) is the paper's 1 once the stabiliser is divided out: the stabilised
 cell computes the unstabilised one. With no h_{t-1} on the right, a whole chunk runs
@@ -37,6 +42,13 @@ CHUNK = 64  # time steps per parallel chunk: the (CHUNK x CHUNK) decay matrix pe
 FORGET_BIAS = (3.0, 6.0)  # the range the forget gates' biases start in, across heads
 
 
+def head_norm(h_tilde: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each head's h~ (..., d) scaled to mean 0 and variance 1 over its d units: F.layer_norm
+    without weights, written out because the ONNX export traces d as a tensor."""
+    var, mean = torch.var_mean(h_tilde, dim=-1, correction=0, keepdim=True)
+    return (h_tilde - mean) * torch.rsqrt(var + eps)
+
+
 def mlstm_step(
     x_proj: Tensor, C: Tensor, n: Tensor, m: Tensor, heads: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -59,7 +71,7 @@ def mlstm_step(
     read = torch.matmul(C, q.unsqueeze(3)).squeeze(3)  # C q: the value stored under the query
     scale = torch.maximum((n * q).sum(2).abs(), torch.exp(-m_new))  # (B, heads)
     output_gate = torch.sigmoid(o)
-    h = output_gate * (read / scale.unsqueeze(2)).reshape(B, H)
+    h = output_gate * head_norm(read / scale.unsqueeze(2)).reshape(B, H)
     return h, C.reshape(B, -1), n.reshape(B, H), m_new, input_gate, forget_gate, output_gate
 
 
@@ -158,7 +170,7 @@ class MLSTM(HeadedCell):
             t = slice(s, s + CHUNK)
             h_tilde, C, n, m = mlstm_chunk(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], log_f[:, :, t], C, n, m)
             parts.append(h_tilde)
-        h_tilde = torch.cat(parts, dim=2).permute(2, 0, 1, 3).reshape(T, B, H)
+        h_tilde = head_norm(torch.cat(parts, dim=2)).permute(2, 0, 1, 3).reshape(T, B, H)
         h = (torch.sigmoid(o) * h_tilde).to(x.dtype)
         return h, (h[-1], C.reshape(B, -1), n.reshape(B, H), m)
 
