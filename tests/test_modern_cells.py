@@ -96,8 +96,7 @@ def test_the_log_space_scan_holds_where_products_of_gates_underflow(cell):
 
 
 def _unstabilised_mlstm(x_proj: torch.Tensor, heads: int) -> torch.Tensor:
-    """The paper's mLSTM without the stabiliser, in float64: exp(i~) as it is, each head's h~
-    normalised over its d units before the output gate."""
+    """The paper's mLSTM without the stabiliser, in float64: exp(i~) as it is (no head norm)."""
     T, B, _ = x_proj.shape
     H = (x_proj.size(2) - 2 * heads) // 4
     d = H // heads
@@ -110,12 +109,13 @@ def _unstabilised_mlstm(x_proj: torch.Tensor, heads: int) -> torch.Tensor:
         C = f[..., None] * C + i[..., None] * v[..., :, None] * k[..., None, :]
         n = f * n + i * k
         h = (C @ q[..., None]).squeeze(-1) / torch.clamp((n * q).sum(-1, keepdim=True).abs(), min=1)
-        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)  # head norm
         outputs.append(torch.sigmoid(o) * h.reshape(B, H))
     return torch.stack(outputs)
 
 
-def test_the_stabilised_mlstm_computes_the_unstabilised_one():
+def test_the_stabilised_mlstm_computes_the_unstabilised_one(monkeypatch):
+    """Compared before the head norm, which would hide any error that scales a head's h~."""
+    monkeypatch.setattr(mlstm, "head_norm", lambda h: h)
     torch.manual_seed(0)
     rnn = Recurrent(6, 8, 1, cell="mlstm", num_heads=2).double()
     x = torch.randn(20, 3, 6, dtype=torch.float64)
@@ -123,6 +123,12 @@ def test_the_stabilised_mlstm_computes_the_unstabilised_one():
         got, _ = rnn(x)
         want = _unstabilised_mlstm(rnn.cells[0].project_input(x, rnn.params(0)), 2)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+def test_the_mlstm_head_norm_is_a_layer_norm_per_head():
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, 16, dtype=torch.float64) * 7 + 2
+    torch.testing.assert_close(mlstm.head_norm(h), torch.nn.functional.layer_norm(h, (16,)))
 
 
 def test_slstm_heads_are_independent():
