@@ -16,7 +16,8 @@ values under keys, written with a covariance update; every gate reads the input 
 norm is a layer norm over each head's d units without weights (the xLSTM cell's outnorm,
 there with weights): it puts every head's read on one scale whatever the magnitudes in
 its memory. Without it, tests/test_cells.py's recipe found the demo's region-to-language
-link in 3 of 11 seeds on a 2-core Zen 3 EPYC; with it, in 9 of 9.
+link in 3 of 11 seeds (on a 2-core Zen 3 EPYC); with it, in 11 of 11 (seeds 1 to 10 and
+1111, each 100% right, on a 2-core Zen 4 EPYC).
 
 The floor exp(-m_t) is the paper's 1 once the stabiliser is divided out: the stabilised
 cell computes the unstabilised one. With no h_{t-1} on the right, a whole chunk runs
