@@ -87,6 +87,17 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
     return _save(fig, path)
 
 
+def perplexity_range(curves: list[list[float]]) -> tuple[float, float] | None:
+    """The y range for perplexity curves when a run that blew up (perplexity in the millions)
+    would squash the others: up to twice the worst curve's best point, so every curve's best
+    stays in view; None when every point fits under that."""
+    if not any(curves):
+        return None
+    points = [p for curve in curves for p in curve]
+    top = 2 * max(min(curve) for curve in curves if curve)
+    return (0.8 * min(points), top) if max(points) > top else None
+
+
 def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
     """Validation perplexity against wall time, one line per cell (`experiment cells`):
     each line begins where its learning-rate sweep ended."""
@@ -94,15 +105,19 @@ def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for cell, r in results["cells"].items():
-        if "curve" not in r:
-            continue
+    curves = {cell: r for cell, r in results["cells"].items() if r.get("curve")}
+    for cell, r in curves.items():
         minutes, ppl = [p[0] / 60 for p in r["curve"]], [p[1] for p in r["curve"]]
         label = f"{cell} ({r['hidden_size']} units, lr {r['lr']:g}): test {r['test_perplexity']:.1f}"
         ax.plot(minutes, ppl, marker="o", lw=2, color=cell_colour(cell), label=label)
     budget = results["budget"]
     ax.axvline(budget["minutes"] * budget["sweep_share"], color="grey", ls=":", lw=1, label="the sweeps end")
     ax.set_yscale("log")
+    clipped = perplexity_range([[p[1] for p in r["curve"]] for r in curves.values()])
+    if clipped:
+        ax.set_ylim(*clipped)
+        note = f"off the top: above {clipped[1]:,.0f}"
+        ax.text(0.99, 0.98, note, transform=ax.transAxes, ha="right", va="top", fontsize=8)
     ax.set_xlabel("wall time per cell (minutes), its learning-rate sweep included")
     ax.set_ylabel("validation perplexity")
     ax.grid(alpha=0.3, which="both")

@@ -109,3 +109,31 @@ def test_bad_options_are_one_error_line(args, message, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_blows_up_does_not_squash_the_others_picture():
+    from lstm_lm.plots import perplexity_range
+
+    assert perplexity_range([[400.0, 300.0], [900.0, 700.0]]) is None  # everything fits
+    assert perplexity_range([[]]) is None
+    bottom, top = perplexity_range([[400.0, 300.0], [2.2e6, 2600.0, 2400.0]])
+    assert top == 2 * 2400.0 and bottom == pytest.approx(0.8 * 300.0)  # every curve's best in view
+
+
+def test_the_comparison_picture_is_drawn_with_a_blown_up_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lstm_lm.plots import plot_cell_comparison
+
+    cell = {"hidden_size": 8, "lr": 10.0, "test_perplexity": 300.0}
+    results = {
+        "corpus": "tiny",
+        "target_parameters": 1000,
+        "machine": "test",
+        "budget": {"minutes": 1.0, "sweep_share": 0.3},
+        "cells": {
+            "lstm": cell | {"curve": [[30.0, 400.0], [50.0, 300.0]]},
+            "rnn": cell | {"curve": [[30.0, 2.2e6], [50.0, 2400.0]]},
+            "gru": {"hidden_size": 8, "failed": "diverged"},
+        },
+    }
+    assert_readable_png(plot_cell_comparison(results, tmp_path / "cells.png"))
