@@ -125,15 +125,16 @@ def test_the_comparison_picture_is_drawn_with_a_blown_up_run(tmp_path):
     from lstm_lm.plots import plot_cell_comparison
 
     cell = {"hidden_size": 8, "lr": 10.0, "test_perplexity": 300.0}
+    steady, blown, failed = cells.names()[:3]
     results = {
         "corpus": "tiny",
         "target_parameters": 1000,
         "machine": "test",
         "budget": {"minutes": 1.0, "sweep_share": 0.3},
         "cells": {
-            "lstm": cell | {"curve": [[30.0, 400.0], [50.0, 300.0]]},
-            "rnn": cell | {"curve": [[30.0, 2.2e6], [50.0, 2400.0]]},
-            "gru": {"hidden_size": 8, "failed": "diverged"},
+            steady: cell | {"curve": [[30.0, 400.0], [50.0, 300.0]]},
+            blown: cell | {"curve": [[30.0, 2.2e6], [50.0, 2400.0]]},
+            failed: {"hidden_size": 8, "failed": "diverged"},
         },
     }
     assert_readable_png(plot_cell_comparison(results, tmp_path / "cells.png"))
