@@ -144,3 +144,38 @@ def test_the_custom_cell_tied_weights_and_nt_asgd_under_two_processes(two_proces
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
     l1, l2 = _losses(one, STEPS, "loss"), _losses(two, STEPS, "loss")
     assert all(l2[s] == pytest.approx(l1[s], abs=1e-4) for s in l1)
+
+
+# A process in a group of one: the environment torchrun would give it, then train(), then the
+# names of the threads the process still has (Linux's /proc).
+_ONE_RANK = """
+import json, os, sys
+from lstm_lm.config import load_config
+from lstm_lm.training.train import train
+train(load_config(None, json.loads(sys.argv[1])), sys.argv[2])
+print(json.dumps(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_train_leaves_no_gloo_thread_behind(tmp_path):
+    # A gloo worker still alive when Python shuts down aborts the process as it frees a finished
+    # collective's tensors, after a run that finished and saved; train() must leave none.
+    import socket
+
+    corpus = write_tiny_corpus(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    overrides = json.dumps(tiny_overrides(corpus) + ["train.epochs=1"])
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_RANK, overrides, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    threads = json.loads(result.stdout.splitlines()[-1])
+    assert not [t for t in threads if "gloo" in t], threads

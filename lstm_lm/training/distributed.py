@@ -17,6 +17,8 @@ state and every rank's RNG state, gathered to rank 0, which alone writes files.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -114,6 +116,10 @@ def setup(device: str) -> World:
         return world
     if _wants_cuda(device):
         torch.cuda.set_device(world.local_rank)
+    # Before the group exists: this module's functions take `group=group.WORLD` as a default
+    # argument, evaluated at import, and DistributedDataParallel imports it on the way. Imported
+    # after init_process_group, it would hold the group for the life of the process; see teardown.
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group(backend="nccl" if _wants_cuda(device) else "gloo")
     return world
 
@@ -168,5 +174,15 @@ class LostProcess(TrainingError):
 
 
 def teardown() -> None:
+    """Destroy the process group, and with it gloo's worker threads, while Python is whole.
+
+    A gloo worker frees each finished collective's tensors itself, and freeing one made in
+    Python takes the GIL. A worker that does so after the interpreter has begun to shut down
+    is killed in the attempt, and the process aborts ("terminate called without an active
+    exception") after a run that finished and saved. So nothing may keep the group alive past
+    this point: the trainer and its DistributedDataParallel sit in reference cycles, collected
+    here, and setup() imported the module that would otherwise pin the group for good.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -54,12 +54,10 @@ def train(
     world = distributed.setup(cfg.train.device)  # a single process unless started by torchrun
     utils.QUIET = not world.main
     try:
-        # The trainer (with its DistributedDataParallel) is gone when _train returns: a
-        # process group torn down under a live DDP reducer hangs the process on exit.
+        # The trainer (with its DistributedDataParallel) is out of reach when _train returns,
+        # and teardown() frees it before the group: see there.
         summary = _train(cfg, run_dir, world, clock, resume, corpus)
-        # Every rank leaves together: a rank that tore its process group down while
-        # another still ran its last steps was seen to abort at exit (gloo, 1 run in ~30).
-        world.barrier()
+        world.barrier()  # every rank leaves together: none destroys its group under another's last steps
         return summary
     except RuntimeError as e:
         if world.enabled and distributed.lost_a_process(e):
