@@ -205,3 +205,29 @@ def test_peer_budget_refuses_a_folder_without_the_three_splits(tmp_path, capsys)
     assert _peer_budget().main(["--data", str(tmp_path), "--minutes", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "test.txt" in err
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rnn_kernel_bench_times_each_width_in_both_precisions(capsys):
+    import torch
+
+    from lstm_lm.utils import native_bf16
+
+    kernel = _load("bench_rnn_kernel")
+    tiny = ["--layers", "1", "--bptt", "3", "--batch", "2", "--rounds", "1", "--repeats", "1"]
+    if not native_bf16(torch.device("cpu")):
+        with pytest.raises(SystemExit, match="error: this CPU has no bf16 instructions"):
+            kernel.main(["--units", "8", *tiny])
+        return
+    kernel.main(["--units", "8", "16", *tiny])
+    kernel.main(["--units", "16", "--proj", "4", *tiny])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["8", "16", "16"]
+    for r in rows:  # fp32 forward, backward, bf16 forward, backward (ms), their ratio
+        assert all(float(v) > 0 for v in r[1:]) and len(r) == 6
