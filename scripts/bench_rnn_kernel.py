@@ -6,8 +6,9 @@
 
 Answers one question: at which widths does bf16 autocast make the recurrent kernel
 faster on this machine? A ptb-size chunk (2 layers, 35 steps of batch 20) runs
-forward under autocast, then backward of a float32 sum of its output; each width
-and precision is timed in interleaved rounds, and the best round is reported.
+forward under autocast, then backward of a float32 sum of its output. Each width
+and precision is timed in interleaved rounds, a round's figure being the median of
+--repeats passes, and the best round is reported.
 """
 
 from __future__ import annotations
