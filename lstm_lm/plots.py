@@ -105,15 +105,18 @@ def plot_cell_comparison(results: dict, path: str | Path) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    curves = {cell: r for cell, r in results["cells"].items() if r.get("curve")}
-    for cell, r in curves.items():
+    curves = []
+    for cell, r in results["cells"].items():
+        if not r.get("curve"):
+            continue
         minutes, ppl = [p[0] / 60 for p in r["curve"]], [p[1] for p in r["curve"]]
+        curves.append(ppl)
         label = f"{cell} ({r['hidden_size']} units, lr {r['lr']:g}): test {r['test_perplexity']:.1f}"
         ax.plot(minutes, ppl, marker="o", lw=2, color=cell_colour(cell), label=label)
     budget = results["budget"]
     ax.axvline(budget["minutes"] * budget["sweep_share"], color="grey", ls=":", lw=1, label="the sweeps end")
     ax.set_yscale("log")
-    clipped = perplexity_range([[p[1] for p in r["curve"]] for r in curves.values()])
+    clipped = perplexity_range(curves)
     if clipped:
         ax.set_ylim(*clipped)
         note = f"off the top: above {clipped[1]:,.0f}"

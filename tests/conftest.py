@@ -84,6 +84,15 @@ def tiny_overrides(data: Path) -> list[str]:
     ]
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_sets(data: Path, *extra: str) -> list[str]:
     """`tiny_overrides` (and `extra`) as `lstm-lm train` options: --set key=value ..."""
     args = []

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides, tiny_sets, write_tiny_corpus
+from conftest import free_port, tiny_overrides, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
 from lstm_lm.cli import app
@@ -161,13 +161,10 @@ print(json.dumps(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t i
 def test_train_leaves_no_gloo_thread_behind(tmp_path):
     # A gloo worker still alive when Python shuts down aborts the process as it frees a finished
     # collective's tensors, after a run that finished and saved; train() must leave none.
-    import socket
-
     corpus = write_tiny_corpus(tmp_path / "tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = dict(
+        os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
     overrides = json.dumps(tiny_overrides(corpus) + ["train.epochs=1"])
     result = subprocess.run(
         [sys.executable, "-c", _ONE_RANK, overrides, str(tmp_path / "run")],

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, tiny_overrides, tiny_sets, write_tiny_corpus
+from conftest import TINY_TRAIN, free_port, tiny_overrides, tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
 from lstm_lm import checkpoint as ckpt_mod
@@ -1458,14 +1458,6 @@ def test_serving_beyond_loopback_needs_the_token_it_prints(saved_run):
 # --- faults across machines: two torchrun agents, a c10d rendezvous on loopback ------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int | None = None, tries: int = 2):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1, as
     two machines would. With `kill_after_steps`, the second agent's worker is killed
@@ -1477,7 +1469,7 @@ def _two_nodes(corpus: Path, run: Path, args: list[str], kill_after_steps: int |
     warning, and launched once more on a new port; a second hang fails the test with its
     logs."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    port, rdzv_id = _free_port(), f"r{random.randrange(10**9)}"
+    port, rdzv_id = free_port(), f"r{random.randrange(10**9)}"
     agents = []
     for node in (0, 1):
         cmd = [
