@@ -2,9 +2,11 @@
 
     python scripts/bench_cells.py --baseline e7482a4      # the version before lstm_lm/cells/
     python scripts/bench_cells.py                          # this version's cells only
+    python scripts/bench_cells.py --config ptb-cpu-30min --cells lstm,cifg --baseline 1a66d2b
 
-Each measurement is its own process (`--worker`): a ptb-small shaped model (2x200,
-tied, 10k words, batch 20, bptt 35) of one cell and engine, a few untimed steps, then
+Each measurement is its own process (`--worker`): a model of one cell and engine,
+shaped as a built-in recipe's model section (`--config`, ptb-small by default: 2x200,
+tied, 10k words) on batches of its batch size and bptt, a few untimed steps, then
 `--steps` timed steps of lstm-lm's training step in float32. The baseline runs from a
 git worktree of --baseline, so both versions run on the same machine in alternation,
 round after round: a cell's ratio is the median of the per-round ratios, so a slow
@@ -26,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(cell: str, impl: str, steps: int) -> None:
-    """Runs inside the version under test (its lstm_lm first on sys.path): print tokens/s."""
+def worker(cell: str, impl: str, steps: int, shape: dict) -> None:
+    """Runs inside the version under test (its lstm_lm first on sys.path): print tokens/s.
+    `shape`: the model section's fields (cell and impl aside), batch_size and bptt."""
     import time
 
     import torch
@@ -42,25 +45,39 @@ def worker(cell: str, impl: str, steps: int) -> None:
     else:  # a version before the training/ subpackage
         from lstm_lm.trainer import train_step
 
+    from lstm_lm import utils
+
+    if hasattr(utils, "keep_freed_memory"):  # as every lstm-lm process does (a version since it)
+        utils.keep_freed_memory()
     torch.manual_seed(0)
-    cfg = ModelConfig(cell=cell, impl=impl, embedding_size=200, hidden_size=200, num_layers=2, dropout=0.2)
-    model = LSTMLanguageModel(cfg, 10_000)
+    batch, bptt = shape.pop("batch_size"), shape.pop("bptt")
+    model = LSTMLanguageModel(ModelConfig(cell=cell, impl=impl, **shape), 10_000)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    data = torch.randint(0, 10_000, ((steps + 3) * 35 + 1, 20), generator=torch.Generator().manual_seed(0))
-    state = model.init_state(20)
+    data = torch.randint(0, 10_000, ((steps + 3) * bptt + 1, batch), generator=torch.Generator().manual_seed(0))
+    state = model.init_state(batch)
     model.train()
     start = 0.0
     for i in range(steps + 3):
         if i == 3:
             start = time.perf_counter()
-        x, y = data[i * 35 : (i + 1) * 35], data[i * 35 + 1 : (i + 1) * 35 + 1]
+        x, y = data[i * bptt : (i + 1) * bptt], data[i * bptt + 1 : (i + 1) * bptt + 1]
         _, state = train_step(model, optimizer, x, y, state, clip=0.25, precision="fp32")
-    print(steps * 20 * 35 / (time.perf_counter() - start))
+    print(steps * batch * bptt / (time.perf_counter() - start))
 
 
-def measure(tree: Path, cell: str, impl: str, steps: int) -> float:
+def recipe_shape(name: str) -> dict:
+    """A built-in recipe's model section as the recipe writes it (cell and impl aside),
+    its batch size and bptt: what every worker of this run builds."""
+    from lstm_lm.config import load_config, read_yaml
+
+    train = load_config(name).train  # and the recipe is valid
+    model = {k: v for k, v in (read_yaml(name).get("model") or {}).items() if k not in ("cell", "impl")}
+    return model | {"batch_size": train.batch_size, "bptt": train.bptt}
+
+
+def measure(tree: Path, cell: str, impl: str, steps: int, shape: dict) -> float:
     env = os.environ | {"PYTHONPATH": str(tree)}  # ahead of the installed lstm_lm
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", cell, impl, str(steps)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", cell, impl, str(steps), json.dumps(shape)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=tree)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -80,18 +97,35 @@ def rows_of(tree: Path) -> list[tuple[str, str]]:
     return [tuple(item.split(":")) for item in out.split()]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", help="a git revision to compare with (run from a temporary worktree)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--config", default="ptb-small", help="the built-in recipe whose model shape to train")
+    parser.add_argument("--cells", help="comma-separated cells to time (default: every cell the recipe's model fits)")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
-        cell, impl, steps = args.worker
-        return worker(cell, impl, int(steps))
+        cell, impl, steps, shape = args.worker
+        return worker(cell, impl, int(steps), json.loads(shape))
+    from lstm_lm import cells
+    from lstm_lm.config import ConfigError
     from lstm_lm.experiment import machine_name
+
+    try:
+        shape = recipe_shape(args.config)
+    except ConfigError as e:
+        parser.error(str(e))
+    chosen = args.cells.split(",") if args.cells else cells.names()
+    if unknown := [c for c in chosen if c not in cells.names()]:
+        parser.error(cells.unknown(unknown[0]))
+    # A cell fits the recipe's model when it reads every cell option the recipe sets (an LSTMP's proj_size).
+    cell_options = {k for c in cells.names() for k in cells.get(c).options} & shape.keys()
+    chosen = [c for c in chosen if cell_options <= set(cells.get(c).options)]
+    if not chosen:
+        parser.error(f"no chosen cell reads {sorted(cell_options)}, which {args.config} sets")
 
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"this": ROOT}
@@ -105,20 +139,21 @@ def main() -> None:
             )
             trees["baseline"] = base
         try:
-            rows = {name: rows_of(tree) for name, tree in trees.items()}
+            rows = {name: [r for r in rows_of(tree) if r[0] in chosen] for name, tree in trees.items()}
             times: dict[tuple[str, str, str], list[float]] = {}
             for r in range(args.rounds):
                 for cell, impl in rows["this"]:
                     for name, tree in trees.items():
                         if (cell, impl) in rows[name]:
-                            rate = measure(tree, cell, impl, args.steps)
+                            rate = measure(tree, cell, impl, args.steps, dict(shape))
                             times.setdefault((name, cell, impl), []).append(rate)
                             print(f"round {r + 1}: {name} {cell}/{impl}: {rate:,.0f} tokens/s", file=sys.stderr)
         finally:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True)
     records = []
-    print(f"{machine_name('cpu')}; ptb-small shape (2x200, batch 20, bptt 35), float32, {args.rounds} rounds\n")
+    model = ", ".join(f"{k} {v}" for k, v in shape.items())
+    print(f"{machine_name('cpu')}; {args.config}'s model ({model}), float32, {args.rounds} rounds\n")
     print("| cell | engine | train tokens/s | baseline tokens/s | ratio |")
     print("|---|---|---:|---:|---:|")
     for cell, impl in rows["this"]:

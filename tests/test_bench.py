@@ -231,3 +231,24 @@ def test_rnn_kernel_bench_times_each_width_in_both_precisions(capsys):
     assert [r[0] for r in rows] == ["8", "16", "16"]
     for r in rows:  # fp32 forward, backward, bf16 forward, backward (ms), their ratio
         assert all(float(v) > 0 for v in r[1:]) and len(r) == 6
+
+
+def test_cells_bench_trains_a_recipes_model_shape_and_refuses_a_cell_it_does_not_fit(tmp_path, capsys):
+    cells_bench = _load("bench_cells")
+    shape = cells_bench.recipe_shape("ptb-cpu-30min")
+    assert (
+        shape["proj_size"] == 128 and shape["hidden_size"] == 1000 and (shape["batch_size"], shape["bptt"]) == (20, 35)
+    )
+    with pytest.raises(SystemExit):
+        cells_bench.main(["--config", "ptb-cpu-30min", "--cells", "gru"])  # the GRU has no projection
+    assert "no chosen cell reads ['proj_size']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cells_bench.main(["--config", "no-such-recipe"])
+    assert "does not exist" in capsys.readouterr().err
+
+    out = tmp_path / "cells.json"
+    cells_bench.main(["--config", "demo", "--cells", "lstm", "--rounds", "1", "--steps", "1", "--json", str(out)])
+    assert "demo's model (embedding_size 128, hidden_size 128" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [(r["cell"], r["impl"]) for r in records] == [("lstm", "cudnn"), ("lstm", "custom")]
+    assert all(r["tokens_per_s"] > 0 and r["ratio"] is None for r in records)

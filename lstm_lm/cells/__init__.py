@@ -22,6 +22,7 @@ the ONNX export, the long-range experiment and the tests' list of cells.
     slstm.py      xLSTM's sLSTM: exponential gates, normaliser and stabiliser, per-head recurrence
     mlstm.py      xLSTM's mLSTM: a matrix memory per head, trained chunkwise in parallel
     scan.py       the log-space parallel scan the minimal RNNs share
+    lstmp_kernel.py  the LSTMP's fused kernel for the CPU, its backward written out
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lstm_lm.cells.base import Cell
 
-_NOT_CELLS = {"base", "scan"}
+_NOT_CELLS = {"base", "scan", "lstmp_kernel"}
 
 
 @cache

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_lm.cells.base import Cell, LayerState, Params, TorchLayer
+from lstm_lm.cells.lstmp_kernel import lstmp
 
 
 def memory_update(
@@ -87,7 +88,12 @@ class LSTM(Cell):
     ) -> tuple[Tensor, LayerState]:
         if not self.proj_size:
             return super().fused(x, stacks, weights, num_layers, dropout, training)
-        with warnings.catch_warnings():  # oneDNN has no projection; ATen's own kernel runs it, as it says
+        if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            # oneDNN has no projection. In float32 training, lstmp_kernel's loop with its
+            # written-out backward is faster than ATen's generic one (docs/speed.md); ATen's
+            # runs the forward alone (evaluation), where it is the faster, and bf16.
+            return lstmp(x, stacks, weights, num_layers, dropout, training)
+        with warnings.catch_warnings():  # ATen's own kernel runs it, as it says
             warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
             return super().fused(x, stacks, weights, num_layers, dropout, training)
 
