@@ -214,13 +214,19 @@ def _load(name: str):
     return module
 
 
-def test_rnn_kernel_bench_times_each_width_in_both_precisions(capsys):
+def test_rnn_kernel_bench_times_each_width_in_both_precisions_and_the_lstmp_kernels(capsys):
     import torch
 
     from lstm_lm.utils import native_bf16
 
     kernel = _load("bench_rnn_kernel")
     tiny = ["--layers", "1", "--bptt", "3", "--batch", "2", "--rounds", "1", "--repeats", "1"]
+    kernel.main(["--compare", "lstmp", "--units", "16", "--proj", "4", *tiny])  # on any CPU: both in fp32
+    header, row = capsys.readouterr().out.splitlines()[1:]
+    assert header.split() == ["units", "aten", "fwd", "aten", "bwd", "ours", "fwd", "ours", "bwd", "ours/aten", "total"]
+    assert row.split()[0] == "16" and all(float(v) > 0 for v in row.split()[1:])
+    with pytest.raises(SystemExit, match="error: --compare lstmp times an LSTMP"):
+        kernel.main(["--compare", "lstmp", "--units", "16", *tiny])
     if not native_bf16(torch.device("cpu")):
         with pytest.raises(SystemExit, match="error: this CPU has no bf16 instructions"):
             kernel.main(["--units", "8", *tiny])
