@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-
 from collections.abc import Callable
 
 import torch
@@ -96,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                 if sum(median) < sum(best[name]):
                     best[name] = median
         (af, ab), (bf, bb) = best.values()
-        print(f"{units:>6}  {af * 1e3:9.1f} {ab * 1e3:9.1f}  {bf * 1e3:9.1f} {bb * 1e3:9.1f}  {(bf + bb) / (af + ab):.2f}")
+        times = f"{af * 1e3:9.1f} {ab * 1e3:9.1f}  {bf * 1e3:9.1f} {bb * 1e3:9.1f}"
+        print(f"{units:>6}  {times}  {(bf + bb) / (af + ab):.2f}")
 
 
 if __name__ == "__main__":
