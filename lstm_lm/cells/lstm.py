@@ -89,9 +89,9 @@ class LSTM(Cell):
         if not self.proj_size:
             return super().fused(x, stacks, weights, num_layers, dropout, training)
         if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
-            # oneDNN has no projection. In float32 training, lstmp_kernel's loop with its
-            # written-out backward is faster than ATen's generic one (docs/speed.md); ATen's
-            # runs the forward alone (evaluation), where it is the faster, and bf16.
+            # oneDNN has no projection. In float32 training lstmp_kernel's loop, whose backward
+            # is written out, is a little faster than ATen's generic one (docs/speed.md);
+            # ATen's runs the forward alone (evaluation), where it is the faster, and bf16.
             return lstmp(x, stacks, weights, num_layers, dropout, training)
         with warnings.catch_warnings():  # ATen's own kernel runs it, as it says
             warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
