@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 for cell, impl in rows["this"]:
                     for name, tree in trees.items():
                         if (cell, impl) in rows[name]:
-                            rate = measure(tree, cell, impl, args.steps, dict(shape))
+                            rate = measure(tree, cell, impl, args.steps, shape)
                             times.setdefault((name, cell, impl), []).append(rate)
                             print(f"round {r + 1}: {name} {cell}/{impl}: {rate:,.0f} tokens/s", file=sys.stderr)
         finally:
