@@ -83,7 +83,8 @@ def plot_long_range(results: dict, path: str | Path) -> Path | None:
         f"{budget['probes']} sentences per gap)",
         fontsize=10,
     )
-    ax.legend(loc="center right", fontsize=9)
+    # Beside the axes, not on them: lines may run anywhere from the chance line to 100%.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)
     return _save(fig, path)
 
 
