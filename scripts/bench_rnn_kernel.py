@@ -48,7 +48,7 @@ def sides(lstm: torch.nn.LSTM, x: torch.Tensor, compare: str) -> dict[str, Calla
         return {"fp32": lambda: run(False), "bf16": lambda: run(True)}
     shape = (lstm.num_layers, x.size(1))
     state = (x.new_zeros(*shape, lstm.proj_size), x.new_zeros(*shape, lstm.hidden_size))
-    weights = lstm._flat_weights  # W_ih, W_hh, b_ih, b_hh, W_hr per layer, as torch.lstm takes them
+    weights = [w for layer in lstm.all_weights for w in layer]  # W_ih, W_hh, b_ih, b_hh, W_hr per layer
     return {
         "aten": lambda: lstm(x, state)[0],
         "ours": lambda: lstmp(x, state, weights, lstm.num_layers, 0.0, True)[0],
