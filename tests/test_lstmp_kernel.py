@@ -98,14 +98,14 @@ def test_model_trains_with_it_and_its_gradients_are_the_hand_written_cells(monke
     for impl in ("cudnn", "custom"):
         torch.manual_seed(0)
         model = LSTMLanguageModel(cfg, 30, impl=impl).double().train()
-        loss, _ = model.loss(ids, targets, [tuple(s.double() for s in layer) for layer in model.init_state(3)])
+        loss, _ = model.loss(ids, targets, model.rnn.zero_state(3, "cpu", torch.float64))
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     assert len(calls) == 1  # the fused engine's one call; the custom engine steps the cell
     with torch.no_grad():
         model.rnn.engine = "cudnn"
         model.rnn.flatten_parameters()
-        model.loss(ids, targets, [tuple(s.double() for s in layer) for layer in model.init_state(3)])
+        model.loss(ids, targets, model.rnn.zero_state(3, "cpu", torch.float64))
     assert len(calls) == 1  # the forward alone is ATen's
     (loss_a, grads_a), (loss_b, grads_b) = grads
     torch.testing.assert_close(loss_a, loss_b, atol=1e-12, rtol=0)
