@@ -9,8 +9,11 @@ Rows, each a whole training step (forward, backward, clip, SGD) in the precision
 recipe picks on this machine, and its recurrent layers alone (forward and backward of
 the layers on the embedding-sized input), in tokens/s:
 - lstm, the fused kernel (oneDNN on a CPU): the LSTM's fastest path;
-- the cells with a parallel form (minGRU, minLSTM: a scan; mLSTM: chunkwise), each
-  also through its own step loop (the base cell's time loop).
+- the cells with a parallel form, each also through its own step loop (the base cell's
+  time loop, one matrix product per step): the mLSTM's chunkwise form ("parallel"), and
+  the minGRU's and minLSTM's two forms of their recurrence after one matrix product for
+  all steps' gates, "step by step" (what a CPU trains with) and the log-space "scan"
+  (what other devices train with).
 Variants alternate within each round, so a slow spell of a shared machine hits all
 alike; each ratio is the median of the per-round ratios. Prints a Markdown table and
 the CPU it ran on.
@@ -19,6 +22,7 @@ the CPU it ran on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lstm_lm import cells  # noqa: E402
 from lstm_lm.cell_comparison import matched_model, parameter_count  # noqa: E402
 from lstm_lm.cells.base import Cell  # noqa: E402
+from lstm_lm.cells.scan import InputGatedCell  # noqa: E402
 from lstm_lm.config import load_config  # noqa: E402
 from lstm_lm.experiment import machine_name  # noqa: E402
 from lstm_lm.model import LSTMLanguageModel  # noqa: E402
@@ -41,7 +46,15 @@ VOCAB, BATCH, BPTT = 10_000, 20, 35
 LSTM = ("lstm", "fused kernel")
 # The cells with a parallel form (their own `sequence`: minGRU, minLSTM, mLSTM), each also through its step loop.
 PARALLEL = [name for name in cells.names() if cells.get(name).sequence is not Cell.sequence]
-VARIANTS = [LSTM] + [(name, form) for name in PARALLEL for form in ("parallel", "step loop")]
+
+
+def forms(name: str) -> tuple[str, ...]:
+    if issubclass(cells.get(name), InputGatedCell):
+        return ("step by step", "scan", "step loop")
+    return ("parallel", "step loop")
+
+
+VARIANTS = [LSTM] + [(name, form) for name in PARALLEL for form in forms(name)]
 
 
 def build(cell: str, form: str, precision: str):
@@ -49,9 +62,11 @@ def build(cell: str, form: str, precision: str):
     cfg = matched_model(base.model, cell, VOCAB, parameter_count(base.model, VOCAB))
     torch.manual_seed(0)
     model = LSTMLanguageModel(cfg, VOCAB).train()
-    if form == "step loop":  # the cell's own step, one time step after another
-        for c in model.rnn.cells:
+    for c in model.rnn.cells:
+        if form == "step loop":  # the cell's own step, one time step after another
             c.sequence = Cell.sequence.__get__(c)
+        elif form in ("scan", "step by step"):
+            c.sequence = functools.partial(c.scan, parallel=form == "scan")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     data = torch.randint(0, VOCAB, (64 * BPTT + 1, BATCH), generator=torch.Generator().manual_seed(0))
     state = {"hidden": model.init_state(BATCH), "i": 0}
@@ -107,7 +122,7 @@ def main() -> None:
         cfg, model, _, _ = built[v]
         step, layers = statistics.median(speeds[v]["step"]), statistics.median(speeds[v]["layers"])
         loop = (v[0], "step loop")
-        own = f"{ratio(v, loop, 'step'):.2f}x / {ratio(v, loop, 'layers'):.2f}x" if v[1] == "parallel" else ""
+        own = f"{ratio(v, loop, 'step'):.2f}x / {ratio(v, loop, 'layers'):.2f}x" if v[0] != "lstm" and v != loop else ""
         row = (
             f"| {v[0]} | {v[1]} | {cfg.hidden_size} | {model.num_parameters():,} | {step:,.0f} | "
             f"{ratio(v, LSTM, 'step'):.2f}x | {layers:,.0f} | {ratio(v, LSTM, 'layers'):.2f}x | {own} |"

@@ -5,7 +5,7 @@ heads are independent."""
 
 from __future__ import annotations
 
-import importlib
+import functools
 import math
 
 import pytest
@@ -13,9 +13,11 @@ import torch
 
 from lstm_lm import cells
 from lstm_lm.cells import mlstm
+from lstm_lm.cells.base import Cell
+from lstm_lm.cells.scan import InputGatedCell, linear_recurrence, linear_scan
 from lstm_lm.model import Recurrent
 
-SCANNED = [n for n in cells.names() if hasattr(importlib.import_module(f"lstm_lm.cells.{n}"), "linear_scan")]
+SCANNED = [n for n in cells.names() if issubclass(cells.get(n), InputGatedCell)]
 
 
 def _steps(rnn: Recurrent, x: torch.Tensor, state):
@@ -29,6 +31,13 @@ def _steps(rnn: Recurrent, x: torch.Tensor, state):
     return x, state
 
 
+def _recurrence_form(rnn: Recurrent, parallel: bool) -> Recurrent:
+    """The minimal RNNs' sequence path in one form on any device: the scan or step by step."""
+    for cell in rnn.cells:
+        cell.sequence = functools.partial(cell.scan, parallel=parallel)
+    return rnn
+
+
 def _two_chunks(rnn: Recurrent, x: torch.Tensor, state):
     """The sequence path over x in two chunks, the state carried from the first into the second."""
     with torch.no_grad():
@@ -37,12 +46,13 @@ def _two_chunks(rnn: Recurrent, x: torch.Tensor, state):
     return torch.cat([first, second]), last
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["scan", "step-by-step"])
 @pytest.mark.parametrize("cell", SCANNED)
-def test_scan_equals_steps_over_long_chunks_with_a_carried_state(cell):
+def test_scan_equals_steps_over_long_chunks_with_a_carried_state(cell, parallel):
     """Two chunks of 150 steps in float32 from an empty memory, the state carried from the
     first into the second. (tests/test_cells.py starts short chunks from random states.)"""
     torch.manual_seed(0)
-    rnn = Recurrent(12, 16, 2, cell=cell).eval()
+    rnn = _recurrence_form(Recurrent(12, 16, 2, cell=cell).eval(), parallel)
     x, state = torch.randn(300, 3, 12), rnn.zero_state(3, "cpu")
     with torch.no_grad():
         want, want_state = _steps(rnn, x, state)
@@ -51,6 +61,53 @@ def test_scan_equals_steps_over_long_chunks_with_a_carried_state(cell):
     for a, b in zip(got_state, want_state):
         for s, t in zip(a, b):
             torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_recurrence_against_the_scan_and_finite_differences():
+    """The step-by-step recurrence's hand-written backward: gradcheck in float64 (a state
+    of either sign, gates in (0, 1)), and values and gradients equal to the log-space scan's
+    (which autograd differentiates)."""
+    torch.manual_seed(0)
+    a = torch.rand(7, 2, 3, dtype=torch.float64).requires_grad_()
+    b = (torch.rand(7, 2, 3, dtype=torch.float64) + 0.1).requires_grad_()
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_recurrence, (a, b, h0))
+    weights = torch.randn(7, 2, 3, dtype=torch.float64)
+    results = []
+    for h in (linear_recurrence(a, b, h0), linear_scan(a.log(), b.log(), h0)):
+        results.append([h, *torch.autograd.grad((h * weights).sum(), (a, b, h0))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cell", SCANNED)
+def test_both_forms_give_the_step_loops_loss_and_gradients(cell):
+    """A two-layer model's output, final state and the gradients on its input, carried
+    state and every parameter in float64: the parallel scan, step by step, and the cell's
+    own step loop (the base cell's sequence) all agree."""
+    torch.manual_seed(0)
+    rnn = Recurrent(5, 6, 2, cell=cell).double()
+    x = torch.randn(40, 3, 5, dtype=torch.float64)
+    state = [c.random_state(3, torch.float64) for c in rnn.cells]
+    results = []
+    for form in ("scan", "step by step", "step loop"):
+        for c in rnn.cells:
+            c.sequence = (
+                functools.partial(Cell.sequence, c)
+                if form == "step loop"
+                else functools.partial(c.scan, parallel=form == "scan")
+            )
+        x_in = x.clone().requires_grad_()
+        state_in = [tuple(s.clone().requires_grad_() for s in layer) for layer in state]
+        out, last = rnn(x_in, state_in)
+        loss = (out * torch.linspace(-1, 1, 6, dtype=torch.float64)).sum() + sum(
+            s.sum() for layer in last for s in layer
+        )
+        leaves = [x_in, *(s for layer in state_in for s in layer), *rnn.parameters()]
+        results.append([out, *last, *torch.autograd.grad(loss, leaves)])
+    for form in results[1:]:
+        for got, want in zip(form, results[0]):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
 
 def test_mlstm_chunkwise_equals_steps_over_chunk_boundaries(monkeypatch):
@@ -78,12 +135,14 @@ def test_mlstm_chunkwise_equals_steps_over_chunk_boundaries(monkeypatch):
     assert ((got32 - want32).abs() <= 1e-5 + 1e-5 * want32.abs()).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["scan", "step-by-step"])
 @pytest.mark.parametrize("cell", SCANNED)
-def test_the_log_space_scan_holds_where_products_of_gates_underflow(cell):
+def test_the_log_space_scan_holds_where_products_of_gates_underflow(cell, parallel):
     """Gates that keep 1e-4 of the state per step: over 2,000 steps their product is 1e-8000,
-    far below float32. The scan in log space still gives the step loop's h (float64)."""
+    far below float32. The scan in log space still gives the step loop's h (float64), and so
+    does the step-by-step form, which never forms the product."""
     torch.manual_seed(0)
-    rnn = Recurrent(4, 8, 1, cell=cell)
+    rnn = _recurrence_form(Recurrent(4, 8, 1, cell=cell), parallel)
     with torch.no_grad():
         rnn.bias_ih_l0[:8] = 10.0 if cell == "mingru" else -10.0  # z ~ 1 (minGRU), f ~ 0 (minLSTM)
     x = torch.randn(2000, 2, 4)

@@ -8,10 +8,10 @@ The GRU with its gates' dependence on h_{t-1} removed, and the reset gate with i
 
 with g(x) = x + 1/2 for x >= 0 and sigmoid(x) below, the paper's positive candidate of
 its log-space form. Since nothing on the right reads h_{t-1} but the last line, the
-recurrence is linear, h_t = a_t h_{t-1} + b_t, and a whole chunk runs as one parallel
-scan (scan.py): every time step's gates in one matrix product, then a cumulative sum
-and a cumulative log-sum-exp over time. Generation runs the step. No fused kernel:
-the scan is the fast path of both engines' worth.
+recurrence is linear, h_t = a_t h_{t-1} + b_t with a_t = 1 - z_t and b_t = z_t h~_t:
+a whole chunk's gates come from one matrix product, then the recurrence runs over time
+(scan.py), as a parallel scan in log space or, on a CPU, step by step. Generation runs
+the step. No fused kernel: that is the fast path of both engines.
 """
 
 from __future__ import annotations
@@ -21,14 +21,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lstm_lm.cells.base import LayerState, Params
-from lstm_lm.cells.scan import InputGatedCell, full, g, linear_scan, log_g
+from lstm_lm.cells.scan import InputGatedCell, g, log_g
+
+
+def mingru_gates(k: Tensor) -> tuple[Tensor, Tensor]:
+    """The update gate z and the candidate h~ from k = W x + b (..., 2H)."""
+    k_z, k_h = k.chunk(2, dim=-1)
+    update_gate = torch.sigmoid(k_z)  # how much of h to replace
+    candidate = g(k_h)  # the new content, positive
+    return update_gate, candidate
 
 
 def mingru_step(k: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     """One step from k = W x + b (B, 2H): the new h and the update gate z."""
-    k_z, k_h = k.chunk(2, dim=1)
-    update_gate = torch.sigmoid(k_z)  # how much of h to replace
-    candidate = g(k_h)  # the new content, positive
+    update_gate, candidate = mingru_gates(k)
     return (1 - update_gate) * h + update_gate * candidate, update_gate
 
 
@@ -46,7 +52,7 @@ class MinGRU(InputGatedCell):
 
     name = "mingru"
     citation = "Feng, Tung, Ahmed, Bengio & Hajimirsadeghi, Were RNNs all we needed?, 2024"
-    summary = "minimal GRU: update gate and candidate from the input alone, trained with a parallel scan over time"
+    summary = "minimal GRU: update gate and candidate from the input alone, so h is linear in time and trains as a scan"
     title = "the minGRU: its update gate and state h"
     order, colour = 50, "#17becf"
     parameter_formula = "2(HI + H)"
@@ -59,12 +65,13 @@ class MinGRU(InputGatedCell):
             record.update(update=update_gate)
         return (h,)
 
-    def sequence(self, x: Tensor, state: LayerState, p: Params) -> tuple[Tensor, LayerState]:
-        k_z, k_h = full(self.project_input(x, p)).chunk(2, dim=2)
-        log_keep = -F.softplus(k_z)  # log(1 - z)
-        log_write = -F.softplus(-k_z) + log_g(k_h)  # log(z * h~)
-        h = linear_scan(log_keep, log_write, state[0]).to(x.dtype)
-        return h, (h[-1],)
+    def coefficients(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        update_gate, candidate = mingru_gates(k)
+        return 1 - update_gate, update_gate * candidate
+
+    def log_coefficients(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        k_z, k_h = k.chunk(2, dim=-1)
+        return -F.softplus(k_z), -F.softplus(-k_z) + log_g(k_h)  # log(1 - z), log(z * h~)
 
 
 CELL = MinGRU
