@@ -17,11 +17,11 @@ the ONNX export, the long-range experiment and the tests' list of cells.
     lstm.py       the LSTM, and with model.proj_size the projected LSTM (LSTMP)
     cifg.py       the LSTM with a coupled input-forget gate
     mogrifier.py  the Mogrifier LSTM
-    mingru.py     the minimal GRU, parallel in time (a scan)
-    minlstm.py    the minimal LSTM, parallel in time (a scan)
+    mingru.py     the minimal GRU, linear in h: one matrix product for a chunk's gates
+    minlstm.py    the minimal LSTM, likewise
     slstm.py      xLSTM's sLSTM: exponential gates, normaliser and stabiliser, per-head recurrence
     mlstm.py      xLSTM's mLSTM: a matrix memory per head, trained chunkwise in parallel
-    scan.py       the log-space parallel scan the minimal RNNs share
+    scan.py       their recurrence over a chunk: step by step, or the log-space parallel scan
     lstmp_kernel.py  the LSTMP's fused kernel for the CPU, its backward written out
 """
 
