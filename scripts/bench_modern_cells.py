@@ -4,6 +4,7 @@ batch 20, bptt 35; each cell at its matched hidden size).
 
     python scripts/bench_modern_cells.py                 # 5 rounds of 10 timed steps
     python scripts/bench_modern_cells.py --rounds 3 --json bench.json
+    python scripts/bench_modern_cells.py --cells mingru --bptt 140 --batch 1   # other shapes, fewer cells
 
 Rows, each a whole training step (forward, backward, clip, SGD) in the precision the
 recipe picks on this machine, and its recurrent layers alone (forward and backward of
@@ -42,7 +43,7 @@ from lstm_lm.model import LSTMLanguageModel  # noqa: E402
 from lstm_lm.training.trainer import train_step  # noqa: E402
 from lstm_lm.utils import autocast, pick_precision  # noqa: E402
 
-VOCAB, BATCH, BPTT = 10_000, 20, 35
+VOCAB = 10_000
 LSTM = ("lstm", "fused kernel")
 # The cells with a parallel form (their own `sequence`: minGRU, minLSTM, mLSTM), each also through its step loop.
 PARALLEL = [name for name in cells.names() if cells.get(name).sequence is not Cell.sequence]
@@ -57,7 +58,7 @@ def forms(name: str) -> tuple[str, ...]:
 VARIANTS = [LSTM] + [(name, form) for name in PARALLEL for form in forms(name)]
 
 
-def build(cell: str, form: str, precision: str):
+def build(cell: str, form: str, precision: str, batch: int, bptt: int):
     base = load_config("ptb-small", [])
     cfg = matched_model(base.model, cell, VOCAB, parameter_count(base.model, VOCAB))
     torch.manual_seed(0)
@@ -68,16 +69,16 @@ def build(cell: str, form: str, precision: str):
         elif form in ("scan", "step by step"):
             c.sequence = functools.partial(c.scan, parallel=form == "scan")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    data = torch.randint(0, VOCAB, (64 * BPTT + 1, BATCH), generator=torch.Generator().manual_seed(0))
-    state = {"hidden": model.init_state(BATCH), "i": 0}
+    data = torch.randint(0, VOCAB, (64 * bptt + 1, batch), generator=torch.Generator().manual_seed(0))
+    state = {"hidden": model.init_state(batch), "i": 0}
 
     def whole_step() -> None:
         i = state["i"] % 60
-        x, y = data[i * BPTT : (i + 1) * BPTT], data[i * BPTT + 1 : (i + 1) * BPTT + 1]
+        x, y = data[i * bptt : (i + 1) * bptt], data[i * bptt + 1 : (i + 1) * bptt + 1]
         _, state["hidden"] = train_step(model, optimizer, x, y, state["hidden"], 0.25, precision)
         state["i"] += 1
 
-    x = torch.randn(BPTT, BATCH, cfg.embedding_size, requires_grad=True)
+    x = torch.randn(bptt, batch, cfg.embedding_size, requires_grad=True)
 
     def layers_only() -> None:
         with autocast(torch.device("cpu"), precision):
@@ -87,38 +88,46 @@ def build(cell: str, form: str, precision: str):
     return cfg, model, whole_step, layers_only
 
 
-def tokens_per_s(fn, steps: int) -> float:
+def tokens_per_s(fn, steps: int, tokens_per_step: int) -> float:
     fn()  # one untimed step
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    return steps * BATCH * BPTT / (time.perf_counter() - start)
+    return steps * tokens_per_step / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--bptt", type=int, default=35)
+    parser.add_argument("--cells", default=",".join(PARALLEL), help="comma-separated, of " + ", ".join(PARALLEL))
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    chosen = args.cells.split(",")
+    if not set(chosen) <= set(PARALLEL) or min(args.batch, args.bptt, args.steps, args.rounds) < 1:
+        sys.exit(f"error: --cells takes {', '.join(PARALLEL)}; --batch, --bptt, --steps and --rounds at least 1")
+    variants = [v for v in VARIANTS if v == LSTM or v[0] in chosen]
     precision = pick_precision("auto", torch.device("cpu"))
-    built = {v: build(*v, precision) for v in VARIANTS}
-    speeds = {v: {"step": [], "layers": []} for v in VARIANTS}
+    built = {v: build(*v, precision, args.batch, args.bptt) for v in variants}
+    speeds = {v: {"step": [], "layers": []} for v in variants}
     for r in range(args.rounds):
-        for v in VARIANTS:
+        for v in variants:
             _, _, whole, layers = built[v]
-            speeds[v]["step"].append(tokens_per_s(whole, args.steps))
-            speeds[v]["layers"].append(tokens_per_s(layers, args.steps))
+            speeds[v]["step"].append(tokens_per_s(whole, args.steps, args.batch * args.bptt))
+            speeds[v]["layers"].append(tokens_per_s(layers, args.steps, args.batch * args.bptt))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     def ratio(a, b, what):
         return statistics.median(x / y for x, y in zip(speeds[a][what], speeds[b][what], strict=True))
 
-    print(f"{machine_name('cpu')}; precision {precision}; ptb-small's parameter count\n")
+    shape = f"batch {args.batch}, bptt {args.bptt}"
+    print(f"{machine_name('cpu')}; precision {precision}; ptb-small's parameter count; {shape}\n")
     print("| cell | form | units | parameters | step tokens/s | x LSTM | layers tokens/s | x LSTM | x own loop |")
     print("|---|---|---|---|---|---|---|---|---|")
     records = []
-    for v in VARIANTS:
+    for v in variants:
         cfg, model, _, _ = built[v]
         step, layers = statistics.median(speeds[v]["step"]), statistics.median(speeds[v]["layers"])
         loop = (v[0], "step loop")
@@ -130,7 +139,7 @@ def main() -> None:
         print(row)
         records.append({"cell": v[0], "form": v[1], "units": cfg.hidden_size, "speeds": speeds[v]})
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_name("cpu"), "rows": records}, indent=1))
+        args.json.write_text(json.dumps({"machine": machine_name("cpu"), "shape": shape, "rows": records}, indent=1))
 
 
 if __name__ == "__main__":

@@ -258,3 +258,27 @@ def test_cells_bench_trains_a_recipes_model_shape_and_refuses_a_cell_it_does_not
     records = json.loads(out.read_text())
     assert [(r["cell"], r["impl"]) for r in records] == [("lstm", "cudnn"), ("lstm", "custom")]
     assert all(r["tokens_per_s"] > 0 and r["ratio"] is None for r in records)
+
+
+def test_modern_cells_bench_times_each_form_of_a_chosen_cell_beside_the_lstm(tmp_path, capsys):
+    modern = _load("bench_modern_cells")
+    with pytest.raises(SystemExit, match="error: --cells takes"):
+        modern.main(["--cells", "lstm"])  # the LSTM is the fixed reference row, not a choice
+    out = tmp_path / "modern.json"
+    modern.main(
+        ["--cells", "mingru", "--batch", "2", "--bptt", "3", "--rounds", "1", "--steps", "1", "--json", str(out)]
+    )
+    table = [
+        line.split("|")[1:3]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
+    assert [(c.strip(), f.strip()) for c, f in table[1:]] == [
+        ("lstm", "fused kernel"),
+        ("mingru", "step by step"),
+        ("mingru", "scan"),
+        ("mingru", "step loop"),
+    ]
+    record = json.loads(out.read_text())
+    assert record["shape"] == "batch 2, bptt 3" and len(record["rows"]) == 4
+    assert all(v > 0 for row in record["rows"] for v in row["speeds"]["step"] + row["speeds"]["layers"])

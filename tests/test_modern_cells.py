@@ -15,7 +15,9 @@ from lstm_lm import cells
 from lstm_lm.cells import mlstm
 from lstm_lm.cells.base import Cell
 from lstm_lm.cells.scan import InputGatedCell, linear_recurrence, linear_scan
-from lstm_lm.model import Recurrent
+from lstm_lm.config import ModelConfig
+from lstm_lm.model import LSTMLanguageModel, Recurrent
+from lstm_lm.training.trainer import compile_loss
 
 SCANNED = [n for n in cells.names() if issubclass(cells.get(n), InputGatedCell)]
 
@@ -201,3 +203,19 @@ def test_slstm_heads_are_independent():
     (grad,) = torch.autograd.grad(out[0, 4:].sum(), h)
     assert grad[0, :4].abs().max() == 0 and grad[0, 4:].abs().max() > 0
     assert p["weight_hh"].shape == (2, 16, 4)  # per head: four gate blocks of 4x4
+
+
+@pytest.mark.parametrize("cell", SCANNED)
+def test_compiled_training_loss_runs_the_written_out_backward_as_eager_does(cell):
+    """`train.compile` (the wikitext-2 recipe's default) traces the step-by-step recurrence,
+    an autograd Function with Python loops: the compiled loss and gradients are eager's."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_size=16, hidden_size=16, dropout=0.0, cell=cell)
+    model = LSTMLanguageModel(cfg, 50).train()
+    x, y, hidden = torch.randint(0, 50, (12, 3)), torch.randint(0, 50, (12, 3)), model.init_state(3)
+    results = []
+    for loss_fn in (model.training_loss, compile_loss(model)):
+        loss = loss_fn(x, y, hidden)[0]
+        results.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

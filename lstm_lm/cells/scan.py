@@ -57,19 +57,19 @@ class LinearRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
-        h, prev = torch.empty_like(b), h0
+        h = [h0]
         for t in range(a.size(0)):
-            prev = torch.addcmul(b[t], a[t], prev, out=h[t])
-        ctx.save_for_backward(a, h, h0)
-        return h
+            h.append(torch.addcmul(b[t], a[t], h[-1]))
+        ctx.save_for_backward(a, torch.stack(h[:-1]))  # h_0 ... h_{T-1}, what each a_t multiplied
+        return torch.stack(h[1:])
 
     @staticmethod
     def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, h, h0 = ctx.saved_tensors
-        d = grad_h.clone(memory_format=torch.contiguous_format)
+        a, h_before = ctx.saved_tensors
+        d = [grad_h[-1]]
         for t in range(a.size(0) - 1, 0, -1):
-            d[t - 1].addcmul_(a[t], d[t])
-        h_before = torch.cat([h0.unsqueeze(0), h[:-1]])
+            d.append(torch.addcmul(grad_h[t - 1], a[t], d[-1]))
+        d = torch.stack(d[::-1])  # d_1 ... d_T
         return d * h_before, d, a[0] * d[0]
 
 
