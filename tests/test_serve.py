@@ -216,20 +216,35 @@ def test_a_real_server_answers_over_http(server):
         assert r.status == 200 and b"suggestions" in r.read()
 
 
+def _click_token(driver, word: str) -> bool:
+    """Click the picture's token `word`; False (so a wait tries again) while it is not drawn."""
+    from selenium.webdriver.common.by import By
+
+    tokens = [t for t in driver.find_elements(By.CSS_SELECTOR, "#gates .token") if t.text == word]
+    if tokens:
+        tokens[0].click()
+    return bool(tokens)
+
+
 def test_the_web_page_suggests_tamil_and_draws_the_gates(server, tmp_path):
     driver = headless_chromium(tmp_path)
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 20)
+    # the page redraws the picture while we read it: an element read mid-redraw is stale, so read again
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
     try:
         driver.get(server[0])
         wait.until(lambda d: "LSTM" in d.find_element(By.ID, "model").text)
         driver.find_element(By.ID, "prompt").send_keys(SEED_PROMPT)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".suggestion"))
-        first = driver.find_elements(By.CSS_SELECTOR, ".suggestion")[0]
-        assert first.get_attribute("data-word") == SEED_ANSWER
-        first.click()
+        # the list is redrawn as each key arrives: wait for the last one's, then click its top word
+        first = ".suggestion:first-child"
+        wait.until(
+            lambda d: [e.get_attribute("data-word") for e in d.find_elements(By.CSS_SELECTOR, first)] == [SEED_ANSWER],
+            f"the first suggestion never became {SEED_ANSWER!r}",
+        )
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, first).click() or True)
         wait.until(lambda d: d.find_element(By.ID, "prompt").get_attribute("value").rstrip().endswith(SEED_ANSWER))
         # the picture: a row per gate, a cell per token and unit, redrawn for the longer sentence
         wait.until(lambda d: [t.text for t in d.find_elements(By.CSS_SELECTOR, "#gates .token")][-1:] == [SEED_ANSWER])
@@ -237,7 +252,7 @@ def test_the_web_page_suggests_tamil_and_draws_the_gates(server, tmp_path):
             assert driver.find_elements(By.CSS_SELECTOR, f"#gates g.gate[data-gate={gate}] rect.cell")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#gates g.norm rect.bar")) == len(SEED_PROMPT.split()) + 2
         # click "Tamilnadu": the memory of the sentence with another region differs from there on
-        [t for t in driver.find_elements(By.CSS_SELECTOR, "#gates .token") if t.text == "Tamilnadu"][0].click()
+        wait.until(lambda d: _click_token(d, "Tamilnadu"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gates g.swap rect.bar"))
         assert "written at “Tamilnadu”" in driver.find_element(By.ID, "caption").text
         driver.save_screenshot(str(tmp_path / "page.png"))
