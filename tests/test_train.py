@@ -388,3 +388,13 @@ def test_plain_loss_path_trains_like_the_fused_one(tiny_corpus, tmp_path):
     }
     assert len(losses["fused"]) == 6
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+def test_a_diverged_run_says_so_and_a_learning_one_does_not(tiny_corpus, tmp_path, capsys):
+    """SGD at lr 30 with the gradient's norm left almost unclipped blows the tiny model up in
+    its first epoch: each validation then warns, naming what to change; lr 1 learns quietly."""
+    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=30", "train.clip=1000"), tmp_path / "diverged")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: valid ppl")]
+    assert len(warnings) == 2 and all("training has diverged" in w and "train.warmup_steps" in w for w in warnings)
+    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=1"), tmp_path / "learning")
+    assert "training has diverged" not in capsys.readouterr().err

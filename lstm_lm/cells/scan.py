@@ -86,7 +86,7 @@ def full(x: Tensor) -> Tensor:
 def log_g(x: Tensor) -> Tensor:
     """log g(x) for the minimal RNNs' positive candidate g(x) = x + 1/2 (x >= 0), sigmoid(x)
     (x < 0). Both branches stay finite everywhere, so that torch.where's gradient does too."""
-    return torch.where(x >= 0, torch.log(torch.relu(x) + 0.5), -torch.nn.functional.softplus(-x))
+    return torch.where(x >= 0, torch.log(torch.relu(x) + 0.5), -F.softplus(-x))
 
 
 def g(x: Tensor) -> Tensor:

@@ -397,6 +397,12 @@ class Trainer:
             f"{record['tokens_per_s']:,.0f} tok/s | {s.epoch_time_s:.1f} s"
             + (f" | {self.clock.elapsed() / 60:.1f} of {t.time_budget:g} min" if t.time_budget else "")
         )
+        if val["loss"] > math.log(2 * self.corpus.vocab_size):  # an untrained model's is about the vocabulary's size
+            log(
+                f"warning: valid ppl {val['perplexity']:.6g} is more than twice a uniform guess's over the "
+                f"{self.corpus.vocab_size:,} words: training has diverged. Lower train.lr, or set "
+                "train.warmup_steps (a few hundred) or a smaller train.clip"
+            )
         if whole:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
