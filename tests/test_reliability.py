@@ -1148,6 +1148,35 @@ def test_results_onto_a_full_or_closed_stdout_are_one_error_line(saved_run, tmp_
     assert closed.returncode == 1 and "error: stdout is closed" in closed.stderr and "Traceback" not in closed.stderr
 
 
+def _point_latest_repeatedly(runs: Path, target: str, times: int) -> None:
+    from lstm_lm.training.rundir import point
+
+    for _ in range(times):
+        point(runs / "latest", target)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_runs_trained_at_once_in_one_directory_all_point_runs_latest(tmp_path):
+    """Several `lstm-lm train` runs started in one working directory each point runs/latest
+    at themselves after every checkpoint: none may rename another's temporary link away
+    (which stopped a run with "error: runs/.latest.tmp: does not exist")."""
+    import multiprocessing
+
+    runs = tmp_path / "runs"
+    targets = [f"run-{i}" for i in range(4)]
+    for t in targets:
+        (runs / t / CHECKPOINTS).mkdir(parents=True)
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_point_latest_repeatedly, args=(runs, t, 300)) for t in targets]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    assert os.readlink(runs / "latest") in targets
+    assert sorted(p.name for p in runs.iterdir()) == sorted([*targets, "latest"])  # no temporary link left
+
+
 # --- other people's files -----------------------------------------------------------------
 
 

@@ -49,21 +49,27 @@ CHECKPOINTS, LAST, BEST, LATEST = "checkpoints", "last", "best", "latest"
 MARKER = ".lstm-lm-run"  # written into every run directory: only a folder holding it is a run
 LATEST_POINTER = Path("runs") / LATEST  # "the model trained last": train writes it, complete/eval/score read it
 STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-00001200, or step-00001200-2 if saved again
+# the `last` pointer, and the temporary link of a write it was cut off in (see `point`)
+TEMPORARY_LAST = re.compile(rf"{LAST}|\.{LAST}(?:\.\d+)?\.tmp")
 
 
 def point(link: Path, target: str) -> None:
     """Make `link` point at `target` (relative to the link's directory) in one atomic step:
     a symlink, or where links are not allowed a one-line pointer file. Only a pointer is
-    ever replaced."""
+    ever replaced. The temporary name holds the process id: runs trained at once in one
+    working directory all point runs/latest, and must not rename each other's link."""
     if problem := pointer_problem(link):
         raise CheckpointError(problem)
-    tmp = link.with_name(f".{link.name}.tmp")
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        tmp.symlink_to(target, target_is_directory=True)
-    except OSError:
-        tmp.write_text(target + "\n", encoding="utf-8")
-    os.replace(tmp, link)
+        try:
+            tmp.symlink_to(target, target_is_directory=True)
+        except OSError:
+            tmp.write_text(target + "\n", encoding="utf-8")
+        os.replace(tmp, link)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def follow(link: Path) -> Path:
@@ -174,7 +180,7 @@ def clear_run(run_dir: Path, logs: tuple[str, ...]) -> None:
         for d in folder.iterdir():
             if d.is_dir() and not d.is_symlink() and STEP_DIR.fullmatch(d.name.lstrip(".").split(".")[0]):
                 shutil.rmtree(d)  # step-N, and the .step-N.tmp / .step-N.deleting of interrupted writes
-            elif d.name in (LAST, f".{LAST}.tmp") and (d.is_symlink() or pointer_problem(d) is None):
+            elif TEMPORARY_LAST.fullmatch(d.name) and (d.is_symlink() or pointer_problem(d) is None):
                 d.unlink()
         with contextlib.suppress(OSError):
             folder.rmdir()  # only if nothing of anyone else's is left in it
