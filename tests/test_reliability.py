@@ -1177,6 +1177,18 @@ def test_runs_trained_at_once_in_one_directory_all_point_runs_latest(tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == sorted([*targets, "latest"])  # no temporary link left
 
 
+def test_overwrite_removes_the_temporary_links_of_cut_off_writes_and_nothing_else(tmp_path):
+    from lstm_lm.training.rundir import clear_run
+
+    folder = tmp_path / "run" / CHECKPOINTS
+    (folder / "step-00000010").mkdir(parents=True)
+    for name in ("last", ".last.4242.tmp", ".last.tmp"):  # the link, a cut-off write's, an older version's
+        (folder / name).symlink_to("step-00000010", target_is_directory=True)
+    (folder / ".last.notes.tmp").write_text("mine")
+    clear_run(tmp_path / "run", logs=())
+    assert [p.name for p in folder.iterdir()] == [".last.notes.tmp"]
+
+
 # --- other people's files -----------------------------------------------------------------
 
 
