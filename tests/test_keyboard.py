@@ -363,10 +363,7 @@ class Page:
         """Empty the box (as select-all and delete would), type `text` key by key, and
         return the suggestions once the page shows them for the whole text."""
         if clear:
-            self.driver.execute_script(
-                "arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))", self.box
-            )
-            self.wait.until(lambda d: self.state("shownFor") == "")
+            self.paste("")
         self.box.send_keys(text)
         want = self.box.get_attribute("value")
         self.wait.until(lambda d: self.state("shownFor") == want)
