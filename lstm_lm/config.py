@@ -264,6 +264,12 @@ class TrainConfig:
     )
     lr_decay: float = param(4.0, "plateau / exponential: the divisor (1: never decay).", ge=1)
     decay_start: int = param(1, "exponential: the first epoch after which the learning rate is divided.", ge=1)
+    stop_lr: float | None = param(
+        None,
+        "plateau / exponential: end the run once the decays have taken the learning rate below "
+        "this, when little is left to learn (as fairseq's --stop-min-lr; null: run all epochs).",
+        gt=0,
+    )
     warmup_steps: int = param(
         0, "Raise the learning rate linearly from 0 over the first this many steps (0: no warm-up).", ge=0
     )
@@ -634,6 +640,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.cutoffs: need one or more increasing sizes of at least 1, got {m.cutoffs}")
     if t.lr > 0 and not t.min_lr < t.lr:
         p.append(f"train.min_lr: must be below train.lr ({t.lr}), got {t.min_lr}")
+    if t.stop_lr is not None and t.lr > 0 and not t.stop_lr < t.lr:
+        p.append(f"train.stop_lr: must be below train.lr ({t.lr}), or the run would end before it began")
+    if t.stop_lr is not None and t.schedule not in ("plateau", "exponential"):
+        p.append(f"train.stop_lr: ends a plateau or exponential schedule's run; train.schedule is {t.schedule}")
     if t.nt_asgd and t.optimizer != "sgd":
         p.append(f"train.nt_asgd: averages SGD's iterates; needs train.optimizer=sgd, got {t.optimizer}")
     if t.compile_mode != "default" and not t.compile:

@@ -163,6 +163,9 @@ def test_per_layer_sizes_from_yaml_and_the_command_line(tmp_path):
         ("model.dropout_input=-0.1", "model.dropout_input"),
         ("train.schedule=linear", "train.schedule"),
         ("train.min_lr=50", "train.min_lr"),
+        ("train.stop_lr=20", "train.stop_lr"),  # not below lr: the run would end at once
+        ("train.stop_lr=0", "train.stop_lr"),
+        ("train.stop_lr=0.1", ""),  # a plateau schedule's: fine
         ("train.nonmono=0", "train.nonmono"),
         ("train.time_budget=0", "train.time_budget"),
         ("train.ar=-1", "train.ar"),
@@ -176,6 +179,9 @@ def test_regularization_and_schedule_values_are_checked(override, key):
     if override == "model.hidden_sizes=[100, 200]":
         assert load_config(None, [override]).model.layer_sizes == [100, 200]
         return
+    if not key:
+        assert load_config(None, [override])
+        return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
 
@@ -183,5 +189,7 @@ def test_regularization_and_schedule_values_are_checked(override, key):
 def test_incompatible_training_options_are_refused():
     with pytest.raises(ConfigError, match="nt_asgd.*sgd"):
         load_config(None, ["train.nt_asgd=true", "train.optimizer=adamw"])
+    with pytest.raises(ConfigError, match="stop_lr.*cosine"):
+        load_config(None, ["train.stop_lr=0.1", "train.schedule=cosine"])
     with pytest.raises(ConfigError, match="variable_bptt.*compile"):
         load_config(None, ["train.variable_bptt=true", "train.compile=true"])

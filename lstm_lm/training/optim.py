@@ -89,6 +89,10 @@ class LearningRate:
         if t.schedule == "exponential" and state.epoch >= t.decay_start:
             state.lr_peak /= t.lr_decay  # Zaremba et al. 2014: a fixed decay every epoch
 
+    def spent(self, state: TrainState) -> bool:
+        """The decays have taken the rate below train.stop_lr: the run is over."""
+        return self.t.stop_lr is not None and state.lr_peak < self.t.stop_lr
+
     def resumed(self, state: TrainState) -> None:
         """A resume with another --lr than the run's sets the rate from here on."""
         if self.t.lr != state.lr_set:
