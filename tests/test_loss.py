@@ -82,13 +82,18 @@ def test_loss_and_top_k_hits_for_evaluation_match_the_logits(bias, monkeypatch):
 
     monkeypatch.setattr(loss_mod, "BLOCK_ELEMENTS", 50 * 8)  # 8 rows a block: several blocks
     h, w, b, y = _inputs(n=37, hidden=12, vocab=50, bias=bias)
+    with torch.no_grad():  # words 0 to 6 score alike: ties, which count in the target's favour
+        w[1:7] = w[0]
+        if b is not None:
+            b[1:7] = b[0]
+        y[:9], h[:9] = 3, 20 * w[0]  # ... and top the rows that want word 3
     logits = F.linear(h, w, b).detach()
     total, hits = linear_cross_entropy_and_hits(h, w, b, y, ks=(1, 5))
     assert total.dtype == torch.float64  # float32 per-token losses, summed in float64
     torch.testing.assert_close(total.float(), F.cross_entropy(logits, y, reduction="sum"), atol=1e-4, rtol=1e-6)
     rank = (logits > logits.gather(1, y[:, None])).sum(1)  # how many tokens score above the target
     assert hits.tolist() == [(rank < 1).sum().item(), (rank < 5).sum().item()]
-    assert 0 < hits[0] < hits[1] < 37
+    assert 9 < hits[0] < hits[1] < 37 and (rank[:9] == 0).all()
 
 
 def test_both_output_loss_paths_give_the_same_loss_and_gradients():
