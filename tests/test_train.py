@@ -298,7 +298,8 @@ def test_cosine_over_epochs_anneals_to_min_lr(tiny_corpus, tmp_path):
 
 def test_stop_lr_ends_the_run_once_the_decays_take_the_rate_below_it(tiny_corpus, tmp_path):
     """lr 1 divided by 10 after every epoch, stop_lr 0.05: epochs at 1 and 0.1, then 0.01 ends it;
-    the best model is tested as at any end, and a resume has nothing left to do."""
+    the best model is tested as at any end, a resume has nothing left to do, and one
+    without stop_lr trains on."""
     sets = ["train.epochs=6", "train.schedule=exponential", "train.optimizer=sgd", "train.lr=1.0"]
     sets += ["train.lr_decay=10", "train.stop_lr=0.05"]
     summary = train(_cfg(tiny_corpus, *sets), tmp_path / "r")
@@ -308,6 +309,8 @@ def test_stop_lr_ends_the_run_once_the_decays_take_the_rate_below_it(tiny_corpus
     again = train(_cfg(tiny_corpus, *sets), tmp_path / "r", resume=True)
     assert again["steps"] == summary["steps"]
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
+    more = train(_cfg(tiny_corpus, *sets[:-1], "train.epochs=3"), tmp_path / "r", resume=True)  # stop_lr unset
+    assert more["epochs"] == 3 and more["steps"] > summary["steps"]
 
 
 def test_variable_bptt_draws_lengths_around_bptt_and_covers_each_epoch(tiny_corpus, tmp_path):
