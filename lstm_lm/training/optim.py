@@ -90,8 +90,14 @@ class LearningRate:
             state.lr_peak /= t.lr_decay  # Zaremba et al. 2014: a fixed decay every epoch
 
     def spent(self, state: TrainState) -> bool:
-        """The decays have taken the rate below train.stop_lr: the run is over."""
-        return self.t.stop_lr is not None and state.lr_peak < self.t.stop_lr
+        """The decays have taken the rate below train.stop_lr: the run is over (and says so)."""
+        if self.t.stop_lr is None or state.lr_peak >= self.t.stop_lr:
+            return False
+        log(
+            f"the learning rate is {state.lr_peak:.4g}, below train.stop_lr {self.t.stop_lr:g}: training ends "
+            "(--resume with a new --lr, or --set train.stop_lr=null, trains on)"
+        )
+        return True
 
     def resumed(self, state: TrainState) -> None:
         """A resume with another --lr than the run's sets the rate from here on."""

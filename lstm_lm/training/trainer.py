@@ -223,13 +223,7 @@ class Trainer:
                 len(self.corpus.splits["valid"]) + len(self.corpus.splits["test"]),
             )
         with self.stop:
-            while s.epoch <= t.epochs and not self._should_stop():
-                if self.lr.spent(s):
-                    log(
-                        f"the learning rate is {s.lr_peak:.4g}, below train.stop_lr {t.stop_lr:g}: training ends "
-                        "(--resume with a new --lr, or --set train.stop_lr=null, trains on)"
-                    )
-                    break
+            while s.epoch <= t.epochs and not self._should_stop() and not self.lr.spent(s):
                 self._train_epoch()
                 if self.stop.signum is not None:
                     break
