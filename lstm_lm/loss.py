@@ -98,7 +98,7 @@ def _blocked_loss(
                 # The target's rank, how many words score above it, counted in the
                 # log-probabilities' buffer, which is done with: no new (n, V) tensor, and
                 # 0/1 floats summed (exact below 2^24 words) rather than a bool tensor
-                # converted to int (together 1.6x faster on a CPU than (logits > t).sum()).
+                # converted to int: the block's loss and counts 1.6x faster on a Zen 3.
                 above = torch.sub(logits, logits.gather(1, y[:, None]), out=log_probs).gt_(0)
                 rank = above.sum(dim=1)
                 for i, k in enumerate(ks):
