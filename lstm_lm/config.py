@@ -377,6 +377,12 @@ class TrainConfig:
         "A step whose loss or gradient is not a finite number: stop with a message "
         "(false), or skip its update and count it (true; one device sync per step).",
     )
+    stop_diverged: bool = param(
+        True,
+        "End the run at a validation whose perplexity is more than twice the vocabulary's size "
+        "(twice a uniform guess's: training has diverged) and test the best checkpoint; where no "
+        "validation was better than that, exit with an error (false: warn and train on).",
+    )
 
 
 @dataclass

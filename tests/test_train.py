@@ -407,11 +407,43 @@ def test_plain_loss_path_trains_like_the_fused_one(tiny_corpus, tmp_path):
     assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-4)
 
 
-def test_a_diverged_run_says_so_and_a_learning_one_does_not(tiny_corpus, tmp_path, capsys):
-    """SGD at lr 30 with the gradient's norm left almost unclipped blows the tiny model up in
-    its first epoch: each validation then warns, naming what to change; lr 1 learns quietly."""
-    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=30", "train.clip=1000"), tmp_path / "diverged")
+DIVERGING = ("train.optimizer=sgd", "train.lr=30", "train.clip=1000")  # blows the tiny model up in epoch 1
+
+
+def test_a_diverged_run_ends_at_its_validation_with_an_error_and_its_logs_kept(tiny_corpus, tmp_path, capsys):
+    """SGD at lr 30 with the gradient's norm left almost unclipped diverges in the first
+    epoch: the run ends at that validation rather than train on, and since no validation
+    was better there is nothing to test: one `error:` line, exit 1, the run's logs kept."""
+    from typer.testing import CliRunner
+
+    from lstm_lm.cli import app
+
+    run = tmp_path / "diverged"
+    sets = [a for o in [*tiny_overrides(tiny_corpus)[1:], *DIVERGING, "train.epochs=3"] for a in ("--set", o)]
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_corpus), "--out", str(run), *sets])
+    assert result.exit_code == 1 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "--overwrite" in errors[0], result.stderr
+    assert "train.warmup_steps" in errors[0] and "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: valid ppl")]
+    assert len(warnings) == 1 and "the run ends here (train.stop_diverged)" in warnings[0]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_run_that_diverges_after_learning_tests_its_best_checkpoint(tiny_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=1", "train.epochs=1"), run)
+    assert "training has diverged" not in capsys.readouterr().err  # lr 1 learns quietly
+    summary = train(_cfg(tiny_corpus, *DIVERGING, "train.epochs=4"), run, resume=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["val_ppl"] > 10 * records[0]["val_ppl"]
+    assert summary["best_valid_perplexity"] == pytest.approx(first["best_valid_perplexity"])
+    assert summary["test_perplexity"] == pytest.approx(first["test_perplexity"])
+    assert "the run ends here" in capsys.readouterr().err
+
+
+def test_with_stop_diverged_off_a_diverged_run_warns_at_each_validation_and_trains_on(tiny_corpus, tmp_path, capsys):
+    summary = train(_cfg(tiny_corpus, *DIVERGING, "train.stop_diverged=false"), tmp_path / "diverged")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: valid ppl")]
     assert len(warnings) == 2 and all("training has diverged" in w and "train.warmup_steps" in w for w in warnings)
-    train(_cfg(tiny_corpus, "train.optimizer=sgd", "train.lr=1"), tmp_path / "learning")
-    assert "training has diverged" not in capsys.readouterr().err
+    assert summary["epochs"] == 2 and "the run ends here" not in warnings[0]

@@ -207,6 +207,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self)
         self.compile_logged = False  # the first compiled step's time, logged once
         self.validated_at: int | None = None  # the step of the last validation
+        self.diverged = False  # the last validation said so, and train.stop_diverged ends the run
 
     def fit(self) -> dict[str, Any]:
         """Train until the epochs, max_steps or the time budget run out, or a signal
@@ -223,7 +224,7 @@ class Trainer:
                 len(self.corpus.splits["valid"]) + len(self.corpus.splits["test"]),
             )
         with self.stop:
-            while s.epoch <= t.epochs and not self._should_stop() and not self.lr.spent(s):
+            while s.epoch <= t.epochs and not (self.diverged or self._should_stop() or self.lr.spent(s)):
                 self._train_epoch()
                 if self.stop.signum is not None:
                     break
@@ -397,12 +398,7 @@ class Trainer:
             f"{record['tokens_per_s']:,.0f} tok/s | {s.epoch_time_s:.1f} s"
             + (f" | {self.clock.elapsed() / 60:.1f} of {t.time_budget:g} min" if t.time_budget else "")
         )
-        if val["loss"] > math.log(2 * self.corpus.vocab_size):  # an untrained model's is about the vocabulary's size
-            log(
-                f"warning: valid ppl {val['perplexity']:.6g} is more than twice a uniform guess's over the "
-                f"{self.corpus.vocab_size:,} words: training has diverged. Lower train.lr, or set "
-                "train.warmup_steps (a few hundred) or a smaller train.clip"
-            )
+        self.diverged = diverged(val["perplexity"], self.corpus.vocab_size, t.stop_diverged)
         if whole:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
@@ -498,6 +494,13 @@ class Checkpoints:
         tr = self.trainer
         s, t = tr.state, tr.t
         best_dir = resolve_checkpoint(tr.run_dir)
+        if tr.diverged and s.best_val_loss > math.log(DIVERGED * tr.corpus.vocab_size):
+            raise TrainingError(
+                f"training diverged: no validation was better than {math.exp(min(s.best_val_loss, 700)):.6g} "
+                f"(twice a uniform guess over {tr.corpus.vocab_size:,} words is {DIVERGED * tr.corpus.vocab_size:,}), "
+                f"so there is no model worth testing; {tr.run_dir} keeps the logs. Train again with --overwrite: "
+                f"where a rate is on the edge, float rounding decides the start. If it diverges again, {REMEDY}"
+            )
         best, _, _ = load_checkpoint(best_dir, tr.device)
         test_data = Streams(tr.corpus.splits["test"], t.eval_batch_size, tr.device)
         test_data = test_data[:, tr.world.share(t.eval_batch_size, "train.eval_batch_size")]
@@ -605,6 +608,24 @@ def _describe(
         f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
         + (f"; time budget {t.time_budget:g} min" if t.time_budget else "")
     )
+
+
+DIVERGED = 2  # a validation's perplexity above this many times the vocabulary's size: training has diverged
+REMEDY = "lower train.lr, or set train.warmup_steps (a few hundred) or a smaller train.clip"
+
+
+def diverged(perplexity: float, vocab_size: int, stop: bool) -> bool:
+    """Whether a validation's perplexity says that training has diverged (an untrained model's
+    is about the vocabulary's size), and the run is to end (`stop`, train.stop_diverged);
+    says so either way."""
+    if perplexity <= DIVERGED * vocab_size:  # (a NaN is not)
+        return False
+    ends = "; the run ends here (train.stop_diverged)" if stop else ""
+    log(
+        f"warning: valid ppl {perplexity:.6g} is more than twice a uniform guess's over the {vocab_size:,} words: "
+        f"training has diverged{ends}. Train again, or {REMEDY}"
+    )
+    return stop
 
 
 def _metrics_record(
