@@ -379,9 +379,9 @@ class TrainConfig:
     )
     stop_diverged: bool = param(
         True,
-        "End the run at a validation whose perplexity is more than twice the vocabulary's size "
-        "(twice a uniform guess's: training has diverged) and test the best checkpoint; where no "
-        "validation was better than that, exit with an error (false: warn and train on).",
+        "End the run at an epoch's validation whose perplexity is more than twice the vocabulary's "
+        "size (twice a uniform guess's: training has diverged) and test the best checkpoint; where "
+        "no validation was better than that, exit with an error (false: warn and train on).",
     )
 
 

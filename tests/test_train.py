@@ -412,22 +412,26 @@ DIVERGING = ("train.optimizer=sgd", "train.lr=30", "train.clip=1000")  # blows t
 
 def test_a_diverged_run_ends_at_its_validation_with_an_error_and_its_logs_kept(tiny_corpus, tmp_path, capsys):
     """SGD at lr 30 with the gradient's norm left almost unclipped diverges in the first
-    epoch: the run ends at that validation rather than train on, and since no validation
-    was better there is nothing to test: one `error:` line, exit 1, the run's logs kept."""
+    epoch: the validations inside it (eval_every) warn, the epoch's end ends the run rather
+    than train on, and since no validation was better there is nothing to test: one
+    `error:` line, exit 1, the run's logs kept."""
     from typer.testing import CliRunner
 
     from lstm_lm.cli import app
 
     run = tmp_path / "diverged"
-    sets = [a for o in [*tiny_overrides(tiny_corpus)[1:], *DIVERGING, "train.epochs=3"] for a in ("--set", o)]
+    options = [*tiny_overrides(tiny_corpus)[1:], *DIVERGING, "train.epochs=3", "train.eval_every=10"]
+    sets = [a for o in options for a in ("--set", o)]
     result = CliRunner().invoke(app, ["train", "--data", str(tiny_corpus), "--out", str(run), *sets])
     assert result.exit_code == 1 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged" in errors[0] and "--overwrite" in errors[0], result.stderr
     assert "train.warmup_steps" in errors[0] and "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: valid ppl")]
-    assert len(warnings) == 1 and "the run ends here (train.stop_diverged)" in warnings[0]
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert len(warnings) == 3 and ["the run ends here" in w for w in warnings] == [False, False, True], warnings
+    assert "(--set train.stop_diverged=false trains on)" in warnings[-1]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["complete_epoch"]) for r in records] == [(1, False), (1, False), (1, True)]
 
 
 def test_a_run_that_diverges_after_learning_tests_its_best_checkpoint(tiny_corpus, tmp_path, capsys):
