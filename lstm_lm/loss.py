@@ -96,11 +96,11 @@ def _blocked_loss(
             total -= log_probs.gather(1, y[:, None]).sum(dtype=total.dtype)
             if ks:
                 # The target's rank, how many words score above it, counted in the
-                # log-probabilities' buffer, which is done with: no new (n, V) tensor, and
-                # 0/1 floats summed (exact below 2^24 words) rather than a bool tensor
-                # converted to int: the block's loss and counts 1.6x faster on a Zen 3.
-                above = torch.sub(logits, logits.gather(1, y[:, None]), out=log_probs).gt_(0)
-                rank = above.sum(dim=1)
+                # log-probabilities' buffer, which is done with: the comparison writes 0/1
+                # floats into it (no new (n, V) tensor), summed exactly below 2^24 words,
+                # rather than a bool tensor converted to int (the block's loss and counts
+                # 1.6x faster than that on a Zen 3 at (350, 10000)).
+                rank = torch.gt(logits, logits.gather(1, y[:, None]), out=log_probs).sum(dim=1)
                 for i, k in enumerate(ks):
                     hits[i] += (rank < k).sum()
             continue
