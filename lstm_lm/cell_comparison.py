@@ -230,6 +230,9 @@ def compare_cells(
     if problems:
         raise ConfigError(problems, "the recipe")
     corpus = load_corpus(base.data)  # once for every cell, before anything is written
+    # A diverged run trains on to the end of its share: one that ended early would leave its
+    # cell's final run more minutes than another cell's.
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, stop_diverged=False))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = parameter_count(base.model, corpus.vocab_size)

@@ -122,6 +122,7 @@ def experiment_config(cell: str, hidden: int, budget: Budget, corpus: Path, bptt
                 "seed": budget.seed + 1111,
                 "checkpoint_minutes": None,
                 "keep_last": 1,
+                "stop_diverged": False,  # every cell trains its steps, and a diverged one gets its row
             },
         },
         origin="experiment",

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from lstm_lm import cells
 from lstm_lm.cell_comparison import matched_model, parameter_count, train_command
+from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.config import load_config
 
@@ -74,6 +75,8 @@ def test_cells_experiment_on_a_tiny_budget(tmp_path):
         assert r["command"].startswith("lstm-lm train") and f"model.cell={name}" in r["command"]
         steps = [json.loads(x)["step"] for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert len(steps) == len(set(steps))  # the budget's end does not validate a step again
+        # a diverged run would train on to the end of its share, as every other cell's does
+        assert load_checkpoint(out / "runs" / name)[2].train.stop_diverged is False
     assert (out / "results.csv").read_text().splitlines()[0].startswith("cell,hidden_size,parameters")
     assert_readable_png(out / "valid_vs_time.png")
 

@@ -10,6 +10,7 @@ from conftest import tiny_sets, write_tiny_corpus
 from typer.testing import CliRunner
 
 from lstm_lm import cells, plots
+from lstm_lm.checkpoint import load_checkpoint
 from lstm_lm.cli import app
 from lstm_lm.config import ModelConfig
 from lstm_lm.experiment import Budget, language_accuracy, matched_hidden_size, probe_sentences
@@ -237,8 +238,9 @@ def test_long_range_experiment_on_a_tiny_budget(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["gaps"] == [0, 3] and tuple(results["cells"]) == CELLS
-    for r in results["cells"].values():
+    for name, r in results["cells"].items():
         assert r["steps"] == 15 and set(r["accuracy"]) == {"0", "3"}
+        assert load_checkpoint(out / "runs" / name)[2].train.stop_diverged is False  # a diverged cell gets its row
         assert all(0 <= a <= 1 for a in r["accuracy"].values())
         assert round(r["accuracy"]["0"] * 12) == pytest.approx(r["accuracy"]["0"] * 12)  # a count of 12 probes
     params = [r["parameters"] for r in results["cells"].values()]
