@@ -398,7 +398,7 @@ class Trainer:
             f"{record['tokens_per_s']:,.0f} tok/s | {s.epoch_time_s:.1f} s"
             + (f" | {self.clock.elapsed() / 60:.1f} of {t.time_budget:g} min" if t.time_budget else "")
         )
-        self.diverged = diverged(val["perplexity"], self.corpus.vocab_size, stop=t.stop_diverged and whole)
+        self.diverged = check_divergence(val["perplexity"], self.corpus.vocab_size, stop=t.stop_diverged and whole)
         if whole:
             s.next_epoch()
             self.hidden = None  # the next epoch starts from a zero state
@@ -614,12 +614,12 @@ DIVERGED = 2  # a validation's perplexity above this many times the vocabulary's
 REMEDY = "lower train.lr, or set train.warmup_steps (a few hundred) or a smaller train.clip"
 
 
-def diverged(perplexity: float, vocab_size: int, stop: bool) -> bool:
+def check_divergence(perplexity: float, vocab_size: int, stop: bool) -> bool:
     """Whether a validation's perplexity says that training has diverged (an untrained model's
     is about the vocabulary's size), and the run is to end (`stop`: train.stop_diverged, at an
     epoch's end only, where a high rate's first steps are long past and a stop-and-resume
     decides alike); says so either way."""
-    if perplexity <= DIVERGED * vocab_size:  # (a NaN is not)
+    if perplexity <= DIVERGED * vocab_size:  # (false for a NaN, which has diverged too)
         return False
     ends = "; the run ends here (--set train.stop_diverged=false trains on)" if stop else ""
     log(
