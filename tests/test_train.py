@@ -29,6 +29,7 @@ def test_training_learns_and_writes_a_run_directory(tiny_corpus, tmp_path):
     assert records[-1]["val_ppl"] < 4
     assert summary["best_valid_perplexity"] == pytest.approx(min(r["val_ppl"] for r in records))
     assert summary["test_perplexity"] is not None and summary["steps"] == records[-1]["step"]
+    assert summary["ended_by"] == "epochs"
     assert sorted(p.name for p in run.iterdir()) == [
         ".lstm-lm-run",
         "best",
@@ -93,7 +94,7 @@ def test_diverging_run_stops_without_saving_nan_weights(tiny_corpus, tmp_path, m
 
 def test_max_steps_stops_mid_epoch(tiny_corpus, tmp_path):
     summary = train(_cfg(tiny_corpus, "train.max_steps=5"), tmp_path / "r")
-    assert summary["steps"] == 5
+    assert summary["steps"] == 5 and summary["ended_by"] == "max_steps"
 
 
 AWD_OPTIONS = (
@@ -240,6 +241,7 @@ def test_time_budget_ends_the_run_inside_it_with_a_validation_and_a_test(tiny_co
     assert len(records) > 3 and summary["test_perplexity"] is not None
     assert records[-1]["elapsed_s"] <= budget_s
     assert summary["wall_s"] <= budget_s + 1.0  # the reserve for the test can be off by a little
+    assert summary["ended_by"] == "time_budget"
     lrs = [r["lr"] for r in records]  # the cosine follows the clock: down from 1 to near 0
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.15
 
@@ -305,12 +307,12 @@ def test_stop_lr_ends_the_run_once_the_decays_take_the_rate_below_it(tiny_corpus
     summary = train(_cfg(tiny_corpus, *sets), tmp_path / "r")
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([1.0, 0.1])
-    assert summary["epochs"] == 2 and summary["test_perplexity"] > 1
+    assert summary["epochs"] == 2 and summary["test_perplexity"] > 1 and summary["ended_by"] == "stop_lr"
     again = train(_cfg(tiny_corpus, *sets), tmp_path / "r", resume=True)
     assert again["steps"] == summary["steps"]
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
     more = train(_cfg(tiny_corpus, *sets[:-1], "train.epochs=3"), tmp_path / "r", resume=True)  # stop_lr unset
-    assert more["epochs"] == 3 and more["steps"] > summary["steps"]
+    assert more["epochs"] == 3 and more["steps"] > summary["steps"] and more["ended_by"] == "epochs"
 
 
 def test_variable_bptt_draws_lengths_around_bptt_and_covers_each_epoch(tiny_corpus, tmp_path):
@@ -443,11 +445,11 @@ def test_a_run_that_diverges_after_learning_tests_its_best_checkpoint(tiny_corpu
     assert [r["epoch"] for r in records] == [1, 2] and records[1]["val_ppl"] > 10 * records[0]["val_ppl"]
     assert summary["best_valid_perplexity"] == pytest.approx(first["best_valid_perplexity"])
     assert summary["test_perplexity"] == pytest.approx(first["test_perplexity"])
-    assert "the run ends here" in capsys.readouterr().err
+    assert "the run ends here" in capsys.readouterr().err and summary["ended_by"] == "diverged"
 
 
 def test_with_stop_diverged_off_a_diverged_run_warns_at_each_validation_and_trains_on(tiny_corpus, tmp_path, capsys):
     summary = train(_cfg(tiny_corpus, *DIVERGING, "train.stop_diverged=false"), tmp_path / "diverged")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: valid ppl")]
     assert len(warnings) == 2 and all("training has diverged" in w and "train.warmup_steps" in w for w in warnings)
-    assert summary["epochs"] == 2 and "the run ends here" not in warnings[0]
+    assert summary["epochs"] == 2 and summary["ended_by"] == "epochs" and "the run ends here" not in warnings[0]

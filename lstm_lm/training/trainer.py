@@ -237,7 +237,7 @@ class Trainer:
                 raise Interrupted(
                     _interrupted(self.stop.name, s, saved, self.run_dir, self.world), exit_code=128 + self.stop.signum
                 )
-        return self.checkpoints.finish()
+        return self.checkpoints.finish(end_reason(self))
 
     # -- training -----------------------------------------------------------------------
 
@@ -489,8 +489,8 @@ class Checkpoints:
         self.saved = (s.step, saved)
         return saved
 
-    def finish(self) -> dict[str, Any]:
-        """Evaluate the best checkpoint on the test split and summarise the run."""
+    def finish(self, ended_by: str) -> dict[str, Any]:
+        """Evaluate the best checkpoint on the test split and summarise the run (`ended_by`: why it ended)."""
         tr = self.trainer
         s, t = tr.state, tr.t
         best_dir = resolve_checkpoint(tr.run_dir)
@@ -505,7 +505,7 @@ class Checkpoints:
         test_data = Streams(tr.corpus.splits["test"], t.eval_batch_size, tr.device)
         test_data = test_data[:, tr.world.share(t.eval_batch_size, "train.eval_batch_size")]
         test = evaluate_streams(best, test_data, t.bptt, tr.precision, tr.world) if test_data.size(0) > 1 else None
-        summary = _summary(s, tr.run_dir, best_dir, test, tr.clock)
+        summary = _summary(s, tr.run_dir, best_dir, test, tr.clock) | {"ended_by": ended_by}
         log(
             f"best model in {summary['best_checkpoint']}: valid ppl {summary['best_valid_perplexity']:.6g}"
             + (f", test ppl {summary['test_perplexity']:.6g}" if test else "")
@@ -608,6 +608,19 @@ def _describe(
         f"{n_batches:,} batches of {t.batch_size}x{t.bptt} per epoch"
         + (f"; time budget {t.time_budget:g} min" if t.time_budget else "")
     )
+
+
+def end_reason(trainer: Trainer) -> str:
+    """Why a run that was not interrupted ended: diverged, stop_lr, max_steps, time_budget or
+    epochs (the first that holds, in that order)."""
+    t, s = trainer.t, trainer.state
+    if trainer.diverged:
+        return "diverged"
+    if t.stop_lr is not None and s.lr_peak < t.stop_lr:
+        return "stop_lr"
+    if t.max_steps is not None and s.step >= t.max_steps:
+        return "max_steps"
+    return "time_budget" if trainer.clock.out_of_time() else "epochs"
 
 
 DIVERGED = 2  # a validation's perplexity above this many times the vocabulary's size: training has diverged
