@@ -89,9 +89,13 @@ class LearningRate:
         if t.schedule == "exponential" and state.epoch >= t.decay_start:
             state.lr_peak /= t.lr_decay  # Zaremba et al. 2014: a fixed decay every epoch
 
+    def below_stop_lr(self, state: TrainState) -> bool:
+        """The decays have taken the rate below train.stop_lr."""
+        return self.t.stop_lr is not None and state.lr_peak < self.t.stop_lr
+
     def spent(self, state: TrainState) -> bool:
-        """The decays have taken the rate below train.stop_lr: the run is over (and says so)."""
-        if self.t.stop_lr is None or state.lr_peak >= self.t.stop_lr:
+        """The rate is below train.stop_lr: the run is over (and says so)."""
+        if not self.below_stop_lr(state):
             return False
         log(
             f"the learning rate is {state.lr_peak:.4g}, below train.stop_lr {self.t.stop_lr:g}: training ends "

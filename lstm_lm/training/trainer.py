@@ -348,7 +348,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         """Time to stop: steps, time or a signal. Every rank of a distributed run stops together."""
         t = self.t
-        done = (t.max_steps is not None and self.state.step >= t.max_steps) or self.clock.out_of_time()
+        done = steps_done(t, self.state) or self.clock.out_of_time()
         if not self.world.enabled:
             return done or self.stop.signum is not None
         # One collective: a signal that reached any rank (its number) or any rank's "done".
@@ -494,9 +494,10 @@ class Checkpoints:
         tr = self.trainer
         s, t = tr.state, tr.t
         best_dir = resolve_checkpoint(tr.run_dir)
-        if tr.diverged and s.best_val_loss > math.log(DIVERGED * tr.corpus.vocab_size):
+        # (a diverged run has validated, so it has a best validation loss)
+        if tr.diverged and is_diverged(best_ppl := math.exp(min(s.best_val_loss, 700)), tr.corpus.vocab_size):
             raise TrainingError(
-                f"training diverged: no validation was better than {math.exp(min(s.best_val_loss, 700)):.6g} "
+                f"training diverged: no validation was better than {best_ppl:.6g} "
                 f"(twice a uniform guess over {tr.corpus.vocab_size:,} words is {DIVERGED * tr.corpus.vocab_size:,}), "
                 f"so there is no model worth testing; {tr.run_dir} keeps the logs. Train again with --overwrite: "
                 f"where a rate is on the edge, float rounding decides the start. If it diverges again, {REMEDY}"
@@ -616,23 +617,33 @@ def end_reason(trainer: Trainer) -> str:
     t, s = trainer.t, trainer.state
     if trainer.diverged:
         return "diverged"
-    if t.stop_lr is not None and s.lr_peak < t.stop_lr:
+    if trainer.lr.below_stop_lr(s):
         return "stop_lr"
-    if t.max_steps is not None and s.step >= t.max_steps:
+    if steps_done(t, s):
         return "max_steps"
     return "time_budget" if trainer.clock.out_of_time() else "epochs"
+
+
+def steps_done(t: TrainConfig, s: TrainState) -> bool:
+    """train.max_steps, where set, are done."""
+    return t.max_steps is not None and s.step >= t.max_steps
 
 
 DIVERGED = 2  # a validation's perplexity above this many times the vocabulary's size: training has diverged
 REMEDY = "lower train.lr, or set train.warmup_steps (a few hundred) or a smaller train.clip"
 
 
+def is_diverged(perplexity: float, vocab_size: int) -> bool:
+    """More than DIVERGED times a uniform guess's perplexity (an untrained model's is about the
+    vocabulary's size); a NaN counts as diverged."""
+    return not perplexity <= DIVERGED * vocab_size
+
+
 def check_divergence(perplexity: float, vocab_size: int, stop: bool) -> bool:
-    """Whether a validation's perplexity says that training has diverged (an untrained model's
-    is about the vocabulary's size), and the run is to end (`stop`: train.stop_diverged, at an
-    epoch's end only, where a high rate's first steps are long past and a stop-and-resume
-    decides alike); says so either way."""
-    if perplexity <= DIVERGED * vocab_size:  # (false for a NaN, which has diverged too)
+    """Whether a validation's perplexity says that training has diverged and the run is to end
+    (`stop`: train.stop_diverged, at an epoch's end only, where a high rate's first steps are
+    long past and a stop-and-resume decides alike); says so either way."""
+    if not is_diverged(perplexity, vocab_size):
         return False
     ends = "; the run ends here (--set train.stop_diverged=false trains on)" if stop else ""
     log(
