@@ -53,15 +53,27 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _softmax_and_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """softmax(logits) (n, V) and each row's -log softmax[target] (n,), from one pass of
-    exp over the block (and two cheap passes of max).
+    exp over the block.
 
-    The loss is read off the softmax without a second pass: with m a row's highest logit,
-    log-sum-exp = m - log p_max, and p_max >= 1/V, so its log is as exact as log-softmax's
-    (where log p_target itself would underflow for a target the model all but excludes)."""
-    top_logit = logits.amax(dim=1)  # (amax: max(dim) with its indices costs as much as the softmax)
-    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    The loss is read off the softmax without a second pass: -log p_target, where p_target
+    is a normal float (above 1.2e-38 in float32; its log is then as exact as
+    log-softmax's). A row whose target the model all but excludes underflows there, and
+    gets log-sum-exp minus the target's logit instead. Finding such rows waits for the
+    device, which costs a CPU nothing; on a GPU, and in a compiled graph, every row's
+    log-sum-exp comes from two cheap passes of max instead: with m the row's highest
+    logit, log-sum-exp = m - log p_max, and p_max >= 1/V, so its log is exact too."""
     probs = torch.softmax(logits, dim=1)
-    return probs, top_logit - probs.amax(dim=1).log() - target_logit
+    if logits.device.type != "cpu" or torch.compiler.is_compiling():
+        top_logit = logits.amax(dim=1)  # (amax: max(dim) with its indices costs as much as the softmax)
+        target_logit = logits.gather(1, targets[:, None])[:, 0]
+        return probs, top_logit - probs.amax(dim=1).log() - target_logit
+    p_target = probs.gather(1, targets[:, None])[:, 0]
+    nll = p_target.log().neg_()
+    underflowed = (p_target < torch.finfo(probs.dtype).tiny).nonzero()[:, 0]
+    if len(underflowed):
+        rows, y = logits[underflowed], targets[underflowed]
+        nll[underflowed] = torch.logsumexp(rows, dim=1) - rows.gather(1, y[:, None])[:, 0]
+    return probs, nll
 
 
 def _blocked_loss(
@@ -86,8 +98,7 @@ def _blocked_loss(
     hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
     if with_grads:
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=grad_dtype)
-        grad_b = torch.zeros_like(bias, dtype=grad_dtype) if bias is not None else None
+        grad_w = grad_b = None  # the first block's, then summed into
     for start, end in _blocks(h.size(0), weight.size(0)):
         h_blk, y = hc[start:end], targets[start:end]
         logits = _logits(h_blk, wc, bc)  # (n, V) float32
@@ -109,12 +120,17 @@ def _blocked_loss(
         del logits
         # d(loss)/d(logits) = softmax - onehot(target), in place of the softmax
         grad_logits = probs.scatter_add_(1, y[:, None], probs.new_full((end - start, 1), -1.0))
-        if grad_b is not None:
-            grad_b += grad_logits.sum(0)
+        if bias is not None:
+            grad_b = _summed(grad_b, grad_logits.sum(0))
         grad_logits = grad_logits.to(dtype)
         grad_h[start:end] = grad_logits @ wc  # (n, H)
-        grad_w += (grad_logits.t() @ h_blk).to(grad_dtype)  # (V, H)
+        grad_w = _summed(grad_w, (grad_logits.t() @ h_blk).to(grad_dtype))  # (V, H)
     return total, ((grad_h, grad_w, grad_b) if with_grads else None), hits
+
+
+def _summed(total: Tensor | None, part: Tensor) -> Tensor:
+    """A block's gradient added to the blocks' before it (the first block's is the sum)."""
+    return part if total is None else total.add_(part)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

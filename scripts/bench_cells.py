@@ -7,7 +7,8 @@
 Each measurement is its own process (`--worker`): a model of one cell and engine,
 shaped as a built-in recipe's model section (`--config`, ptb-small by default: 2x200,
 tied, 10k words) on batches of its batch size and bptt, a few untimed steps, then
-`--steps` timed steps of lstm-lm's training step in float32. The baseline runs from a
+`--steps` timed steps of lstm-lm's training step (in float32, or `--precision bf16`), then
+one timed `evaluate` pass over the same tokens at batch 10. The baseline runs from a
 git worktree of --baseline, so both versions run on the same machine in alternation,
 round after round: a cell's ratio is the median of the per-round ratios, so a slow
 spell of a shared machine hits both sides alike. Prints a Markdown table; --json
@@ -28,8 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(cell: str, impl: str, steps: int, shape: dict) -> None:
-    """Runs inside the version under test (its lstm_lm first on sys.path): print tokens/s.
+def worker(cell: str, impl: str, steps: int, shape: dict, precision: str) -> None:
+    """Runs inside the version under test (its lstm_lm first on sys.path): print the
+    training step's tokens/s and evaluate()'s (batch 10), one line each.
     `shape`: the model section's fields (cell and impl aside), batch_size and bptt."""
     import time
 
@@ -46,6 +48,7 @@ def worker(cell: str, impl: str, steps: int, shape: dict) -> None:
         from lstm_lm.trainer import train_step
 
     from lstm_lm import utils
+    from lstm_lm.evaluation.evaluate import evaluate
 
     if hasattr(utils, "keep_freed_memory"):  # as every lstm-lm process does (a version since it)
         utils.keep_freed_memory()
@@ -61,8 +64,14 @@ def worker(cell: str, impl: str, steps: int, shape: dict) -> None:
         if i == 3:
             start = time.perf_counter()
         x, y = data[i * bptt : (i + 1) * bptt], data[i * bptt + 1 : (i + 1) * bptt + 1]
-        _, state = train_step(model, optimizer, x, y, state, clip=0.25, precision="fp32")
+        _, state = train_step(model, optimizer, x, y, state, clip=0.25, precision=precision)
     print(steps * batch * bptt / (time.perf_counter() - start))
+    stream = data[: steps * bptt + 1].t().reshape(-1)[: (steps * batch * bptt) // 10 * 10]
+    stream = stream.view(10, -1).t().contiguous()  # (T, 10): evaluation's batch of 10 streams
+    evaluate(model, stream[: bptt + 1], bptt, precision)  # untimed: the first pass allocates
+    start = time.perf_counter()
+    tokens = evaluate(model, stream, bptt, precision)["tokens"]
+    print(tokens / (time.perf_counter() - start))
 
 
 def recipe_shape(name: str) -> dict:
@@ -75,11 +84,13 @@ def recipe_shape(name: str) -> dict:
     return model | {"batch_size": train.batch_size, "bptt": train.bptt}
 
 
-def measure(tree: Path, cell: str, impl: str, steps: int, shape: dict) -> float:
+def measure(tree: Path, cell: str, impl: str, steps: int, shape: dict, precision: str) -> tuple[float, float]:
+    """(training, evaluation) tokens/s of one worker process."""
     env = os.environ | {"PYTHONPATH": str(tree)}  # ahead of the installed lstm_lm
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", cell, impl, str(steps), json.dumps(shape)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=tree)
-    return float(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run(command + [precision], env=env, capture_output=True, text=True, check=True, cwd=tree)
+    train, evaluation = done.stdout.strip().splitlines()[-2:]
+    return float(train), float(evaluation)
 
 
 def rows_of(tree: Path) -> list[tuple[str, str]]:
@@ -104,20 +115,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--config", default="ptb-small", help="the built-in recipe whose model shape to train")
     parser.add_argument("--cells", help="comma-separated cells to time (default: every cell the recipe's model fits)")
+    parser.add_argument(
+        "--precision", default="fp32", help="fp32 (default), bf16, or auto (this machine's precision: auto)"
+    )
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        cell, impl, steps, shape = args.worker
-        return worker(cell, impl, int(steps), json.loads(shape))
+        cell, impl, steps, shape, precision = args.worker
+        return worker(cell, impl, int(steps), json.loads(shape), precision)
+    import torch
+
     from lstm_lm import cells
     from lstm_lm.config import ConfigError
     from lstm_lm.experiment import machine_name
+    from lstm_lm.utils import pick_precision
 
     try:
         shape = recipe_shape(args.config)
     except ConfigError as e:
         parser.error(str(e))
+    if args.precision not in ("fp32", "bf16", "auto"):
+        parser.error(f"--precision: fp32, bf16 or auto, got {args.precision!r}")
+    precision = pick_precision(args.precision, torch.device("cpu"))
     chosen = args.cells.split(",") if args.cells else cells.names()
     if unknown := [c for c in chosen if c not in cells.names()]:
         parser.error(cells.unknown(unknown[0]))
@@ -145,32 +165,37 @@ def main(argv: list[str] | None = None) -> None:
                 for cell, impl in rows["this"]:
                     for name, tree in trees.items():
                         if (cell, impl) in rows[name]:
-                            rate = measure(tree, cell, impl, args.steps, shape)
-                            times.setdefault((name, cell, impl), []).append(rate)
-                            print(f"round {r + 1}: {name} {cell}/{impl}: {rate:,.0f} tokens/s", file=sys.stderr)
+                            rates = measure(tree, cell, impl, args.steps, shape, precision)
+                            times.setdefault((name, cell, impl), []).append(rates)
+                            print(
+                                f"round {r + 1}: {name} {cell}/{impl}: {rates[0]:,.0f} tokens/s training, "
+                                f"{rates[1]:,.0f} evaluating",
+                                file=sys.stderr,
+                            )
         finally:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True)
     records = []
     model = ", ".join(f"{k} {v}" for k, v in shape.items())
-    print(f"{machine_name('cpu')}; {args.config}'s model ({model}), float32, {args.rounds} rounds\n")
-    print("| cell | engine | train tokens/s | baseline tokens/s | ratio |")
-    print("|---|---|---:|---:|---:|")
+    print(f"{machine_name('cpu')}; {args.config}'s model ({model}), {precision}, {args.rounds} rounds\n")
+    print("| cell | engine | train tokens/s | baseline | ratio | eval tokens/s | baseline | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for cell, impl in rows["this"]:
-        ours = times[("this", cell, impl)]
-        theirs = times.get(("baseline", cell, impl))
-        ratio = statistics.median(a / b for a, b in zip(ours, theirs)) if theirs else None
-        records.append(
-            {
-                "cell": cell,
-                "impl": impl,
-                "tokens_per_s": statistics.median(ours),
-                "baseline_tokens_per_s": statistics.median(theirs) if theirs else None,
-                "ratio": ratio,
+        record = {"cell": cell, "impl": impl, "precision": precision}
+        cells_text = []
+        for i, phase in enumerate(("train", "eval")):
+            ours = [t[i] for t in times[("this", cell, impl)]]
+            theirs = [t[i] for t in times.get(("baseline", cell, impl), [])]
+            ratio = statistics.median(a / b for a, b in zip(ours, theirs)) if theirs else None
+            record |= {
+                f"{phase}_tokens_per_s": statistics.median(ours),
+                f"baseline_{phase}_tokens_per_s": statistics.median(theirs) if theirs else None,
+                f"{phase}_ratio": ratio,
             }
-        )
-        base_text = f"{statistics.median(theirs):,.0f}" if theirs else "(new)"
-        print(f"| {cell} | {impl} | {statistics.median(ours):,.0f} | {base_text} | {f'{ratio:.2f}' if ratio else ''} |")
+            base_text = f"{statistics.median(theirs):,.0f}" if theirs else "(new)"
+            cells_text += [f"{statistics.median(ours):,.0f}", base_text, f"{ratio:.2f}" if ratio else ""]
+        records.append(record)
+        print(f"| {cell} | {impl} | " + " | ".join(cells_text) + " |")
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
 

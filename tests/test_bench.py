@@ -251,13 +251,21 @@ def test_cells_bench_trains_a_recipes_model_shape_and_refuses_a_cell_it_does_not
     with pytest.raises(SystemExit):
         cells_bench.main(["--config", "no-such-recipe"])
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cells_bench.main(["--config", "demo", "--precision", "fp16"])
+    assert "--precision: fp32, bf16 or auto, got 'fp16'" in capsys.readouterr().err
 
     out = tmp_path / "cells.json"
     cells_bench.main(["--config", "demo", "--cells", "lstm", "--rounds", "1", "--steps", "1", "--json", str(out)])
     assert "demo's model (embedding_size 128, hidden_size 128" in capsys.readouterr().out
     records = json.loads(out.read_text())
-    assert [(r["cell"], r["impl"]) for r in records] == [("lstm", "cudnn"), ("lstm", "custom")]
-    assert all(r["tokens_per_s"] > 0 and r["ratio"] is None for r in records)
+    assert [(r["cell"], r["impl"], r["precision"]) for r in records] == [
+        ("lstm", "cudnn", "fp32"),
+        ("lstm", "custom", "fp32"),
+    ]
+    for r in records:  # a training and an evaluation rate for each, and no baseline to compare with
+        assert r["train_tokens_per_s"] > 0 and r["eval_tokens_per_s"] > 0
+        assert r["train_ratio"] is None and r["eval_ratio"] is None
 
 
 def test_modern_cells_bench_times_each_form_of_a_chosen_cell_beside_the_lstm(tmp_path, capsys):

@@ -140,6 +140,43 @@ def test_one_state_dict_runs_on_both_engines(cell):
     torch.testing.assert_close(hand(ids)[0], fast(ids)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cell", [c for c in CELLS if cells.get(c).kernel is not None])
+def test_in_training_on_a_cpu_both_engines_draw_the_same_dropout_between_layers(cell):
+    """A CPU runs the fused kernel layer by layer in training, with the model's own dropout
+    between (the kernel's draws with bernoulli_): the masks are the hand-written engine's."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_size=10, hidden_size=10, num_layers=3, dropout=0.4, cell=cell)
+    fast = LSTMLanguageModel(cfg, 30, impl="cudnn").train()
+    hand = LSTMLanguageModel(cfg, 30, impl="custom").train()
+    hand.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, 30, (6, 2))
+    outputs = []
+    for model in (fast, hand):
+        torch.manual_seed(1)
+        outputs.append(model(ids))
+    (fast_logits, fast_state), (hand_logits, hand_state) = outputs
+    torch.testing.assert_close(fast_logits, hand_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_stack(fast_state), _stack(hand_state), atol=1e-5, rtol=0)
+    torch.manual_seed(2)
+    assert not torch.allclose(fast(ids)[0], fast_logits)  # other masks: the dropout is on
+
+
+def test_keep_mask_drops_p_of_the_elements_and_scales_the_rest_by_1_over_1_minus_p():
+    from lstm_lm.model import keep_mask
+
+    torch.manual_seed(0)
+    for p, shape in ((0.2, (35, 20, 201)), (0.65, (1001,)), (0.5, (3,))):
+        mask = keep_mask(torch.Size(shape), p, torch.float32, torch.device("cpu"))
+        assert mask.shape == shape and mask.dtype == torch.float32
+        kept = mask[mask != 0]
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
+        if mask.numel() > 1000:  # 4 standard deviations of the dropped share
+            assert abs((mask == 0).float().mean().item() - p) < 4 * (p * (1 - p) / mask.numel()) ** 0.5
+    assert not keep_mask(torch.Size((4, 5)), 1.0, torch.bfloat16, torch.device("cpu")).any()
+    first = keep_mask(torch.Size((64,)), 0.5, torch.float32, torch.device("cpu"))
+    assert not torch.equal(first, keep_mask(torch.Size((64,)), 0.5, torch.float32, torch.device("cpu")))
+
+
 def test_weight_tying_shares_the_embedding():
     model = LSTMLanguageModel(ModelConfig(embedding_size=12, hidden_size=12, tie_weights=True), 50)
     assert model.decoder.weight is model.embedding.weight

@@ -237,7 +237,7 @@ def test_weight_drop_masks_a_copy_of_the_buffer_in_w_hh_only(cell, sizes):
             for ours, param in ((w_ih, params[0]), (b_ih, params[2]), (b_hh, params[3])):
                 assert torch.equal(ours, param)  # untouched
             assert torch.equal(w_hh, expected[k]["weight_hh"])  # the same DropConnect mask as the custom engine's
-            assert 0.4 < (w_hh == 0).float().mean() < 0.6
+            assert 0.3 < (w_hh == 0).float().mean() < 0.7  # p = 0.5; an RNN's 8 x 8 W_hh: 64 draws
 
     # Gradients reach each parameter through its view; W_hh only through the kept entries.
     upstream = [[torch.randn_like(w) for w in ws] for ws in weights]
