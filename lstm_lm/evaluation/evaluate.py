@@ -53,12 +53,15 @@ def evaluate(
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     hits = torch.zeros(len(TOP_K), dtype=torch.long, device=data.device)
     tokens = 0
-    for out, y in chunk_features(model, data, bptt, precision):
-        with autocast(data.device, precision):
+    # One autocast region for the whole pass: autocast casts each weight to bf16 once and
+    # keeps the cast until the region ends, where a region per chunk would cast them all
+    # again for every chunk (no weight changes within the pass).
+    with autocast(data.device, precision):
+        for out, y in chunk_features(model, data, bptt, precision):
             loss, found = model.output_loss_and_hits(out.flatten(0, 1), y.flatten(), TOP_K)
-        total += loss
-        hits += found
-        tokens += y.numel()
+            total += loss
+            hits += found
+            tokens += y.numel()
     loss = total.item() / max(tokens, 1)  # one host sync for the whole split
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
     for k, n in zip(TOP_K, hits.tolist()):
