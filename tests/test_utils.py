@@ -1,6 +1,8 @@
 """Device and precision choice: CPU flags decide whether `auto` means bf16."""
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,3 +57,27 @@ def test_freed_memory_is_kept_for_reuse_where_glibc_allows():
 
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc and keep_freed_memory() is glibc  # set once, cached
+
+
+def test_buffers_above_32_mib_freed_each_step_are_reused_without_page_faults():
+    """A step that allocates 64 and 48 MiB buffers and frees them: glibc would mmap them
+    afresh at each step and fault in each of their pages once more (28,672 pages of 4
+    KiB); kept on the heap, the steps after the first few write them without a fault.
+    In a fresh process, so that no earlier test's allocations count."""
+    import platform
+
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("glibc's malloc only")
+    code = (
+        "import resource, torch\n"
+        "from lstm_lm.utils import keep_freed_memory\n"
+        "assert keep_freed_memory()\n"
+        "for step in range(6):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    a, b = torch.ones(16 << 20), torch.ones(12 << 20)\n"
+        "    del a, b\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    faults = [int(n) for n in done.stdout.split()]
+    assert faults[0] > 20_000 and all(n < 100 for n in faults[-3:]), faults
