@@ -238,8 +238,7 @@ def token_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
     dtype = _compute_dtype(h)
     out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-        hc, wc = h.to(dtype), weight.to(dtype)
-        bc = bias.to(dtype) if bias is not None else None
+        hc, wc, bc = _cast(dtype, h, weight, bias)
         for start, end in _blocks(h.size(0), weight.size(0)):
             logits = _logits(hc[start:end], wc, bc)
             out[start:end] = torch.log_softmax(logits, dim=1).gather(1, targets[start:end, None])[:, 0]

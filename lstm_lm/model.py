@@ -362,7 +362,7 @@ class Recurrent(nn.Module):
                 n = len(weights) // len(group)
                 calls = [(j, j + 1, weights[j * n : (j + 1) * n]) for j in range(len(group))]
             for lo, hi, w in calls:
-                if lo > 0 and hi - lo == 1:
+                if lo > 0:  # a group split layer by layer: this module's dropout between
                     x = dropout(x, self.dropout, self.training)
                 between = self.dropout if hi - lo > 1 else 0.0
                 cell, layers = self.cells[group[lo]], tuple(s[lo:hi] for s in stacks)
