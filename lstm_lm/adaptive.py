@@ -149,7 +149,7 @@ class AdaptiveSoftmax(nn.Module):
         better = torch.zeros(h.size(0), dtype=torch.long, device=h.device)
         with torch.autocast(h.device.type, enabled=False):  # casts are explicit here
             hc, wc, bc = h.to(dtype), self.head_weight(words).to(dtype), self.head_bias.to(dtype)
-            for start, end in _blocks(h.size(0), wc.size(0)):
+            for start, end in _blocks(h.size(0), wc.size(0), evaluation=True):
                 hb, y = hc[start:end], targets[start:end]
                 head_targets, rows = self._split(y)
                 head = torch.log_softmax(_logits(hb, wc, bc), dim=1)  # (n, shortlist + clusters)

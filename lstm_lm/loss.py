@@ -20,6 +20,8 @@ Without gradients (evaluation) the same blocks compute the loss only, or with
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +29,9 @@ from torch import Tensor
 # Rows per block: the (rows, V) float32 block stays around 64 MiB at most, so the
 # whole of a PTB-size step is one block and a 50k vocabulary is cut in a few.
 BLOCK_ELEMENTS = 1 << 24
+# Evaluation's blocks (a span of several thousand rows, evaluate.SPAN_TOKENS) stay near
+# 16 MiB, so that the passes over a block's logits after the product find them in cache.
+EVAL_BLOCK_ELEMENTS = 1 << 22
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -37,8 +42,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _blocks(n: int, vocab: int):
-    rows = max(1, BLOCK_ELEMENTS // vocab)
+def _blocks(n: int, vocab: int, evaluation: bool = False):
+    """(start, end) of each block of the n rows: as few blocks as keep each within its
+    budget of elements, of even sizes."""
+    most = max(1, (EVAL_BLOCK_ELEMENTS if evaluation else BLOCK_ELEMENTS) // vocab)
+    rows = math.ceil(n / math.ceil(n / most)) if n else 1
     for start in range(0, n, rows):
         yield start, min(start + rows, n)
 
@@ -76,24 +84,35 @@ def _softmax_and_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return probs, nll
 
 
-def _cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The tensors in `dtype` (None: as they are, for autocast to cast)."""
-    return tensors if dtype is None else tuple(t.to(dtype) if t is not None else None for t in tensors)
+def _with_bias_column(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """h (N, H) and weight (V, H) in `dtype`, the bias riding as one more column of the
+    weight against a column of ones in h, so that `h @ weight.T` adds it: addmm would first
+    copy the bias into every row of the (N, V) logits, a pass over them that this saves
+    for the price of one over the weight (at ptb-small's shape, 700 rows, addmm 3.82 ms
+    against mm 3.07 ms on a Zen 5 EPYC in bf16; a 201st column costs the product nothing)."""
+    if bias is None:
+        return h.to(dtype), weight.to(dtype)
+    n, hidden = h.shape
+    hc = torch.cat([h.to(dtype), h.new_ones(n, 1, dtype=dtype)], dim=1)
+    wc = torch.empty(weight.size(0), hidden + 1, dtype=dtype, device=weight.device)
+    wc[:, :hidden], wc[:, hidden] = weight, bias  # cast as copied: one pass over the weight
+    return hc, wc
 
 
 def _blocked_loss_and_hits(
-    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype | None, ks: tuple[int, ...]
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype, ks: tuple[int, ...]
 ) -> tuple[Tensor, Tensor]:
-    """The summed loss block by block, the matrix products in `dtype` (None: left to
-    autocast), and for each k in `ks` how many rows have their target among the k highest
-    logits (fewer than k words score above it: a tie counts in the target's favour)."""
-    hc, wc, bc = _cast(dtype, h, weight, bias)
+    """The summed loss block by block, the matrix products in `dtype`, and for each k in
+    `ks` how many rows have their target among the k highest logits (fewer than k words
+    score above it: a tie counts in the target's favour)."""
+    hc, wc = _with_bias_column(h, weight, bias, dtype)
     # Evaluation sums the float32 per-token losses in float64, as the cache and dynamic
-    # evaluation sum theirs, so that the protocols agree to float64 rounding.
+    # evaluation sum theirs: the cache, which scores the same spans, agrees with it to
+    # float64 rounding, dynamic evaluation (a product per segment) to float32's.
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
-    for start, end in _blocks(h.size(0), weight.size(0)):
-        logits, y = _logits(hc[start:end], wc, bc), targets[start:end]  # (n, V) float32
+    for start, end in _blocks(h.size(0), weight.size(0), evaluation=True):
+        logits, y = _logits(hc[start:end], wc, None), targets[start:end]  # (n, V) float32
         log_probs = torch.log_softmax(logits, dim=1)  # the one pass the loss needs
         total -= log_probs.gather(1, y[:, None]).sum(dtype=total.dtype)
         if ks:
@@ -114,16 +133,11 @@ def _blocked_loss_and_grads(
     """The summed loss block by block, the matrix products in `dtype`, and its gradients
     with respect to h, weight and bias (float32 for the weights, float64 for float64 ones).
 
-    The bias rides as one more column of the weight, against a column of ones in h: the
-    product adds it, where addmm first copies it into every row of the (n, V) logits, and
-    the weight gradient's product gives its gradient, where a sum over the rows is one
-    more pass (together 1.3 ms of a 30 ms ptb-small bf16 step on a Zen 5 EPYC)."""
+    The bias rides as one more column of the weight (`_with_bias_column`), whose gradient
+    the weight gradient's product then gives too, where a sum over the rows is one more
+    pass (the two together 1.3 ms of a 30 ms ptb-small bf16 step on a Zen 5 EPYC)."""
     n, hidden = h.shape
-    hc, wc = h.to(dtype), weight.to(dtype)
-    if bias is not None:
-        hc = torch.cat([hc, hc.new_ones(n, 1)], dim=1)
-        wc = torch.empty(weight.size(0), hidden + 1, dtype=dtype, device=weight.device)
-        wc[:, :hidden], wc[:, hidden] = weight, bias  # cast as copied: one pass over the weight
+    hc, wc = _with_bias_column(h, weight, bias, dtype)
     grad_dtype = torch.promote_types(weight.dtype, torch.float32)
     total = torch.zeros((), dtype=grad_dtype, device=h.device)
     grad_h, grad_w = torch.empty_like(h), None  # grad_w: the first block's, then summed into
@@ -218,12 +232,9 @@ def linear_cross_entropy_and_hits(
     reduction="sum") and, for each k in `ks`, the number of rows whose target is
     among the k highest-scoring tokens (top-k accuracy = hits / rows), from the same
     logits blocks."""
-    # Under autocast the product casts the weights itself, and autocast's cache keeps those
-    # casts for the rest of its region: evaluate() runs a whole pass in one region, so the
-    # output layer's weights are cast once a pass rather than once a chunk.
-    dtype = None if torch.is_autocast_enabled(h.device.type) else h.dtype
-    total, hits = _blocked_loss_and_hits(h, weight, bias, targets, dtype, ks)
-    return total, hits
+    dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):  # casts are explicit here
+        return _blocked_loss_and_hits(h, weight, bias, targets, dtype, ks)
 
 
 def token_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
@@ -238,8 +249,8 @@ def token_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
     dtype = _compute_dtype(h)
     out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-        hc, wc, bc = _cast(dtype, h, weight, bias)
-        for start, end in _blocks(h.size(0), weight.size(0)):
-            logits = _logits(hc[start:end], wc, bc)
+        hc, wc = _with_bias_column(h, weight, bias, dtype)
+        for start, end in _blocks(h.size(0), weight.size(0), evaluation=True):
+            logits = _logits(hc[start:end], wc, None)
             out[start:end] = torch.log_softmax(logits, dim=1).gather(1, targets[start:end, None])[:, 0]
     return out

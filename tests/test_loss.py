@@ -80,7 +80,7 @@ def test_bf16_autocast_products_float32_loss_close_to_float32():
 def test_loss_and_top_k_hits_for_evaluation_match_the_logits(bias, monkeypatch):
     from lstm_lm.loss import linear_cross_entropy_and_hits
 
-    monkeypatch.setattr(loss_mod, "BLOCK_ELEMENTS", 50 * 8)  # 8 rows a block: several blocks
+    monkeypatch.setattr(loss_mod, "EVAL_BLOCK_ELEMENTS", 50 * 8)  # 8 rows a block: several blocks
     h, w, b, y = _inputs(n=37, hidden=12, vocab=50, bias=bias)
     with torch.no_grad():  # words 0 to 6 score alike: ties, which count in the target's favour
         w[1:7] = w[0]

@@ -25,16 +25,26 @@ from lstm_lm.utils import autocast
 TOP_K = (1, 5)
 
 
-def chunk_features(model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt: int, precision: str = "fp32"):
-    """The last layer's output (T, B, H) and the targets (T, B) of each `bptt` chunk of
-    `data` (T, B), the memory carried from chunk to chunk and dropout off: the one pass
-    that evaluation and the neural cache read. Call it under `torch.no_grad()`."""
+# Tokens per call of the recurrent layers in an evaluation pass (a whole number of bptt
+# chunks): without gradients the chunk length changes nothing but the number of calls,
+# each of which pays the kernel's set-up (oneDNN casts and reorders the weights).
+SPAN_TOKENS = 4096
+
+
+def feature_spans(model: LSTMLanguageModel, data: torch.Tensor | Streams, bptt: int, precision: str = "fp32"):
+    """The last layer's output (T, B, H) and the targets (T, B) of `data` (T, B), span by
+    span, each span a whole number of `bptt` chunks and about SPAN_TOKENS tokens, the
+    memory carried from span to span and dropout off: the one pass that evaluation and
+    the neural cache read. The state a chunk starts from is the one the last chunk ended
+    in, so the spans give each chunk what a chunk-by-chunk pass would. Call it under
+    `torch.no_grad()`."""
     was_training = model.training
     model.eval()
+    span = bptt * max(1, SPAN_TOKENS // (bptt * data.size(1)))
     try:
         state = model.init_state(data.size(1), data.device)
-        for i in range(0, data.size(0) - 1, bptt):
-            x, y = get_batch(data, i, bptt)
+        for i in range(0, data.size(0) - 1, span):
+            x, y = get_batch(data, i, span)
             with autocast(data.device, precision):
                 out, state = model.features(x, state)
             yield out, y
@@ -57,7 +67,7 @@ def evaluate(
     # keeps the cast until the region ends, where a region per chunk would cast them all
     # again for every chunk (no weight changes within the pass).
     with autocast(data.device, precision):
-        for out, y in chunk_features(model, data, bptt, precision):
+        for out, y in feature_spans(model, data, bptt, precision):
             loss, found = model.output_loss_and_hits(out.flatten(0, 1), y.flatten(), TOP_K)
             total += loss
             hits += found

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from lstm_lm.evaluation.evaluate import chunk_features, perplexity_of
+from lstm_lm.evaluation.evaluate import feature_spans, perplexity_of
 from lstm_lm.evaluation.protocols import NeuralCache
 from lstm_lm.model import LSTMLanguageModel
 from lstm_lm.utils import autocast
@@ -94,10 +94,10 @@ def collect(model: LSTMLanguageModel, data: Tensor, bptt: int, precision: str = 
     """One static pass over `data` (T, B): per chunk the last layer's output (T, B, H),
     the model's log p(target) (T, B) and the targets, as the cache needs them."""
     chunks = []
-    for out, y in chunk_features(model, data, bptt, precision):
+    for out, y in feature_spans(model, data, bptt, precision):  # the spans that evaluate() scores
         with autocast(data.device, precision):
-            logp = model.target_log_probs(out.flatten(0, 1), y.flatten())
-        chunks.append((out.float(), logp.view_as(y), y))
+            logp = model.target_log_probs(out.flatten(0, 1), y.flatten()).view_as(y)
+        chunks.extend(zip(out.float().split(bptt), logp.split(bptt), y.split(bptt)))
         if progress is not None:
             progress(y.numel())
     return chunks
