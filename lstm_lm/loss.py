@@ -99,20 +99,30 @@ def _with_bias_column(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: tor
     return hc, wc
 
 
+def _scoring_operands(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype):
+    """h, weight and bias in `dtype` for the paths without gradients: the bias as a weight
+    column where the rows outnumber the weight's columns, so that building the column
+    costs less than addmm's copies of the bias, else left to addmm (a few rows to score
+    against a large vocabulary: no copy of the weight)."""
+    if bias is not None and h.size(0) > h.size(1):
+        return (*_with_bias_column(h, weight, bias, dtype), None)
+    return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _blocked_loss_and_hits(
     h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype, ks: tuple[int, ...]
 ) -> tuple[Tensor, Tensor]:
     """The summed loss block by block, the matrix products in `dtype`, and for each k in
     `ks` how many rows have their target among the k highest logits (fewer than k words
     score above it: a tie counts in the target's favour)."""
-    hc, wc = _with_bias_column(h, weight, bias, dtype)
+    hc, wc, bc = _scoring_operands(h, weight, bias, dtype)
     # Evaluation sums the float32 per-token losses in float64, as the cache and dynamic
     # evaluation sum theirs: the cache, which scores the same spans, agrees with it to
     # float64 rounding, dynamic evaluation (a product per segment) to float32's.
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     hits = torch.zeros(len(ks), dtype=torch.long, device=h.device)
     for start, end in _blocks(h.size(0), weight.size(0), evaluation=True):
-        logits, y = _logits(hc[start:end], wc, None), targets[start:end]  # (n, V) float32
+        logits, y = _logits(hc[start:end], wc, bc), targets[start:end]  # (n, V) float32
         log_probs = torch.log_softmax(logits, dim=1)  # the one pass the loss needs
         total -= log_probs.gather(1, y[:, None]).sum(dtype=total.dtype)
         if ks:
@@ -249,8 +259,8 @@ def token_log_probs(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
     dtype = _compute_dtype(h)
     out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-        hc, wc = _with_bias_column(h, weight, bias, dtype)
+        hc, wc, bc = _scoring_operands(h, weight, bias, dtype)
         for start, end in _blocks(h.size(0), weight.size(0), evaluation=True):
-            logits = _logits(hc[start:end], wc, None)
+            logits = _logits(hc[start:end], wc, bc)
             out[start:end] = torch.log_softmax(logits, dim=1).gather(1, targets[start:end, None])[:, 0]
     return out

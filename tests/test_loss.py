@@ -152,3 +152,15 @@ def test_a_target_the_model_all_but_excludes_keeps_a_finite_exact_loss():
     torch.testing.assert_close(ours.double(), ref.sum(), atol=1e-3, rtol=1e-5)
     ours.backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("n", [5, 37])  # fewer rows than h's width: addmm adds the bias; more: a weight column
+def test_scoring_without_gradients_matches_log_softmax_of_the_logits(n):
+    from lstm_lm.loss import linear_cross_entropy_and_hits, token_log_probs
+
+    h, w, b, y = _inputs(n=n, hidden=12, vocab=50)
+    with torch.no_grad():
+        want = torch.log_softmax(F.linear(h, w, b), dim=1).gather(1, y[:, None])[:, 0]
+        torch.testing.assert_close(token_log_probs(h, w, b, y), want, atol=1e-5, rtol=1e-6)
+        total, _ = linear_cross_entropy_and_hits(h, w, b, y)
+    torch.testing.assert_close(total.float(), -want.sum(), atol=1e-4, rtol=1e-6)

@@ -63,7 +63,7 @@ def evaluate(
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     hits = torch.zeros(len(TOP_K), dtype=torch.long, device=data.device)
     tokens = 0
-    # One autocast region for the whole pass: autocast casts each weight to bf16 once and
+    # One autocast region for the whole pass: autocast casts each recurrent weight to bf16 once and
     # keeps the cast until the region ends, where a region per chunk would cast them all
     # again for every chunk (no weight changes within the pass).
     with autocast(data.device, precision):
